@@ -1,0 +1,62 @@
+// The agent's lifecycle: configuration, ONNX Runtime, the model registry and the server, started in
+// order and stopped in reverse on SIGTERM, SIGINT or SIGHUP.
+
+import { DEFAULTS, loadConfigFile, type LoadedConfig } from "./config.ts";
+import { createLogger } from "./log.ts";
+import { ModelRegistry } from "./models.ts";
+import { openRuntime } from "./runtime.ts";
+import { startServer } from "./server.ts";
+
+const STOP_SIGNALS: Deno.Signal[] = ["SIGTERM", "SIGINT", "SIGHUP"];
+
+export interface ServeOptions {
+  socketPath: string;
+  configPath: string | null;
+}
+
+/** Serves until a stop signal arrives; resolves when everything is released. */
+export async function serve(options: ServeOptions): Promise<void> {
+  const { config, ignoredKeys }: LoadedConfig = options.configPath
+    ? await loadConfigFile(options.configPath)
+    : { config: structuredClone(DEFAULTS), ignoredKeys: [] };
+  const log = createLogger(config.logVerbose);
+  if (ignoredKeys.length > 0) log.info("config keys accepted but not used by this agent", { keys: ignoredKeys });
+
+  const ort = openRuntime(config);
+  const registry = new ModelRegistry(ort, config, log);
+  let server;
+  try {
+    server = await startServer({
+      socketPath: options.socketPath,
+      socketMode: config.socketMode,
+      maxMessageBytes: config.maxMessageBytes,
+      registry,
+      log,
+    });
+  } catch (error) {
+    ort.close();
+    throw error;
+  }
+
+  const stopRequested = Promise.withResolvers<Deno.Signal>();
+  const listeners = STOP_SIGNALS.map((signal) => {
+    const listener = () => stopRequested.resolve(signal);
+    Deno.addSignalListener(signal, listener);
+    return [signal, listener] as const;
+  });
+  log.info("serving", {
+    socket: options.socketPath,
+    onnxruntime: ort.version,
+    device: config.deviceName || undefined,
+    fleet: config.deviceFleetName || undefined,
+    pid: Deno.pid,
+  });
+
+  const signal = await stopRequested.promise;
+  log.info("stopping", { signal });
+  for (const [s, listener] of listeners) Deno.removeSignalListener(s, listener);
+  await server.stop(config.shutdownGraceSeconds);
+  await registry.closeAll();
+  ort.close();
+  log.info("stopped");
+}

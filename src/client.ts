@@ -1,0 +1,59 @@
+// A promise-based client of the Agent service over its Unix socket.
+
+import * as grpc from "@grpc/grpc-js";
+import { agentService, type Model, type RpcName, type Tensor } from "./wire.ts";
+
+const AgentClientConstructor = grpc.makeGenericClientConstructor(agentService, "Agent");
+
+export type ClientError = grpc.ServiceError;
+
+type GenericClient = grpc.Client & Record<string, unknown>;
+
+export class AgentClient {
+  readonly #client: GenericClient;
+
+  constructor(socketPath: string, options: { maxMessageBytes?: number } = {}) {
+    const max = options.maxMessageBytes ?? 64 * 1024 * 1024;
+    this.#client = new AgentClientConstructor(`unix:${socketPath}`, grpc.credentials.createInsecure(), {
+      "grpc.max_receive_message_length": max,
+      "grpc.max_send_message_length": max,
+    }) as GenericClient;
+  }
+
+  /** Calls `rpc`; rejects with the grpc-js ServiceError (code, details) on a non-OK status. */
+  call<T>(rpc: RpcName, request: unknown, deadlineMs?: number): Promise<T> {
+    const method = this.#client[rpc] as (
+      request: unknown,
+      metadata: grpc.Metadata,
+      options: grpc.CallOptions,
+      callback: (error: grpc.ServiceError | null, response: T) => void,
+    ) => void;
+    const options: grpc.CallOptions = deadlineMs ? { deadline: Date.now() + deadlineMs } : {};
+    return new Promise((resolve, reject) =>
+      method.call(this.#client, request, new grpc.Metadata(), options, (error, response) => {
+        if (error) reject(error);
+        else resolve(response);
+      })
+    );
+  }
+
+  loadModel(url: string, name: string): Promise<{ model: Model }> {
+    return this.call("LoadModel", { url, name });
+  }
+  unloadModel(name: string): Promise<Record<string, never>> {
+    return this.call("UnLoadModel", { name });
+  }
+  listModels(): Promise<{ models: Model[] }> {
+    return this.call("ListModels", {});
+  }
+  describeModel(name: string): Promise<{ model: Model }> {
+    return this.call("DescribeModel", { name });
+  }
+  predict(name: string, tensors: Tensor[]): Promise<{ tensors: Tensor[] }> {
+    return this.call("Predict", { name, tensors });
+  }
+
+  close(): void {
+    this.#client.close();
+  }
+}

@@ -1,0 +1,193 @@
+// Configuration: Edge Manager's keys as they are, plus this agent's `edge_agent_*` keys.
+// Every key is typed and checked; a wrong one stops start-up with a message naming it.
+
+import { isAbsolute } from "node:path";
+import { StartupError } from "./errors.ts";
+
+export const DEFAULT_SOCKET_PATH = "/tmp/sagemaker_edge_agent_example.sock";
+
+export type GraphOptimization = "disable" | "basic" | "extended" | "all";
+
+export interface AgentConfig {
+  deviceName: string;
+  deviceFleetName: string;
+  region: string;
+  rootCertsPath: string | null;
+  logVerbose: boolean;
+  onnxRuntimeLibrary: string | null;
+  modelRoots: string[];
+  stateDir: string;
+  maxMessageBytes: number;
+  modelMemoryBudgetBytes: number;
+  intraOpThreads: number;
+  interOpThreads: number;
+  allowSpinning: boolean;
+  graphOptimization: GraphOptimization;
+  cpuMemArena: boolean;
+  socketMode: number;
+  shutdownGraceSeconds: number;
+}
+
+type Kind = "string" | "boolean" | "integer" | "path" | "paths" | "mode";
+
+interface KeySpec {
+  kind: Kind;
+  /** Field of AgentConfig it sets; absent for Edge Manager keys accepted but not used yet. */
+  field?: keyof AgentConfig;
+  min?: number;
+  max?: number;
+  oneOf?: readonly string[];
+}
+
+const MiB = 1024 * 1024;
+
+export const DEFAULTS: AgentConfig = {
+  deviceName: "",
+  deviceFleetName: "",
+  region: "",
+  rootCertsPath: null,
+  logVerbose: false,
+  onnxRuntimeLibrary: null,
+  modelRoots: ["/var/lib/edge-agent/models"],
+  stateDir: "/var/lib/edge-agent/state",
+  maxMessageBytes: 64 * MiB,
+  modelMemoryBudgetBytes: 0,
+  intraOpThreads: 0,
+  interOpThreads: 1,
+  allowSpinning: true,
+  graphOptimization: "all",
+  cpuMemArena: true,
+  socketMode: 0o660,
+  shutdownGraceSeconds: 10,
+};
+
+/** Edge Manager's documented keys. Those without `field` are accepted and logged as ignored. */
+const EDGE_MANAGER_KEYS: Record<string, KeySpec> = {
+  sagemaker_edge_core_device_name: { kind: "string", field: "deviceName" },
+  sagemaker_edge_core_device_fleet_name: { kind: "string", field: "deviceFleetName" },
+  sagemaker_edge_core_region: { kind: "string", field: "region" },
+  sagemaker_edge_core_root_certs_path: { kind: "path", field: "rootCertsPath" },
+  sagemaker_edge_log_verbose: { kind: "boolean", field: "logVerbose" },
+  sagemaker_edge_provider_provider: { kind: "string" },
+  sagemaker_edge_provider_provider_path: { kind: "string" },
+  sagemaker_edge_provider_aws_ca_cert_file: { kind: "string" },
+  sagemaker_edge_provider_aws_cert_file: { kind: "string" },
+  sagemaker_edge_provider_aws_cert_pk_file: { kind: "string" },
+  sagemaker_edge_provider_aws_iot_cred_endpoint: { kind: "string" },
+  sagemaker_edge_provider_s3_bucket_name: { kind: "string" },
+  sagemaker_edge_core_capture_data_destination: { kind: "string", oneOf: ["Disk", "Cloud"] },
+  sagemaker_edge_core_capture_data_disk_path: { kind: "string" },
+  sagemaker_edge_core_capture_data_buffer_size: { kind: "integer", min: 1 },
+  sagemaker_edge_core_capture_data_batch_size: { kind: "integer", min: 1 },
+  sagemaker_edge_core_capture_data_push_period_seconds: { kind: "integer", min: 1 },
+  sagemaker_edge_core_capture_data_base64_embed_limit: { kind: "integer", min: 0 },
+  sagemaker_edge_core_capture_data_periodic_upload: { kind: "string" },
+  sagemaker_edge_core_capture_data_periodic_upload_period_seconds: { kind: "integer", min: 1 },
+  sagemaker_edge_core_folder_prefix: { kind: "string" },
+  sagemaker_edge_telemetry_libsystemd_path: { kind: "string" },
+};
+
+/** Keys this agent adds. */
+const AGENT_KEYS: Record<string, KeySpec> = {
+  edge_agent_onnxruntime_library: { kind: "path", field: "onnxRuntimeLibrary" },
+  edge_agent_model_roots: { kind: "paths", field: "modelRoots" },
+  edge_agent_state_dir: { kind: "path", field: "stateDir" },
+  edge_agent_max_message_bytes: { kind: "integer", field: "maxMessageBytes", min: 4096, max: 2 ** 31 - 1 },
+  edge_agent_model_memory_budget_bytes: { kind: "integer", field: "modelMemoryBudgetBytes", min: 0 },
+  edge_agent_intra_op_threads: { kind: "integer", field: "intraOpThreads", min: 0, max: 256 },
+  edge_agent_inter_op_threads: { kind: "integer", field: "interOpThreads", min: 0, max: 256 },
+  edge_agent_allow_spinning: { kind: "boolean", field: "allowSpinning" },
+  edge_agent_graph_optimization: {
+    kind: "string",
+    field: "graphOptimization",
+    oneOf: ["disable", "basic", "extended", "all"],
+  },
+  edge_agent_cpu_mem_arena: { kind: "boolean", field: "cpuMemArena" },
+  edge_agent_socket_mode: { kind: "mode", field: "socketMode" },
+  edge_agent_shutdown_grace_seconds: { kind: "integer", field: "shutdownGraceSeconds", min: 0, max: 3600 },
+};
+
+export interface LoadedConfig {
+  config: AgentConfig;
+  /** Edge Manager keys present in the file that this agent does not act on. */
+  ignoredKeys: string[];
+}
+
+/** Validates a parsed JSON object. Throws StartupError listing every problem. */
+export function parseConfig(raw: unknown, source = "config"): LoadedConfig {
+  if (raw === null || typeof raw !== "object" || Array.isArray(raw)) {
+    throw new StartupError([`${source}: must be a JSON object of keys and values`]);
+  }
+  const config: AgentConfig = structuredClone(DEFAULTS);
+  const problems: string[] = [];
+  const ignoredKeys: string[] = [];
+  for (const [key, value] of Object.entries(raw)) {
+    const spec = EDGE_MANAGER_KEYS[key] ?? AGENT_KEYS[key];
+    if (!spec) {
+      problems.push(`${source}: unknown key "${key}"`);
+      continue;
+    }
+    const checked = checkValue(key, spec, value);
+    if (typeof checked === "object" && checked !== null && "problem" in checked) {
+      problems.push(`${source}: ${checked.problem}`);
+    } else if (spec.field) {
+      (config as unknown as Record<string, unknown>)[spec.field] = checked;
+    } else {
+      ignoredKeys.push(key);
+    }
+  }
+  if (problems.length > 0) throw new StartupError(problems);
+  return { config, ignoredKeys };
+}
+
+/** Reads and validates the config file at `path`. */
+export async function loadConfigFile(path: string): Promise<LoadedConfig> {
+  let text: string;
+  try {
+    text = await Deno.readTextFile(path);
+  } catch (error) {
+    throw new StartupError([`config ${path}: cannot be read: ${(error as Error).message}`]);
+  }
+  let raw: unknown;
+  try {
+    raw = JSON.parse(text);
+  } catch (error) {
+    throw new StartupError([`config ${path}: not valid JSON: ${(error as Error).message}`]);
+  }
+  return parseConfig(raw, `config ${path}`);
+}
+
+function checkValue(key: string, spec: KeySpec, value: unknown): unknown | { problem: string } {
+  const wrong = (expected: string) => ({
+    problem: `key "${key}" must be ${expected}, got ${JSON.stringify(value)}`,
+  });
+  switch (spec.kind) {
+    case "string":
+      if (typeof value !== "string") return wrong("a string");
+      if (spec.oneOf && !spec.oneOf.includes(value)) return wrong(`one of ${spec.oneOf.join(", ")}`);
+      return value;
+    case "boolean":
+      if (typeof value === "boolean") return value;
+      // Edge Manager's own sample configs write booleans as strings.
+      if (value === "true" || value === "True") return true;
+      if (value === "false" || value === "False") return false;
+      return wrong("true or false");
+    case "integer": {
+      if (typeof value !== "number" || !Number.isSafeInteger(value)) return wrong("a whole number");
+      if (spec.min !== undefined && value < spec.min) return wrong(`at least ${spec.min}`);
+      if (spec.max !== undefined && value > spec.max) return wrong(`at most ${spec.max}`);
+      return value;
+    }
+    case "path":
+      if (typeof value !== "string" || !isAbsolute(value)) return wrong("an absolute path");
+      return value;
+    case "paths":
+      if (!Array.isArray(value) || !value.every((p) => typeof p === "string" && isAbsolute(p))) {
+        return wrong("a list of absolute paths");
+      }
+      return value;
+    case "mode":
+      if (typeof value !== "string" || !/^0?[0-7]{3}$/.test(value)) return wrong('an octal file mode such as "0660"');
+      return parseInt(value, 8);
+  }
+}

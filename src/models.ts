@@ -1,0 +1,200 @@
+// The model registry: load/unload lifecycle, in-flight accounting and the memory budget.
+// A session is released only after every Run on it has returned.
+
+import { type OnnxRuntime, OrtError, Session, type Value } from "../ffi/onnxruntime.ts";
+import type { AgentConfig } from "./config.ts";
+import {
+  AgentError,
+  alreadyExists,
+  failedPrecondition,
+  invalidArgument,
+  notFound,
+  resourceExhausted,
+  Status,
+} from "./errors.ts";
+import type { Logger } from "./log.ts";
+import { readModel } from "./packages.ts";
+import { sessionOptions } from "./runtime.ts";
+import { bindInputs, inputValue, outputByteLength, type TensorSpec, toSpecs } from "./tensors.ts";
+import type { Tensor } from "./wire.ts";
+
+const MODEL_NAME = /^[a-zA-Z0-9](-*[a-zA-Z0-9])*$/;
+const MAX_MODEL_NAME = 255;
+const ORT_INVALID_ARGUMENT = 2;
+
+export interface ModelInfo {
+  name: string;
+  url: string;
+  inputs: TensorSpec[];
+  outputs: TensorSpec[];
+  sizeBytes: number;
+  loadSeconds: number;
+}
+
+/** An output tensor whose bytes are borrowed from ORT: valid only inside the consumer callback. */
+export interface BorrowedOutput {
+  spec: TensorSpec;
+  shape: number[];
+  bytes: Uint8Array;
+}
+
+interface Entry {
+  info: ModelInfo;
+  /** null while the model is loading. */
+  session: Session | null;
+  inFlight: number;
+  /** Resolves when inFlight drops to zero after an unload began. */
+  drained: PromiseWithResolvers<void> | null;
+}
+
+export class ModelRegistry {
+  readonly #models = new Map<string, Entry>();
+  #reservedBytes = 0;
+
+  constructor(
+    private readonly ort: OnnxRuntime,
+    private readonly config: AgentConfig,
+    private readonly log: Logger,
+  ) {}
+
+  async load(url: string, name: string): Promise<ModelInfo> {
+    checkModelName(name);
+    if (this.#models.has(name)) throw alreadyExists(`a model named ${name} is already loaded`);
+    // Reserve the name before the first await, so concurrent loads of one name cannot both win.
+    const entry: Entry = {
+      info: { name, url, inputs: [], outputs: [], sizeBytes: 0, loadSeconds: 0 },
+      session: null,
+      inFlight: 0,
+      drained: null,
+    };
+    this.#models.set(name, entry);
+    const started = performance.now();
+    let session: Session | null = null;
+    try {
+      const model = await readModel(url, this.config.modelRoots);
+      this.#reserve(name, model.bytes.byteLength);
+      entry.info.sizeBytes = model.bytes.byteLength;
+      const options = sessionOptions(this.ort, this.config);
+      try {
+        session = await Session.create(this.ort, model.bytes, options);
+      } catch (error) {
+        if (error instanceof OrtError) {
+          throw failedPrecondition(`model ${url} cannot be loaded by ONNX Runtime: ${error.ortMessage}`);
+        }
+        throw error;
+      } finally {
+        options.release();
+      }
+      const inputs = toSpecs(session.inputs);
+      const outputs = toSpecs(session.outputs);
+      const unsupported = [...inputs.unsupported, ...outputs.unsupported];
+      if (unsupported.length > 0) {
+        throw failedPrecondition(
+          `model ${url} uses tensor types the Edge Manager API cannot carry: ${unsupported.join(", ")}`,
+        );
+      }
+      entry.info.inputs = inputs.specs;
+      entry.info.outputs = outputs.specs;
+      entry.info.loadSeconds = (performance.now() - started) / 1000;
+      entry.session = session;
+      this.log.info("model loaded", {
+        model: name,
+        url,
+        bytes: entry.info.sizeBytes,
+        seconds: Number(entry.info.loadSeconds.toFixed(3)),
+      });
+      return entry.info;
+    } catch (error) {
+      session?.release();
+      this.#reservedBytes -= entry.info.sizeBytes;
+      this.#models.delete(name);
+      throw error;
+    }
+  }
+
+  #reserve(name: string, bytes: number): void {
+    const budget = this.config.modelMemoryBudgetBytes;
+    if (budget > 0 && this.#reservedBytes + bytes > budget) {
+      throw resourceExhausted(
+        `model ${name} needs ${bytes} bytes, but only ${
+          budget - this.#reservedBytes
+        } of the ${budget}-byte model memory budget (edge_agent_model_memory_budget_bytes) are free`,
+      );
+    }
+    this.#reservedBytes += bytes;
+  }
+
+  /** Removes the model at once (new calls get NOT_FOUND), then frees it after in-flight runs end. */
+  async unload(name: string): Promise<void> {
+    const entry = this.#ready(name);
+    this.#models.delete(name);
+    if (entry.inFlight > 0) {
+      entry.drained = Promise.withResolvers();
+      await entry.drained.promise;
+    }
+    entry.session!.release();
+    this.#reservedBytes -= entry.info.sizeBytes;
+    this.log.info("model unloaded", { model: name });
+  }
+
+  list(): ModelInfo[] {
+    return [...this.#models.values()].filter((e) => e.session !== null).map((e) => e.info);
+  }
+
+  describe(name: string): ModelInfo {
+    return this.#ready(name).info;
+  }
+
+  /**
+   * Runs the model on the request tensors and hands the outputs to `consume` while ORT's buffers
+   * are alive; they are released when it returns.
+   */
+  async predict<T>(name: string, tensors: Tensor[], consume: (outputs: BorrowedOutput[]) => T): Promise<T> {
+    const entry = this.#ready(name);
+    const session = entry.session!;
+    const bound = bindInputs(name, entry.info.inputs, tensors);
+    entry.inFlight++;
+    const inputs: Value[] = [];
+    let outputs: Value[] = [];
+    try {
+      for (const input of bound) inputs.push(inputValue(this.ort, input).value);
+      try {
+        outputs = await session.run(bound.map((b) => b.inputIndex), inputs);
+      } catch (error) {
+        if (!(error instanceof OrtError)) throw error;
+        const message = `model ${name} failed on this input: ${error.ortMessage}`;
+        throw error.code === ORT_INVALID_ARGUMENT ? invalidArgument(message) : new AgentError(Status.INTERNAL, message);
+      }
+      return consume(outputs.map((value, i) => {
+        const spec = entry.info.outputs[i];
+        const { shape } = value.tensorInfo();
+        return { spec, shape, bytes: value.borrowBytes(outputByteLength(shape, spec.dataType)) };
+      }));
+    } finally {
+      for (const value of outputs) value.release();
+      for (const value of inputs) value.release();
+      if (--entry.inFlight === 0) entry.drained?.resolve();
+    }
+  }
+
+  /** Unloads every model (waiting for their runs). */
+  async closeAll(): Promise<void> {
+    await Promise.all(
+      [...this.#models.values()].filter((e) => e.session !== null).map((e) => this.unload(e.info.name)),
+    );
+  }
+
+  #ready(name: string): Entry {
+    const entry = this.#models.get(name);
+    if (!entry || entry.session === null) throw notFound(`model ${name} is not loaded`);
+    return entry;
+  }
+}
+
+function checkModelName(name: string): void {
+  if (name.length === 0 || name.length > MAX_MODEL_NAME || !MODEL_NAME.test(name)) {
+    throw invalidArgument(
+      `model name "${name}" is invalid: use 1-${MAX_MODEL_NAME} letters, digits and inner hyphens (^[a-zA-Z0-9](-*[a-zA-Z0-9])*$)`,
+    );
+  }
+}

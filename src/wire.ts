@@ -1,0 +1,121 @@
+// Protobuf codecs for proto/agent.proto and the gRPC service definition built from them.
+// Decoded `bytes` fields are views into the received message (no copy).
+
+import type { ServiceDefinition } from "@grpc/grpc-js";
+import { Buffer } from "node:buffer";
+import protobuf from "protobufjs";
+import agentProto from "../proto/agent.proto" with { type: "text" };
+
+const root = protobuf.parse(agentProto, { keepCase: true }).root;
+export const PACKAGE = "AWS.SageMaker.Edge";
+export const SERVICE_NAME = `${PACKAGE}.Agent`;
+
+/** protobufjs' 64-bit integer (long.js), as decoded from int64/uint64 fields. */
+export interface Long {
+  low: number;
+  high: number;
+  unsigned: boolean;
+  toString(): string;
+}
+
+export interface TensorMetadata {
+  name: Uint8Array;
+  data_type: number;
+  shape: number[];
+}
+
+export interface SharedMemoryHandle {
+  size: Long | number;
+  offset: Long | number;
+  segment_id: Long | number;
+}
+
+export interface Tensor {
+  tensor_metadata?: TensorMetadata | null;
+  byte_data?: Uint8Array;
+  shared_memory_handle?: SharedMemoryHandle | null;
+  /** Which member of the `data` oneof is set. */
+  data?: "byte_data" | "shared_memory_handle";
+}
+
+export interface Model {
+  url: string;
+  name: string;
+  input_tensor_metadatas: TensorMetadata[];
+  output_tensor_metadatas: TensorMetadata[];
+}
+
+export interface PredictRequest {
+  name: string;
+  tensors: Tensor[];
+}
+
+export interface NameRequest {
+  name: string;
+}
+
+export interface LoadModelRequest {
+  url: string;
+  name: string;
+}
+
+export const RPC_NAMES = [
+  "Predict",
+  "LoadModel",
+  "UnLoadModel",
+  "ListModels",
+  "DescribeModel",
+  "CaptureData",
+  "GetCaptureDataStatus",
+] as const;
+export type RpcName = typeof RPC_NAMES[number];
+
+/** Enum values by name, e.g. enumValues("DataType").FLOAT32 === 5. */
+export function enumValues(name: string): Record<string, number> {
+  return root.lookupEnum(`${PACKAGE}.${name}`).values;
+}
+
+export function messageType(name: string): protobuf.Type {
+  return root.lookupType(`${PACKAGE}.${name}`);
+}
+
+/** A Buffer over `bytes` without copying (grpc-js wants Buffers). */
+export function asBuffer(bytes: Uint8Array): Buffer {
+  return Buffer.isBuffer(bytes) ? bytes : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+}
+
+function encoder(type: protobuf.Type): (message: unknown) => Buffer {
+  // Handlers may answer with bytes they encoded themselves (Predict encodes while ORT's output
+  // buffers are still alive); those pass through untouched.
+  return (message) =>
+    message instanceof Uint8Array ? asBuffer(message) : asBuffer(type.encode(message as protobuf.Message).finish());
+}
+
+function decoder(type: protobuf.Type): (bytes: Buffer) => unknown {
+  return (bytes) => type.decode(bytes);
+}
+
+/** The Agent service for grpc-js: server handlers and clients share it. */
+export const agentService: ServiceDefinition = Object.fromEntries(
+  RPC_NAMES.map((rpc) => {
+    const request = messageType(`${rpc}Request`);
+    const response = messageType(`${rpc}Response`);
+    return [rpc, {
+      path: `/${SERVICE_NAME}/${rpc}`,
+      requestStream: false,
+      responseStream: false,
+      requestSerialize: encoder(request),
+      requestDeserialize: decoder(request),
+      responseSerialize: encoder(response),
+      responseDeserialize: decoder(response),
+      originalName: rpc[0].toLowerCase() + rpc.slice(1),
+    }];
+  }),
+);
+
+const PredictResponse = messageType("PredictResponse");
+
+/** Encodes a PredictResponse now, copying the tensor bytes (which may be borrowed) once. */
+export function encodePredictResponse(tensors: Tensor[]): Buffer {
+  return asBuffer(PredictResponse.encode({ tensors }).finish());
+}

@@ -1,0 +1,133 @@
+// Starts the real agent as a subprocess, with the permission flags a deployment gets, on a
+// temporary socket, and talks to it through the real gRPC client.
+
+import { join } from "node:path";
+import { AgentClient } from "../../src/client.ts";
+import { parseConfig } from "../../src/config.ts";
+import { agentPermissionFlags } from "../../src/permissions.ts";
+
+export const PROJECT_ROOT = new URL("../../", import.meta.url).pathname;
+export const MAIN = join(PROJECT_ROOT, "main.ts");
+
+export interface AgentProcess {
+  dir: string;
+  socket: string;
+  modelsDir: string;
+  client: AgentClient;
+  process: Deno.ChildProcess;
+  /** stderr so far, as text. */
+  logs(): string;
+  /** Sends `signal` and waits for exit. */
+  stop(signal?: Deno.Signal): Promise<Deno.CommandStatus>;
+}
+
+export interface StartOptions {
+  /** Extra config keys (model roots default to <dir>/models). */
+  config?: Record<string, unknown>;
+  dir?: string;
+}
+
+export async function startAgent(options: StartOptions = {}): Promise<AgentProcess> {
+  const dir = options.dir ?? await Deno.makeTempDir({ prefix: "edge-agent-test-" });
+  const modelsDir = join(dir, "models");
+  await Deno.mkdir(modelsDir, { recursive: true });
+  const socket = join(dir, "agent.sock");
+  const configPath = join(dir, "config.json");
+  const raw = { edge_agent_model_roots: [modelsDir], ...options.config };
+  await Deno.writeTextFile(configPath, JSON.stringify(raw));
+  const flags = agentPermissionFlags({ socketPath: socket, configPath, config: parseConfig(raw).config });
+  const process = new Deno.Command(Deno.execPath(), {
+    args: ["run", ...flags, MAIN, "serve", "-a", socket, "-c", configPath],
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const output = collect(process);
+  const ready = await waitForLine(output, (line) => line.includes('"msg":"serving"'), process);
+  if (!ready) {
+    const status = await process.status;
+    throw new Error(`agent exited (${status.code}) before serving:\n${output.text()}`);
+  }
+  const client = new AgentClient(socket);
+  let stopped: Promise<Deno.CommandStatus> | null = null;
+  return {
+    dir,
+    socket,
+    modelsDir,
+    client,
+    process,
+    logs: output.text,
+    stop(signal: Deno.Signal = "SIGTERM") {
+      if (!stopped) {
+        client.close();
+        try {
+          process.kill(signal);
+        } catch { /* already exited */ }
+        stopped = Promise.all([process.status, output.done]).then(([status]) => status);
+      }
+      return stopped;
+    },
+  };
+}
+
+interface Collected {
+  text(): string;
+  lines: string[];
+  done: Promise<void>;
+  changed: EventTarget;
+}
+
+function collect(process: Deno.ChildProcess): Collected {
+  const chunks: string[] = [];
+  const lines: string[] = [];
+  const changed = new EventTarget();
+  const decoder = new TextDecoder();
+  let partial = "";
+  const drain = async (stream: ReadableStream<Uint8Array>) => {
+    for await (const chunk of stream) {
+      const text = decoder.decode(chunk, { stream: true });
+      chunks.push(text);
+      partial += text;
+      const parts = partial.split("\n");
+      partial = parts.pop()!;
+      lines.push(...parts);
+      changed.dispatchEvent(new Event("line"));
+    }
+  };
+  const done = Promise.all([drain(process.stderr), drain(process.stdout)]).then(() => {
+    changed.dispatchEvent(new Event("line"));
+  });
+  return { text: () => chunks.join(""), lines, done, changed };
+}
+
+/** Resolves true once a line matches, false if the process's output ends first. */
+function waitForLine(
+  output: Collected,
+  match: (line: string) => boolean,
+  process: Deno.ChildProcess,
+): Promise<boolean> {
+  return new Promise((resolve) => {
+    let finished = false;
+    const check = () => {
+      if (output.lines.some(match)) resolve(true);
+      else if (finished) resolve(false);
+    };
+    output.changed.addEventListener("line", check);
+    output.done.then(() => {
+      finished = true;
+      check();
+    });
+    process.status.then(() =>
+      setTimeout(() => {
+        finished = true;
+        check();
+      }, 200)
+    );
+    check();
+  });
+}
+
+/** Log lines of the agent parsed as JSON (every line must be JSON). */
+export function parseLogs(text: string): Record<string, unknown>[] {
+  return text.split("\n").filter((l) => l.trim() !== "").map((l) => JSON.parse(l));
+}
