@@ -38,6 +38,18 @@ export interface BorrowedOutput {
   bytes: Uint8Array;
 }
 
+/** Where a Predict's time went (milliseconds), for debug logs and the benchmark. */
+export interface PredictTiming {
+  /** Checking request tensors and wrapping them as ORT values. */
+  bindMs: number;
+  /** ONNX Runtime's Run, including the hop to and from the worker thread. */
+  runMs: number;
+  /** Encoding the response from ORT's output buffers. */
+  encodeMs: number;
+  /** Inputs that had to be copied because their bytes were not aligned to the element size. */
+  copiedInputs: number;
+}
+
 interface Entry {
   info: ModelInfo;
   /** null while the model is loading. */
@@ -149,7 +161,19 @@ export class ModelRegistry {
    * Runs the model on the request tensors and hands the outputs to `consume` while ORT's buffers
    * are alive; they are released when it returns.
    */
-  async predict<T>(name: string, tensors: Tensor[], consume: (outputs: BorrowedOutput[]) => T): Promise<T> {
+  async predict<T>(
+    name: string,
+    tensors: Tensor[],
+    consume: (outputs: BorrowedOutput[]) => T,
+    timing?: PredictTiming,
+  ): Promise<T> {
+    let mark = performance.now();
+    const lap = () => {
+      const now = performance.now();
+      const ms = now - mark;
+      mark = now;
+      return ms;
+    };
     const entry = this.#ready(name);
     const session = entry.session!;
     const bound = bindInputs(name, entry.info.inputs, tensors);
@@ -157,19 +181,27 @@ export class ModelRegistry {
     const inputs: Value[] = [];
     let outputs: Value[] = [];
     try {
-      for (const input of bound) inputs.push(inputValue(this.ort, input).value);
+      for (const input of bound) {
+        const { value, copied } = inputValue(this.ort, input);
+        inputs.push(value);
+        if (copied && timing) timing.copiedInputs++;
+      }
+      if (timing) timing.bindMs = lap();
       try {
         outputs = await session.run(bound.map((b) => b.inputIndex), inputs);
+        if (timing) timing.runMs = lap();
       } catch (error) {
         if (!(error instanceof OrtError)) throw error;
         const message = `model ${name} failed on this input: ${error.ortMessage}`;
         throw error.code === ORT_INVALID_ARGUMENT ? invalidArgument(message) : new AgentError(Status.INTERNAL, message);
       }
-      return consume(outputs.map((value, i) => {
+      const result = consume(outputs.map((value, i) => {
         const spec = entry.info.outputs[i];
         const { shape } = value.tensorInfo();
         return { spec, shape, bytes: value.borrowBytes(outputByteLength(shape, spec.dataType)) };
       }));
+      if (timing) timing.encodeMs = lap();
+      return result;
     } finally {
       for (const value of outputs) value.release();
       for (const value of inputs) value.release();

@@ -3,7 +3,7 @@
 import * as grpc from "@grpc/grpc-js";
 import { AgentError, StartupError, Status } from "./errors.ts";
 import type { Logger } from "./log.ts";
-import type { ModelInfo, ModelRegistry } from "./models.ts";
+import type { ModelInfo, ModelRegistry, PredictTiming } from "./models.ts";
 import { metadataOf } from "./tensors.ts";
 import {
   agentService,
@@ -26,14 +26,14 @@ function modelMessage(info: ModelInfo): Model {
   };
 }
 
-type Handler = (request: unknown) => Promise<unknown> | unknown;
+type Handler = (request: unknown, timing?: PredictTiming) => Promise<unknown> | unknown;
 
 function handlers(registry: ModelRegistry): Record<RpcName, Handler> {
   const unimplemented = (rpc: string) => () => {
     throw new AgentError(Status.UNIMPLEMENTED, `${rpc} is not available in this version of the agent`);
   };
   return {
-    Predict: (request) => {
+    Predict: (request, timing) => {
       const { name, tensors } = request as PredictRequest;
       return registry.predict(name, tensors, (outputs) =>
         encodePredictResponse(outputs.map((output) => ({
@@ -43,7 +43,7 @@ function handlers(registry: ModelRegistry): Record<RpcName, Handler> {
             shape: output.shape,
           },
           byte_data: output.bytes,
-        }))));
+        }))), timing);
     },
     LoadModel: async (request) => {
       const { url, name } = request as LoadModelRequest;
@@ -57,6 +57,18 @@ function handlers(registry: ModelRegistry): Record<RpcName, Handler> {
     DescribeModel: (request) => ({ model: modelMessage(registry.describe((request as NameRequest).name)) }),
     CaptureData: unimplemented("CaptureData"),
     GetCaptureDataStatus: unimplemented("GetCaptureDataStatus"),
+  };
+}
+
+const roundMs = (ms: number) => Number(ms.toFixed(3));
+
+function roundTiming(timing: PredictTiming | undefined): Record<string, number> {
+  if (!timing || timing.runMs === 0) return {};
+  return {
+    bindMs: roundMs(timing.bindMs),
+    runMs: roundMs(timing.runMs),
+    encodeMs: roundMs(timing.encodeMs),
+    copiedInputs: timing.copiedInputs,
   };
 }
 
@@ -113,12 +125,13 @@ export async function startServer(options: {
   for (const [rpc, handler] of Object.entries(handlers(options.registry))) {
     implementation[rpc] = (call: grpc.ServerUnaryCall<unknown, unknown>, callback: grpc.sendUnaryData<unknown>) => {
       const started = performance.now();
+      const timing = log.verbose ? { bindMs: 0, runMs: 0, encodeMs: 0, copiedInputs: 0 } : undefined;
       Promise.resolve()
-        .then(() => handler(call.request))
+        .then(() => handler(call.request, timing))
         .then(
           (response) => {
             callback(null, response);
-            log.debug("rpc", { rpc, code: "OK", ms: Number((performance.now() - started).toFixed(3)) });
+            log.debug("rpc", { rpc, code: "OK", ms: roundMs(performance.now() - started), ...roundTiming(timing) });
           },
           (error) => {
             const serviceError = toServiceError(error, rpc, log);
