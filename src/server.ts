@@ -1,7 +1,7 @@
 // The gRPC service on the Unix socket: one handler per rpc, errors mapped to statuses.
 
 import * as grpc from "@grpc/grpc-js";
-import { AgentError, StartupError, Status } from "./errors.ts";
+import { AgentError, invalidArgument, StartupError, Status } from "./errors.ts";
 import type { Logger } from "./log.ts";
 import type { ModelInfo, ModelRegistry, PredictTiming } from "./models.ts";
 import { metadataOf } from "./tensors.ts";
@@ -9,6 +9,7 @@ import {
   agentService,
   encodePredictResponse,
   type LoadModelRequest,
+  MalformedMessage,
   type Model,
   type NameRequest,
   type PredictRequest,
@@ -127,7 +128,12 @@ export async function startServer(options: {
       const started = performance.now();
       const timing = log.verbose ? { bindMs: 0, runMs: 0, encodeMs: 0, copiedInputs: 0 } : undefined;
       Promise.resolve()
-        .then(() => handler(call.request, timing))
+        .then(() => {
+          if (call.request instanceof MalformedMessage) {
+            throw invalidArgument(`request is not a valid ${call.request.typeName} message: ${call.request.reason}`);
+          }
+          return handler(call.request, timing);
+        })
         .then(
           (response) => {
             callback(null, response);

@@ -91,8 +91,19 @@ function encoder(type: protobuf.Type): (message: unknown) => Buffer {
     message instanceof Uint8Array ? asBuffer(message) : asBuffer(type.encode(message as protobuf.Message).finish());
 }
 
+/** What a message that does not decode becomes, so the handler can answer INVALID_ARGUMENT. */
+export class MalformedMessage {
+  constructor(readonly typeName: string, readonly reason: string) {}
+}
+
 function decoder(type: protobuf.Type): (bytes: Buffer) => unknown {
-  return (bytes) => type.decode(bytes);
+  return (bytes) => {
+    try {
+      return type.decode(bytes);
+    } catch (error) {
+      return new MalformedMessage(type.name, (error as Error).message);
+    }
+  };
 }
 
 /** The Agent service for grpc-js: server handlers and clients share it. */
