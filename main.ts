@@ -1,7 +1,6 @@
 // Command line: `serve [-a <socket path>] [-c <config.json>]`, Edge Manager's two flags.
 
 import { parseArgs } from "node:util";
-import { serve } from "./src/agent.ts";
 import { DEFAULT_SOCKET_PATH } from "./src/config.ts";
 import { StartupError } from "./src/errors.ts";
 
@@ -37,6 +36,8 @@ async function main(args: string[]): Promise<void> {
   } catch (error) {
     fail(`${(error as Error).message}\n\n${USAGE}`, 2);
   }
+  // Loaded only to serve, so usage errors need no permissions at all.
+  const { serve } = await import("./src/agent.ts");
   try {
     await serve({ socketPath: values.address ?? DEFAULT_SOCKET_PATH, configPath: values.config ?? null });
   } catch (error) {
