@@ -54,7 +54,7 @@ export const DEFAULTS: AgentConfig = {
   modelMemoryBudgetBytes: 0,
   intraOpThreads: 0,
   interOpThreads: 1,
-  allowSpinning: true,
+  allowSpinning: false,
   graphOptimization: "all",
   cpuMemArena: true,
   socketMode: 0o660,

@@ -176,7 +176,8 @@ export function inputValue(ort: OnnxRuntime, input: BoundInput): { value: Value;
   const { bytes, spec } = input;
   const address = Number(BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(bytes))) % BigInt(spec.dataType.size));
   const aligned = bytes.byteLength === 0 || address === 0;
-  const data = aligned ? bytes : bytes.slice();
+  // Uint8Array's slice copies; a Buffer's (what grpc-js hands us) would only make another view.
+  const data = aligned ? bytes : Uint8Array.prototype.slice.call(bytes);
   return { value: Value.tensorOver(ort, data, input.shape, spec.dataType.elementType), copied: !aligned };
 }
 

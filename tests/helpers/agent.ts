@@ -27,21 +27,28 @@ export interface StartOptions {
   dir?: string;
 }
 
+/**
+ * Writes `<dir>/config.json` from `raw` and returns the socket path and the `deno` arguments that
+ * serve it on `<dir>/agent.sock` with exactly the permissions that deployment gets.
+ */
+export async function agentDeployment(
+  dir: string,
+  raw: Record<string, unknown>,
+): Promise<{ socket: string; configPath: string; args: string[] }> {
+  const socket = join(dir, "agent.sock");
+  const configPath = join(dir, "config.json");
+  await Deno.writeTextFile(configPath, JSON.stringify(raw));
+  const flags = agentPermissionFlags({ socketPath: socket, configPath, config: parseConfig(raw).config });
+  return { socket, configPath, args: ["run", ...flags, MAIN, "serve", "-a", socket, "-c", configPath] };
+}
+
 export async function startAgent(options: StartOptions = {}): Promise<AgentProcess> {
   const dir = options.dir ?? await Deno.makeTempDir({ prefix: "edge-agent-test-" });
   const modelsDir = join(dir, "models");
   await Deno.mkdir(modelsDir, { recursive: true });
-  const socket = join(dir, "agent.sock");
-  const configPath = join(dir, "config.json");
-  const raw = { edge_agent_model_roots: [modelsDir], ...options.config };
-  await Deno.writeTextFile(configPath, JSON.stringify(raw));
-  const flags = agentPermissionFlags({ socketPath: socket, configPath, config: parseConfig(raw).config });
-  const process = new Deno.Command(Deno.execPath(), {
-    args: ["run", ...flags, MAIN, "serve", "-a", socket, "-c", configPath],
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
+  const { socket, args } = await agentDeployment(dir, { edge_agent_model_roots: [modelsDir], ...options.config });
+  const process = new Deno.Command(Deno.execPath(), { args, stdin: "null", stdout: "piped", stderr: "piped" })
+    .spawn();
   const output = collect(process);
   const ready = await waitForLine(output, (line) => line.includes('"msg":"serving"'), process);
   if (!ready) {

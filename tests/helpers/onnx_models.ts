@@ -2,27 +2,13 @@
 
 import onnxProto from "onnx-proto";
 import { join } from "node:path";
+import { ElementType } from "../../ffi/onnxruntime.ts";
 
 const { onnx } = onnxProto;
 type Dim = number | string;
 
-/** ONNX TensorProto.DataType values. */
-export const OnnxType = {
-  FLOAT: 1,
-  UINT8: 2,
-  INT8: 3,
-  UINT16: 4,
-  INT16: 5,
-  INT32: 6,
-  INT64: 7,
-  STRING: 8,
-  BOOL: 9,
-  FLOAT16: 10,
-  DOUBLE: 11,
-  UINT32: 12,
-  UINT64: 13,
-  BFLOAT16: 16,
-} as const;
+/** ONNX TensorProto.DataType has the same values as ORT's element types. */
+export const OnnxType = ElementType;
 
 function valueInfo(name: string, elemType: number, shape: Dim[]) {
   return {

@@ -1,0 +1,178 @@
+// The agent as the benchmark runs it: the real main.ts in a deno subprocess with the permission flags a
+// deployment gets, its stderr log lines parsed as they arrive, and its CPU time and memory from /proc.
+
+import { AgentClient } from "../src/client.ts";
+import { agentDeployment } from "../tests/helpers/agent.ts";
+
+/** USER_HZ: the unit of utime and stime in /proc/<pid>/stat on Linux. */
+const CLOCK_TICKS_PER_SECOND = 100;
+const START_TIMEOUT_MS = 60_000;
+const LOG_TIMEOUT_MS = 10_000;
+const TAIL_LINES = 40;
+
+/** The timing fields of one Predict debug line (see src/server.ts). */
+export interface PredictLog {
+  ms: number;
+  bindMs: number;
+  runMs: number;
+  encodeMs: number;
+  copiedInputs: number;
+}
+
+export interface Memory {
+  rssMiB: number;
+  /** Peak RSS so far. */
+  hwmMiB: number;
+}
+
+/** Deno reads /proc only with --allow-all, so cat reads it. */
+export function readProc(path: string): string {
+  const { success, stdout, stderr } = new Deno.Command("cat", { args: [path], stdout: "piped", stderr: "piped" })
+    .outputSync();
+  if (!success) throw new Error(`cat ${path}: ${new TextDecoder().decode(stderr)}`);
+  return new TextDecoder().decode(stdout);
+}
+
+export class AgentProcess {
+  readonly client: AgentClient;
+  readonly #process: Deno.ChildProcess;
+  readonly #predicts: PredictLog[] = [];
+  #taken = 0;
+  readonly #tail: string[] = [];
+  /** Resolved and replaced whenever stderr brings lines or ends. */
+  #changed = Promise.withResolvers<void>();
+  #ended = false;
+  readonly #drained: Promise<void>;
+  readonly #spawnedAt: number;
+  #servingAt = NaN;
+
+  private constructor(process: Deno.ChildProcess, spawnedAt: number, socket: string) {
+    this.#process = process;
+    this.#spawnedAt = spawnedAt;
+    this.#drained = this.#read(process.stderr);
+    this.client = new AgentClient(socket);
+  }
+
+  /**
+   * Starts an agent on `<dir>/agent.sock` with verbose logs (for the per-Predict timing lines), model
+   * roots `[modelsDir]` and the extra config keys; resolves once it logs "serving".
+   */
+  static async start(dir: string, modelsDir: string, keys: Record<string, unknown> = {}): Promise<AgentProcess> {
+    const raw = { edge_agent_model_roots: [modelsDir], sagemaker_edge_log_verbose: true, ...keys };
+    const { socket, args } = await agentDeployment(dir, raw);
+    const command = new Deno.Command(Deno.execPath(), { args, stdin: "null", stdout: "null", stderr: "piped" });
+    const spawnedAt = performance.now();
+    const agent = new AgentProcess(command.spawn(), spawnedAt, socket);
+    try {
+      await agent.#until(() => !Number.isNaN(agent.#servingAt), START_TIMEOUT_MS, () => "agent did not start serving");
+    } catch (error) {
+      await agent.stop();
+      throw error;
+    }
+    return agent;
+  }
+
+  /** Milliseconds from spawn to the "serving" log line (socket listening). */
+  get readyMs(): number {
+    return this.#servingAt - this.#spawnedAt;
+  }
+
+  get pid(): number {
+    return this.#process.pid;
+  }
+
+  /** Last stderr lines, for error messages. */
+  logTail(): string {
+    return this.#tail.join("\n");
+  }
+
+  /** utime + stime of the whole process (all threads, live and exited), in ms. */
+  cpuMs(): number {
+    const stat = readProc(`/proc/${this.pid}/stat`);
+    // Fields after the parenthesised command name, which may itself hold spaces; utime and stime are 14 and 15.
+    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    return ((Number(fields[11]) + Number(fields[12])) * 1000) / CLOCK_TICKS_PER_SECOND;
+  }
+
+  memory(): Memory {
+    const status = readProc(`/proc/${this.pid}/status`);
+    const kib = (key: string) => Number(new RegExp(`^${key}:\\s+(\\d+) kB`, "m").exec(status)?.[1] ?? NaN);
+    return { rssMiB: kib("VmRSS") / 1024, hwmMiB: kib("VmHWM") / 1024 };
+  }
+
+  /** The next `count` Predict log lines not taken yet, waiting for them to arrive. */
+  async takePredicts(count: number): Promise<PredictLog[]> {
+    const wanted = this.#taken + count;
+    await this.#until(
+      () => this.#predicts.length >= wanted,
+      LOG_TIMEOUT_MS,
+      () => `agent logged ${this.#predicts.length - this.#taken} of ${count} Predict lines expected`,
+    );
+    const lines = this.#predicts.slice(this.#taken, wanted);
+    this.#taken = wanted;
+    return lines;
+  }
+
+  async stop(): Promise<void> {
+    this.client.close();
+    try {
+      this.#process.kill("SIGTERM");
+    } catch { /* already exited */ }
+    await this.#process.status;
+    await this.#drained;
+  }
+
+  /** Waits until `condition` holds; throws `failure()` with the log tail if stderr ends or time runs out. */
+  async #until(condition: () => boolean, timeoutMs: number, failure: () => string): Promise<void> {
+    const deadline = Promise.withResolvers<boolean>();
+    const timer = setTimeout(() => deadline.resolve(true), timeoutMs);
+    try {
+      while (!condition()) {
+        const expired = this.#ended ||
+          await Promise.race([this.#changed.promise.then(() => false), deadline.promise]);
+        if (expired && !condition()) {
+          throw new Error(`${failure()} (${this.#ended ? "it exited" : `${timeoutMs} ms`}):\n${this.logTail()}`);
+        }
+      }
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  async #read(stream: ReadableStream<Uint8Array>): Promise<void> {
+    let partial = "";
+    try {
+      for await (const text of stream.pipeThrough(new TextDecoderStream())) {
+        const lines = (partial + text).split("\n");
+        partial = lines.pop()!;
+        for (const line of lines) this.#line(line);
+        this.#signal();
+      }
+    } finally {
+      this.#ended = true;
+      this.#signal();
+    }
+  }
+
+  #signal(): void {
+    const changed = this.#changed;
+    this.#changed = Promise.withResolvers();
+    changed.resolve();
+  }
+
+  #line(line: string): void {
+    this.#tail.push(line);
+    if (this.#tail.length > TAIL_LINES) this.#tail.shift();
+    let entry: Record<string, unknown>;
+    try {
+      entry = JSON.parse(line);
+    } catch {
+      return; // not one of the agent's log lines (native libraries may write to stderr too)
+    }
+    if (entry.msg === "serving") this.#servingAt = performance.now();
+    if (entry.msg === "rpc" && entry.rpc === "Predict" && entry.code === "OK") {
+      const { ms, bindMs, runMs, encodeMs, copiedInputs } = entry as unknown as PredictLog;
+      this.#predicts.push({ ms, bindMs, runMs, encodeMs, copiedInputs });
+    }
+  }
+}

@@ -1,0 +1,275 @@
+// The three ways a benchmark call reaches ONNX Runtime, behind one interface, and the block schedule that
+// alternates them.
+
+import process from "node:process";
+import * as ort from "onnxruntime-node";
+import { ElementType, type OnnxRuntime, Session, Value } from "../ffi/onnxruntime.ts";
+import { type GraphOptimization, parseConfig } from "../src/config.ts";
+import { sessionOptions } from "../src/runtime.ts";
+import { enumValues, type Tensor } from "../src/wire.ts";
+import type { AgentProcess, PredictLog } from "./agent_process.ts";
+
+export type PathName = "reference" | "agent" | "ffi";
+
+export interface ModelCase {
+  key: string;
+  file: string;
+  shape: number[];
+  input: Float32Array;
+}
+
+/** ONNX Runtime options under test; every path gets the same ones. */
+export interface OrtChoice {
+  intraOpThreads: number;
+  allowSpinning: boolean;
+  graphOptimization: GraphOptimization;
+}
+
+export function agentConfigKeys(choice: OrtChoice): Record<string, unknown> {
+  return {
+    edge_agent_intra_op_threads: choice.intraOpThreads,
+    edge_agent_allow_spinning: choice.allowSpinning,
+    edge_agent_graph_optimization: choice.graphOptimization,
+  };
+}
+
+export function choiceLabel(choice: OrtChoice): string {
+  return `intra ${choice.intraOpThreads}, spin ${choice.allowSpinning ? "on" : "off"}, opt ${choice.graphOptimization}`;
+}
+
+export interface Sample {
+  ms: number;
+  measured: boolean;
+}
+
+export interface Runner {
+  readonly path: PathName;
+  readonly model: ModelCase;
+  /** One inference; resolves once the outputs are in JavaScript memory. */
+  infer(): Promise<void>;
+  /** CPU time (ms) used so far by the process that runs the model. */
+  cpuMs(): number;
+  /** First output of one inference, for the cross-check between paths. */
+  output(): Promise<Float32Array>;
+  /** Sees every block's samples, warm-up included, right after the block. */
+  afterBlock?(block: Sample[]): Promise<void>;
+}
+
+function ownCpuMs(): number {
+  const { user, system } = process.cpuUsage();
+  return (user + system) / 1000;
+}
+
+function elementCount(shape: number[]): number {
+  return shape.reduce((a, b) => a * b, 1);
+}
+
+function bytesOf(data: Float32Array): Uint8Array {
+  return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+}
+
+/** Generates [-1, 1) floats from `seed` (mulberry32), the same on every run. */
+export function pseudoRandomInput(shape: number[], seed: number): Float32Array {
+  const data = new Float32Array(elementCount(shape));
+  let state = seed >>> 0;
+  for (let i = 0; i < data.length; i++) {
+    state = (state + 0x6d2b79f5) >>> 0;
+    let t = Math.imul(state ^ (state >>> 15), state | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    data[i] = (((t ^ (t >>> 14)) >>> 0) / 2 ** 32) * 2 - 1;
+  }
+  return data;
+}
+
+/** onnxruntime-node's session.run in this process: the in-process reference. */
+export class ReferenceRunner implements Runner {
+  readonly path = "reference";
+  readonly #feeds: Record<string, ort.Tensor>;
+
+  private constructor(readonly model: ModelCase, readonly session: ort.InferenceSession) {
+    this.#feeds = { [session.inputNames[0]]: new ort.Tensor("float32", model.input, model.shape) };
+  }
+
+  static async create(model: ModelCase, choice: OrtChoice): Promise<ReferenceRunner> {
+    const spinning = choice.allowSpinning ? "1" : "0";
+    const session = await ort.InferenceSession.create(model.file, {
+      intraOpNumThreads: choice.intraOpThreads,
+      // The agent's default; it only matters in parallel execution mode, which neither uses.
+      interOpNumThreads: 1,
+      graphOptimizationLevel: choice.graphOptimization === "disable" ? "disabled" : choice.graphOptimization,
+      extra: { session: { intra_op: { allow_spinning: spinning }, inter_op: { allow_spinning: spinning } } },
+    });
+    return new ReferenceRunner(model, session);
+  }
+
+  async infer(): Promise<void> {
+    await this.session.run(this.#feeds);
+  }
+
+  cpuMs(): number {
+    return ownCpuMs();
+  }
+
+  async output(): Promise<Float32Array> {
+    const outputs = await this.session.run(this.#feeds);
+    return outputs[this.session.outputNames[0]].data as Float32Array;
+  }
+
+  release(): Promise<void> {
+    return this.session.release();
+  }
+}
+
+/** Our bindings in this process, doing what the agent's Predict does minus gRPC and protobuf. */
+export class FfiRunner implements Runner {
+  readonly path = "ffi";
+  readonly #bytes: Uint8Array;
+
+  private constructor(readonly model: ModelCase, readonly ort: OnnxRuntime, readonly session: Session) {
+    this.#bytes = bytesOf(model.input);
+  }
+
+  static async create(model: ModelCase, runtime: OnnxRuntime, choice: OrtChoice): Promise<FfiRunner> {
+    const options = sessionOptions(runtime, parseConfig(agentConfigKeys(choice)).config);
+    try {
+      return new FfiRunner(model, runtime, await Session.create(runtime, await Deno.readFile(model.file), options));
+    } finally {
+      options.release();
+    }
+  }
+
+  async #run(): Promise<Uint8Array[]> {
+    const input = Value.tensorOver(this.ort, this.#bytes, this.model.shape, ElementType.FLOAT);
+    let outputs: Value[] = [];
+    try {
+      outputs = await this.session.run([0], [input]);
+      // Copied out, as onnxruntime-node does; both models' outputs are float32.
+      return outputs.map((value) => value.borrowBytes(4 * elementCount(value.tensorInfo().shape)).slice());
+    } finally {
+      for (const value of outputs) value.release();
+      input.release();
+    }
+  }
+
+  async infer(): Promise<void> {
+    await this.#run();
+  }
+
+  cpuMs(): number {
+    return ownCpuMs();
+  }
+
+  async output(): Promise<Float32Array> {
+    return new Float32Array((await this.#run())[0].buffer);
+  }
+
+  release(): void {
+    this.session.release();
+  }
+}
+
+/** Time split of one measured agent call: the client's total and the agent's own log line. */
+export interface AgentSplit extends PredictLog {
+  totalMs: number;
+}
+
+/** Predict through the gRPC client to the agent subprocess, byte tensors. */
+export class AgentRunner implements Runner {
+  readonly path = "agent";
+  readonly splits: AgentSplit[] = [];
+  readonly tensors: Tensor[];
+
+  private constructor(readonly model: ModelCase, readonly agent: AgentProcess, inputName: string) {
+    this.tensors = [{
+      tensor_metadata: {
+        name: new TextEncoder().encode(inputName),
+        data_type: enumValues("DataType").FLOAT32,
+        shape: model.shape,
+      },
+      byte_data: bytesOf(model.input),
+    }];
+  }
+
+  /** Loads `url` under the model's key as its name. */
+  static async create(model: ModelCase, agent: AgentProcess, url: string): Promise<AgentRunner> {
+    const { model: loaded } = await agent.client.loadModel(url, model.key);
+    return new AgentRunner(model, agent, new TextDecoder().decode(loaded.input_tensor_metadatas[0].name));
+  }
+
+  async infer(): Promise<void> {
+    await this.agent.client.predict(this.model.key, this.tensors);
+  }
+
+  /** One Predict outside the blocks, its log line set aside so later blocks still pair up. */
+  async call(): Promise<{ tensors: Tensor[] }> {
+    const response = await this.agent.client.predict(this.model.key, this.tensors);
+    await this.agent.takePredicts(1);
+    return response;
+  }
+
+  cpuMs(): number {
+    return this.agent.cpuMs();
+  }
+
+  async output(): Promise<Float32Array> {
+    const { tensors } = await this.call();
+    // A copy: byte_data is a Buffer view into the received message, at any alignment.
+    return new Float32Array(new Uint8Array(tensors[0].byte_data!).buffer);
+  }
+
+  /** Pairs the block's calls with the agent's Predict log lines, which come in call order. */
+  async afterBlock(block: Sample[]): Promise<void> {
+    const logs = await this.agent.takePredicts(block.length);
+    block.forEach((sample, i) => {
+      if (sample.measured) this.splits.push({ totalMs: sample.ms, ...logs[i] });
+    });
+  }
+}
+
+export interface BlockPlan {
+  /** Unmeasured calls per path before the first block. */
+  warmup: number;
+  /** Each round runs one block per path, in an order rotated by one each round. */
+  rounds: number;
+  blockSize: number;
+  /** Unmeasured calls at the start of each block, so the path before it has let go of the cores. */
+  blockWarmup: number;
+}
+
+export interface PathResult {
+  latencies: number[];
+  /** CPU time of the model's process per call, over every block (warm-up calls included in both). */
+  cpuMsPerCall: number;
+}
+
+async function runBlock(runner: Runner, calls: number, unmeasured: number): Promise<Sample[]> {
+  const block: Sample[] = [];
+  for (let i = 0; i < calls; i++) {
+    const started = performance.now();
+    await runner.infer();
+    block.push({ ms: performance.now() - started, measured: i >= unmeasured });
+  }
+  await runner.afterBlock?.(block);
+  return block;
+}
+
+/**
+ * Runs blocks of calls per path rather than interleaving single calls: ORT's workers spin for a while
+ * after each run, so a call right after another path's run would measure that contention.
+ */
+export async function runBlocks(runners: Runner[], plan: BlockPlan): Promise<PathResult[]> {
+  for (const runner of runners) await runBlock(runner, plan.warmup, plan.warmup);
+  const results = runners.map(() => ({ latencies: [] as number[], cpuMs: 0, calls: 0 }));
+  for (let round = 0; round < plan.rounds; round++) {
+    for (let k = 0; k < runners.length; k++) {
+      const index = (round + k) % runners.length;
+      const runner = runners[index];
+      const cpuBefore = runner.cpuMs();
+      const block = await runBlock(runner, plan.blockWarmup + plan.blockSize, plan.blockWarmup);
+      results[index].cpuMs += runner.cpuMs() - cpuBefore;
+      results[index].calls += block.length;
+      results[index].latencies.push(...block.filter((s) => s.measured).map((s) => s.ms));
+    }
+  }
+  return results.map((r) => ({ latencies: r.latencies, cpuMsPerCall: r.cpuMs / r.calls }));
+}
