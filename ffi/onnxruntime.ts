@@ -205,14 +205,12 @@ const ORT_MEM_TYPE_DEFAULT = 0;
  */
 export class OnnxRuntime {
   readonly version: string;
-  readonly #lib: Deno.DynamicLibrary<typeof apiBaseSymbols>;
   readonly api: BoundApi;
   #env: Deno.PointerValue;
   readonly allocator: Deno.PointerValue;
   #cpuMemoryInfo: Deno.PointerValue;
 
   private constructor(lib: Deno.DynamicLibrary<typeof apiBaseSymbols>, verbose: boolean) {
-    this.#lib = lib;
     const base = lib.symbols.OrtGetApiBase();
     if (base === null) throw new NativeError("OrtGetApiBase returned NULL");
     const member = <K extends keyof typeof apiBaseMembers>(name: K) => {
@@ -301,7 +299,8 @@ export class OnnxRuntime {
     this.#cpuMemoryInfo = null;
     this.api.ReleaseEnv(this.#env);
     this.#env = null;
-    this.#lib.close();
+    // The library stays loaded: threads that ran ORT code (Deno's blocking pool runs every Run)
+    // call ORT's thread_local destructors when they exit, which crashes once its code is unmapped.
   }
 }
 
