@@ -35,6 +35,7 @@ export function readProc(path: string): string {
 
 export class AgentProcess {
   readonly client: AgentClient;
+  readonly socket: string;
   readonly #process: Deno.ChildProcess;
   readonly #predicts: PredictLog[] = [];
   #taken = 0;
@@ -50,6 +51,7 @@ export class AgentProcess {
     this.#process = process;
     this.#spawnedAt = spawnedAt;
     this.#drained = this.#read(process.stderr);
+    this.socket = socket;
     this.client = new AgentClient(socket);
   }
 

@@ -1,8 +1,9 @@
 // Predict latency of the agent against onnxruntime-node in-process, on PaddleOCR cls and det.
 //
-//   default   reference (onnxruntime-node) / agent (gRPC over the Unix socket) / ffi (our bindings in this
-//             process) side by side, where the agent's time goes, start-up time and memory
-//   --sweep   agent and reference under several ONNX Runtime settings, with CPU time per inference
+//   default   reference (onnxruntime-node) / agent (gRPC over the Unix socket, from the grpc-js client in this
+//             process and from a Python grpcio client) / ffi (our bindings in this process) side by side, where
+//             the agent's time goes, start-up time and memory
+//   --sweep   agent (both clients) and reference under several ONNX Runtime settings, with CPU time per inference
 //   --quick   fewer calls (about 30 s for the default mode)
 //
 // Prints tables and writes the figures to bench/results/.
@@ -17,6 +18,7 @@ import { DEFAULTS } from "../src/config.ts";
 import { asBuffer, messageType, type Tensor } from "../src/wire.ts";
 import { PADDLE_CLS, PADDLE_DET } from "../tests/helpers/onnx_models.ts";
 import { AgentProcess, readProc } from "./agent_process.ts";
+import { generateStubs, GrpcioClient, grpcioMissing } from "./grpcio.ts";
 import {
   agentConfigKeys,
   AgentRunner,
@@ -24,6 +26,7 @@ import {
   type BlockPlan,
   choiceLabel,
   FfiRunner,
+  GrpcioRunner,
   type ModelCase,
   type OrtChoice,
   type PathName,
@@ -31,10 +34,12 @@ import {
   pseudoRandomInput,
   ReferenceRunner,
   runBlocks,
+  type Runner,
 } from "./runners.ts";
 import { median, ms, percentile, ratio, signedMs, table } from "./stats.ts";
 
 const RESULTS_DIR = new URL("./results/", import.meta.url).pathname;
+const LIST_MODELS_CALLS = 50;
 
 const MODELS = [
   { key: "cls", file: PADDLE_CLS, shape: [1, 3, 48, 192], seed: 1 },
@@ -73,43 +78,48 @@ interface Plan {
   blocks: Record<string, BlockPlan>;
 }
 
-// Rounds are multiples of the number of paths, so each path holds each position in the rotation equally.
+// Rounds are multiples of the number of paths (4 in default mode, 3 in the sweep; one fewer without grpcio), so
+// each path holds each position in the rotation equally.
 const PLANS: Record<string, Plan> = {
   default: {
     starts: 5,
     blocks: {
-      cls: { warmup: 20, rounds: 30, blockSize: 20, blockWarmup: 2 },
+      cls: { warmup: 20, rounds: 32, blockSize: 20, blockWarmup: 2 },
       det: { warmup: 3, rounds: 24, blockSize: 10, blockWarmup: 2 },
     },
   },
   defaultQuick: {
     starts: 3,
     blocks: {
-      cls: { warmup: 10, rounds: 9, blockSize: 20, blockWarmup: 2 },
-      det: { warmup: 2, rounds: 6, blockSize: 8, blockWarmup: 2 },
+      cls: { warmup: 10, rounds: 8, blockSize: 20, blockWarmup: 2 },
+      det: { warmup: 2, rounds: 4, blockSize: 10, blockWarmup: 2 },
     },
   },
   sweep: {
     starts: 0,
     blocks: {
-      cls: { warmup: 10, rounds: 8, blockSize: 20, blockWarmup: 2 },
+      cls: { warmup: 10, rounds: 9, blockSize: 20, blockWarmup: 2 },
       det: { warmup: 2, rounds: 6, blockSize: 8, blockWarmup: 2 },
     },
   },
   sweepQuick: {
     starts: 0,
     blocks: {
-      cls: { warmup: 5, rounds: 4, blockSize: 20, blockWarmup: 2 },
-      det: { warmup: 1, rounds: 2, blockSize: 5, blockWarmup: 1 },
+      cls: { warmup: 5, rounds: 3, blockSize: 20, blockWarmup: 2 },
+      det: { warmup: 1, rounds: 3, blockSize: 5, blockWarmup: 1 },
     },
   },
 };
 
 const PATH_LABELS: Record<PathName, string> = {
   reference: "reference (onnxruntime-node, in-process)",
-  agent: "agent (gRPC, subprocess)",
+  agent: "agent (grpc-js client, in-process)",
+  grpcio: "agent (grpcio client, Python subprocess)",
   ffi: "ffi (our bindings, in-process)",
 };
+
+/** The agent's client on each path that goes through gRPC. */
+const CLIENTS: Record<string, string> = { agent: "grpc-js", grpcio: "grpcio" };
 
 interface Workspace {
   dir: string;
@@ -117,6 +127,13 @@ interface Workspace {
   models: ModelCase[];
   /** LoadModel url per model key. */
   urls: Record<string, string>;
+  /** Folder of the generated Python stubs; null when the grpcio path is skipped. */
+  grpcioStubs: string | null;
+}
+
+/** Starts a grpcio client on `agent` when the workspace has stubs. */
+function startGrpcio(workspace: Workspace, agent: AgentProcess): Promise<GrpcioClient | null> {
+  return workspace.grpcioStubs ? GrpcioClient.start(workspace.grpcioStubs, agent.socket) : Promise.resolve(null);
 }
 
 async function prepare(): Promise<Workspace> {
@@ -134,7 +151,9 @@ async function prepare(): Promise<Workspace> {
     shape,
     input: pseudoRandomInput(shape, seed),
   }));
-  return { dir, modelsDir, models, urls };
+  const missing = await grpcioMissing();
+  if (missing) console.log(`grpcio client path skipped: ${missing}`);
+  return { dir, modelsDir, models, urls, grpcioStubs: missing ? null : await generateStubs(dir) };
 }
 
 function summary(result: PathResult) {
@@ -196,6 +215,17 @@ function splitSummary(splits: AgentSplit[], codec: Codec) {
   };
 }
 
+/** The grpcio client's total around the agent's handler; the rest is grpcio, both codecs and the transport. */
+function grpcioSplitSummary(splits: AgentSplit[]) {
+  const of = (f: (s: AgentSplit) => number) => median(splits.map(f));
+  return {
+    n: splits.length,
+    clientTotalMs: of((s) => s.totalMs),
+    agentHandlerMs: of((s) => s.ms),
+    outsideHandlerMs: of((s) => s.totalMs - s.ms),
+  };
+}
+
 function maxAbsDiff(a: Float32Array, b: Float32Array): number {
   if (a.length !== b.length) return Infinity;
   let max = 0;
@@ -217,6 +247,7 @@ async function defaultMode(workspace: Workspace, { starts, blocks }: Plan) {
   const agent = await AgentProcess.start(workspace.dir, workspace.modelsDir, keys);
   const runtime = OnnxRuntime.open(npmLibraryPath());
   const releases: (() => unknown)[] = [];
+  let grpcio: GrpcioClient | null = null;
   try {
     // Let start-up work (module evaluation, grpc-js set-up) settle before calling the process idle.
     await new Promise((resolve) => setTimeout(resolve, 500));
@@ -226,6 +257,7 @@ async function defaultMode(workspace: Workspace, { starts, blocks }: Plan) {
       agents.push(await AgentRunner.create(model, agent, workspace.urls[model.key]));
     }
     const loaded = agent.memory();
+    grpcio = await startGrpcio(workspace, agent);
 
     const models = [];
     for (const [i, model] of workspace.models.entries()) {
@@ -233,10 +265,11 @@ async function defaultMode(workspace: Workspace, { starts, blocks }: Plan) {
       releases.push(() => reference.release());
       const ffi = await FfiRunner.create(model, runtime, DEFAULT_CHOICE);
       releases.push(() => ffi.release());
-      const runners = [reference, agents[i], ffi];
+      const viaGrpcio = grpcio && await GrpcioRunner.create(grpcio, agents[i], workspace.dir);
+      const runners: Runner[] = [reference, agents[i], ...(viaGrpcio ? [viaGrpcio] : []), ffi];
       const expected = await reference.output();
-      const agentDiff = maxAbsDiff(await agents[i].output(), expected);
-      const ffiDiff = maxAbsDiff(await ffi.output(), expected);
+      const diffs: Partial<Record<PathName, number>> = {};
+      for (const runner of runners.slice(1)) diffs[runner.path] = maxAbsDiff(await runner.output(), expected);
       const plan = blocks[model.key];
       console.log(
         `${model.key}: ${plan.rounds} rounds of ${plan.blockSize}-call blocks per path (+${plan.blockWarmup} warm-up)`,
@@ -247,28 +280,34 @@ async function defaultMode(workspace: Workspace, { starts, blocks }: Plan) {
       models.push({
         model: model.key,
         shape: model.shape,
-        maxAbsDiffVsReference: { agent: agentDiff, ffi: ffiDiff },
+        maxAbsDiffVsReference: diffs,
         paths: Object.fromEntries(
           runners.map((r, j) => [r.path, { ...summary(results[j]), latencies: results[j].latencies }]),
         ),
         split: splitSummary(agents[i].splits, codec),
+        grpcioSplit: viaGrpcio && grpcioSplitSummary(viaGrpcio.splits),
       });
     }
     // A tiny rpc's round trip: the per-call cost of gRPC on the socket, whatever the tensors.
-    const listModelsMs: number[] = [];
-    for (let i = 0; i < 50; i++) {
+    const listModelsMs: Partial<Record<PathName, number>> = {};
+    const grpcJsTimes: number[] = [];
+    for (let i = 0; i < LIST_MODELS_CALLS; i++) {
       const started = performance.now();
       await agent.client.listModels();
-      listModelsMs.push(performance.now() - started);
+      grpcJsTimes.push(performance.now() - started);
     }
+    listModelsMs.agent = median(grpcJsTimes);
+    if (grpcio) listModelsMs.grpcio = median(await grpcio.listModels(LIST_MODELS_CALLS));
     return {
       readyMs,
-      listModelsMs: median(listModelsMs),
+      listModelsMs,
       memory: { idle, modelsLoaded: loaded, afterInference: agent.memory() },
       models,
       onnxRuntimeVersion: runtime.version,
+      grpcioVersion: grpcio?.version,
     };
   } finally {
+    await grpcio?.stop();
     await agent.stop();
     for (const release of releases) await release();
     runtime.close();
@@ -280,11 +319,12 @@ function printDefault(report: Awaited<ReturnType<typeof defaultMode>>): void {
   const versus: string[][] = [];
   for (const m of report.models) {
     const reference = m.paths.reference;
-    for (const path of ["reference", "agent", "ffi"] as const) {
-      const s = m.paths[path];
-      rows.push([m.model, PATH_LABELS[path], String(s.n), ms(s.p50), ms(s.p99), ms(s.cpuMsPerCall)]);
+    for (const [path, s] of Object.entries(m.paths)) {
+      rows.push([m.model, PATH_LABELS[path as PathName], String(s.n), ms(s.p50), ms(s.p99), ms(s.cpuMsPerCall)]);
       if (path === "reference") continue;
       const target = TARGETS[m.model];
+      // The targets are the agent's, whichever client calls it; ffi only shows what gRPC adds.
+      const targeted = path !== "ffi";
       versus.push([
         m.model,
         `${path} / in-process`,
@@ -292,13 +332,14 @@ function printDefault(report: Awaited<ReturnType<typeof defaultMode>>): void {
         ratio(s.p99 / reference.p99),
         signedMs(s.p50 - reference.p50),
         signedMs(s.p99 - reference.p99),
-        path === "agent" ? target.text : "(diagnostic)",
-        path === "agent" ? (target.met(s.p50, reference.p50) ? "met" : "MISSED") : "",
+        targeted ? target.text : "(diagnostic)",
+        targeted ? (target.met(s.p50, reference.p50) ? "met" : "MISSED") : "",
       ]);
     }
   }
   console.log(
-    `\nEvery path: ONNX Runtime ${report.onnxRuntimeVersion}, ${choiceLabel(DEFAULT_CHOICE)} (agent defaults)`,
+    `\nEvery path: ONNX Runtime ${report.onnxRuntimeVersion}, ${choiceLabel(DEFAULT_CHOICE)} (agent defaults)` +
+      (report.grpcioVersion ? `; Python grpcio ${report.grpcioVersion}` : ""),
   );
   console.log("\nLatency per Predict (ms); cpu/inf = CPU time of the process running the model, per call");
   console.log(table(["model", "path", "n", "p50", "p99", "cpu/inf"], rows, 2));
@@ -324,7 +365,7 @@ function printDefault(report: Awaited<ReturnType<typeof defaultMode>>): void {
       `${s.callsWithCopiedInputs}/${s.n}`,
     ];
   });
-  console.log("\nWhere an agent Predict's time goes (medians, ms)");
+  console.log("\nWhere an agent Predict's time goes, grpc-js client (medians, ms)");
   console.log(
     table([
       "model",
@@ -347,10 +388,19 @@ function printDefault(report: Awaited<ReturnType<typeof defaultMode>>): void {
       "  req encode, req decode (agent side) and resp decode (client side): protobufjs on the same messages,\n" +
       "  timed in-process. transport = client total - agent handler - those three: gRPC, HTTP/2, the socket.",
   );
-  console.log(`  for scale: a ListModels round trip (no tensors) takes ${ms(report.listModelsMs)} ms (median)`);
   for (const m of report.models) {
-    const d = m.maxAbsDiffVsReference;
-    console.log(`  output check ${m.model}: max |agent - reference| ${d.agent}, max |ffi - reference| ${d.ffi}`);
+    const g = m.grpcioSplit;
+    if (!g) continue;
+    console.log(
+      `  grpcio client, ${m.model}: total ${ms(g.clientTotalMs)} ms, agent handler ${ms(g.agentHandlerMs)} ms, ` +
+        `the rest (grpcio, codecs, transport) ${ms(g.outsideHandlerMs)} ms (medians)`,
+    );
+  }
+  const listModels = Object.entries(report.listModelsMs).map(([path, t]) => `${ms(t)} ms from ${CLIENTS[path]}`);
+  console.log(`  for scale: a ListModels round trip (no tensors) takes ${listModels.join(", ")} (medians)`);
+  for (const m of report.models) {
+    const diffs = Object.entries(m.maxAbsDiffVsReference).map(([path, d]) => `max |${path} - reference| ${d}`);
+    console.log(`  output check ${m.model}: ${diffs.join(", ")}`);
   }
 
   const mem = report.memory;
@@ -373,21 +423,30 @@ async function sweepMode(workspace: Workspace, { blocks }: Plan) {
     console.log(`sweep: ${choiceLabel(choice)}`);
     const agent = await AgentProcess.start(workspace.dir, workspace.modelsDir, agentConfigKeys(choice));
     const references: ReferenceRunner[] = [];
+    let grpcio: GrpcioClient | null = null;
     try {
+      grpcio = await startGrpcio(workspace, agent);
       for (const model of workspace.models) {
         const reference = await ReferenceRunner.create(model, choice);
         references.push(reference);
         const agentRunner = await AgentRunner.create(model, agent, workspace.urls[model.key]);
-        const [r, a] = await runBlocks([reference, agentRunner], blocks[model.key]);
+        const viaGrpcio = grpcio && await GrpcioRunner.create(grpcio, agentRunner, workspace.dir);
+        const clients = viaGrpcio ? [agentRunner, viaGrpcio] : [agentRunner];
+        const [r, ...c] = await runBlocks([reference, ...clients], blocks[model.key]);
         rows.push({
           choice,
           model: model.key,
           reference: { ...summary(r), latencies: r.latencies },
-          agent: { ...summary(a), latencies: a.latencies },
-          agentRunMs: median(agentRunner.splits.map((s) => s.runMs)),
+          clients: clients.map((runner, i) => ({
+            path: runner.path,
+            ...summary(c[i]),
+            latencies: c[i].latencies,
+            agentRunMs: median(runner.splits.map((s) => s.runMs)),
+          })),
         });
       }
     } finally {
+      await grpcio?.stop();
       await agent.stop();
       for (const reference of references) await reference.release();
     }
@@ -398,19 +457,22 @@ async function sweepMode(workspace: Workspace, { blocks }: Plan) {
 function printSweep(report: Awaited<ReturnType<typeof sweepMode>>): void {
   for (const { key } of MODELS) {
     const target = TARGETS[key];
-    const rows = report.rows.filter((r) => r.model === key).map((r) => [
-      choiceLabel(r.choice),
-      ms(r.reference.p50),
-      ms(r.reference.p99),
-      ms(r.reference.cpuMsPerCall),
-      ms(r.agent.p50),
-      ms(r.agent.p99),
-      ms(r.agent.cpuMsPerCall),
-      ms(r.agentRunMs),
-      ratio(r.agent.p50 / r.reference.p50),
-      signedMs(r.agent.p50 - r.reference.p50),
-      target.met(r.agent.p50, r.reference.p50) ? "met" : "MISSED",
-    ]);
+    // One row per client; the options and reference figures only on each setting's first.
+    const rows = report.rows.filter((r) => r.model === key).flatMap((r) =>
+      r.clients.map((a, i) => [
+        ...(i === 0
+          ? [choiceLabel(r.choice), ms(r.reference.p50), ms(r.reference.p99), ms(r.reference.cpuMsPerCall)]
+          : ["", "", "", ""]),
+        CLIENTS[a.path],
+        ms(a.p50),
+        ms(a.p99),
+        ms(a.cpuMsPerCall),
+        ms(a.agentRunMs),
+        ratio(a.p50 / r.reference.p50),
+        signedMs(a.p50 - r.reference.p50),
+        target.met(a.p50, r.reference.p50) ? "met" : "MISSED",
+      ])
+    );
     const n = report.rows.find((r) => r.model === key)!;
     console.log(
       `\n${key}: ms, n = ${n.reference.n} per path; cpu/inf = CPU time of the model's process per call; target ${target.text}`,
@@ -421,6 +483,7 @@ function printSweep(report: Awaited<ReturnType<typeof sweepMode>>): void {
         "ref p50",
         "ref p99",
         "ref cpu/inf",
+        "client",
         "agent p50",
         "agent p99",
         "agent cpu/inf",

@@ -1,6 +1,7 @@
-// The three ways a benchmark call reaches ONNX Runtime, behind one interface, and the block schedule that
+// The ways a benchmark call reaches ONNX Runtime, behind one interface, and the block schedule that
 // alternates them.
 
+import { join } from "node:path";
 import process from "node:process";
 import * as ort from "onnxruntime-node";
 import { ElementType, type OnnxRuntime, Session, Value } from "../ffi/onnxruntime.ts";
@@ -8,8 +9,9 @@ import { type GraphOptimization, parseConfig } from "../src/config.ts";
 import { sessionOptions } from "../src/runtime.ts";
 import { enumValues, type Tensor } from "../src/wire.ts";
 import type { AgentProcess, PredictLog } from "./agent_process.ts";
+import type { GrpcioClient } from "./grpcio.ts";
 
-export type PathName = "reference" | "agent" | "ffi";
+export type PathName = "reference" | "agent" | "grpcio" | "ffi";
 
 export interface ModelCase {
   key: string;
@@ -45,14 +47,25 @@ export interface Sample {
 export interface Runner {
   readonly path: PathName;
   readonly model: ModelCase;
-  /** One inference; resolves once the outputs are in JavaScript memory. */
-  infer(): Promise<void>;
+  /** `count` inferences back to back, each timed until its outputs are in the client's memory; ms each. */
+  timeCalls(count: number): Promise<number[]>;
   /** CPU time (ms) used so far by the process that runs the model. */
   cpuMs(): number;
   /** First output of one inference, for the cross-check between paths. */
   output(): Promise<Float32Array>;
   /** Sees every block's samples, warm-up included, right after the block. */
   afterBlock?(block: Sample[]): Promise<void>;
+}
+
+/** Times `count` calls of `infer` in this process. */
+async function timeEach(count: number, infer: () => Promise<unknown>): Promise<number[]> {
+  const times: number[] = [];
+  for (let i = 0; i < count; i++) {
+    const started = performance.now();
+    await infer();
+    times.push(performance.now() - started);
+  }
+  return times;
 }
 
 function ownCpuMs(): number {
@@ -102,8 +115,8 @@ export class ReferenceRunner implements Runner {
     return new ReferenceRunner(model, session);
   }
 
-  async infer(): Promise<void> {
-    await this.session.run(this.#feeds);
+  timeCalls(count: number): Promise<number[]> {
+    return timeEach(count, () => this.session.run(this.#feeds));
   }
 
   cpuMs(): number {
@@ -151,8 +164,8 @@ export class FfiRunner implements Runner {
     }
   }
 
-  async infer(): Promise<void> {
-    await this.#run();
+  timeCalls(count: number): Promise<number[]> {
+    return timeEach(count, () => this.#run());
   }
 
   cpuMs(): number {
@@ -173,7 +186,15 @@ export interface AgentSplit extends PredictLog {
   totalMs: number;
 }
 
-/** Predict through the gRPC client to the agent subprocess, byte tensors. */
+/** Pairs a block's calls with the agent's Predict log lines, which come in call order. */
+async function pairSplits(agent: AgentProcess, block: Sample[], splits: AgentSplit[]): Promise<void> {
+  const logs = await agent.takePredicts(block.length);
+  block.forEach((sample, i) => {
+    if (sample.measured) splits.push({ totalMs: sample.ms, ...logs[i] });
+  });
+}
+
+/** Predict through the grpc-js client in this process to the agent subprocess, byte tensors. */
 export class AgentRunner implements Runner {
   readonly path = "agent";
   readonly splits: AgentSplit[] = [];
@@ -196,8 +217,8 @@ export class AgentRunner implements Runner {
     return new AgentRunner(model, agent, new TextDecoder().decode(loaded.input_tensor_metadatas[0].name));
   }
 
-  async infer(): Promise<void> {
-    await this.agent.client.predict(this.model.key, this.tensors);
+  timeCalls(count: number): Promise<number[]> {
+    return timeEach(count, () => this.agent.client.predict(this.model.key, this.tensors));
   }
 
   /** One Predict outside the blocks, its log line set aside so later blocks still pair up. */
@@ -217,12 +238,62 @@ export class AgentRunner implements Runner {
     return new Float32Array(new Uint8Array(tensors[0].byte_data!).buffer);
   }
 
-  /** Pairs the block's calls with the agent's Predict log lines, which come in call order. */
-  async afterBlock(block: Sample[]): Promise<void> {
-    const logs = await this.agent.takePredicts(block.length);
-    block.forEach((sample, i) => {
-      if (sample.measured) this.splits.push({ totalMs: sample.ms, ...logs[i] });
-    });
+  afterBlock(block: Sample[]): Promise<void> {
+    return pairSplits(this.agent, block, this.splits);
+  }
+}
+
+/**
+ * Predict from the Python grpcio client to the same agent and model as an AgentRunner, timed in Python
+ * around each stub call.
+ */
+export class GrpcioRunner implements Runner {
+  readonly path = "grpcio";
+  readonly model: ModelCase;
+  readonly splits: AgentSplit[] = [];
+  readonly #agent: AgentProcess;
+  readonly #inputName: string;
+  readonly #inputFile: string;
+  readonly #outputFile: string;
+
+  private constructor(readonly client: GrpcioClient, grpcJs: AgentRunner, dir: string) {
+    this.model = grpcJs.model;
+    this.#agent = grpcJs.agent;
+    this.#inputName = new TextDecoder().decode(grpcJs.tensors[0].tensor_metadata!.name);
+    this.#inputFile = join(dir, `${this.model.key}.input.bin`);
+    this.#outputFile = join(dir, `${this.model.key}.grpcio-output.bin`);
+  }
+
+  /** Tensors go to and from Python as raw float32 files in `dir`. */
+  static async create(client: GrpcioClient, grpcJs: AgentRunner, dir: string): Promise<GrpcioRunner> {
+    const runner = new GrpcioRunner(client, grpcJs, dir);
+    await Deno.writeFile(runner.#inputFile, bytesOf(runner.model.input));
+    return runner;
+  }
+
+  #predict(count: number, output?: string): Promise<number[]> {
+    const { key: name, shape } = this.model;
+    return this.client.predict({ name, input: this.#inputFile, inputName: this.#inputName, shape, count, output });
+  }
+
+  timeCalls(count: number): Promise<number[]> {
+    return this.#predict(count);
+  }
+
+  cpuMs(): number {
+    return this.#agent.cpuMs();
+  }
+
+  /** One Predict outside the blocks (its log line set aside, as AgentRunner.call does). */
+  async output(): Promise<Float32Array> {
+    await this.#predict(1, this.#outputFile);
+    await this.#agent.takePredicts(1);
+    const bytes = await Deno.readFile(this.#outputFile);
+    return new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4);
+  }
+
+  afterBlock(block: Sample[]): Promise<void> {
+    return pairSplits(this.#agent, block, this.splits);
   }
 }
 
@@ -243,12 +314,7 @@ export interface PathResult {
 }
 
 async function runBlock(runner: Runner, calls: number, unmeasured: number): Promise<Sample[]> {
-  const block: Sample[] = [];
-  for (let i = 0; i < calls; i++) {
-    const started = performance.now();
-    await runner.infer();
-    block.push({ ms: performance.now() - started, measured: i >= unmeasured });
-  }
+  const block = (await runner.timeCalls(calls)).map((ms, i) => ({ ms, measured: i >= unmeasured }));
   await runner.afterBlock?.(block);
   return block;
 }

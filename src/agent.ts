@@ -4,7 +4,9 @@
 import { DEFAULTS, loadConfigFile, type LoadedConfig } from "./config.ts";
 import { createLogger } from "./log.ts";
 import { ModelRegistry } from "./models.ts";
+import { Libc } from "../ffi/libc.ts";
 import { openRuntime } from "./runtime.ts";
+import { SharedMemoryReader } from "./shm.ts";
 import { startServer } from "./server.ts";
 
 const STOP_SIGNALS: Deno.Signal[] = ["SIGTERM", "SIGINT", "SIGHUP"];
@@ -23,7 +25,9 @@ export async function serve(options: ServeOptions): Promise<void> {
   if (ignoredKeys.length > 0) log.info("config keys accepted but not used by this agent", { keys: ignoredKeys });
 
   const ort = openRuntime(config);
-  const registry = new ModelRegistry(ort, config, log);
+  const libc = Libc.open();
+  const shm = new SharedMemoryReader(libc, { kind: config.sharedMemory, posixPrefix: config.shmPosixPrefix });
+  const registry = new ModelRegistry(ort, shm, config, log);
   let server;
   try {
     server = await startServer({
@@ -35,6 +39,7 @@ export async function serve(options: ServeOptions): Promise<void> {
     });
   } catch (error) {
     ort.close();
+    libc.close();
     throw error;
   }
 
@@ -47,6 +52,7 @@ export async function serve(options: ServeOptions): Promise<void> {
   log.info("serving", {
     socket: options.socketPath,
     onnxruntime: ort.version,
+    sharedMemory: config.sharedMemory,
     device: config.deviceName || undefined,
     fleet: config.deviceFleetName || undefined,
     pid: Deno.pid,
@@ -58,5 +64,6 @@ export async function serve(options: ServeOptions): Promise<void> {
   await server.stop(config.shutdownGraceSeconds);
   await registry.closeAll();
   ort.close();
+  libc.close();
   log.info("stopped");
 }

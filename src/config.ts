@@ -3,6 +3,7 @@
 
 import { isAbsolute } from "node:path";
 import { StartupError } from "./errors.ts";
+import type { SharedMemoryKind } from "./shm.ts";
 
 export const DEFAULT_SOCKET_PATH = "/tmp/sagemaker_edge_agent_example.sock";
 
@@ -26,6 +27,8 @@ export interface AgentConfig {
   cpuMemArena: boolean;
   socketMode: number;
   shutdownGraceSeconds: number;
+  sharedMemory: SharedMemoryKind;
+  shmPosixPrefix: string;
 }
 
 type Kind = "string" | "boolean" | "integer" | "path" | "paths" | "mode";
@@ -37,6 +40,7 @@ interface KeySpec {
   min?: number;
   max?: number;
   oneOf?: readonly string[];
+  pattern?: RegExp;
 }
 
 const MiB = 1024 * 1024;
@@ -59,6 +63,8 @@ export const DEFAULTS: AgentConfig = {
   cpuMemArena: true,
   socketMode: 0o660,
   shutdownGraceSeconds: 10,
+  sharedMemory: "sysv",
+  shmPosixPrefix: "/edge_agent_",
 };
 
 /** Edge Manager's documented keys. Those without `field` are accepted and logged as ignored. */
@@ -104,6 +110,8 @@ const AGENT_KEYS: Record<string, KeySpec> = {
   },
   edge_agent_cpu_mem_arena: { kind: "boolean", field: "cpuMemArena" },
   edge_agent_socket_mode: { kind: "mode", field: "socketMode" },
+  edge_agent_shared_memory: { kind: "string", field: "sharedMemory", oneOf: ["sysv", "posix", "both"] },
+  edge_agent_shm_posix_prefix: { kind: "string", field: "shmPosixPrefix", pattern: /^\/[^/]{0,200}$/ },
   edge_agent_shutdown_grace_seconds: { kind: "integer", field: "shutdownGraceSeconds", min: 0, max: 3600 },
 };
 
@@ -165,6 +173,7 @@ function checkValue(key: string, spec: KeySpec, value: unknown): unknown | { pro
     case "string":
       if (typeof value !== "string") return wrong("a string");
       if (spec.oneOf && !spec.oneOf.includes(value)) return wrong(`one of ${spec.oneOf.join(", ")}`);
+      if (spec.pattern && !spec.pattern.test(value)) return wrong(`a string matching ${spec.pattern.source}`);
       return value;
     case "boolean":
       if (typeof value === "boolean") return value;

@@ -15,6 +15,7 @@ import {
 import type { Logger } from "./log.ts";
 import { readModel } from "./packages.ts";
 import { sessionOptions } from "./runtime.ts";
+import type { SharedMemoryReader, ShmRegion } from "./shm.ts";
 import { bindInputs, inputValue, outputByteLength, type TensorSpec, toSpecs } from "./tensors.ts";
 import type { Tensor } from "./wire.ts";
 
@@ -48,6 +49,8 @@ export interface PredictTiming {
   encodeMs: number;
   /** Inputs that had to be copied because their bytes were not aligned to the element size. */
   copiedInputs: number;
+  /** Inputs read from shared memory (mapped during bind, unmapped after the Run). */
+  sharedMemoryInputs: number;
 }
 
 interface Entry {
@@ -65,6 +68,7 @@ export class ModelRegistry {
 
   constructor(
     private readonly ort: OnnxRuntime,
+    private readonly shm: SharedMemoryReader,
     private readonly config: AgentConfig,
     private readonly log: Logger,
   ) {}
@@ -179,14 +183,26 @@ export class ModelRegistry {
     const bound = bindInputs(name, entry.info.inputs, tensors);
     entry.inFlight++;
     const inputs: Value[] = [];
+    const regions: ShmRegion[] = [];
     let outputs: Value[] = [];
     try {
       for (const input of bound) {
-        const { value, copied } = inputValue(this.ort, input);
+        let bytes: Uint8Array;
+        if ("handle" in input.source) {
+          const region = this.shm.open(input.label, input.source.handle, input.byteLength, input.spec.dataType.size);
+          regions.push(region);
+          bytes = region.bytes;
+        } else {
+          bytes = input.source.bytes;
+        }
+        const { value, copied } = inputValue(this.ort, input, bytes);
         inputs.push(value);
         if (copied && timing) timing.copiedInputs++;
       }
-      if (timing) timing.bindMs = lap();
+      if (timing) {
+        timing.bindMs = lap();
+        timing.sharedMemoryInputs = regions.length;
+      }
       try {
         outputs = await session.run(bound.map((b) => b.inputIndex), inputs);
         if (timing) timing.runMs = lap();
@@ -204,7 +220,9 @@ export class ModelRegistry {
       return result;
     } finally {
       for (const value of outputs) value.release();
+      // Values go before the mappings they point into.
       for (const value of inputs) value.release();
+      for (const region of regions) region.release();
       if (--entry.inFlight === 0) entry.drained?.resolve();
     }
   }

@@ -1,19 +1,19 @@
 // The gRPC service on the Unix socket: one handler per rpc, errors mapped to statuses.
 
-import * as grpc from "@grpc/grpc-js";
 import { AgentError, invalidArgument, StartupError, Status } from "./errors.ts";
 import type { Logger } from "./log.ts";
 import type { ModelInfo, ModelRegistry, PredictTiming } from "./models.ts";
 import { metadataOf } from "./tensors.ts";
+import { GrpcServer, type UnaryHandler } from "./transport/http2.ts";
 import {
-  agentService,
   encodePredictResponse,
   type LoadModelRequest,
-  MalformedMessage,
+  messageType,
   type Model,
   type NameRequest,
   type PredictRequest,
   type RpcName,
+  SERVICE_NAME,
 } from "./wire.ts";
 
 const encoder = new TextEncoder();
@@ -70,13 +70,14 @@ function roundTiming(timing: PredictTiming | undefined): Record<string, number> 
     runMs: roundMs(timing.runMs),
     encodeMs: roundMs(timing.encodeMs),
     copiedInputs: timing.copiedInputs,
+    sharedMemoryInputs: timing.sharedMemoryInputs,
   };
 }
 
-function toServiceError(error: unknown, rpc: string, log: Logger): Partial<grpc.ServiceError> {
-  if (error instanceof AgentError) return { code: error.code, details: error.message };
+function statusOf(error: unknown, rpc: string, log: Logger): { status: Status; details: string } {
+  if (error instanceof AgentError) return { status: error.code, details: error.message };
   log.error("unexpected failure", { rpc, error: String((error as Error)?.stack ?? error) });
-  return { code: Status.INTERNAL, details: `${rpc} failed: ${(error as Error)?.message ?? error}` };
+  return { status: Status.INTERNAL, details: `${rpc} failed: ${(error as Error)?.message ?? error}` };
 }
 
 /** Refuses a live socket or a non-socket file at `path`; removes a stale socket a dead agent left. */
@@ -105,7 +106,10 @@ async function prepareSocketPath(path: string, log: Logger): Promise<void> {
 }
 
 export interface RunningServer {
-  /** Stops accepting, lets in-flight calls finish for up to `graceSeconds`, removes the socket. */
+  /**
+   * Stops accepting (new calls get UNAVAILABLE), lets in-flight calls finish for up to
+   * `graceSeconds`, closes connections and removes the socket.
+   */
   stop(graceSeconds: number): Promise<void>;
 }
 
@@ -118,56 +122,48 @@ export async function startServer(options: {
 }): Promise<RunningServer> {
   const { socketPath, log } = options;
   await prepareSocketPath(socketPath, log);
-  const server = new grpc.Server({
-    "grpc.max_receive_message_length": options.maxMessageBytes,
-    "grpc.max_send_message_length": options.maxMessageBytes,
-  });
-  const implementation: grpc.UntypedServiceImplementation = {};
+  const methods = new Map<string, UnaryHandler>();
   for (const [rpc, handler] of Object.entries(handlers(options.registry))) {
-    implementation[rpc] = (call: grpc.ServerUnaryCall<unknown, unknown>, callback: grpc.sendUnaryData<unknown>) => {
+    const requestType = messageType(`${rpc}Request`);
+    const responseType = messageType(`${rpc}Response`);
+    methods.set(`/${SERVICE_NAME}/${rpc}`, async (bytes) => {
       const started = performance.now();
-      const timing = log.verbose ? { bindMs: 0, runMs: 0, encodeMs: 0, copiedInputs: 0 } : undefined;
-      Promise.resolve()
-        .then(() => {
-          if (call.request instanceof MalformedMessage) {
-            throw invalidArgument(`request is not a valid ${call.request.typeName} message: ${call.request.reason}`);
-          }
-          return handler(call.request, timing);
-        })
-        .then(
-          (response) => {
-            callback(null, response);
-            log.debug("rpc", { rpc, code: "OK", ms: roundMs(performance.now() - started), ...roundTiming(timing) });
-          },
-          (error) => {
-            const serviceError = toServiceError(error, rpc, log);
-            callback(serviceError);
-            log.debug("rpc", { rpc, code: Status[serviceError.code!], details: serviceError.details });
-          },
-        );
-    };
+      const timing = log.verbose
+        ? { bindMs: 0, runMs: 0, encodeMs: 0, copiedInputs: 0, sharedMemoryInputs: 0 }
+        : undefined;
+      try {
+        let request: unknown;
+        try {
+          request = requestType.decode(bytes);
+        } catch (error) {
+          throw invalidArgument(`request is not a valid ${requestType.name} message: ${(error as Error).message}`);
+        }
+        const response = await handler(request, timing);
+        const message = response instanceof Uint8Array ? response : responseType.encode(response as object).finish();
+        log.debug("rpc", { rpc, code: "OK", ms: roundMs(performance.now() - started), ...roundTiming(timing) });
+        return { message };
+      } catch (error) {
+        const { status, details } = statusOf(error, rpc, log);
+        log.debug("rpc", { rpc, code: Status[status], details });
+        return { status, details };
+      }
+    });
   }
-  server.addService(agentService, implementation);
-  await new Promise<void>((resolve, reject) =>
-    server.bindAsync(`unix:${socketPath}`, grpc.ServerCredentials.createInsecure(), (error) => {
-      if (error) reject(new StartupError([`socket ${socketPath}: cannot listen: ${error.message}`]));
-      else resolve();
-    })
-  );
+  const server = new GrpcServer({
+    methods,
+    maxMessageBytes: options.maxMessageBytes,
+    onConnectionError: (message) => log.warn("client connection error", { error: message }),
+  });
+  try {
+    server.listen(socketPath);
+  } catch (error) {
+    throw new StartupError([`socket ${socketPath}: cannot listen: ${(error as Error).message}`]);
+  }
   await Deno.chmod(socketPath, options.socketMode);
   return {
     async stop(graceSeconds: number) {
-      await new Promise<void>((resolve) => {
-        const timer = setTimeout(() => {
-          log.warn("in-flight calls did not finish in time; cancelling them", { graceSeconds });
-          server.forceShutdown();
-          resolve();
-        }, graceSeconds * 1000);
-        server.tryShutdown(() => {
-          clearTimeout(timer);
-          resolve();
-        });
-      });
+      const unfinished = await server.stop(graceSeconds * 1000);
+      if (unfinished > 0) log.warn("in-flight calls did not finish in time", { graceSeconds, unfinished });
       await Deno.remove(socketPath).catch(() => {});
     },
   };

@@ -3,7 +3,8 @@
 
 import { ElementType, type OnnxRuntime, type TensorInfo, Value } from "../ffi/onnxruntime.ts";
 import { invalidArgument } from "./errors.ts";
-import type { Tensor, TensorMetadata } from "./wire.ts";
+import type { ShmHandle } from "./shm.ts";
+import type { SharedMemoryHandle, Tensor, TensorMetadata, Uint64 } from "./wire.ts";
 
 interface DataTypeEntry {
   /** Value of the wire enum DataType. */
@@ -90,7 +91,20 @@ export interface BoundInput {
   inputIndex: number;
   spec: TensorSpec;
   shape: number[];
-  bytes: Uint8Array;
+  /** Names the tensor in error messages. */
+  label: string;
+  byteLength: number;
+  /** The bytes from the message, or where they lie in shared memory. */
+  source: { bytes: Uint8Array } | { handle: ShmHandle };
+}
+
+/** A wire handle's uint64 fields as BigInts (no precision lost near 2^64). */
+export function shmHandle(handle: SharedMemoryHandle): ShmHandle {
+  return { size: uint64(handle.size), offset: uint64(handle.offset), segmentId: uint64(handle.segment_id) };
+}
+
+function uint64(value: Uint64): bigint {
+  return typeof value === "number" ? BigInt(value) : BigInt.asUintN(64, BigInt(value.toString()));
 }
 
 /**
@@ -131,22 +145,20 @@ export function bindInputs(modelName: string, inputs: TensorSpec[], tensors: Ten
       );
     }
     checkShape(label, modelName, spec, shape);
-    if (tensor.data !== "byte_data" || !tensor.byte_data) {
-      throw invalidArgument(
-        tensor.data === "shared_memory_handle"
-          ? `${label}: shared memory tensors are not supported by this agent yet`
-          : `${label}: carries no data (set byte_data)`,
-      );
+    const length = byteLength(shape, spec.dataType.size);
+    const needs = () => `shape ${shapeText(shape)} of ${spec.dataType.name} needs ${length ?? "more than can exist"}`;
+    if (tensor.data === "shared_memory_handle" && tensor.shared_memory_handle) {
+      if (length === undefined) throw invalidArgument(`${label}: ${needs()} bytes`);
+      const handle = shmHandle(tensor.shared_memory_handle);
+      bound.push({ inputIndex, spec, shape, label, byteLength: length, source: { handle } });
+    } else if (tensor.data === "byte_data" && tensor.byte_data) {
+      if (length !== tensor.byte_data.byteLength) {
+        throw invalidArgument(`${label}: byte_data holds ${tensor.byte_data.byteLength} bytes, but ${needs()}`);
+      }
+      bound.push({ inputIndex, spec, shape, label, byteLength: length, source: { bytes: tensor.byte_data } });
+    } else {
+      throw invalidArgument(`${label}: carries no data (set byte_data or shared_memory_handle)`);
     }
-    const expected = byteLength(shape, spec.dataType.size);
-    if (expected !== tensor.byte_data.byteLength) {
-      throw invalidArgument(
-        `${label}: byte_data holds ${tensor.byte_data.byteLength} bytes, but shape ${
-          shapeText(shape)
-        } of ${spec.dataType.name} needs ${expected ?? "more than can exist"}`,
-      );
-    }
-    bound.push({ inputIndex, spec, shape, bytes: tensor.byte_data });
   });
   const missing = inputs.filter((_, i) => !seen.has(i)).map((i) => `"${i.name}"`);
   if (missing.length > 0) {
@@ -172,8 +184,12 @@ function checkShape(label: string, modelName: string, spec: TensorSpec, shape: n
  * otherwise they are copied once into an aligned buffer, since typed element access in ORT's kernels
  * assumes natural alignment.
  */
-export function inputValue(ort: OnnxRuntime, input: BoundInput): { value: Value; copied: boolean } {
-  const { bytes, spec } = input;
+export function inputValue(
+  ort: OnnxRuntime,
+  input: BoundInput,
+  bytes: Uint8Array,
+): { value: Value; copied: boolean } {
+  const { spec } = input;
   const address = Number(BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(bytes))) % BigInt(spec.dataType.size));
   const aligned = bytes.byteLength === 0 || address === 0;
   // Uint8Array's slice copies; a Buffer's (what grpc-js hands us) would only make another view.

@@ -24,10 +24,13 @@ export interface TensorMetadata {
   shape: number[];
 }
 
+/** uint64 fields decode as Long; when encoding, decimal strings carry values past 2^53 too. */
+export type Uint64 = Long | number | string;
+
 export interface SharedMemoryHandle {
-  size: Long | number;
-  offset: Long | number;
-  segment_id: Long | number;
+  size: Uint64;
+  offset: Uint64;
+  segment_id: Uint64;
 }
 
 export interface Tensor {
@@ -91,22 +94,11 @@ function encoder(type: protobuf.Type): (message: unknown) => Buffer {
     message instanceof Uint8Array ? asBuffer(message) : asBuffer(type.encode(message as protobuf.Message).finish());
 }
 
-/** What a message that does not decode becomes, so the handler can answer INVALID_ARGUMENT. */
-export class MalformedMessage {
-  constructor(readonly typeName: string, readonly reason: string) {}
-}
-
 function decoder(type: protobuf.Type): (bytes: Buffer) => unknown {
-  return (bytes) => {
-    try {
-      return type.decode(bytes);
-    } catch (error) {
-      return new MalformedMessage(type.name, (error as Error).message);
-    }
-  };
+  return (bytes) => type.decode(bytes);
 }
 
-/** The Agent service for grpc-js: server handlers and clients share it. */
+/** The Agent service for grpc-js clients. */
 export const agentService: ServiceDefinition = Object.fromEntries(
   RPC_NAMES.map((rpc) => {
     const request = messageType(`${rpc}Request`);

@@ -1,0 +1,137 @@
+// The agent's other kind of client: Python grpcio (gRPC C core), as applications on devices use, in a
+// long-lived subprocess (bench/grpcio_client.py) driven by one JSON line per command.
+
+import { join } from "node:path";
+
+const PYTHON = "/usr/bin/python3";
+const CLIENT = new URL("./grpcio_client.py", import.meta.url).pathname;
+const PROTO_DIR = new URL("../proto/", import.meta.url).pathname;
+
+/** Why this machine cannot run the grpcio client, or null. */
+export async function grpcioMissing(): Promise<string | null> {
+  try {
+    const { success, stderr } = await new Deno.Command(PYTHON, {
+      args: ["-c", "import grpc, grpc_tools.protoc, numpy"],
+      stdout: "null",
+      stderr: "piped",
+    }).output();
+    if (success) return null;
+    const lastLine = new TextDecoder().decode(stderr).trim().split("\n").pop();
+    return `${PYTHON} lacks grpc, grpc_tools or numpy (${lastLine})`;
+  } catch (error) {
+    return `${PYTHON} cannot be run (${(error as Error).message})`;
+  }
+}
+
+/** Generates agent_pb2*.py from proto/agent.proto into `<dir>/grpcio_stubs`; returns that folder. */
+export async function generateStubs(dir: string): Promise<string> {
+  const stubs = join(dir, "grpcio_stubs");
+  await Deno.mkdir(stubs);
+  const { success, stderr } = await new Deno.Command(PYTHON, {
+    args: [
+      "-m",
+      "grpc_tools.protoc",
+      `-I${PROTO_DIR}`,
+      `--python_out=${stubs}`,
+      `--grpc_python_out=${stubs}`,
+      join(PROTO_DIR, "agent.proto"),
+    ],
+    stdout: "null",
+    stderr: "piped",
+  }).output();
+  if (!success) throw new Error(`grpc_tools.protoc failed:\n${new TextDecoder().decode(stderr)}`);
+  return stubs;
+}
+
+export interface PredictCommand {
+  /** Model name in the agent. */
+  name: string;
+  /** Raw float32 input tensor. */
+  input: string;
+  inputName: string;
+  shape: number[];
+  count: number;
+  /** Where to write the last response's first tensor bytes. */
+  output?: string;
+}
+
+export class GrpcioClient {
+  readonly #process: Deno.ChildProcess;
+  readonly #writer: WritableStreamDefaultWriter<Uint8Array>;
+  readonly #lines: AsyncIterator<string>;
+  readonly #stderr: Promise<string>;
+  #version = "";
+
+  private constructor(process: Deno.ChildProcess) {
+    this.#process = process;
+    this.#writer = process.stdin.getWriter();
+    this.#lines = lines(process.stdout)[Symbol.asyncIterator]();
+    this.#stderr = new Response(process.stderr).text();
+  }
+
+  /** Starts the client on the agent's socket; resolves once it is connected (it gives up after 30 s). */
+  static async start(stubs: string, socket: string): Promise<GrpcioClient> {
+    const command = new Deno.Command(PYTHON, {
+      args: [CLIENT, `--stubs=${stubs}`, `--socket=${socket}`],
+      stdin: "piped",
+      stdout: "piped",
+      stderr: "piped",
+    });
+    const client = new GrpcioClient(command.spawn());
+    try {
+      client.#version = (await client.#reply()).ready as string;
+    } catch (error) {
+      await client.stop();
+      throw error;
+    }
+    return client;
+  }
+
+  /** grpcio's version, as the client reported it once connected. */
+  get version(): string {
+    return this.#version;
+  }
+
+  /** `count` Predicts with one request message; each call's ms as Python's perf_counter measured it. */
+  async predict(command: PredictCommand): Promise<number[]> {
+    const { name, input, inputName, shape, count, output } = command;
+    const reply = await this.#send({ op: "predict", name, input, input_name: inputName, shape, count, output });
+    return reply.ms as number[];
+  }
+
+  /** Round trips of the tiniest rpc, ms each. */
+  async listModels(count: number): Promise<number[]> {
+    return (await this.#send({ op: "list_models", count })).ms as number[];
+  }
+
+  async stop(): Promise<void> {
+    // Closing stdin ends the command loop, and with it the process.
+    await this.#writer.close().catch(() => {});
+    await this.#process.status;
+    await this.#stderr;
+  }
+
+  async #send(command: Record<string, unknown>): Promise<Record<string, unknown>> {
+    // A client that has exited fails the write; its exit code and stderr, from #reply, say more.
+    await this.#writer.write(new TextEncoder().encode(JSON.stringify(command) + "\n")).catch(() => {});
+    return this.#reply();
+  }
+
+  async #reply(): Promise<Record<string, unknown>> {
+    const { done, value } = await this.#lines.next();
+    if (done) {
+      const { code } = await this.#process.status;
+      throw new Error(`${CLIENT} exited (${code}):\n${await this.#stderr}`);
+    }
+    return JSON.parse(value);
+  }
+}
+
+async function* lines(stream: ReadableStream<Uint8Array>): AsyncGenerator<string> {
+  let partial = "";
+  for await (const text of stream.pipeThrough(new TextDecoderStream())) {
+    const parts = (partial + text).split("\n");
+    partial = parts.pop()!;
+    yield* parts;
+  }
+}

@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""The benchmark's gRPC C-core client: Python grpcio, as applications on devices call the agent.
+
+Run by bench/grpcio.ts, long-lived, connected to the agent on unix:<socket>. It reads one JSON command
+per line on stdin and answers each with one JSON line on stdout, after a first {"ready": <grpcio version>}
+once connected:
+
+  {"op": "predict", "name", "input", "input_name", "shape", "count"[, "output"]}
+      -> {"ms": [...]}   count Predicts of the raw float32 file `input`, each timed around the stub call;
+                         with "output", the last response's first tensor bytes are written there
+  {"op": "list_models", "count"} -> {"ms": [...]}
+
+An RPC failure raises: the traceback goes to stderr and the process exits, which the Deno side reports.
+"""
+
+import argparse
+import json
+import sys
+import time
+
+import grpc
+import numpy as np
+
+# The limits the Deno AgentClient sets, so both clients accept the same messages.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CONNECT_TIMEOUT_S = 30
+
+
+def timed(count, rpc, request):
+    """Calls the stub method `rpc` count times; returns each call's milliseconds and the last response."""
+    times = []
+    result = None
+    for _ in range(count):
+        started = time.perf_counter()
+        result = rpc(request)
+        times.append((time.perf_counter() - started) * 1000)
+    return times, result
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--stubs", required=True, help="directory holding agent_pb2*.py")
+    parser.add_argument("--socket", required=True)
+    args = parser.parse_args()
+
+    # The stubs are generated when the benchmark starts, so they are only importable once their folder is on the path.
+    sys.path.insert(0, args.stubs)
+    import agent_pb2 as pb2
+    import agent_pb2_grpc as pb2_grpc
+
+    options = [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ]
+    # Inputs read once per file: an application holds its tensor in memory already.
+    inputs = {}
+    with grpc.insecure_channel(f"unix:{args.socket}", options=options) as channel:
+        grpc.channel_ready_future(channel).result(timeout=CONNECT_TIMEOUT_S)
+        stub = pb2_grpc.AgentStub(channel)
+        print(json.dumps({"ready": grpc.__version__}), flush=True)
+        for line in sys.stdin:
+            command = json.loads(line)
+            if command["op"] == "list_models":
+                request = pb2.ListModelsRequest()
+                times, _ = timed(command["count"], stub.ListModels, request)
+                print(json.dumps({"ms": times}), flush=True)
+                continue
+            shape = command["shape"]
+            if command["input"] not in inputs:
+                inputs[command["input"]] = np.fromfile(command["input"], dtype="<f4").reshape(shape)
+            # Built once per block and reused, as an application sending the same kind of tensor would.
+            request = pb2.PredictRequest(
+                name=command["name"],
+                tensors=[pb2.Tensor(
+                    tensor_metadata=pb2.TensorMetadata(
+                        name=command["input_name"].encode("utf-8"), data_type=pb2.FLOAT32, shape=shape
+                    ),
+                    byte_data=inputs[command["input"]].tobytes(),
+                )],
+            )
+            times, response = timed(command["count"], stub.Predict, request)
+            if "output" in command:
+                with open(command["output"], "wb") as out:
+                    out.write(response.tensors[0].byte_data)
+            print(json.dumps({"ms": times}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

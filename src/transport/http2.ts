@@ -1,0 +1,788 @@
+// A gRPC server over HTTP/2 (RFC 9113) on Deno's own Unix socket listener, for unary calls.
+//
+// Why not grpc-js's server: under Deno its HTTP/2 (node:http2 over nghttp2) aborts the whole process
+// when a client closes a connection that carried concurrent streams (denoland/deno#36788: assertion
+// in find_stream_on_goaway_func). A device agent must survive every client disconnect, so the
+// transport is ours: frames, HPACK, flow control, and gRPC's length-prefixed messages and trailers.
+
+import { CompressionError, encodeHeaders, type Header, HpackDecoder } from "./hpack.ts";
+
+const PREFACE = new TextEncoder().encode("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+
+const enum FrameType {
+  DATA = 0,
+  HEADERS = 1,
+  PRIORITY = 2,
+  RST_STREAM = 3,
+  SETTINGS = 4,
+  PUSH_PROMISE = 5,
+  PING = 6,
+  GOAWAY = 7,
+  WINDOW_UPDATE = 8,
+  CONTINUATION = 9,
+}
+
+const FLAG_END_STREAM = 0x1;
+const FLAG_ACK = 0x1;
+const FLAG_END_HEADERS = 0x4;
+const FLAG_PADDED = 0x8;
+const FLAG_PRIORITY = 0x20;
+
+const enum ErrorCode {
+  NO_ERROR = 0,
+  PROTOCOL_ERROR = 1,
+  INTERNAL_ERROR = 2,
+  FLOW_CONTROL_ERROR = 3,
+  STREAM_CLOSED = 5,
+  FRAME_SIZE_ERROR = 6,
+  REFUSED_STREAM = 7,
+  CANCEL = 8,
+  COMPRESSION_ERROR = 9,
+}
+
+const SETTINGS_HEADER_TABLE_SIZE = 1;
+const SETTINGS_MAX_CONCURRENT_STREAMS = 3;
+const SETTINGS_INITIAL_WINDOW_SIZE = 4;
+const SETTINGS_MAX_FRAME_SIZE = 5;
+const SETTINGS_MAX_HEADER_LIST_SIZE = 6;
+
+const DEFAULT_WINDOW = 65535;
+const DEFAULT_MAX_FRAME = 16384;
+const MAX_WINDOW = 2 ** 31 - 1;
+const MAX_CONCURRENT_STREAMS = 1000;
+const MAX_HEADER_LIST = 65536;
+/** Our receive window: large, so a client can send a whole tensor without waiting for us. */
+const RECEIVE_WINDOW = 16 * 1024 * 1024;
+const READ_BUFFER_BYTES = 64 * 1024;
+
+/** gRPC status codes used by the transport itself. */
+const GRPC_INTERNAL = 13;
+const GRPC_UNIMPLEMENTED = 12;
+const GRPC_RESOURCE_EXHAUSTED = 8;
+const GRPC_UNAVAILABLE = 14;
+
+/** What a unary handler answers. */
+export type UnaryResult = { message: Uint8Array } | { status: number; details: string };
+
+/** One unary method: raw request bytes in, response bytes or a status out. */
+export type UnaryHandler = (request: Uint8Array) => Promise<UnaryResult>;
+
+export interface GrpcServerOptions {
+  /** Handlers by path, e.g. "/AWS.SageMaker.Edge.Agent/Predict". */
+  methods: Map<string, UnaryHandler>;
+  maxMessageBytes: number;
+  /** Reports a misbehaving connection (protocol errors); the server keeps running. */
+  onConnectionError?: (message: string) => void;
+}
+
+class ConnectionError extends Error {
+  constructor(readonly code: ErrorCode, message: string) {
+    super(message);
+  }
+}
+
+function frameHeader(length: number, type: FrameType, flags: number, streamId: number): Uint8Array {
+  const header = new Uint8Array(9);
+  header[0] = length >>> 16;
+  header[1] = (length >>> 8) & 0xff;
+  header[2] = length & 0xff;
+  header[3] = type;
+  header[4] = flags;
+  new DataView(header.buffer).setUint32(5, streamId & 0x7fffffff);
+  return header;
+}
+
+function frame(type: FrameType, flags: number, streamId: number, payload: Uint8Array = new Uint8Array(0)): Uint8Array {
+  const out = new Uint8Array(9 + payload.length);
+  out.set(frameHeader(payload.length, type, flags, streamId));
+  out.set(payload, 9);
+  return out;
+}
+
+function u32Payload(...values: number[]): Uint8Array {
+  const payload = new Uint8Array(values.length * 4);
+  const view = new DataView(payload.buffer);
+  values.forEach((v, i) => view.setUint32(i * 4, v));
+  return payload;
+}
+
+function concat(parts: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let offset = 0;
+  for (const part of parts) {
+    out.set(part, offset);
+    offset += part.length;
+  }
+  return out;
+}
+
+/** Percent-encoding of grpc-message (gRPC over HTTP/2 spec). */
+function encodeGrpcMessage(text: string): string {
+  let out = "";
+  for (const byte of new TextEncoder().encode(text.slice(0, 4096))) {
+    out += byte >= 0x20 && byte <= 0x7e && byte !== 0x25
+      ? String.fromCharCode(byte)
+      : `%${byte.toString(16).toUpperCase().padStart(2, "0")}`;
+  }
+  return out;
+}
+
+/** Receive buffer of socket chunks; frames are taken without copying when they lie in one chunk. */
+class Incoming {
+  #chunks: Uint8Array[] = [];
+  #length = 0;
+
+  get length(): number {
+    return this.#length;
+  }
+
+  push(chunk: Uint8Array): void {
+    this.#chunks.push(chunk);
+    this.#length += chunk.length;
+  }
+
+  peek(count: number): Uint8Array {
+    return this.#gather(count, false);
+  }
+
+  take(count: number): Uint8Array {
+    return this.#gather(count, true);
+  }
+
+  #gather(count: number, consume: boolean): Uint8Array {
+    if (count === 0) return new Uint8Array(0);
+    const first = this.#chunks[0];
+    let out: Uint8Array;
+    if (first.length >= count) {
+      out = first.subarray(0, count);
+      if (consume) {
+        if (first.length === count) this.#chunks.shift();
+        else this.#chunks[0] = first.subarray(count);
+      }
+    } else {
+      out = new Uint8Array(count);
+      let filled = 0;
+      let i = 0;
+      while (filled < count) {
+        const chunk = this.#chunks[i++];
+        const part = chunk.subarray(0, count - filled);
+        out.set(part, filled);
+        filled += part.length;
+      }
+      if (consume) {
+        let remaining = count;
+        while (remaining > 0) {
+          const chunk = this.#chunks[0];
+          if (chunk.length <= remaining) {
+            remaining -= chunk.length;
+            this.#chunks.shift();
+          } else {
+            this.#chunks[0] = chunk.subarray(remaining);
+            remaining = 0;
+          }
+        }
+      }
+    }
+    if (consume) this.#length -= count;
+    return out;
+  }
+}
+
+/** A request's single gRPC message, assembled from DATA frames into one buffer. */
+class MessageReader {
+  #prefix = new Uint8Array(5);
+  #prefixFilled = 0;
+  #message: Uint8Array | null = null;
+  #filled = 0;
+  compressed = false;
+  /** Set once the declared length exceeds the limit or a second message starts. */
+  problem: { status: number; details: string } | null = null;
+
+  constructor(private readonly maxBytes: number) {}
+
+  get complete(): boolean {
+    return this.#message !== null && this.#filled === this.#message.length;
+  }
+
+  get started(): boolean {
+    return this.#prefixFilled > 0;
+  }
+
+  get message(): Uint8Array {
+    return this.#message!;
+  }
+
+  push(data: Uint8Array): void {
+    let pos = 0;
+    while (pos < data.length && !this.problem) {
+      if (this.#message === null) {
+        const take = Math.min(5 - this.#prefixFilled, data.length - pos);
+        this.#prefix.set(data.subarray(pos, pos + take), this.#prefixFilled);
+        this.#prefixFilled += take;
+        pos += take;
+        if (this.#prefixFilled < 5) return;
+        this.compressed = this.#prefix[0] !== 0;
+        const length = new DataView(this.#prefix.buffer).getUint32(1);
+        if (length > this.maxBytes) {
+          this.problem = {
+            status: GRPC_RESOURCE_EXHAUSTED,
+            details: `Received message larger than max (${length} vs. ${this.maxBytes})`,
+          };
+          return;
+        }
+        this.#message = new Uint8Array(length);
+      } else if (this.#filled === this.#message.length) {
+        this.problem = { status: GRPC_UNIMPLEMENTED, details: "more than one request message on a unary call" };
+        return;
+      } else {
+        const take = Math.min(this.#message.length - this.#filled, data.length - pos);
+        this.#message.set(data.subarray(pos, pos + take), this.#filled);
+        this.#filled += take;
+        pos += take;
+      }
+    }
+  }
+}
+
+interface Stream {
+  id: number;
+  headerBlock: Uint8Array[];
+  path: string;
+  reader: MessageReader;
+  /** The client finished sending (END_STREAM seen). */
+  remoteClosed: boolean;
+  /** We sent END_STREAM or RST_STREAM. */
+  localClosed: boolean;
+  sendWindow: number;
+  /** Response frames waiting for send window. */
+  pending: { data: Uint8Array; trailers: Uint8Array } | null;
+  receivedSinceUpdate: number;
+  dispatched: boolean;
+  /** Counted in the server's in-flight calls. */
+  counted: boolean;
+}
+
+/** One client connection. */
+class Connection {
+  readonly #conn: Deno.Conn;
+  readonly #writer: WritableStreamDefaultWriter<Uint8Array>;
+  readonly #decoder = new HpackDecoder(4096, MAX_HEADER_LIST);
+  readonly #streams = new Map<number, Stream>();
+  #lastStreamId = 0;
+  #continuationOf: Stream | null = null;
+  #sendWindow = DEFAULT_WINDOW;
+  #peerInitialWindow = DEFAULT_WINDOW;
+  #peerMaxFrame = DEFAULT_MAX_FRAME;
+  #receivedSinceUpdate = 0;
+  #closed = false;
+
+  constructor(conn: Deno.Conn, private readonly server: GrpcServer) {
+    this.#conn = conn;
+    this.#writer = conn.writable.getWriter();
+  }
+
+  async serve(): Promise<void> {
+    const incoming = new Incoming();
+    let prefaceSeen = false;
+    this.#send(this.#settingsFrame());
+    this.#send(frame(FrameType.WINDOW_UPDATE, 0, 0, u32Payload(RECEIVE_WINDOW - DEFAULT_WINDOW)));
+    try {
+      for (;;) {
+        // A fresh buffer per read: frames keep views into it. (Iterating conn.readable would close
+        // the socket on an exception, before the GOAWAY that explains it is written.)
+        const buffer = new Uint8Array(READ_BUFFER_BYTES);
+        const count = await this.#conn.read(buffer);
+        if (count === null) break;
+        incoming.push(buffer.subarray(0, count));
+        if (!prefaceSeen) {
+          if (incoming.length < PREFACE.length) continue;
+          const preface = incoming.take(PREFACE.length);
+          if (!preface.every((b, i) => b === PREFACE[i])) {
+            throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad preface");
+          }
+          prefaceSeen = true;
+        }
+        while (incoming.length >= 9) {
+          const header = incoming.peek(9);
+          const length = (header[0] << 16) | (header[1] << 8) | header[2];
+          if (length > DEFAULT_MAX_FRAME) {
+            throw new ConnectionError(ErrorCode.FRAME_SIZE_ERROR, `frame of ${length} bytes`);
+          }
+          if (incoming.length < 9 + length) break;
+          incoming.take(9);
+          const type = header[3];
+          const flags = header[4];
+          const streamId = ((header[5] << 24) | (header[6] << 16) | (header[7] << 8) | header[8]) & 0x7fffffff;
+          const payload = incoming.take(length);
+          this.#onFrame(type, flags, streamId, payload);
+        }
+      }
+    } catch (error) {
+      if (error instanceof ConnectionError) {
+        this.server.reportConnectionError(error.message);
+        this.#send(frame(FrameType.GOAWAY, 0, 0, u32Payload(this.#lastStreamId, error.code)));
+      } else if (
+        !this.#closed &&
+        !(error instanceof Deno.errors.BadResource || error instanceof Deno.errors.ConnectionReset ||
+          error instanceof Deno.errors.Interrupted)
+      ) {
+        this.server.reportConnectionError(String(error));
+      }
+    } finally {
+      this.close();
+    }
+  }
+
+  #settingsFrame(): Uint8Array {
+    const settings: [number, number][] = [
+      [SETTINGS_HEADER_TABLE_SIZE, 4096],
+      [SETTINGS_MAX_CONCURRENT_STREAMS, MAX_CONCURRENT_STREAMS],
+      [SETTINGS_INITIAL_WINDOW_SIZE, RECEIVE_WINDOW],
+      [SETTINGS_MAX_FRAME_SIZE, DEFAULT_MAX_FRAME],
+      [SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST],
+    ];
+    const payload = new Uint8Array(settings.length * 6);
+    const view = new DataView(payload.buffer);
+    settings.forEach(([id, value], i) => {
+      view.setUint16(i * 6, id);
+      view.setUint32(i * 6 + 2, value);
+    });
+    return frame(FrameType.SETTINGS, 0, 0, payload);
+  }
+
+  #onFrame(type: number, flags: number, streamId: number, payload: Uint8Array): void {
+    if (this.#continuationOf && type !== FrameType.CONTINUATION) {
+      throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "expected CONTINUATION");
+    }
+    switch (type) {
+      case FrameType.SETTINGS:
+        return this.#onSettings(flags, streamId, payload);
+      case FrameType.PING:
+        if (streamId !== 0 || payload.length !== 8) throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad PING");
+        if (!(flags & FLAG_ACK)) this.#send(frame(FrameType.PING, FLAG_ACK, 0, payload.slice()));
+        return;
+      case FrameType.WINDOW_UPDATE:
+        return this.#onWindowUpdate(streamId, payload);
+      case FrameType.HEADERS:
+        return this.#onHeaders(flags, streamId, payload);
+      case FrameType.CONTINUATION: {
+        const stream = this.#continuationOf;
+        if (!stream || stream.id !== streamId) {
+          throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "stray CONTINUATION");
+        }
+        stream.headerBlock.push(payload.slice());
+        if (stream.headerBlock.reduce((n, b) => n + b.length, 0) > MAX_HEADER_LIST) {
+          throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "header block too large");
+        }
+        if (flags & FLAG_END_HEADERS) {
+          this.#continuationOf = null;
+          this.#onHeaderBlock(stream);
+        }
+        return;
+      }
+      case FrameType.DATA:
+        return this.#onData(flags, streamId, payload);
+      case FrameType.RST_STREAM: {
+        if (streamId === 0 || payload.length !== 4) {
+          throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad RST_STREAM");
+        }
+        const stream = this.#streams.get(streamId);
+        if (stream) {
+          this.#uncount(stream);
+          stream.localClosed = true;
+          stream.remoteClosed = true;
+          this.#streams.delete(streamId);
+        }
+        return;
+      }
+      case FrameType.GOAWAY:
+        // The client will open no more streams; answers to open ones still go out.
+        return;
+      case FrameType.PRIORITY:
+        if (streamId === 0) throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "PRIORITY on stream 0");
+        return;
+      case FrameType.PUSH_PROMISE:
+        throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "PUSH_PROMISE from a client");
+      default:
+        return; // Unknown frame types are ignored (RFC 9113 section 4.1).
+    }
+  }
+
+  #onSettings(flags: number, streamId: number, payload: Uint8Array): void {
+    if (streamId !== 0) throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "SETTINGS on a stream");
+    if (flags & FLAG_ACK) return;
+    if (payload.length % 6 !== 0) throw new ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS length");
+    const view = new DataView(payload.buffer, payload.byteOffset, payload.byteLength);
+    for (let i = 0; i < payload.length; i += 6) {
+      const id = view.getUint16(i);
+      const value = view.getUint32(i + 2);
+      if (id === SETTINGS_INITIAL_WINDOW_SIZE) {
+        if (value > MAX_WINDOW) throw new ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "initial window too large");
+        const delta = value - this.#peerInitialWindow;
+        this.#peerInitialWindow = value;
+        for (const stream of this.#streams.values()) stream.sendWindow += delta;
+      } else if (id === SETTINGS_MAX_FRAME_SIZE) {
+        if (value < DEFAULT_MAX_FRAME || value > 16777215) {
+          throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "max frame size out of range");
+        }
+        this.#peerMaxFrame = value;
+      }
+    }
+    this.#send(frame(FrameType.SETTINGS, FLAG_ACK, 0));
+    this.#flushPending();
+  }
+
+  #onWindowUpdate(streamId: number, payload: Uint8Array): void {
+    if (payload.length !== 4) throw new ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "WINDOW_UPDATE length");
+    const increment = new DataView(payload.buffer, payload.byteOffset, 4).getUint32(0) & 0x7fffffff;
+    if (streamId === 0) {
+      if (increment === 0) throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "zero window increment");
+      this.#sendWindow += increment;
+      if (this.#sendWindow > MAX_WINDOW) throw new ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "window overflow");
+    } else {
+      const stream = this.#streams.get(streamId);
+      if (!stream) return;
+      stream.sendWindow += increment;
+    }
+    this.#flushPending();
+  }
+
+  #onHeaders(flags: number, streamId: number, payload: Uint8Array): void {
+    if (streamId === 0 || streamId % 2 === 0) throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad stream id");
+    let block = payload;
+    if (flags & FLAG_PADDED) {
+      const padding = block[0];
+      if (padding >= block.length) throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad padding");
+      block = block.subarray(1, block.length - padding);
+    }
+    if (flags & FLAG_PRIORITY) block = block.subarray(5);
+    let stream = this.#streams.get(streamId);
+    if (stream) {
+      // Trailers from the client end its side; gRPC clients send none on unary calls.
+      if (!(flags & FLAG_END_STREAM)) throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "second HEADERS");
+    } else {
+      if (streamId <= this.#lastStreamId) throw new ConnectionError(ErrorCode.STREAM_CLOSED, "reused stream id");
+      this.#lastStreamId = streamId;
+      stream = {
+        id: streamId,
+        headerBlock: [],
+        path: "",
+        reader: new MessageReader(this.server.maxMessageBytes),
+        remoteClosed: false,
+        localClosed: false,
+        sendWindow: this.#peerInitialWindow,
+        pending: null,
+        receivedSinceUpdate: 0,
+        dispatched: false,
+        counted: false,
+      };
+      this.#streams.set(streamId, stream);
+    }
+    stream.headerBlock.push(block.slice());
+    if (flags & FLAG_END_STREAM) stream.remoteClosed = true;
+    if (flags & FLAG_END_HEADERS) this.#onHeaderBlock(stream);
+    else this.#continuationOf = stream;
+  }
+
+  #onHeaderBlock(stream: Stream): void {
+    let headers: Header[];
+    try {
+      headers = this.#decoder.decode(concat(stream.headerBlock));
+    } catch (error) {
+      if (error instanceof CompressionError) throw new ConnectionError(ErrorCode.COMPRESSION_ERROR, error.message);
+      throw error;
+    }
+    stream.headerBlock = [];
+    if (stream.path !== "") {
+      // Client trailers: only END_STREAM matters.
+      this.#maybeDispatch(stream);
+      return;
+    }
+    const get = (name: string) => headers.find(([n]) => n === name)?.[1];
+    stream.path = get(":path") ?? "/";
+    if (this.#streams.size > MAX_CONCURRENT_STREAMS) {
+      return this.#reset(stream, ErrorCode.REFUSED_STREAM);
+    }
+    if (get(":method") !== "POST" || !(get("content-type") ?? "").startsWith("application/grpc")) {
+      return this.#respondHttp(stream, get(":method") !== "POST" ? "405" : "415");
+    }
+    const encoding = get("grpc-encoding");
+    if (encoding && encoding !== "identity") {
+      // We advertise identity only; a client that compresses anyway gets UNIMPLEMENTED.
+      stream.reader.problem = { status: GRPC_UNIMPLEMENTED, details: `grpc-encoding ${encoding} is not supported` };
+    }
+    this.#maybeDispatch(stream);
+  }
+
+  #onData(flags: number, streamId: number, payload: Uint8Array): void {
+    let data = payload;
+    if (flags & FLAG_PADDED) {
+      const padding = data[0];
+      if (padding >= data.length) throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad padding");
+      data = data.subarray(1, data.length - padding);
+    }
+    // Flow control counts the whole payload, padding included.
+    this.#receivedSinceUpdate += payload.length;
+    if (this.#receivedSinceUpdate >= RECEIVE_WINDOW / 2) {
+      this.#send(frame(FrameType.WINDOW_UPDATE, 0, 0, u32Payload(this.#receivedSinceUpdate)));
+      this.#receivedSinceUpdate = 0;
+    }
+    const stream = this.#streams.get(streamId);
+    if (!stream) {
+      if (streamId === 0 || streamId > this.#lastStreamId) {
+        throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "DATA on an idle stream");
+      }
+      return; // A stream we already answered or reset.
+    }
+    if (stream.remoteClosed) return this.#reset(stream, ErrorCode.STREAM_CLOSED);
+    stream.receivedSinceUpdate += payload.length;
+    if (flags & FLAG_END_STREAM) {
+      stream.remoteClosed = true;
+    } else if (stream.receivedSinceUpdate >= RECEIVE_WINDOW / 2) {
+      this.#send(frame(FrameType.WINDOW_UPDATE, 0, stream.id, u32Payload(stream.receivedSinceUpdate)));
+      stream.receivedSinceUpdate = 0;
+    }
+    if (!stream.reader.problem) stream.reader.push(data);
+    this.#maybeDispatch(stream);
+  }
+
+  /** Answers once the request is whole, or at once when it can never succeed. */
+  #maybeDispatch(stream: Stream): void {
+    if (stream.dispatched || stream.path === "") return;
+    const reader = stream.reader;
+    if (reader.problem) {
+      stream.dispatched = true;
+      this.#respondStatus(stream, reader.problem.status, reader.problem.details);
+      // The client may still be sending; ask it to stop.
+      if (!stream.remoteClosed) this.#reset(stream, ErrorCode.NO_ERROR);
+      return;
+    }
+    if (!stream.remoteClosed) return;
+    stream.dispatched = true;
+    const handler = this.server.methods.get(stream.path);
+    if (!handler) {
+      return this.#respondStatus(stream, GRPC_UNIMPLEMENTED, `method ${stream.path} is not implemented`);
+    }
+    if (!reader.complete) {
+      return this.#respondStatus(
+        stream,
+        GRPC_INTERNAL,
+        reader.started ? "request message was cut short" : "request carries no message",
+      );
+    }
+    if (reader.compressed) {
+      return this.#respondStatus(stream, GRPC_UNIMPLEMENTED, "compressed messages are not supported");
+    }
+    if (this.server.stopping) return this.#respondStatus(stream, GRPC_UNAVAILABLE, "the agent is stopping");
+    // A call counts as in flight until its last frame is queued (or the stream or connection ends),
+    // so shutdown does not close a connection while a large response waits for window.
+    stream.counted = true;
+    this.server.callStarted();
+    handler(reader.message).then(
+      (result) => {
+        if ("message" in result) this.#respondMessage(stream, result.message);
+        else this.#respondStatus(stream, result.status, result.details);
+      },
+      (error) => this.#respondStatus(stream, GRPC_INTERNAL, String((error as Error)?.message ?? error)),
+    );
+  }
+
+  #responseHeaders(): Uint8Array {
+    return encodeHeaders([
+      [":status", "200"],
+      ["content-type", "application/grpc"],
+      ["grpc-accept-encoding", "identity"],
+    ]);
+  }
+
+  #respondMessage(stream: Stream, message: Uint8Array): void {
+    if (stream.localClosed || this.#closed) return;
+    const data = new Uint8Array(5 + message.length);
+    new DataView(data.buffer).setUint32(1, message.length);
+    data.set(message, 5);
+    stream.pending = { data, trailers: encodeHeaders([["grpc-status", "0"]]) };
+    this.#sendHeaderBlock(stream.id, this.#responseHeaders(), false);
+    this.#flushPending();
+  }
+
+  #respondStatus(stream: Stream, status: number, details: string): void {
+    if (stream.localClosed || this.#closed) return;
+    const headers: Header[] = [
+      [":status", "200"],
+      ["content-type", "application/grpc"],
+      ["grpc-status", String(status)],
+    ];
+    if (details) headers.push(["grpc-message", encodeGrpcMessage(details)]);
+    this.#sendHeaderBlock(stream.id, encodeHeaders(headers), true);
+    this.#closeLocal(stream);
+  }
+
+  #respondHttp(stream: Stream, httpStatus: string): void {
+    stream.dispatched = true;
+    this.#sendHeaderBlock(
+      stream.id,
+      encodeHeaders([[":status", httpStatus], ["grpc-status", String(GRPC_UNIMPLEMENTED)]]),
+      true,
+    );
+    this.#closeLocal(stream);
+    if (!stream.remoteClosed) this.#reset(stream, ErrorCode.NO_ERROR);
+  }
+
+  #sendHeaderBlock(streamId: number, block: Uint8Array, endStream: boolean): void {
+    const flags = endStream ? FLAG_END_STREAM : 0;
+    if (block.length <= this.#peerMaxFrame) {
+      this.#send(frame(FrameType.HEADERS, flags | FLAG_END_HEADERS, streamId, block));
+      return;
+    }
+    const parts: Uint8Array[] = [];
+    for (let offset = 0; offset < block.length; offset += this.#peerMaxFrame) {
+      const piece = block.subarray(offset, offset + this.#peerMaxFrame);
+      const last = offset + this.#peerMaxFrame >= block.length;
+      parts.push(
+        offset === 0
+          ? frame(FrameType.HEADERS, flags, streamId, piece)
+          : frame(FrameType.CONTINUATION, last ? FLAG_END_HEADERS : 0, streamId, piece),
+      );
+    }
+    this.#send(concat(parts));
+  }
+
+  /** Sends as much pending response data as the windows allow; trailers follow the last byte. */
+  #flushPending(): void {
+    for (const stream of this.#streams.values()) {
+      const pending = stream.pending;
+      if (!pending || stream.localClosed) continue;
+      const parts: Uint8Array[] = [];
+      let offset = 0;
+      while (offset < pending.data.length) {
+        const size = Math.min(
+          pending.data.length - offset,
+          this.#peerMaxFrame,
+          this.#sendWindow,
+          stream.sendWindow,
+        );
+        if (size <= 0) break;
+        parts.push(frame(FrameType.DATA, 0, stream.id, pending.data.subarray(offset, offset + size)));
+        offset += size;
+        this.#sendWindow -= size;
+        stream.sendWindow -= size;
+      }
+      pending.data = pending.data.subarray(offset);
+      if (pending.data.length === 0) {
+        parts.push(frame(FrameType.HEADERS, FLAG_END_STREAM | FLAG_END_HEADERS, stream.id, pending.trailers));
+        stream.pending = null;
+        this.#send(concat(parts));
+        this.#closeLocal(stream);
+      } else if (parts.length > 0) {
+        this.#send(concat(parts));
+      }
+    }
+  }
+
+  #closeLocal(stream: Stream): void {
+    stream.localClosed = true;
+    this.#uncount(stream);
+    if (stream.remoteClosed) this.#streams.delete(stream.id);
+  }
+
+  #uncount(stream: Stream): void {
+    if (!stream.counted) return;
+    stream.counted = false;
+    this.server.callFinished();
+  }
+
+  #reset(stream: Stream, code: ErrorCode): void {
+    this.#send(frame(FrameType.RST_STREAM, 0, stream.id, u32Payload(code)));
+    this.#uncount(stream);
+    stream.localClosed = true;
+    stream.remoteClosed = true;
+    stream.dispatched = true;
+    this.#streams.delete(stream.id);
+  }
+
+  #send(bytes: Uint8Array): void {
+    if (this.#closed || bytes.length === 0) return;
+    this.#writer.write(bytes).catch(() => this.close());
+  }
+
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    for (const stream of this.#streams.values()) this.#uncount(stream);
+    this.#writer.close().catch(() => {}).finally(() => {
+      try {
+        this.#conn.close();
+      } catch { /* already closed */ }
+    });
+    this.server.connectionClosed(this);
+  }
+}
+
+/** Serves unary gRPC methods on a Unix socket. */
+export class GrpcServer {
+  readonly methods: Map<string, UnaryHandler>;
+  readonly maxMessageBytes: number;
+  stopping = false;
+  readonly #connections = new Set<Connection>();
+  #listener: Deno.UnixListener | null = null;
+  #inFlight = 0;
+  #drained: PromiseWithResolvers<void> | null = null;
+  readonly #onConnectionError: (message: string) => void;
+
+  constructor(options: GrpcServerOptions) {
+    this.methods = options.methods;
+    this.maxMessageBytes = options.maxMessageBytes;
+    this.#onConnectionError = options.onConnectionError ?? (() => {});
+  }
+
+  listen(path: string): void {
+    this.#listener = Deno.listen({ transport: "unix", path });
+    this.#accept(this.#listener);
+  }
+
+  async #accept(listener: Deno.UnixListener): Promise<void> {
+    try {
+      for await (const conn of listener) {
+        const connection = new Connection(conn, this);
+        this.#connections.add(connection);
+        connection.serve();
+      }
+    } catch (error) {
+      if (!this.stopping) this.#onConnectionError(`accept failed: ${(error as Error).message}`);
+    }
+  }
+
+  reportConnectionError(message: string): void {
+    this.#onConnectionError(message);
+  }
+
+  callStarted(): void {
+    this.#inFlight++;
+  }
+
+  callFinished(): void {
+    if (--this.#inFlight === 0) this.#drained?.resolve();
+  }
+
+  connectionClosed(connection: Connection): void {
+    this.#connections.delete(connection);
+  }
+
+  /**
+   * Stops accepting connections and calls (new calls get UNAVAILABLE), waits up to `graceMs` for
+   * calls in progress, then closes every connection. Returns the number of calls still running.
+   */
+  async stop(graceMs: number): Promise<number> {
+    this.stopping = true;
+    this.#listener?.close();
+    if (this.#inFlight > 0) {
+      this.#drained = Promise.withResolvers();
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const timeout = new Promise<void>((resolve) => timer = setTimeout(resolve, graceMs));
+      await Promise.race([this.#drained.promise, timeout]);
+      clearTimeout(timer);
+    }
+    for (const connection of [...this.#connections]) connection.close();
+    return this.#inFlight;
+  }
+}

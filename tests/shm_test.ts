@@ -1,0 +1,314 @@
+// Tensors by shared memory: real SysV segments and POSIX objects, the real agent, real gRPC.
+// Every answer through shared memory must equal the same request sent as bytes.
+
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import * as ort from "onnxruntime-node";
+import { Status } from "../src/errors.ts";
+import { enumValues, type Tensor } from "../src/wire.ts";
+import { type AgentProcess, startAgent } from "./helpers/agent.ts";
+import { floats, nameOf, pseudoRandomFloats, rejectsWith, tensor } from "./helpers/assertions.ts";
+import { addSubModel, identityModel, OnnxType, PADDLE_CLS, writeModelFolder } from "./helpers/onnx_models.ts";
+import { PosixObject, SysvSegment } from "./helpers/shm_segments.ts";
+
+const DataType = enumValues("DataType");
+const encoder = new TextEncoder();
+
+/** A tensor whose data is a shared memory handle. */
+function shmTensor(
+  name: string,
+  dataType: number,
+  shape: number[],
+  handle: { segment_id: number | string; offset?: number | string; size?: number | string },
+): Tensor {
+  return {
+    tensor_metadata: { name: encoder.encode(name), data_type: dataType, shape },
+    shared_memory_handle: { size: handle.size ?? 0, offset: handle.offset ?? 0, segment_id: handle.segment_id },
+  };
+}
+
+const TYPES: [string, number, (n: number) => ArrayBufferView][] = [
+  ["UINT8", OnnxType.UINT8, (n) => Uint8Array.from({ length: n }, (_, i) => 200 + i)],
+  ["INT16", OnnxType.INT16, (n) => Int16Array.from({ length: n }, (_, i) => -1000 * i)],
+  ["INT32", OnnxType.INT32, (n) => Int32Array.from({ length: n }, (_, i) => -99999 * i)],
+  ["INT64", OnnxType.INT64, (n) => BigInt64Array.from({ length: n }, (_, i) => -(2n ** 50n) + BigInt(i))],
+  ["FLOAT16", OnnxType.FLOAT16, (n) => Uint16Array.from({ length: n }, (_, i) => 0x3c00 + i)],
+  ["FLOAT32", OnnxType.FLOAT, (n) => Float32Array.from({ length: n }, (_, i) => i * 1.5 - 2)],
+  ["FLOAT64", OnnxType.DOUBLE, (n) => Float64Array.from({ length: n }, (_, i) => Math.E * i)],
+  ["INT8", OnnxType.INT8, (n) => Int8Array.from({ length: n }, (_, i) => -100 + i)],
+  ["UINT16", OnnxType.UINT16, (n) => Uint16Array.from({ length: n }, (_, i) => 60000 + i)],
+  ["UINT32", OnnxType.UINT32, (n) => Uint32Array.from({ length: n }, (_, i) => 3e9 + i)],
+  ["UINT64", OnnxType.UINT64, (n) => BigUint64Array.from({ length: n }, (_, i) => 2n ** 64n - 1n - BigInt(i))],
+  ["BOOL", OnnxType.BOOL, (n) => Uint8Array.from({ length: n }, (_, i) => (i + 1) % 2)],
+  ["BFLOAT16", OnnxType.BFLOAT16, (n) => Uint16Array.from({ length: n }, (_, i) => 0x4000 + i)],
+];
+
+async function inProcess(input: Float32Array, shape: number[]): Promise<Float32Array> {
+  const session = await ort.InferenceSession.create(PADDLE_CLS);
+  try {
+    const out = await session.run({ x: new ort.Tensor("float32", input, shape) });
+    return out[session.outputNames[0]].data as Float32Array;
+  } finally {
+    await session.release();
+  }
+}
+
+/** Segments the test made, removed whatever happens. */
+class Segments {
+  readonly #all: { remove(): void }[] = [];
+  sysv(size: number): SysvSegment {
+    const segment = new SysvSegment(size);
+    this.#all.push(segment);
+    return segment;
+  }
+  posix(name: string, size: number): PosixObject {
+    const object = new PosixObject(name, size);
+    this.#all.push(object);
+    return object;
+  }
+  removeAll(): void {
+    for (const s of this.#all.splice(0)) s.remove();
+  }
+}
+
+async function withAgent(config: Record<string, unknown>, fn: (agent: AgentProcess) => Promise<void>) {
+  const agent = await startAgent({ config });
+  try {
+    await fn(agent);
+  } finally {
+    assert.equal((await agent.stop()).code, 0, agent.logs());
+    await Deno.remove(agent.dir, { recursive: true });
+  }
+}
+
+async function loadIdentities(agent: AgentProcess): Promise<void> {
+  for (const [name, onnxType] of TYPES) {
+    const folder = await writeModelFolder(agent.modelsDir, `id-${name}`, identityModel(onnxType));
+    await agent.client.loadModel(folder, `id-${name.toLowerCase()}`);
+  }
+}
+
+const prefix = `/edge_agent_test_${Deno.pid}_`;
+
+Deno.test("SysV shared memory: every DataType, the Edge Manager pattern, cls, mixed with bytes", async (t) => {
+  const segments = new Segments();
+  await withAgent({}, async (agent) => {
+    const { client } = agent;
+    await loadIdentities(agent);
+    await t.step("every DataType: output equals the same request sent as bytes", async () => {
+      for (const [name, , sample] of TYPES) {
+        const data = sample(6);
+        // Offset 64: a handle may point anywhere inside a segment, aligned to the element size.
+        const segment = segments.sysv(64 + data.byteLength).write(64, data);
+        const model = `id-${name.toLowerCase()}`;
+        const viaShm = await client.predict(model, [
+          shmTensor("x", DataType[name], [2, 3], { segment_id: segment.id, offset: 64, size: data.byteLength }),
+        ]);
+        const viaBytes = await client.predict(model, [tensor("x", DataType[name], [2, 3], data)]);
+        assert.deepEqual(viaShm.tensors[0].tensor_metadata, viaBytes.tensors[0].tensor_metadata, name);
+        assert.deepEqual(new Uint8Array(viaShm.tensors[0].byte_data!), new Uint8Array(viaBytes.tensors[0].byte_data!));
+        assert.deepEqual(
+          new Uint8Array(viaShm.tensors[0].byte_data!),
+          new Uint8Array(data.buffer, data.byteOffset, data.byteLength),
+        );
+      }
+    });
+
+    await t.step(
+      "Edge Manager's pattern: 0666 create, fill, chmod 0400, offset 0, size 0; cls matches ORT",
+      async () => {
+        await Deno.copyFile(PADDLE_CLS, join(agent.modelsDir, "cls.onnx"));
+        await client.loadModel(join(agent.modelsDir, "cls.onnx"), "cls");
+        const shape = [1, 3, 48, 192];
+        const input = pseudoRandomFloats(3 * 48 * 192, 3);
+        const segment = segments.sysv(input.byteLength).write(0, input).chmod(0o400);
+        const { tensors } = await client.predict("cls", [
+          shmTensor("x", DataType.FLOAT32, shape, { segment_id: segment.id }),
+        ]);
+        assert.equal(nameOf(tensors[0]), "softmax_0.tmp_0");
+        assert.deepEqual(floats(tensors[0].byte_data), await inProcess(input, shape));
+      },
+    );
+
+    await t.step("one request mixes a shared memory tensor and a bytes tensor", async () => {
+      await client.loadModel(await writeModelFolder(agent.modelsDir, "addsub", addSubModel()), "addsub");
+      const segment = segments.sysv(16).write(0, Float32Array.of(1, 2, 3, 4));
+      const { tensors } = await client.predict("addsub", [
+        shmTensor("a", DataType.FLOAT32, [2, 2], { segment_id: segment.id }),
+        tensor("b", DataType.FLOAT32, [2, 2], Float32Array.of(10, 10, 10, 10)),
+      ]);
+      assert.deepEqual([...floats(tensors[0].byte_data)], [11, 12, 13, 14]);
+    });
+
+    await t.step("the client may rewrite its segment between calls; each call reads the current data", async () => {
+      const segment = segments.sysv(16).write(0, Float32Array.of(1, 1, 1, 1));
+      const request = [
+        shmTensor("a", DataType.FLOAT32, [2, 2], { segment_id: segment.id }),
+        shmTensor("b", DataType.FLOAT32, [2, 2], { segment_id: segment.id }),
+      ];
+      assert.deepEqual([...floats((await client.predict("addsub", request)).tensors[0].byte_data)], [2, 2, 2, 2]);
+      segment.write(0, Float32Array.of(5, 6, 7, 8));
+      assert.deepEqual([...floats((await client.predict("addsub", request)).tensors[0].byte_data)], [10, 12, 14, 16]);
+    });
+
+    await t.step("several clients predicting through shared memory at once get their own outputs", async () => {
+      const clients = Array.from({ length: 6 }, (_, i) => {
+        const data = Float32Array.from({ length: 6 }, (_, j) => i * 100 + j);
+        return { data, segment: segments.sysv(data.byteLength).write(0, data) };
+      });
+      await Promise.all(clients.map(async ({ data, segment }) => {
+        for (let round = 0; round < 20; round++) {
+          const { tensors } = await client.predict("id-float32", [
+            shmTensor("x", DataType.FLOAT32, [2, 3], { segment_id: segment.id }),
+          ]);
+          assert.deepEqual(floats(tensors[0].byte_data), data);
+        }
+      }));
+    });
+  }).finally(() => segments.removeAll());
+});
+
+Deno.test("POSIX shared memory objects, and 'both' preferring a POSIX object over a SysV id", async (t) => {
+  const segments = new Segments();
+  try {
+    await withAgent({ edge_agent_shared_memory: "posix", edge_agent_shm_posix_prefix: prefix }, async (agent) => {
+      await loadIdentities(agent);
+      await t.step("every DataType through shm_open/mmap equals bytes", async () => {
+        for (const [index, [name, , sample]] of TYPES.entries()) {
+          const data = sample(6);
+          segments.posix(`${prefix}${index}`, 8 + data.byteLength).write(8, data);
+          const model = `id-${name.toLowerCase()}`;
+          const { tensors } = await agent.client.predict(model, [
+            shmTensor("x", DataType[name], [2, 3], { segment_id: index, offset: 8 }),
+          ]);
+          assert.deepEqual(
+            new Uint8Array(tensors[0].byte_data!),
+            new Uint8Array(data.buffer, data.byteOffset, data.byteLength),
+            name,
+          );
+        }
+      });
+      await t.step("a missing object is INVALID_ARGUMENT naming it", async () => {
+        await rejectsWith(
+          agent.client.predict("id-uint8", [shmTensor("x", DataType.UINT8, [2, 3], { segment_id: 999 })]),
+          Status.INVALID_ARGUMENT,
+          new RegExp(`tensor "x": shared memory object ${prefix}999 not found`),
+        );
+      });
+    });
+
+    await withAgent({ edge_agent_shared_memory: "both", edge_agent_shm_posix_prefix: prefix }, async (agent) => {
+      await loadIdentities(agent);
+      await t.step("with 'both', an existing POSIX object wins, else the id is a SysV segment", async () => {
+        const sysv = segments.sysv(6).write(0, Uint8Array.of(1, 2, 3, 4, 5, 6));
+        segments.posix(`${prefix}${sysv.id}`, 6).write(0, Uint8Array.of(9, 9, 9, 9, 9, 9));
+        const request = [shmTensor("x", DataType.UINT8, [2, 3], { segment_id: sysv.id })];
+        const first = await agent.client.predict("id-uint8", request);
+        assert.deepEqual([...new Uint8Array(first.tensors[0].byte_data!)], [9, 9, 9, 9, 9, 9]);
+        const other = segments.sysv(6).write(0, Uint8Array.of(6, 5, 4, 3, 2, 1));
+        const second = await agent.client.predict("id-uint8", [
+          shmTensor("x", DataType.UINT8, [2, 3], { segment_id: other.id }),
+        ]);
+        assert.deepEqual([...new Uint8Array(second.tensors[0].byte_data!)], [6, 5, 4, 3, 2, 1]);
+      });
+    });
+  } finally {
+    segments.removeAll();
+  }
+});
+
+/** A seeded generator, so a failing hostile case can be replayed. */
+function random(seed: number): () => number {
+  let state = seed >>> 0;
+  return () => {
+    state = (Math.imul(state ^ (state >>> 15), 0x2c1b3c6d) + 0x9e3779b9) >>> 0;
+    return state / 2 ** 32;
+  };
+}
+
+Deno.test("hostile handles: 10,000 requests, each answered with the right code; valid ones in between succeed", async () => {
+  const segments = new Segments();
+  await withAgent({}, async (agent) => {
+    const folder = await writeModelFolder(agent.modelsDir, "id", identityModel(OnnxType.FLOAT, ["n", 4]));
+    await agent.client.loadModel(folder, "id");
+    const data = Float32Array.from({ length: 64 }, (_, i) => i);
+    const good = segments.sysv(data.byteLength).write(0, data);
+    const removed = segments.sysv(64);
+    const removedId = removed.id;
+    removed.remove();
+    const U64_MAX = (2n ** 64n - 1n).toString();
+    const TWO_63 = (2n ** 63n).toString();
+    type Case = { handle: Parameters<typeof shmTensor>[3]; rows: number; code: Status; message?: RegExp };
+    const valid = (rows: number, offsetRows: number): Case => ({
+      handle: { segment_id: good.id, offset: offsetRows * 16, size: rows * 16 },
+      rows,
+      code: Status.OK,
+    });
+    const bad = (handle: Case["handle"], message: RegExp, rows = 2): Case => ({
+      handle,
+      rows,
+      code: Status.INVALID_ARGUMENT,
+      message,
+    });
+    const next = random(20261126);
+    const pick = (): Case => {
+      switch (Math.floor(next() * 12)) {
+        case 0:
+          return bad({ segment_id: removedId }, /segment \d+ not found/);
+        case 1:
+          return bad({ segment_id: U64_MAX }, /segment 18446744073709551615 not found/);
+        case 2:
+          return bad({ segment_id: Math.floor(next() * 2 ** 31) }, /not found|runs past the end/);
+        case 3:
+          return bad(
+            { segment_id: good.id, offset: TWO_63 },
+            /offset 9223372036854775808 \+ 32 bytes runs past the end/,
+          );
+        case 4:
+          return bad({ segment_id: good.id, offset: U64_MAX }, /not a multiple of the element size 4/);
+        case 5:
+          return bad({ segment_id: good.id, offset: "18446744073709551612" }, /runs past the end of segment/);
+        case 6:
+          return bad({ segment_id: good.id, size: U64_MAX }, /size is 18446744073709551615, but .* need 32 bytes/);
+        case 7:
+          return bad({ segment_id: good.id, size: 31 }, /size is 31/);
+        case 8:
+          return bad(
+            { segment_id: good.id, offset: 2 },
+            /offset 2 in segment \d+ is not a multiple of the element size 4/,
+          );
+        case 9:
+          return bad(
+            { segment_id: good.id, offset: 240 },
+            /offset 240 \+ 32 bytes runs past the end of segment \d+, which holds 256 bytes/,
+          );
+        default: {
+          const rows = 1 + Math.floor(next() * 8);
+          return valid(rows, Math.floor(next() * (16 - rows + 1)));
+        }
+      }
+    };
+    const TOTAL = 10_000;
+    const IN_FLIGHT = 16;
+    let sent = 0;
+    let succeeded = 0;
+    const worker = async () => {
+      while (sent < TOTAL) {
+        sent++;
+        const c = pick();
+        const request = agent.client.predict("id", [shmTensor("x", DataType.FLOAT32, [c.rows, 4], c.handle)]);
+        if (c.code === Status.OK) {
+          const { tensors } = await request;
+          const offset = Number(c.handle.offset) / 4;
+          assert.deepEqual(floats(tensors[0].byte_data), data.slice(offset, offset + c.rows * 4));
+          succeeded++;
+        } else {
+          await rejectsWith(request, c.code, c.message);
+        }
+      }
+    };
+    await Promise.all(Array.from({ length: IN_FLIGHT }, worker));
+    assert.ok(succeeded > 1000, `only ${succeeded} valid requests were among them`);
+    assert.deepEqual((await agent.client.listModels()).models.map((m) => m.name), ["id"]);
+  }).finally(() => segments.removeAll());
+});
