@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import * as ort from "onnxruntime-node";
 import { type AgentProcess, PROJECT_ROOT, startAgent } from "./helpers/agent.ts";
-import { PADDLE_CLS, writeModelFolder } from "./helpers/onnx_models.ts";
+import { identityModel, OnnxType, PADDLE_CLS, writeModelFolder } from "./helpers/onnx_models.ts";
 import { enumValues, type Model, type TensorMetadata } from "../src/wire.ts";
 
 const PYTHON = "/usr/bin/python3";
@@ -68,6 +68,21 @@ async function run(command: string, args: string[], timeoutMs: number): Promise<
   return stdout;
 }
 
+/** Python stubs generated from proto/agent.proto into `<work>/stubs`. */
+async function generateStubs(work: string): Promise<string> {
+  const stubs = join(work, "stubs");
+  await Deno.mkdir(stubs);
+  await run(PYTHON, [
+    "-m",
+    "grpc_tools.protoc",
+    `-I${PROTO_DIR}`,
+    `--python_out=${stubs}`,
+    `--grpc_python_out=${stubs}`,
+    join(PROTO_DIR, "agent.proto"),
+  ], 60_000);
+  return stubs;
+}
+
 interface PyMetadata {
   name: string;
   data_type: number;
@@ -125,16 +140,7 @@ Deno.test({
     const work = await Deno.makeTempDir({ prefix: "edge-agent-python-" });
     let agent: AgentProcess | null = null;
     try {
-      const stubs = join(work, "stubs");
-      await Deno.mkdir(stubs);
-      await run(PYTHON, [
-        "-m",
-        "grpc_tools.protoc",
-        `-I${PROTO_DIR}`,
-        `--python_out=${stubs}`,
-        `--grpc_python_out=${stubs}`,
-        join(PROTO_DIR, "agent.proto"),
-      ], 60_000);
+      const stubs = await generateStubs(work);
 
       const input = makeInput();
       const inputBytes = new Uint8Array(input.buffer);
@@ -206,6 +212,45 @@ Deno.test({
       } finally {
         await session.release();
       }
+    } catch (error) {
+      if (agent) console.error(`agent logs:\n${agent.logs()}`);
+      throw error;
+    } finally {
+      await agent?.stop();
+      await Deno.remove(work, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "a Python client predicts through SysV (ctypes shmget/shmat) and POSIX (multiprocessing.shared_memory) segments",
+  ignore: skipReason !== null,
+  async fn() {
+    const work = await Deno.makeTempDir({ prefix: "edge-agent-python-shm-" });
+    const posixPrefix = `/edge_agent_py_${Deno.pid}_`;
+    let agent: AgentProcess | null = null;
+    try {
+      const stubs = await generateStubs(work);
+      agent = await startAgent({
+        dir: join(work, "agent"),
+        config: { edge_agent_shared_memory: "both", edge_agent_shm_posix_prefix: posixPrefix },
+      });
+      const folder = await writeModelFolder(agent.modelsDir, "id", identityModel(OnnxType.FLOAT, ["n", 3]));
+      await agent.client.loadModel(folder, "id");
+      const stdout = await run(PYTHON, [
+        join(PROJECT_ROOT, "tests/python/shm_client.py"),
+        `--stubs=${stubs}`,
+        `--socket=${agent.socket}`,
+        "--model=id",
+        `--posix-prefix=${posixPrefix}`,
+      ], 60_000);
+      const observed = JSON.parse(stdout) as Record<"sysv" | "posix", { input: number[]; output: number[] }>;
+      for (const kind of ["sysv", "posix"] as const) {
+        assert.equal(observed[kind].output.length, 6, kind);
+        assert.deepEqual(observed[kind].output, observed[kind].input, kind);
+      }
+      assert.notDeepEqual(observed.sysv.output, observed.posix.output);
     } catch (error) {
       if (agent) console.error(`agent logs:\n${agent.logs()}`);
       throw error;

@@ -66,6 +66,9 @@ class Segments {
     this.#all.push(object);
     return object;
   }
+  adopt(segment: SysvSegment): void {
+    this.#all.push(segment);
+  }
   removeAll(): void {
     for (const s of this.#all.splice(0)) s.remove();
   }
@@ -311,4 +314,77 @@ Deno.test("hostile handles: 10,000 requests, each answered with the right code; 
     assert.ok(succeeded > 1000, `only ${succeeded} valid requests were among them`);
     assert.deepEqual((await agent.client.listModels()).models.map((m) => m.name), ["id"]);
   }).finally(() => segments.removeAll());
+});
+
+/** Root without the capabilities that bypass IPC and file permission checks, like any other user. */
+const UNPRIVILEGED = ["setpriv", "--bounding-set=-ipc_owner,-dac_override,-dac_read_search", "--inh-caps=-all", "--"];
+const canDropPrivileges = Deno.uid() === 0 &&
+  await new Deno.Command("setpriv", { args: ["--version"], stdout: "null", stderr: "null" }).output().then(
+    (r) => r.success,
+    () => false,
+  );
+if (!canDropPrivileges) {
+  console.log("skipping the PERMISSION_DENIED test: it needs root and setpriv to run the agent without ipc_owner");
+}
+
+/** A SysV segment created by user `uid` (its creator), attached here for writing. */
+async function segmentCreatedBy(uid: number, size: number): Promise<SysvSegment> {
+  const out = await new Deno.Command("setpriv", {
+    args: [
+      `--reuid=${uid}`,
+      `--regid=${uid}`,
+      "--clear-groups",
+      "--",
+      "/usr/bin/python3",
+      "-c",
+      `import ctypes; print(ctypes.CDLL("libc.so.6").shmget(0, ${size}, 0o1600))`,
+    ],
+  }).output();
+  const id = Number(new TextDecoder().decode(out.stdout).trim());
+  if (!out.success || !(id >= 0)) {
+    throw new Error(`shmget as uid ${uid} failed: ${new TextDecoder().decode(out.stderr)}`);
+  }
+  return SysvSegment.attach(id, size);
+}
+
+Deno.test({
+  name: "segments of another user that the agent may not read are PERMISSION_DENIED, saying what to do",
+  ignore: !canDropPrivileges,
+  async fn() {
+    const segments = new Segments();
+    const agent = await startAgent({
+      config: { edge_agent_shared_memory: "both", edge_agent_shm_posix_prefix: prefix },
+      wrapper: UNPRIVILEGED,
+    });
+    try {
+      const folder = await writeModelFolder(agent.modelsDir, "id", identityModel(OnnxType.UINT8, ["n", 3]));
+      await agent.client.loadModel(folder, "id");
+      const nobody = 65534;
+      // The kernel grants owner access to a segment's creator too, so another user must create it.
+      const sysv = await segmentCreatedBy(nobody, 6);
+      segments.adopt(sysv);
+      sysv.write(0, Uint8Array.of(1, 2, 3, 4, 5, 6)).chmod(0o600);
+      await rejectsWith(
+        agent.client.predict("id", [shmTensor("x", DataType.UINT8, [2, 3], { segment_id: sysv.id })]),
+        Status.PERMISSION_DENIED,
+        new RegExp(`may not read segment ${sysv.id} .*run the agent as the user that owns the segment`),
+      );
+      segments.posix(`${prefix}77`, 6).write(0, Uint8Array.of(1, 2, 3, 4, 5, 6)).chown(nobody).chmod(0o600);
+      await rejectsWith(
+        agent.client.predict("id", [shmTensor("x", DataType.UINT8, [2, 3], { segment_id: 77 })]),
+        Status.PERMISSION_DENIED,
+        new RegExp(`may not read shared memory object ${prefix}77`),
+      );
+      // Granting others read access is enough.
+      sysv.chmod(0o604);
+      const { tensors } = await agent.client.predict("id", [
+        shmTensor("x", DataType.UINT8, [2, 3], { segment_id: sysv.id }),
+      ]);
+      assert.deepEqual([...new Uint8Array(tensors[0].byte_data!)], [1, 2, 3, 4, 5, 6]);
+    } finally {
+      assert.equal((await agent.stop()).code, 0, agent.logs());
+      await Deno.remove(agent.dir, { recursive: true });
+      segments.removeAll();
+    }
+  },
 });

@@ -25,6 +25,8 @@ export interface StartOptions {
   /** Extra config keys (model roots default to <dir>/models). */
   config?: Record<string, unknown>;
   dir?: string;
+  /** A command the agent runs under, e.g. setpriv with reduced capabilities. */
+  wrapper?: string[];
 }
 
 /**
@@ -47,7 +49,13 @@ export async function startAgent(options: StartOptions = {}): Promise<AgentProce
   const modelsDir = join(dir, "models");
   await Deno.mkdir(modelsDir, { recursive: true });
   const { socket, args } = await agentDeployment(dir, { edge_agent_model_roots: [modelsDir], ...options.config });
-  const process = new Deno.Command(Deno.execPath(), { args, stdin: "null", stdout: "piped", stderr: "piped" })
+  const [command, ...prefix] = [...(options.wrapper ?? []), Deno.execPath()];
+  const process = new Deno.Command(command, {
+    args: [...prefix, ...args],
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  })
     .spawn();
   const output = collect(process);
   const ready = await waitForLine(output, (line) => line.includes('"msg":"serving"'), process);

@@ -24,6 +24,8 @@ const symbols = {
   munmap: { parameters: ["pointer", "usize"], result: "i32" },
   // int fchmod(int fd, mode_t mode)
   fchmod: { parameters: ["i32", "u32"], result: "i32" },
+  // int fchown(int fd, uid_t owner, gid_t group)
+  fchown: { parameters: ["i32", "u32", "u32"], result: "i32" },
   // int close(int fd)
   close: { parameters: ["i32"], result: "i32" },
 } as const satisfies Deno.ForeignLibraryInterface;
@@ -55,12 +57,17 @@ export class SysvSegment {
   readonly id: number;
   readonly #address: Deno.PointerObject;
 
-  constructor(readonly size: number) {
-    this.id = libc.shmget(IPC_PRIVATE, BigInt(size), IPC_CREAT | 0o666);
+  constructor(readonly size: number, existingId?: number) {
+    this.id = existingId ?? libc.shmget(IPC_PRIVATE, BigInt(size), IPC_CREAT | 0o666);
     if (this.id < 0) throw new Error(`shmget(${size}) failed`);
     const address = libc.shmat(this.id, null, 0);
     if (!address || Deno.UnsafePointer.value(address) === 0xffffffffffffffffn) throw new Error("shmat failed");
     this.#address = address;
+  }
+
+  /** Attaches a segment someone else created (root may attach any). */
+  static attach(id: number, size: number): SysvSegment {
+    return new SysvSegment(size, id);
   }
 
   write(offset: number, data: ArrayBufferView): this {
@@ -103,6 +110,11 @@ export class PosixObject {
 
   chmod(mode: number): this {
     if (libc.fchmod(this.#fd, mode) !== 0) throw new Error("fchmod failed");
+    return this;
+  }
+
+  chown(uid: number): this {
+    if (libc.fchown(this.#fd, uid, uid) !== 0) throw new Error("fchown failed");
     return this;
   }
 
