@@ -209,3 +209,29 @@ Deno.test("unknown methods, non-gRPC requests and missing messages get clear sta
     await addSub(agent.client, 5);
   });
 });
+
+Deno.test("requests that declare huge messages and never send them cannot exhaust the agent's memory", async () => {
+  await withAddSub(async (agent) => {
+    const headers = encodeHeaders([
+      [":method", "POST"],
+      [":scheme", "http"],
+      [":path", `/${SERVICE_NAME}/Predict`],
+      [":authority", "localhost"],
+      ["content-type", "application/grpc"],
+    ]);
+    // Each stream announces a 60 MB message (under the 64 MiB limit) and sends only its prefix.
+    const prefix = Uint8Array.of(0, 0x03, 0x93, 0x87, 0x00);
+    const frames: number[] = [...PREFACE, ...frameOf(4, 0, 0, new Uint8Array(0))];
+    for (const stream of [1, 3, 5, 7]) {
+      frames.push(...frameOf(1, 0x4, stream, headers), ...frameOf(0, 0, stream, prefix));
+    }
+    const answer = await raw(agent.socket, Uint8Array.from(frames), 500);
+    const refused = framesOf(answer).filter((f) => f.type === 1).map((f) => ({
+      stream: f.stream,
+      headers: Object.fromEntries(new HpackDecoder().decode(f.payload)),
+    }));
+    assert.deepEqual(refused.map((r) => [r.stream, r.headers["grpc-status"]]), [[5, "8"], [7, "8"]]);
+    assert.match(refused[0].headers["grpc-message"], /too many large requests at once on this connection/);
+    await addSub(agent.client, 9);
+  });
+});

@@ -198,7 +198,8 @@ class MessageReader {
   /** Set once the declared length exceeds the limit or a second message starts. */
   problem: { status: number; details: string } | null = null;
 
-  constructor(private readonly maxBytes: number) {}
+  /** `reserve` asks the connection for room for a message of that many bytes. */
+  constructor(private readonly maxBytes: number, private readonly reserve: (bytes: number) => boolean) {}
 
   get complete(): boolean {
     return this.#message !== null && this.#filled === this.#message.length;
@@ -227,6 +228,13 @@ class MessageReader {
           this.problem = {
             status: GRPC_RESOURCE_EXHAUSTED,
             details: `Received message larger than max (${length} vs. ${this.maxBytes})`,
+          };
+          return;
+        }
+        if (!this.reserve(length)) {
+          this.problem = {
+            status: GRPC_RESOURCE_EXHAUSTED,
+            details: `too many large requests at once on this connection (a ${length}-byte message did not fit)`,
           };
           return;
         }
@@ -260,6 +268,8 @@ interface Stream {
   dispatched: boolean;
   /** Counted in the server's in-flight calls. */
   counted: boolean;
+  /** Bytes of the connection's request budget this stream's message holds. */
+  reservedBytes: number;
 }
 
 /** One client connection. */
@@ -274,6 +284,7 @@ class Connection {
   #peerInitialWindow = DEFAULT_WINDOW;
   #peerMaxFrame = DEFAULT_MAX_FRAME;
   #receivedSinceUpdate = 0;
+  #reservedBytes = 0;
   #closed = false;
 
   constructor(conn: Deno.Conn, private readonly server: GrpcServer) {
@@ -467,7 +478,14 @@ class Connection {
         id: streamId,
         headerBlock: [],
         path: "",
-        reader: new MessageReader(this.server.maxMessageBytes),
+        reader: new MessageReader(this.server.maxMessageBytes, (bytes) => {
+          // Requests declare their size up front; without a cap, a client could make us allocate
+          // max-size buffers for a thousand streams it never fills.
+          if (this.#reservedBytes + bytes > 2 * this.server.maxMessageBytes) return false;
+          this.#reservedBytes += bytes;
+          stream!.reservedBytes = bytes;
+          return true;
+        }),
         remoteClosed: false,
         localClosed: false,
         sendWindow: this.#peerInitialWindow,
@@ -475,6 +493,7 @@ class Connection {
         receivedSinceUpdate: 0,
         dispatched: false,
         counted: false,
+        reservedBytes: 0,
       };
       this.#streams.set(streamId, stream);
     }
@@ -685,7 +704,10 @@ class Connection {
     if (stream.remoteClosed) this.#streams.delete(stream.id);
   }
 
+  /** The stream is done: its call leaves the in-flight count and its message budget is freed. */
   #uncount(stream: Stream): void {
+    this.#reservedBytes -= stream.reservedBytes;
+    stream.reservedBytes = 0;
     if (!stream.counted) return;
     stream.counted = false;
     this.server.callFinished();
