@@ -2,7 +2,9 @@
 // order and stopped in reverse on SIGTERM, SIGINT or SIGHUP.
 
 import { DEFAULTS, loadConfigFile, type LoadedConfig } from "./config.ts";
+import { StartupError } from "./errors.ts";
 import { createLogger } from "./log.ts";
+import { permissionProblems } from "./permissions.ts";
 import { ModelRegistry } from "./models.ts";
 import { Libc } from "../ffi/libc.ts";
 import { openRuntime } from "./runtime.ts";
@@ -21,6 +23,8 @@ export async function serve(options: ServeOptions): Promise<void> {
   const { config, ignoredKeys }: LoadedConfig = options.configPath
     ? await loadConfigFile(options.configPath)
     : { config: structuredClone(DEFAULTS), ignoredKeys: [] };
+  const problems = await permissionProblems(options.socketPath, config);
+  if (problems.length > 0) throw new StartupError(problems);
   const log = createLogger(config.logVerbose);
   if (ignoredKeys.length > 0) log.info("config keys accepted but not used by this agent", { keys: ignoredKeys });
 

@@ -1,22 +1,117 @@
-// The Deno permission flags an agent deployment needs, derived from what it names: socket,
-// config file and model roots. Nothing else is readable, writable or reachable.
-// --allow-ffi stays unscoped: a path-scoped one disables Deno's pointer APIs (denoland/deno#15511),
-// and native code is outside Deno's sandbox anyway.
+// Deployment profiles and the Deno permissions they grant: the agent may read, write and reach
+// exactly what its deployment names, and checks at start-up that its config asks for nothing more.
+// --allow-ffi stays unscoped: a path-scoped one disables Deno's pointer APIs (denoland/deno#15511)
+// and resolves a bare "libc.so.6" against the working directory; native code is outside Deno's
+// sandbox anyway, which is why the FFI surface (ffi/) is kept small.
 
+import { isAbsolute } from "node:path";
 import type { AgentConfig } from "./config.ts";
+import { StartupError } from "./errors.ts";
 
-/** Environment variables grpc-js reads when it loads. */
-export const GRPC_ENV_VARS = [
-  "GRPC_TRACE",
-  "GRPC_VERBOSITY",
-  "GRPC_NODE_TRACE",
-  "GRPC_NODE_VERBOSITY",
-  "GRPC_NODE_USE_ALTERNATIVE_RESOLVER",
-  "GRPC_EXPERIMENTAL_ENABLE_OUTLIER_DETECTION",
-  "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",
-  "GRPC_SSL_CIPHER_SUITES",
-  "GRPC_NODE_DEBUG_SEND_ERROR_DETAILS",
-];
+/** What a deployment names; every permission flag derives from it. */
+export interface Profile {
+  /** The Unix socket the agent serves on. */
+  socket: string;
+  /** The config file, or null for built-in defaults. */
+  config: string | null;
+  model_roots: string[];
+  state_dir: string;
+  /** sagemaker_edge_core_root_certs_path, when models are verified against certificates. */
+  trusted_roots: string | null;
+  /** S3 endpoint hosts ("host" or "host:port") capture uploads may reach. */
+  s3_hosts: string[];
+  /** Environment variables the agent may read (AWS credentials). */
+  env: string[];
+}
+
+const PROFILE_KEYS: Record<keyof Profile, "path" | "path?" | "paths" | "hosts" | "names"> = {
+  socket: "path",
+  config: "path?",
+  model_roots: "paths",
+  state_dir: "path",
+  trusted_roots: "path?",
+  s3_hosts: "hosts",
+  env: "names",
+};
+
+/** Validates a parsed profile, listing every problem with its key. */
+export function parseProfile(raw: unknown, source = "profile"): Profile {
+  if (raw === null || typeof raw !== "object" || Array.isArray(raw)) {
+    throw new StartupError([`${source}: must be a JSON object`]);
+  }
+  const problems: string[] = [];
+  const record = raw as Record<string, unknown>;
+  for (const key of Object.keys(record)) {
+    if (!(key in PROFILE_KEYS)) problems.push(`${source}: unknown key "${key}"`);
+  }
+  // Commas separate entries inside one permission flag, so no name may hold one.
+  const path = (v: unknown) => typeof v === "string" && isAbsolute(v) && !v.includes(",");
+  for (const [key, kind] of Object.entries(PROFILE_KEYS)) {
+    const value = record[key];
+    const ok = {
+      "path": () => path(value),
+      "path?": () => value === undefined || value === null || path(value),
+      "paths": () => Array.isArray(value) && value.every(path),
+      "hosts": () =>
+        value === undefined ||
+        (Array.isArray(value) && value.every((h) => typeof h === "string" && /^[A-Za-z0-9.-]+(:\d{1,5})?$/.test(h))),
+      "names": () =>
+        value === undefined || (Array.isArray(value) && value.every((n) => typeof n === "string" && /^\w+$/.test(n))),
+    }[kind]();
+    if (!ok) {
+      const expected = {
+        "path": "an absolute path (without commas)",
+        "path?": "an absolute path or null",
+        "paths": "a list of absolute paths",
+        "hosts": 'a list of host names, optionally with ":port"',
+        "names": "a list of environment variable names",
+      }[kind];
+      problems.push(`${source}: "${key}" must be ${expected}, got ${JSON.stringify(value)}`);
+    }
+  }
+  if (problems.length > 0) throw new StartupError(problems);
+  return {
+    socket: record.socket as string,
+    config: (record.config as string | null | undefined) ?? null,
+    model_roots: record.model_roots as string[],
+    state_dir: record.state_dir as string,
+    trusted_roots: (record.trusted_roots as string | null | undefined) ?? null,
+    s3_hosts: (record.s3_hosts as string[] | undefined) ?? [],
+    env: (record.env as string[] | undefined) ?? [],
+  };
+}
+
+/** The `deno run` / `deno compile` permission flags of a profile. No bare --allow-* but FFI. */
+export function profileFlags(profile: Profile): string[] {
+  const readable = [
+    profile.socket,
+    ...(profile.config ? [profile.config] : []),
+    ...profile.model_roots,
+    profile.state_dir,
+    ...(profile.trusted_roots ? [profile.trusted_roots] : []),
+  ];
+  return [
+    "--no-prompt",
+    `--allow-read=${readable.join(",")}`,
+    `--allow-write=${profile.socket},${profile.state_dir}`,
+    `--allow-net=${[`unix:${profile.socket}`, ...profile.s3_hosts].join(",")}`,
+    ...(profile.env.length > 0 ? [`--allow-env=${profile.env.join(",")}`] : []),
+    "--allow-ffi",
+  ];
+}
+
+/** The profile a config needs when served on `socketPath`. */
+export function profileFor(socketPath: string, configPath: string | null, config: AgentConfig): Profile {
+  return {
+    socket: socketPath,
+    config: configPath,
+    model_roots: config.modelRoots,
+    state_dir: config.stateDir,
+    trusted_roots: config.rootCertsPath,
+    s3_hosts: [],
+    env: [],
+  };
+}
 
 export interface Deployment {
   socketPath: string;
@@ -24,16 +119,44 @@ export interface Deployment {
   config: AgentConfig;
 }
 
-/** `deno run` flags for an agent serving `deployment`. */
+/** `deno run` flags for an agent serving `deployment`, exactly what it needs. */
 export function agentPermissionFlags(deployment: Deployment): string[] {
-  const { socketPath, configPath, config } = deployment;
-  const readable = [socketPath, ...(configPath ? [configPath] : []), ...config.modelRoots];
-  return [
-    "--no-prompt",
-    `--allow-read=${readable.join(",")}`,
-    `--allow-write=${socketPath}`,
-    `--allow-net=unix:${socketPath}`,
-    `--allow-env=${GRPC_ENV_VARS.join(",")}`,
-    "--allow-ffi",
-  ];
+  return profileFlags(profileFor(deployment.socketPath, deployment.configPath, deployment.config));
+}
+
+async function granted(descriptor: Deno.PermissionDescriptor): Promise<boolean> {
+  return (await Deno.permissions.query(descriptor)).state === "granted";
+}
+
+/**
+ * Compares what the config and command line name with the permissions this process holds: one
+ * message per mismatch, so the operator knows what to add to the deployment profile.
+ */
+export async function permissionProblems(socketPath: string, config: AgentConfig): Promise<string[]> {
+  const problems: string[] = [];
+  const rebuild = (what: string) => `; rebuild with a profile that includes it in ${what}`;
+  for (const root of config.modelRoots) {
+    if (!await granted({ name: "read", path: root })) {
+      problems.push(`config names model root ${root}, but this agent may not read it${rebuild("model_roots")}`);
+    }
+  }
+  for (const name of ["read", "write"] as const) {
+    if (!await granted({ name, path: config.stateDir })) {
+      problems.push(
+        `config names state folder ${config.stateDir}, but this agent may not ${name} it${rebuild("state_dir")}`,
+      );
+    }
+    if (!await granted({ name, path: socketPath })) {
+      problems.push(`socket ${socketPath}: this agent may not ${name} it${rebuild("socket")}`);
+    }
+  }
+  if (!await granted({ name: "net", host: `unix:${socketPath}` })) {
+    problems.push(`socket ${socketPath}: this agent may not listen on it${rebuild("socket")}`);
+  }
+  if (config.rootCertsPath && !await granted({ name: "read", path: config.rootCertsPath })) {
+    problems.push(
+      `config names trusted roots ${config.rootCertsPath}, but this agent may not read them${rebuild("trusted_roots")}`,
+    );
+  }
+  return problems;
 }

@@ -211,3 +211,37 @@ Deno.test("the command line rejects unknown commands and flags with usage", asyn
     assert.match(new TextDecoder().decode(out.stderr), /usage: edge-agent serve/);
   }
 });
+
+Deno.test("a config that names more than the agent's permissions stops start-up, one message per mismatch", async () => {
+  const dir = await tempDir();
+  try {
+    const socket = join(dir, "agent.sock");
+    const configPath = join(dir, "config.json");
+    const granted = parseConfig({ edge_agent_model_roots: [dir], edge_agent_state_dir: join(dir, "state") }).config;
+    await Deno.writeTextFile(
+      configPath,
+      JSON.stringify({
+        edge_agent_model_roots: [dir, "/data/models"],
+        edge_agent_state_dir: "/var/lib/elsewhere",
+        sagemaker_edge_core_root_certs_path: "/etc/edge-agent/trust",
+      }),
+    );
+    const flags = agentPermissionFlags({ socketPath: socket, configPath, config: granted });
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: ["run", ...flags, MAIN, "serve", "-a", socket, "-c", configPath],
+    }).output();
+    const stderr = new TextDecoder().decode(out.stderr);
+    assert.equal(out.code, 2, stderr);
+    assert.match(
+      stderr,
+      /config names model root \/data\/models, but this agent may not read it; rebuild with a profile/,
+    );
+    assert.match(stderr, /config names state folder \/var\/lib\/elsewhere, but this agent may not read it/);
+    assert.match(stderr, /config names state folder \/var\/lib\/elsewhere, but this agent may not write it/);
+    assert.match(stderr, /config names trusted roots \/etc\/edge-agent\/trust, but this agent may not read them/);
+    assert.doesNotMatch(stderr, new RegExp(`model root ${dir},`));
+    await assert.rejects(Deno.lstat(socket), Deno.errors.NotFound);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

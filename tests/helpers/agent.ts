@@ -48,7 +48,11 @@ export async function startAgent(options: StartOptions = {}): Promise<AgentProce
   const dir = options.dir ?? await Deno.makeTempDir({ prefix: "edge-agent-test-" });
   const modelsDir = join(dir, "models");
   await Deno.mkdir(modelsDir, { recursive: true });
-  const { socket, args } = await agentDeployment(dir, { edge_agent_model_roots: [modelsDir], ...options.config });
+  const { socket, args } = await agentDeployment(dir, {
+    edge_agent_model_roots: [modelsDir],
+    edge_agent_state_dir: join(dir, "state"),
+    ...options.config,
+  });
   const [command, ...prefix] = [...(options.wrapper ?? []), Deno.execPath()];
   const process = new Deno.Command(command, {
     args: [...prefix, ...args],
