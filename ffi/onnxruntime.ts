@@ -488,7 +488,7 @@ export class Value {
       "CreateTensorWithDataAsOrtValue",
       ort.api.CreateTensorWithDataAsOrtValue(
         ort.cpuMemoryInfo,
-        data.byteLength === 0 ? EMPTY_TENSOR_DATA : Deno.UnsafePointer.of(data),
+        Deno.UnsafePointer.of(data.byteLength === 0 ? EMPTY_TENSOR_BUFFER : data),
         BigInt(data.byteLength),
         dims,
         BigInt(shape.length),
@@ -545,7 +545,6 @@ export class Value {
 
 /** ORT wants a non-null data pointer even for tensors with zero elements. */
 const EMPTY_TENSOR_BUFFER = new BigUint64Array(1);
-const EMPTY_TENSOR_DATA = Deno.UnsafePointer.of(EMPTY_TENSOR_BUFFER);
 
 function readTypeInfo(ort: OnnxRuntime, typeInfo: Deno.PointerValue): Omit<TensorInfo, "name"> {
   const onnxType = new Int32Array(1);

@@ -28,7 +28,7 @@ export async function serve(options: ServeOptions): Promise<void> {
   const log = createLogger(config.logVerbose);
   if (ignoredKeys.length > 0) log.info("config keys accepted but not used by this agent", { keys: ignoredKeys });
 
-  const ort = openRuntime(config);
+  const ort = await openRuntime(config);
   const libc = Libc.open();
   const shm = new SharedMemoryReader(libc, { kind: config.sharedMemory, posixPrefix: config.shmPosixPrefix });
   const registry = new ModelRegistry(ort, shm, config, log);

@@ -31,12 +31,45 @@ export function libraryCandidates(config: AgentConfig): string[] {
 }
 
 /**
+ * The compiled agent embeds the library (build.ts --include). Deno could dlopen it in place, but it
+ * then copies the file to $TMPDIR/deno-native-addons/ on every start, never removes it, and fails
+ * on a read-only $TMPDIR. So it is written once into the state folder under a name holding its
+ * SHA-256, and a later start reuses that copy after checking its digest.
+ */
+export async function extractLibrary(embedded: string, stateDir: string): Promise<string> {
+  const bytes = await Deno.readFile(embedded);
+  const digest = await sha256Hex(bytes);
+  const folder = join(stateDir, "lib");
+  const target = join(folder, `libonnxruntime-${digest.slice(0, 16)}.so.1`);
+  const existing = await Deno.readFile(target).catch(() => null);
+  if (existing && await sha256Hex(existing) === digest) return target;
+  await Deno.mkdir(folder, { recursive: true, mode: 0o755 });
+  const partial = `${target}.${Deno.pid}.partial`;
+  await Deno.writeFile(partial, bytes, { mode: 0o644 });
+  await Deno.rename(partial, target);
+  return target;
+}
+
+async function sha256Hex(bytes: Uint8Array<ArrayBuffer>): Promise<string> {
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes));
+  return Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/**
  * Opens the first candidate that loads. dlopen itself answers whether a path exists, so no read
  * permission is needed on library folders.
  */
-export function openRuntime(config: AgentConfig): OnnxRuntime {
+export async function openRuntime(config: AgentConfig): Promise<OnnxRuntime> {
   const failures: string[] = [];
-  for (const path of libraryCandidates(config)) {
+  const candidates = libraryCandidates(config);
+  if (Deno.build.standalone && !config.onnxRuntimeLibrary) {
+    try {
+      candidates.splice(1, 1, await extractLibrary(npmLibraryPath(), config.stateDir));
+    } catch (error) {
+      failures.push(`embedded library not extracted into ${config.stateDir}: ${(error as Error).message}`);
+    }
+  }
+  for (const path of candidates) {
     try {
       return OnnxRuntime.open(path, { verbose: config.logVerbose });
     } catch (error) {

@@ -27,6 +27,10 @@ export interface StartOptions {
   dir?: string;
   /** A command the agent runs under, e.g. setpriv with reduced capabilities. */
   wrapper?: string[];
+  /** The deno executable (default: the one running the tests), e.g. an aarch64 build under qemu. */
+  deno?: string;
+  /** `deno` is a compiled agent. */
+  compiled?: boolean;
 }
 
 /**
@@ -48,12 +52,15 @@ export async function startAgent(options: StartOptions = {}): Promise<AgentProce
   const dir = options.dir ?? await Deno.makeTempDir({ prefix: "edge-agent-test-" });
   const modelsDir = join(dir, "models");
   await Deno.mkdir(modelsDir, { recursive: true });
-  const { socket, args } = await agentDeployment(dir, {
+  const deployment = await agentDeployment(dir, {
     edge_agent_model_roots: [modelsDir],
     edge_agent_state_dir: join(dir, "state"),
     ...options.config,
   });
-  const [command, ...prefix] = [...(options.wrapper ?? []), Deno.execPath()];
+  const { socket } = deployment;
+  // A compiled agent has its permissions and entry point built in; it takes the serve arguments only.
+  const args = options.compiled ? deployment.args.slice(deployment.args.indexOf(MAIN) + 1) : deployment.args;
+  const [command, ...prefix] = [...(options.wrapper ?? []), options.deno ?? Deno.execPath()];
   const process = new Deno.Command(command, {
     args: [...prefix, ...args],
     stdin: "null",
