@@ -5,6 +5,7 @@
 // in find_stream_on_goaway_func). A device agent must survive every client disconnect, so the
 // transport is ours: frames, HPACK, flow control, and gRPC's length-prefixed messages and trailers.
 
+import { Status } from "../errors.ts";
 import { CompressionError, encodeHeaders, type Header, HpackDecoder } from "./hpack.ts";
 
 const PREFACE = new TextEncoder().encode("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
@@ -54,12 +55,6 @@ const MAX_HEADER_LIST = 65536;
 /** Our receive window: large, so a client can send a whole tensor without waiting for us. */
 const RECEIVE_WINDOW = 16 * 1024 * 1024;
 const READ_BUFFER_BYTES = 64 * 1024;
-
-/** gRPC status codes used by the transport itself. */
-const GRPC_INTERNAL = 13;
-const GRPC_UNIMPLEMENTED = 12;
-const GRPC_RESOURCE_EXHAUSTED = 8;
-const GRPC_UNAVAILABLE = 14;
 
 /** What a unary handler answers. */
 export type UnaryResult = { message: Uint8Array } | { status: number; details: string };
@@ -226,21 +221,21 @@ class MessageReader {
         const length = new DataView(this.#prefix.buffer).getUint32(1);
         if (length > this.maxBytes) {
           this.problem = {
-            status: GRPC_RESOURCE_EXHAUSTED,
+            status: Status.RESOURCE_EXHAUSTED,
             details: `Received message larger than max (${length} vs. ${this.maxBytes})`,
           };
           return;
         }
         if (!this.reserve(length)) {
           this.problem = {
-            status: GRPC_RESOURCE_EXHAUSTED,
+            status: Status.RESOURCE_EXHAUSTED,
             details: `too many large requests at once on this connection (a ${length}-byte message did not fit)`,
           };
           return;
         }
         this.#message = new Uint8Array(length);
       } else if (this.#filled === this.#message.length) {
-        this.problem = { status: GRPC_UNIMPLEMENTED, details: "more than one request message on a unary call" };
+        this.problem = { status: Status.UNIMPLEMENTED, details: "more than one request message on a unary call" };
         return;
       } else {
         const take = Math.min(this.#message.length - this.#filled, data.length - pos);
@@ -528,7 +523,7 @@ class Connection {
     const encoding = get("grpc-encoding");
     if (encoding && encoding !== "identity") {
       // We advertise identity only; a client that compresses anyway gets UNIMPLEMENTED.
-      stream.reader.problem = { status: GRPC_UNIMPLEMENTED, details: `grpc-encoding ${encoding} is not supported` };
+      stream.reader.problem = { status: Status.UNIMPLEMENTED, details: `grpc-encoding ${encoding} is not supported` };
     }
     this.#maybeDispatch(stream);
   }
@@ -580,19 +575,19 @@ class Connection {
     stream.dispatched = true;
     const handler = this.server.methods.get(stream.path);
     if (!handler) {
-      return this.#respondStatus(stream, GRPC_UNIMPLEMENTED, `method ${stream.path} is not implemented`);
+      return this.#respondStatus(stream, Status.UNIMPLEMENTED, `method ${stream.path} is not implemented`);
     }
     if (!reader.complete) {
       return this.#respondStatus(
         stream,
-        GRPC_INTERNAL,
+        Status.INTERNAL,
         reader.started ? "request message was cut short" : "request carries no message",
       );
     }
     if (reader.compressed) {
-      return this.#respondStatus(stream, GRPC_UNIMPLEMENTED, "compressed messages are not supported");
+      return this.#respondStatus(stream, Status.UNIMPLEMENTED, "compressed messages are not supported");
     }
-    if (this.server.stopping) return this.#respondStatus(stream, GRPC_UNAVAILABLE, "the agent is stopping");
+    if (this.server.stopping) return this.#respondStatus(stream, Status.UNAVAILABLE, "the agent is stopping");
     // A call counts as in flight until its last frame is queued (or the stream or connection ends),
     // so shutdown does not close a connection while a large response waits for window.
     stream.counted = true;
@@ -602,7 +597,7 @@ class Connection {
         if ("message" in result) this.#respondMessage(stream, result.message);
         else this.#respondStatus(stream, result.status, result.details);
       },
-      (error) => this.#respondStatus(stream, GRPC_INTERNAL, String((error as Error)?.message ?? error)),
+      (error) => this.#respondStatus(stream, Status.INTERNAL, String((error as Error)?.message ?? error)),
     );
   }
 
@@ -640,7 +635,7 @@ class Connection {
     stream.dispatched = true;
     this.#sendHeaderBlock(
       stream.id,
-      encodeHeaders([[":status", httpStatus], ["grpc-status", String(GRPC_UNIMPLEMENTED)]]),
+      encodeHeaders([[":status", httpStatus], ["grpc-status", String(Status.UNIMPLEMENTED)]]),
       true,
     );
     this.#closeLocal(stream);
