@@ -2,11 +2,10 @@
 // text-direction classifier, classify a synthetic text line and its 180-degree rotation through
 // the real gRPC client, print the result and stop the agent.
 
-import { join } from "node:path";
 import { enumValues } from "../src/wire.ts";
 import { startAgent } from "../tests/helpers/agent.ts";
 import { floats, tensor } from "../tests/helpers/assertions.ts";
-import { PADDLE_CLS } from "../tests/helpers/onnx_models.ts";
+import { PADDLE_CLS, writeModelFolder } from "../tests/helpers/onnx_models.ts";
 
 const [H, W] = [48, 192];
 
@@ -27,12 +26,12 @@ function textLine(rotated: boolean): Float32Array {
 
 const agent = await startAgent();
 try {
-  const modelDir = join(agent.modelsDir, "text-direction");
-  await Deno.mkdir(modelDir);
-  await Deno.copyFile(PADDLE_CLS, join(modelDir, "model.onnx"));
+  // A signed package: the model and model.sig (OpenSSF Model Signing), signed by a development
+  // certificate whose root the agent trusts.
+  const modelDir = await writeModelFolder(agent.modelsDir, "text-direction", await Deno.readFile(PADDLE_CLS));
   console.log(`agent serving on ${agent.socket}`);
   const { model } = await agent.client.loadModel(modelDir, "text-direction");
-  console.log(`loaded ${model.name} from ${model.url}`);
+  console.log(`loaded ${model.name} from ${model.url} (signature verified)`);
   for (const rotated of [false, true]) {
     const input = tensor("x", enumValues("DataType").FLOAT32, [1, 3, H, W], textLine(rotated));
     const started = performance.now();

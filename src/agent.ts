@@ -18,6 +18,18 @@ export interface ServeOptions {
   configPath: string | null;
 }
 
+/** Creates the state folder and removes what an interrupted package load left in it. */
+async function prepareStateDir(stateDir: string): Promise<void> {
+  try {
+    await Deno.mkdir(stateDir, { recursive: true, mode: 0o750 });
+    for (const leftover of ["staging", "packages"]) {
+      await Deno.remove(`${stateDir}/${leftover}`, { recursive: true }).catch(() => {});
+    }
+  } catch (error) {
+    throw new StartupError([`state folder ${stateDir}: ${(error as Error).message}`]);
+  }
+}
+
 /** Serves until a stop signal arrives; resolves when everything is released. */
 export async function serve(options: ServeOptions): Promise<void> {
   const { config, ignoredKeys }: LoadedConfig = options.configPath
@@ -27,6 +39,14 @@ export async function serve(options: ServeOptions): Promise<void> {
   if (problems.length > 0) throw new StartupError(problems);
   const log = createLogger(config.logVerbose);
   if (ignoredKeys.length > 0) log.info("config keys accepted but not used by this agent", { keys: ignoredKeys });
+  if (config.allowUnsignedModels) {
+    log.warn("edge_agent_allow_unsigned_models is on: models load without a signature; for development only");
+  } else if (!config.rootCertsPath && !config.trustedModelKeys) {
+    log.warn(
+      "no trust configured: LoadModel refuses every model until sagemaker_edge_core_root_certs_path or edge_agent_trusted_model_keys is set",
+    );
+  }
+  await prepareStateDir(config.stateDir);
 
   const ort = await openRuntime(config);
   const libc = Libc.open();

@@ -29,6 +29,10 @@ export interface AgentConfig {
   shutdownGraceSeconds: number;
   sharedMemory: SharedMemoryKind;
   shmPosixPrefix: string;
+  trustedModelKeys: string | null;
+  allowUnsignedModels: boolean;
+  packageMaxBytes: number;
+  packageMaxRatio: number;
 }
 
 type Kind = "string" | "boolean" | "integer" | "path" | "paths" | "mode";
@@ -65,6 +69,10 @@ export const DEFAULTS: AgentConfig = {
   shutdownGraceSeconds: 10,
   sharedMemory: "sysv",
   shmPosixPrefix: "/edge_agent_",
+  trustedModelKeys: null,
+  allowUnsignedModels: false,
+  packageMaxBytes: 2 * 1024 * MiB,
+  packageMaxRatio: 100,
 };
 
 /** Edge Manager's documented keys. Those without `field` are accepted and logged as ignored. */
@@ -112,6 +120,10 @@ const AGENT_KEYS: Record<string, KeySpec> = {
   edge_agent_socket_mode: { kind: "mode", field: "socketMode" },
   edge_agent_shared_memory: { kind: "string", field: "sharedMemory", oneOf: ["sysv", "posix", "both"] },
   edge_agent_shm_posix_prefix: { kind: "string", field: "shmPosixPrefix", pattern: /^\/[^/]{0,200}$/ },
+  edge_agent_trusted_model_keys: { kind: "path", field: "trustedModelKeys" },
+  edge_agent_allow_unsigned_models: { kind: "boolean", field: "allowUnsignedModels" },
+  edge_agent_package_max_bytes: { kind: "integer", field: "packageMaxBytes", min: 1024 },
+  edge_agent_package_max_ratio: { kind: "integer", field: "packageMaxRatio", min: 2 },
   edge_agent_shutdown_grace_seconds: { kind: "integer", field: "shutdownGraceSeconds", min: 0, max: 3600 },
 };
 

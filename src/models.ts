@@ -13,7 +13,7 @@ import {
   Status,
 } from "./errors.ts";
 import type { Logger } from "./log.ts";
-import { readModel } from "./packages.ts";
+import { openPackage } from "./packages/load.ts";
 import { sessionOptions } from "./runtime.ts";
 import type { SharedMemoryReader, ShmRegion } from "./shm.ts";
 import { bindInputs, inputValue, outputByteLength, type TensorSpec, toSpecs } from "./tensors.ts";
@@ -87,7 +87,29 @@ export class ModelRegistry {
     const started = performance.now();
     let session: Session | null = null;
     try {
-      const model = await readModel(url, this.config.modelRoots);
+      const model = await openPackage(url, {
+        roots: this.config.modelRoots,
+        stateDir: this.config.stateDir,
+        rootCertsPath: this.config.rootCertsPath,
+        trustedKeysPath: this.config.trustedModelKeys,
+        allowUnsigned: this.config.allowUnsignedModels,
+        archiveLimits: {
+          totalBytes: this.config.packageMaxBytes,
+          fileBytes: this.config.packageMaxBytes,
+          ratio: this.config.packageMaxRatio,
+        },
+      });
+      if (model.verification) {
+        const signer = model.verification.signer;
+        this.log.info("model verified", {
+          model: name,
+          url,
+          method: model.verification.method,
+          signer: signer.subject,
+        });
+      } else {
+        this.log.warn("loading an unsigned model (edge_agent_allow_unsigned_models is on)", { model: name, url });
+      }
       this.#reserve(name, model.bytes.byteLength);
       entry.info.sizeBytes = model.bytes.byteLength;
       const options = sessionOptions(this.ort, this.config);

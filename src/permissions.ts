@@ -18,6 +18,8 @@ export interface Profile {
   state_dir: string;
   /** sagemaker_edge_core_root_certs_path, when models are verified against certificates. */
   trusted_roots: string | null;
+  /** edge_agent_trusted_model_keys, when models are verified against public keys. */
+  trusted_keys: string | null;
   /** S3 endpoint hosts ("host" or "host:port") capture uploads may reach. */
   s3_hosts: string[];
   /** Environment variables the agent may read (AWS credentials). */
@@ -30,6 +32,7 @@ const PROFILE_KEYS: Record<keyof Profile, "path" | "path?" | "paths" | "hosts" |
   model_roots: "paths",
   state_dir: "path",
   trusted_roots: "path?",
+  trusted_keys: "path?",
   s3_hosts: "hosts",
   env: "names",
 };
@@ -76,6 +79,7 @@ export function parseProfile(raw: unknown, source = "profile"): Profile {
     model_roots: record.model_roots as string[],
     state_dir: record.state_dir as string,
     trusted_roots: (record.trusted_roots as string | null | undefined) ?? null,
+    trusted_keys: (record.trusted_keys as string | null | undefined) ?? null,
     s3_hosts: (record.s3_hosts as string[] | undefined) ?? [],
     env: (record.env as string[] | undefined) ?? [],
   };
@@ -89,6 +93,7 @@ export function profileFlags(profile: Profile): string[] {
     ...profile.model_roots,
     profile.state_dir,
     ...(profile.trusted_roots ? [profile.trusted_roots] : []),
+    ...(profile.trusted_keys ? [profile.trusted_keys] : []),
   ];
   return [
     "--no-prompt",
@@ -108,6 +113,7 @@ export function profileFor(socketPath: string, configPath: string | null, config
     model_roots: config.modelRoots,
     state_dir: config.stateDir,
     trusted_roots: config.rootCertsPath,
+    trusted_keys: config.trustedModelKeys,
     s3_hosts: [],
     env: [],
   };
@@ -152,6 +158,13 @@ export async function permissionProblems(socketPath: string, config: AgentConfig
   }
   if (!await granted({ name: "net", host: `unix:${socketPath}` })) {
     problems.push(`socket ${socketPath}: this agent may not listen on it${rebuild("socket")}`);
+  }
+  if (config.trustedModelKeys && !await granted({ name: "read", path: config.trustedModelKeys })) {
+    problems.push(
+      `config names trusted model keys ${config.trustedModelKeys}, but this agent may not read them${
+        rebuild("trusted_keys")
+      }`,
+    );
   }
   if (config.rootCertsPath && !await granted({ name: "read", path: config.rootCertsPath })) {
     problems.push(

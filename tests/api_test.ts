@@ -7,6 +7,7 @@ import * as ort from "onnxruntime-node";
 import { Status } from "../src/errors.ts";
 import { enumValues, SERVICE_NAME } from "../src/wire.ts";
 import { startAgent } from "./helpers/agent.ts";
+import { signPackage } from "./helpers/signing.ts";
 import { floats, nameOf, pseudoRandomFloats, rejectsWith, tensor } from "./helpers/assertions.ts";
 import {
   addSubModel,
@@ -69,7 +70,10 @@ Deno.test("Agent API over the Unix socket", async (t) => {
     const clsDir = join(modelsDir, "cls");
     await Deno.mkdir(clsDir);
     await Deno.copyFile(PADDLE_CLS, join(clsDir, "cls.onnx"));
+    await signPackage(clsDir);
+    // A single-file package: det.onnx signed as det.onnx.sig.
     await Deno.copyFile(PADDLE_DET, join(modelsDir, "det.onnx"));
+    await signPackage(join(modelsDir, "det.onnx"));
 
     await t.step("ListModels is empty before any load", async () => {
       assert.deepEqual((await client.listModels()).models, []);
@@ -181,16 +185,21 @@ Deno.test("Agent API over the Unix socket", async (t) => {
         Status.PERMISSION_DENIED,
         /outside the model roots/,
       );
-      const empty = join(modelsDir, "empty");
-      await Deno.mkdir(empty);
-      await rejectsWith(client.loadModel(empty, "m1"), Status.NOT_FOUND, /holds no \.onnx model/);
+      const unsigned = await writeModelFolder(modelsDir, "unsigned", addSubModel(), { signed: false });
+      await rejectsWith(
+        client.loadModel(unsigned, "m1"),
+        Status.FAILED_PRECONDITION,
+        /is not signed: .*model\.sig is missing/,
+      );
       const two = join(modelsDir, "two");
       await Deno.mkdir(two);
       await Deno.writeFile(join(two, "a.onnx"), addSubModel());
       await Deno.writeFile(join(two, "b.onnx"), addSubModel());
+      await signPackage(two);
       await rejectsWith(client.loadModel(two, "m1"), Status.INVALID_ARGUMENT, /2 \.onnx files \(a\.onnx, b\.onnx\)/);
       const garbage = join(modelsDir, "garbage.onnx");
       await Deno.writeTextFile(garbage, "this is not a model");
+      await signPackage(garbage);
       await rejectsWith(client.loadModel(garbage, "m1"), Status.FAILED_PRECONDITION, /ONNX Runtime/);
       const strings = await writeModelFolder(modelsDir, "strings", stringModel());
       await rejectsWith(client.loadModel(strings, "m1"), Status.FAILED_PRECONDITION, /x \(STRING\)/);
@@ -324,8 +333,10 @@ Deno.test("Agent API over the Unix socket", async (t) => {
 Deno.test("requests above edge_agent_max_message_bytes get RESOURCE_EXHAUSTED, and the agent keeps serving", async () => {
   const agent = await startAgent({ config: { edge_agent_max_message_bytes: 1024 * 1024 } });
   try {
-    await Deno.copyFile(PADDLE_CLS, join(agent.modelsDir, "cls.onnx"));
-    await agent.client.loadModel(join(agent.modelsDir, "cls.onnx"), "cls");
+    await agent.client.loadModel(
+      await writeModelFolder(agent.modelsDir, "cls", await Deno.readFile(PADDLE_CLS)),
+      "cls",
+    );
     const big = pseudoRandomFloats(3 * 48 * 2048);
     await rejectsWith(
       agent.client.predict("cls", [tensor("x", DataType.FLOAT32, [1, 3, 48, 2048], big)]),
@@ -344,9 +355,9 @@ Deno.test("loading past edge_agent_model_memory_budget_bytes is RESOURCE_EXHAUST
   const clsBytes = (await Deno.stat(PADDLE_CLS)).size;
   const agent = await startAgent({ config: { edge_agent_model_memory_budget_bytes: clsBytes + 1000 } });
   try {
-    await Deno.copyFile(PADDLE_CLS, join(agent.modelsDir, "cls.onnx"));
+    const first = await writeModelFolder(agent.modelsDir, "first", await Deno.readFile(PADDLE_CLS));
     const second = await writeModelFolder(agent.modelsDir, "second", await Deno.readFile(PADDLE_CLS));
-    await agent.client.loadModel(join(agent.modelsDir, "cls.onnx"), "first");
+    await agent.client.loadModel(first, "first");
     await rejectsWith(agent.client.loadModel(second, "second"), Status.RESOURCE_EXHAUSTED, /memory budget/);
     assert.deepEqual((await agent.client.listModels()).models.map((m) => m.name), ["first"]);
     await agent.client.unloadModel("first");

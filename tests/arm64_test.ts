@@ -8,7 +8,7 @@ import * as ort from "onnxruntime-node";
 import { enumValues } from "../src/wire.ts";
 import { PROJECT_ROOT, startAgent } from "./helpers/agent.ts";
 import { floats, pseudoRandomFloats, tensor } from "./helpers/assertions.ts";
-import { PADDLE_CLS } from "./helpers/onnx_models.ts";
+import { PADDLE_CLS, writeModelFolder } from "./helpers/onnx_models.ts";
 
 const RUN_AARCH64 = join(PROJECT_ROOT, "..", "shared", "arm64", "run-aarch64");
 /** .ci/run unpacks npm's @deno/linux-arm64-glibc here; EDGE_AGENT_ARM64_DENO overrides it. */
@@ -36,8 +36,8 @@ Deno.test({
     const agent = await startAgent({ wrapper: [RUN_AARCH64], deno: ARM64_DENO });
     const readyMs = performance.now() - started;
     try {
-      await Deno.copyFile(PADDLE_CLS, join(agent.modelsDir, "cls.onnx"));
-      const { model } = await agent.client.loadModel(join(agent.modelsDir, "cls.onnx"), "cls");
+      const folder = await writeModelFolder(agent.modelsDir, "cls", await Deno.readFile(PADDLE_CLS));
+      const { model } = await agent.client.loadModel(folder, "cls");
       assert.deepEqual(model.input_tensor_metadatas[0].shape, [-1, 3, -1, -1]);
       const shape = [1, 3, 48, 192];
       const input = pseudoRandomFloats(3 * 48 * 192, 11);

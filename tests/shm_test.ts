@@ -2,7 +2,6 @@
 // Every answer through shared memory must equal the same request sent as bytes.
 
 import assert from "node:assert/strict";
-import { join } from "node:path";
 import * as ort from "onnxruntime-node";
 import { Status } from "../src/errors.ts";
 import { enumValues, type Tensor } from "../src/wire.ts";
@@ -120,8 +119,7 @@ Deno.test("SysV shared memory: every DataType, the Edge Manager pattern, cls, mi
     await t.step(
       "Edge Manager's pattern: 0666 create, fill, chmod 0400, offset 0, size 0; cls matches ORT",
       async () => {
-        await Deno.copyFile(PADDLE_CLS, join(agent.modelsDir, "cls.onnx"));
-        await client.loadModel(join(agent.modelsDir, "cls.onnx"), "cls");
+        await client.loadModel(await writeModelFolder(agent.modelsDir, "cls", await Deno.readFile(PADDLE_CLS)), "cls");
         const shape = [1, 3, 48, 192];
         const input = pseudoRandomFloats(3 * 48 * 192, 3);
         const segment = segments.sysv(input.byteLength).write(0, input).chmod(0o400);

@@ -520,6 +520,14 @@ class Connection {
     if (get(":method") !== "POST" || !(get("content-type") ?? "").startsWith("application/grpc")) {
       return this.#respondHttp(stream, get(":method") !== "POST" ? "405" : "415");
     }
+    if (this.server.stopping) {
+      return this.#respondStatus(stream, Status.UNAVAILABLE, "the agent is stopping");
+    }
+    // A call counts as in flight from its headers until its last frame is queued (or the stream or
+    // connection ends): a stop waits for requests still arriving and for large responses still
+    // waiting for window.
+    stream.counted = true;
+    this.server.callStarted();
     const encoding = get("grpc-encoding");
     if (encoding && encoding !== "identity") {
       // We advertise identity only; a client that compresses anyway gets UNIMPLEMENTED.
@@ -587,11 +595,6 @@ class Connection {
     if (reader.compressed) {
       return this.#respondStatus(stream, Status.UNIMPLEMENTED, "compressed messages are not supported");
     }
-    if (this.server.stopping) return this.#respondStatus(stream, Status.UNAVAILABLE, "the agent is stopping");
-    // A call counts as in flight until its last frame is queued (or the stream or connection ends),
-    // so shutdown does not close a connection while a large response waits for window.
-    stream.counted = true;
-    this.server.callStarted();
     handler(reader.message).then(
       (result) => {
         if ("message" in result) this.#respondMessage(stream, result.message);

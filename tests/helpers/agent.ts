@@ -5,6 +5,7 @@ import { join } from "node:path";
 import { AgentClient } from "../../src/client.ts";
 import { parseConfig } from "../../src/config.ts";
 import { agentPermissionFlags } from "../../src/permissions.ts";
+import { testTrust } from "./signing.ts";
 
 export const PROJECT_ROOT = new URL("../../", import.meta.url).pathname;
 export const MAIN = join(PROJECT_ROOT, "main.ts");
@@ -55,6 +56,7 @@ export async function startAgent(options: StartOptions = {}): Promise<AgentProce
   const deployment = await agentDeployment(dir, {
     edge_agent_model_roots: [modelsDir],
     edge_agent_state_dir: join(dir, "state"),
+    sagemaker_edge_core_root_certs_path: (await testTrust()).rootFile,
     ...options.config,
   });
   const { socket } = deployment;

@@ -3,6 +3,7 @@
 import onnxProto from "onnx-proto";
 import { join } from "node:path";
 import { ElementType } from "../../ffi/onnxruntime.ts";
+import { signPackage } from "./signing.ts";
 
 const { onnx } = onnxProto;
 type Dim = number | string;
@@ -101,11 +102,17 @@ export function stringModel(): Uint8Array {
   return identityModel(OnnxType.STRING, [1]);
 }
 
-/** Writes `bytes` as <root>/<folder>/model.onnx and returns the folder. */
-export async function writeModelFolder(root: string, folder: string, bytes: Uint8Array): Promise<string> {
+/** Writes `bytes` as <root>/<folder>/model.onnx, signs the folder (unless told not to) and returns it. */
+export async function writeModelFolder(
+  root: string,
+  folder: string,
+  bytes: Uint8Array,
+  options: { signed?: boolean } = {},
+): Promise<string> {
   const dir = join(root, folder);
   await Deno.mkdir(dir, { recursive: true });
   await Deno.writeFile(join(dir, "model.onnx"), bytes);
+  if (options.signed ?? true) await signPackage(dir);
   return dir;
 }
 
