@@ -4,10 +4,17 @@ import { parseArgs } from "node:util";
 import { DEFAULT_SOCKET_PATH } from "./src/config.ts";
 import { StartupError } from "./src/errors.ts";
 
-const USAGE = `usage: edge-agent serve [-a <socket path>] [-c <config.json>]
+const USAGE = `usage:
+  edge-agent serve [-a <socket path>] [-c <config.json>]
+  edge-agent trust init --out <dir>
+  edge-agent package sign <folder> --key <key.pem> [--cert-chain <leaf-then-CAs.pem>] [--name N --version V --arch A]
+  edge-agent package pack <folder> -o <file.tar.gz>
+  edge-agent package verify <folder or .tar.gz> (--roots <pem or folder> | --public-key <pem>)
 
-  -a, --address  Unix socket to serve on (default ${DEFAULT_SOCKET_PATH})
-  -c, --config   configuration file (default: built-in defaults)
+  serve            -a, --address: Unix socket (default ${DEFAULT_SOCKET_PATH}); -c, --config: config file
+  trust init       a development root, intermediate and code-signing leaf (for development only)
+  package sign     writes model.sig (OpenSSF Model Signing v1.0): certificate method with --cert-chain,
+                   key method without; --name/--version/--arch write edge-model.json first
 `;
 
 function fail(message: string, code: number): never {
@@ -21,6 +28,7 @@ async function main(args: string[]): Promise<void> {
     console.log(USAGE);
     return;
   }
+  if (command === "trust" || command === "package") return await publisher(command, rest);
   if (command !== "serve") fail(`unknown command "${command}"\n\n${USAGE}`, 2);
   let values;
   try {
@@ -44,6 +52,66 @@ async function main(args: string[]): Promise<void> {
     if (error instanceof StartupError) {
       fail(`edge-agent: cannot start:\n${error.problems.map((p) => `  ${p}`).join("\n")}`, 2);
     }
+    throw error;
+  }
+}
+
+/** trust/package sub-commands: the publisher's tools. */
+async function publisher(command: string, args: string[]): Promise<void> {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args,
+      options: {
+        out: { type: "string", short: "o" },
+        key: { type: "string" },
+        "cert-chain": { type: "string" },
+        name: { type: "string" },
+        version: { type: "string" },
+        arch: { type: "string" },
+        roots: { type: "string" },
+        "public-key": { type: "string" },
+      },
+      strict: true,
+      allowPositionals: true,
+    });
+  } catch (error) {
+    fail(`${(error as Error).message}\n\n${USAGE}`, 2);
+  }
+  const { values, positionals: [action, target] } = parsed;
+  const cli = await import("./src/packages/cli.ts");
+  const need = (value: string | undefined, what: string): string =>
+    value ?? fail(`${command} ${action}: ${what}\n\n${USAGE}`, 2);
+  try {
+    let output: string;
+    if (command === "trust" && action === "init") {
+      output = await cli.trustInit(need(values.out, "--out <dir> is required"));
+    } else if (command === "package" && action === "sign") {
+      output = await cli.packageSign({
+        folder: need(target, "name the package folder"),
+        key: need(values.key, "--key <key.pem> is required"),
+        certChain: values["cert-chain"],
+        name: values.name,
+        version: values.version,
+        arch: values.arch,
+      });
+    } else if (command === "package" && action === "pack") {
+      output = await cli.packagePack(
+        need(target, "name the package folder"),
+        need(values.out, "-o <file.tar.gz> is required"),
+      );
+    } else if (command === "package" && action === "verify") {
+      output = await cli.packageVerify({
+        target: need(target, "name the package folder or archive"),
+        roots: values.roots,
+        publicKey: values["public-key"],
+      });
+    } else {
+      fail(`unknown command "${command} ${action ?? ""}"\n\n${USAGE}`, 2);
+    }
+    console.log(output);
+  } catch (error) {
+    if (error instanceof cli.CommandError) fail(`edge-agent: ${error.message}`, 1);
     throw error;
   }
 }

@@ -421,3 +421,48 @@ function asArchiveError(error: unknown, reason: ArchiveErrorReason): ArchiveErro
 function quote(name: string): string {
   return JSON.stringify(name.length > 200 ? name.slice(0, 200) + "..." : name);
 }
+
+/**
+ * Writes a .tar.gz of `folder`'s contents (regular files and folders only, entry names relative
+ * to it), the form `extractPackage` takes. Symlinks and special files are refused, as on extraction.
+ */
+export async function packFolder(folder: string, archivePath: string): Promise<{ files: number; bytes: number }> {
+  const { pack } = await import("tar-stream");
+  const { createGzip } = await import("node:zlib");
+  const { createWriteStream } = await import("node:fs");
+  const tar = pack();
+  const written = pipeline(tar, createGzip(), createWriteStream(archivePath));
+  let files = 0;
+  let bytes = 0;
+  const walk = async (dir: string): Promise<void> => {
+    const entries = (await Array.fromAsync(Deno.readDir(dir))).sort((a, b) => (a.name < b.name ? -1 : 1));
+    for (const entry of entries) {
+      const path = join(dir, entry.name);
+      const name = relative(folder, path);
+      if (entry.isDirectory) {
+        await new Promise<void>((ok, fail) =>
+          tar.entry({ name, type: "directory", mode: 0o755 }, (e) => e ? fail(e) : ok())
+        );
+        await walk(path);
+      } else if (entry.isFile) {
+        const content = await Deno.readFile(path);
+        await new Promise<void>((ok, fail) => tar.entry({ name, mode: 0o644 }, content, (e) => e ? fail(e) : ok()));
+        files++;
+        bytes += content.length;
+      } else {
+        throw new ArchiveError("unsupported-type", `${path}: only regular files and folders can be packed`, name);
+      }
+    }
+  };
+  try {
+    await walk(folder);
+    tar.finalize();
+    await written;
+  } catch (error) {
+    tar.destroy(error as Error);
+    await written.catch(() => {});
+    await Deno.remove(archivePath).catch(() => {});
+    throw error;
+  }
+  return { files, bytes };
+}

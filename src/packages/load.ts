@@ -142,18 +142,20 @@ async function readTrust(options: PackageOptions): Promise<OmsTrust> {
 }
 
 /** The PEM text of a file, or of every .pem/.crt/.cert file in a folder. */
+export async function readPemFiles(path: string): Promise<string[]> {
+  const info = await Deno.stat(path);
+  if (!info.isDirectory) return [await Deno.readTextFile(path)];
+  const names = (await Array.fromAsync(Deno.readDir(path)))
+    .filter((e) => e.isFile && /\.(pem|crt|cert)$/.test(e.name))
+    .map((e) => e.name)
+    .sort();
+  return await Promise.all(names.map((name) => Deno.readTextFile(join(path, name))));
+}
+
 async function pemFiles(path: string, key: string): Promise<string[]> {
-  try {
-    const info = await Deno.stat(path);
-    if (!info.isDirectory) return [await Deno.readTextFile(path)];
-    const names = (await Array.fromAsync(Deno.readDir(path)))
-      .filter((e) => e.isFile && /\.(pem|crt|cert)$/.test(e.name))
-      .map((e) => e.name)
-      .sort();
-    return await Promise.all(names.map((name) => Deno.readTextFile(join(path, name))));
-  } catch (error) {
-    throw failedPrecondition(`${key} ${path} cannot be read: ${(error as Error).message}`);
-  }
+  return await readPemFiles(path).catch((error) => {
+    throw failedPrecondition(`${key} ${path} cannot be read: ${error.message}`);
+  });
 }
 
 async function readManifest(url: string, folder: string): Promise<PackageManifest | null> {
