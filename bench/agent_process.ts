@@ -3,6 +3,7 @@
 
 import { AgentClient } from "../src/client.ts";
 import { agentDeployment } from "../tests/helpers/agent.ts";
+import { testTrust } from "../tests/helpers/signing.ts";
 
 /** USER_HZ: the unit of utime and stime in /proc/<pid>/stat on Linux. */
 const CLOCK_TICKS_PER_SECOND = 100;
@@ -17,6 +18,8 @@ export interface PredictLog {
   runMs: number;
   encodeMs: number;
   copiedInputs: number;
+  /** Inputs the agent mapped from shared memory (0 in logs of agents without it). */
+  sharedMemoryInputs: number;
 }
 
 export interface Memory {
@@ -60,7 +63,13 @@ export class AgentProcess {
    * roots `[modelsDir]` and the extra config keys; resolves once it logs "serving".
    */
   static async start(dir: string, modelsDir: string, keys: Record<string, unknown> = {}): Promise<AgentProcess> {
-    const raw = { edge_agent_model_roots: [modelsDir], sagemaker_edge_log_verbose: true, ...keys };
+    const raw = {
+      edge_agent_model_roots: [modelsDir],
+      sagemaker_edge_log_verbose: true,
+      // The benchmark's packages are signed by the tests' development trust.
+      sagemaker_edge_core_root_certs_path: (await testTrust()).rootFile,
+      ...keys,
+    };
     const { socket, args } = await agentDeployment(dir, raw);
     const command = new Deno.Command(Deno.execPath(), { args, stdin: "null", stdout: "null", stderr: "piped" });
     const spawnedAt = performance.now();
@@ -173,8 +182,8 @@ export class AgentProcess {
     }
     if (entry.msg === "serving") this.#servingAt = performance.now();
     if (entry.msg === "rpc" && entry.rpc === "Predict" && entry.code === "OK") {
-      const { ms, bindMs, runMs, encodeMs, copiedInputs } = entry as unknown as PredictLog;
-      this.#predicts.push({ ms, bindMs, runMs, encodeMs, copiedInputs });
+      const { ms, bindMs, runMs, encodeMs, copiedInputs, sharedMemoryInputs = 0 } = entry as unknown as PredictLog;
+      this.#predicts.push({ ms, bindMs, runMs, encodeMs, copiedInputs, sharedMemoryInputs });
     }
   }
 }

@@ -48,6 +48,8 @@ export interface PredictCommand {
   name: string;
   /** Raw float32 input tensor. */
   input: string;
+  /** When set, the request carries a handle to this SysV segment (holding the input at offset 0) instead. */
+  segmentId?: number;
   inputName: string;
   shape: number[];
   count: number;
@@ -94,8 +96,17 @@ export class GrpcioClient {
 
   /** `count` Predicts with one request message; each call's ms as Python's perf_counter measured it. */
   async predict(command: PredictCommand): Promise<number[]> {
-    const { name, input, inputName, shape, count, output } = command;
-    const reply = await this.#send({ op: "predict", name, input, input_name: inputName, shape, count, output });
+    const { name, input, segmentId, inputName, shape, count, output } = command;
+    const reply = await this.#send({
+      op: "predict",
+      name,
+      input,
+      segment_id: segmentId,
+      input_name: inputName,
+      shape,
+      count,
+      output,
+    });
     return reply.ms as number[];
   }
 

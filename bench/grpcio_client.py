@@ -5,9 +5,11 @@ Run by bench/grpcio.ts, long-lived, connected to the agent on unix:<socket>. It 
 per line on stdin and answers each with one JSON line on stdout, after a first {"ready": <grpcio version>}
 once connected:
 
-  {"op": "predict", "name", "input", "input_name", "shape", "count"[, "output"]}
+  {"op": "predict", "name", "input", "input_name", "shape", "count"[, "segment_id"][, "output"]}
       -> {"ms": [...]}   count Predicts of the raw float32 file `input`, each timed around the stub call;
-                         with "output", the last response's first tensor bytes are written there
+                         with "segment_id", the tensor is instead a handle to that SysV segment, which
+                         holds the input at offset 0; with "output", the last response's first tensor
+                         bytes are written there
   {"op": "list_models", "count"} -> {"ms": [...]}
 
 An RPC failure raises: the traceback goes to stderr and the process exits, which the Deno side reports.
@@ -66,18 +68,21 @@ def main():
                 print(json.dumps({"ms": times}), flush=True)
                 continue
             shape = command["shape"]
-            if command["input"] not in inputs:
-                inputs[command["input"]] = np.fromfile(command["input"], dtype="<f4").reshape(shape)
-            # Built once per block and reused, as an application sending the same kind of tensor would.
-            request = pb2.PredictRequest(
-                name=command["name"],
-                tensors=[pb2.Tensor(
-                    tensor_metadata=pb2.TensorMetadata(
-                        name=command["input_name"].encode("utf-8"), data_type=pb2.FLOAT32, shape=shape
-                    ),
-                    byte_data=inputs[command["input"]].tobytes(),
-                )],
+            metadata = pb2.TensorMetadata(
+                name=command["input_name"].encode("utf-8"), data_type=pb2.FLOAT32, shape=shape
             )
+            # Built once per block and reused, as an application sending the same kind of tensor would.
+            if command.get("segment_id") is not None:
+                # Offset 0, size 0: Edge Manager's handle, the size being the tensor's.
+                tensor = pb2.Tensor(
+                    tensor_metadata=metadata,
+                    shared_memory_handle=pb2.SharedMemoryHandle(segment_id=command["segment_id"], offset=0, size=0),
+                )
+            else:
+                if command["input"] not in inputs:
+                    inputs[command["input"]] = np.fromfile(command["input"], dtype="<f4").reshape(shape)
+                tensor = pb2.Tensor(tensor_metadata=metadata, byte_data=inputs[command["input"]].tobytes())
+            request = pb2.PredictRequest(name=command["name"], tensors=[tensor])
             times, response = timed(command["count"], stub.Predict, request)
             if "output" in command:
                 with open(command["output"], "wb") as out:

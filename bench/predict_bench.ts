@@ -1,14 +1,15 @@
 // Predict latency of the agent against onnxruntime-node in-process, on PaddleOCR cls and det.
 //
 //   default   reference (onnxruntime-node) / agent (gRPC over the Unix socket, from the grpc-js client in this
-//             process and from a Python grpcio client) / ffi (our bindings in this process) side by side, where
-//             the agent's time goes, start-up time and memory
+//             process and from a Python grpcio client; the input as bytes in the message or as a handle to a
+//             SysV segment or POSIX object) / ffi (our bindings in this process) side by side, where the
+//             agent's time goes, what mapping a segment per request costs, start-up time and memory
 //   --sweep   agent (both clients) and reference under several ONNX Runtime settings, with CPU time per inference
 //   --quick   fewer calls (about 30 s for the default mode)
 //
 // Prints tables and writes the figures to bench/results/.
 
-import { copyFile, mkdir } from "node:fs/promises";
+import { mkdir } from "node:fs/promises";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import * as ort from "onnxruntime-node";
@@ -16,7 +17,7 @@ import { OnnxRuntime } from "../ffi/onnxruntime.ts";
 import { npmLibraryPath } from "../src/runtime.ts";
 import { DEFAULTS } from "../src/config.ts";
 import { asBuffer, messageType, type Tensor } from "../src/wire.ts";
-import { PADDLE_CLS, PADDLE_DET } from "../tests/helpers/onnx_models.ts";
+import { PADDLE_CLS, PADDLE_DET, writeModelFolder } from "../tests/helpers/onnx_models.ts";
 import { AgentProcess, readProc } from "./agent_process.ts";
 import { generateStubs, GrpcioClient, grpcioMissing } from "./grpcio.ts";
 import {
@@ -36,7 +37,8 @@ import {
   runBlocks,
   type Runner,
 } from "./runners.ts";
-import { median, ms, percentile, ratio, signedMs, table } from "./stats.ts";
+import { BenchSegments, mappingCosts } from "./shared_memory.ts";
+import { median, ms, percentile, ratio, signedMs, table, us } from "./stats.ts";
 
 const RESULTS_DIR = new URL("./results/", import.meta.url).pathname;
 const LIST_MODELS_CALLS = 50;
@@ -66,9 +68,18 @@ interface Target {
   met(agentP50: number, referenceP50: number): boolean;
 }
 
-const TARGETS: Record<string, Target> = {
-  cls: { text: "p50 <= in-process + 1.0 ms", met: (agent, reference) => agent <= reference + 1.0 },
-  det: { text: "p50 <= 1.5x in-process", met: (agent, reference) => agent <= 1.5 * reference },
+type Transport = "bytes" | "shm";
+
+/** Per model and how the input reaches the agent; shm saves the copies, so its targets are tighter. */
+const TARGETS: Record<string, Record<Transport, Target>> = {
+  cls: {
+    bytes: { text: "p50 <= in-process + 1.0 ms", met: (agent, reference) => agent <= reference + 1.0 },
+    shm: { text: "p50 <= in-process + 0.5 ms", met: (agent, reference) => agent <= reference + 0.5 },
+  },
+  det: {
+    bytes: { text: "p50 <= 1.5x in-process", met: (agent, reference) => agent <= 1.5 * reference },
+    shm: { text: "p50 <= 1.05x in-process", met: (agent, reference) => agent <= 1.05 * reference },
+  },
 };
 
 interface Plan {
@@ -76,50 +87,84 @@ interface Plan {
   starts: number;
   /** Per model key. */
   blocks: Record<string, BlockPlan>;
+  /** Iterations of each shared memory mapping loop (default mode). */
+  mappingIterations: number;
 }
 
-// Rounds are multiples of the number of paths (4 in default mode, 3 in the sweep; one fewer without grpcio), so
-// each path holds each position in the rotation equally.
+// Plans give whole rotations, so every path holds every position equally however many paths run (7 in
+// default mode, 3 in the sweep; fewer without grpcio). Default mode's det blocks take most of its time; short
+// ones spread bursts of load from other processes over every path rather than a few blocks.
 const PLANS: Record<string, Plan> = {
   default: {
     starts: 5,
     blocks: {
-      cls: { warmup: 20, rounds: 32, blockSize: 20, blockWarmup: 2 },
-      det: { warmup: 3, rounds: 24, blockSize: 10, blockWarmup: 2 },
+      cls: { warmup: 20, rotations: 4, blockSize: 20, blockWarmup: 2 },
+      det: { warmup: 3, rotations: 4, blockSize: 5, blockWarmup: 1 },
     },
+    mappingIterations: 1000,
   },
   defaultQuick: {
     starts: 3,
     blocks: {
-      cls: { warmup: 10, rounds: 8, blockSize: 20, blockWarmup: 2 },
-      det: { warmup: 2, rounds: 4, blockSize: 10, blockWarmup: 2 },
+      cls: { warmup: 10, rotations: 1, blockSize: 20, blockWarmup: 2 },
+      det: { warmup: 2, rotations: 1, blockSize: 4, blockWarmup: 1 },
     },
+    mappingIterations: 200,
   },
   sweep: {
     starts: 0,
     blocks: {
-      cls: { warmup: 10, rounds: 9, blockSize: 20, blockWarmup: 2 },
-      det: { warmup: 2, rounds: 6, blockSize: 8, blockWarmup: 2 },
+      cls: { warmup: 10, rotations: 3, blockSize: 20, blockWarmup: 2 },
+      det: { warmup: 2, rotations: 2, blockSize: 8, blockWarmup: 2 },
     },
+    mappingIterations: 0,
   },
   sweepQuick: {
     starts: 0,
     blocks: {
-      cls: { warmup: 5, rounds: 3, blockSize: 20, blockWarmup: 2 },
-      det: { warmup: 1, rounds: 3, blockSize: 5, blockWarmup: 1 },
+      cls: { warmup: 5, rotations: 1, blockSize: 20, blockWarmup: 2 },
+      det: { warmup: 1, rotations: 1, blockSize: 5, blockWarmup: 1 },
     },
+    mappingIterations: 0,
   },
 };
 
 const PATH_LABELS: Record<PathName, string> = {
   reference: "reference (onnxruntime-node, in-process)",
-  agent: "agent (grpc-js client, in-process)",
-  grpcio: "agent (grpcio client, Python subprocess)",
+  agent: "agent, bytes (grpc-js client, in-process)",
+  agentSysv: "agent, SysV shm (grpc-js client, in-process)",
+  agentPosix: "agent, POSIX shm (grpc-js client, in-process)",
+  grpcio: "agent, bytes (grpcio client, Python)",
+  grpcioSysv: "agent, SysV shm (grpcio client, Python)",
   ffi: "ffi (our bindings, in-process)",
 };
 
 /** The agent's client on each path that goes through gRPC. */
-const CLIENTS: Record<string, string> = { agent: "grpc-js", grpcio: "grpcio" };
+const CLIENTS: Record<string, string> = {
+  agent: "grpc-js",
+  agentSysv: "grpc-js",
+  agentPosix: "grpc-js",
+  grpcio: "grpcio",
+  grpcioSysv: "grpcio",
+};
+
+/** How each agent path's input reaches the agent; the other paths are in-process. */
+const TRANSPORTS: Partial<Record<PathName, Transport>> = {
+  agent: "bytes",
+  agentSysv: "shm",
+  agentPosix: "shm",
+  grpcio: "bytes",
+  grpcioSysv: "shm",
+};
+
+/** Input column of the split tables. */
+const INPUT_LABELS: Partial<Record<PathName, string>> = {
+  agent: "bytes",
+  agentSysv: "SysV shm",
+  agentPosix: "POSIX shm",
+  grpcio: "bytes",
+  grpcioSysv: "SysV shm",
+};
 
 interface Workspace {
   dir: string;
@@ -141,9 +186,7 @@ async function prepare(): Promise<Workspace> {
   const modelsDir = join(dir, "models");
   const urls: Record<string, string> = {};
   for (const { key, file } of MODELS) {
-    urls[key] = join(modelsDir, key);
-    await mkdir(urls[key], { recursive: true });
-    await copyFile(file, join(urls[key], "model.onnx"));
+    urls[key] = await writeModelFolder(modelsDir, key, await Deno.readFile(file));
   }
   const models = MODELS.map(({ key, file, shape, seed }) => ({
     key,
@@ -210,6 +253,7 @@ function splitSummary(splits: AgentSplit[], codec: Codec) {
     clientResponseDecodeMs: codec.responseDecodeMs,
     transportMs: of((s) => s.totalMs - s.ms - codecMs),
     callsWithCopiedInputs: splits.filter((s) => s.copiedInputs > 0).length,
+    callsWithShmInputs: splits.filter((s) => s.sharedMemoryInputs > 0).length,
     requestBytes: codec.requestBytes,
     responseBytes: codec.responseBytes,
   };
@@ -222,7 +266,10 @@ function grpcioSplitSummary(splits: AgentSplit[]) {
     n: splits.length,
     clientTotalMs: of((s) => s.totalMs),
     agentHandlerMs: of((s) => s.ms),
+    agentBindMs: of((s) => s.bindMs),
+    agentRunMs: of((s) => s.runMs),
     outsideHandlerMs: of((s) => s.totalMs - s.ms),
+    callsWithShmInputs: splits.filter((s) => s.sharedMemoryInputs > 0).length,
   };
 }
 
@@ -233,8 +280,29 @@ function maxAbsDiff(a: Float32Array, b: Float32Array): number {
   return max;
 }
 
-async function defaultMode(workspace: Workspace, { starts, blocks }: Plan) {
-  const keys = agentConfigKeys(DEFAULT_CHOICE);
+async function defaultMode(workspace: Workspace, plan: Plan) {
+  const segments = new BenchSegments();
+  // SysV segments outlive their process, so an interrupted run removes them too.
+  const interrupted = () => {
+    segments.removeAll();
+    Deno.exit(130);
+  };
+  Deno.addSignalListener("SIGINT", interrupted);
+  try {
+    return await measureDefault(workspace, plan, segments);
+  } finally {
+    Deno.removeSignalListener("SIGINT", interrupted);
+    segments.removeAll();
+  }
+}
+
+async function measureDefault(
+  workspace: Workspace,
+  { starts, blocks, mappingIterations }: Plan,
+  segments: BenchSegments,
+) {
+  // One agent serves every path: bytes, SysV ids, and POSIX objects under a prefix unique to this run.
+  const keys = { ...agentConfigKeys(DEFAULT_CHOICE), ...segments.agentKeys() };
 
   console.log(`agent start-up: ${starts} starts`);
   const readyMs: number[] = [];
@@ -261,31 +329,47 @@ async function defaultMode(workspace: Workspace, { starts, blocks }: Plan) {
 
     const models = [];
     for (const [i, model] of workspace.models.entries()) {
+      const segment = segments.add(model.key, model.input);
       const reference = await ReferenceRunner.create(model, DEFAULT_CHOICE);
       releases.push(() => reference.release());
       const ffi = await FfiRunner.create(model, runtime, DEFAULT_CHOICE);
       releases.push(() => ffi.release());
-      const viaGrpcio = grpcio && await GrpcioRunner.create(grpcio, agents[i], workspace.dir);
-      const runners: Runner[] = [reference, agents[i], ...(viaGrpcio ? [viaGrpcio] : []), ffi];
+      const grpcJs = [
+        agents[i],
+        agents[i].viaSharedMemory({ kind: "sysv", segmentId: segment.sysvId }),
+        agents[i].viaSharedMemory({ kind: "posix", segmentId: segment.posixId }),
+      ];
+      const viaGrpcio = grpcio
+        ? [
+          await GrpcioRunner.create(grpcio, agents[i], workspace.dir),
+          await GrpcioRunner.create(grpcio, agents[i], workspace.dir, segment.sysvId),
+        ]
+        : [];
+      const runners: Runner[] = [reference, ...grpcJs, ...viaGrpcio, ffi];
       const expected = await reference.output();
       const diffs: Partial<Record<PathName, number>> = {};
       for (const runner of runners.slice(1)) diffs[runner.path] = maxAbsDiff(await runner.output(), expected);
       const plan = blocks[model.key];
       console.log(
-        `${model.key}: ${plan.rounds} rounds of ${plan.blockSize}-call blocks per path (+${plan.blockWarmup} warm-up)`,
+        `${model.key}: ${plan.rotations * runners.length} rounds (${plan.rotations} rotation${
+          plan.rotations === 1 ? "" : "s"
+        } of ${runners.length} paths) of ${plan.blockSize}-call blocks per path (+${plan.blockWarmup} warm-up)`,
       );
       const results = await runBlocks(runners, plan);
-      const response = await agents[i].call();
-      const codec = codecTimes(agents[i], response);
+      const splits: Partial<Record<PathName, ReturnType<typeof splitSummary>>> = {};
+      for (const runner of grpcJs) {
+        splits[runner.path] = splitSummary(runner.splits, codecTimes(runner, await runner.call()));
+      }
       models.push({
         model: model.key,
         shape: model.shape,
+        inputBytes: model.input.byteLength,
         maxAbsDiffVsReference: diffs,
         paths: Object.fromEntries(
           runners.map((r, j) => [r.path, { ...summary(results[j]), latencies: results[j].latencies }]),
         ),
-        split: splitSummary(agents[i].splits, codec),
-        grpcioSplit: viaGrpcio && grpcioSplitSummary(viaGrpcio.splits),
+        splits,
+        grpcioSplits: Object.fromEntries(viaGrpcio.map((r) => [r.path, grpcioSplitSummary(r.splits)])),
       });
     }
     // A tiny rpc's round trip: the per-call cost of gRPC on the socket, whatever the tensors.
@@ -298,11 +382,15 @@ async function defaultMode(workspace: Workspace, { starts, blocks }: Plan) {
     }
     listModelsMs.agent = median(grpcJsTimes);
     if (grpcio) listModelsMs.grpcio = median(await grpcio.listModels(LIST_MODELS_CALLS));
+    console.log(`shared memory mapping: ${mappingIterations} iterations per loop`);
+    const mapping = mappingCosts(segments, mappingIterations);
     return {
       readyMs,
       listModelsMs,
       memory: { idle, modelsLoaded: loaded, afterInference: agent.memory() },
       models,
+      mappingIterations,
+      mapping,
       onnxRuntimeVersion: runtime.version,
       grpcioVersion: grpcio?.version,
     };
@@ -317,14 +405,16 @@ async function defaultMode(workspace: Workspace, { starts, blocks }: Plan) {
 function printDefault(report: Awaited<ReturnType<typeof defaultMode>>): void {
   const rows: string[][] = [];
   const versus: string[][] = [];
+  const sideBySide: string[][] = [];
   for (const m of report.models) {
-    const reference = m.paths.reference;
-    for (const [path, s] of Object.entries(m.paths)) {
-      rows.push([m.model, PATH_LABELS[path as PathName], String(s.n), ms(s.p50), ms(s.p99), ms(s.cpuMsPerCall)]);
+    const paths = m.paths as Partial<Record<PathName, ReturnType<typeof summary>>>;
+    const reference = paths.reference!;
+    for (const [path, s] of Object.entries(paths) as [PathName, ReturnType<typeof summary>][]) {
+      rows.push([m.model, PATH_LABELS[path], String(s.n), ms(s.p50), ms(s.p99), ms(s.cpuMsPerCall)]);
       if (path === "reference") continue;
-      const target = TARGETS[m.model];
       // The targets are the agent's, whichever client calls it; ffi only shows what gRPC adds.
-      const targeted = path !== "ffi";
+      const transport = TRANSPORTS[path];
+      const target = transport && TARGETS[m.model][transport];
       versus.push([
         m.model,
         `${path} / in-process`,
@@ -332,14 +422,41 @@ function printDefault(report: Awaited<ReturnType<typeof defaultMode>>): void {
         ratio(s.p99 / reference.p99),
         signedMs(s.p50 - reference.p50),
         signedMs(s.p99 - reference.p99),
-        targeted ? target.text : "(diagnostic)",
-        targeted ? (target.met(s.p50, reference.p50) ? "met" : "MISSED") : "",
+        target ? target.text : "(diagnostic)",
+        target ? (target.met(s.p50, reference.p50) ? "met" : "MISSED") : "",
       ]);
     }
+    sideBySide.push([
+      m.model,
+      ms(reference.p50),
+      ms(reference.p99),
+      ...(["agent", "agentSysv", "agentPosix"] as const).flatMap((path) => {
+        const s = paths[path]!;
+        return [ms(s.p50), ms(s.p99), ratio(s.p50 / reference.p50)];
+      }),
+    ]);
   }
   console.log(
     `\nEvery path: ONNX Runtime ${report.onnxRuntimeVersion}, ${choiceLabel(DEFAULT_CHOICE)} (agent defaults)` +
       (report.grpcioVersion ? `; Python grpcio ${report.grpcioVersion}` : ""),
+  );
+  console.log("\nSide by side: in-process vs agent Predict from grpc-js, input as bytes / SysV shm / POSIX shm");
+  console.log("(ms; ratio = p50 / in-process p50)");
+  console.log(
+    table([
+      "model",
+      "in-proc p50",
+      "p99",
+      "bytes p50",
+      "p99",
+      "ratio",
+      "SysV p50",
+      "p99",
+      "ratio",
+      "POSIX p50",
+      "p99",
+      "ratio",
+    ], sideBySide),
   );
   console.log("\nLatency per Predict (ms); cpu/inf = CPU time of the process running the model, per call");
   console.log(table(["model", "path", "n", "p50", "p99", "cpu/inf"], rows, 2));
@@ -348,10 +465,10 @@ function printDefault(report: Awaited<ReturnType<typeof defaultMode>>): void {
     table(["model", "path", "p50 ratio", "p99 ratio", "p50 delta", "p99 delta", "target", "result"], versus, 2),
   );
 
-  const split = report.models.map((m) => {
-    const s = m.split;
-    return [
+  const split = report.models.flatMap((m) =>
+    (Object.entries(m.splits) as [PathName, ReturnType<typeof splitSummary>][]).map(([path, s]) => [
       m.model,
+      INPUT_LABELS[path]!,
       ms(s.clientTotalMs),
       ms(s.clientRequestEncodeMs),
       ms(s.agentRequestDecodeMs),
@@ -363,45 +480,117 @@ function printDefault(report: Awaited<ReturnType<typeof defaultMode>>): void {
       ms(s.clientResponseDecodeMs),
       ms(s.transportMs),
       `${s.callsWithCopiedInputs}/${s.n}`,
-    ];
-  });
+      `${s.callsWithShmInputs}/${s.n}`,
+    ])
+  );
   console.log("\nWhere an agent Predict's time goes, grpc-js client (medians, ms)");
   console.log(
-    table([
-      "model",
-      "client total",
-      "req encode",
-      "req decode",
-      "handler",
-      "bind",
-      "run",
-      "resp encode",
-      "handler other",
-      "resp decode",
-      "transport",
-      "copied inputs",
-    ], split),
+    table(
+      [
+        "model",
+        "input",
+        "client total",
+        "req encode",
+        "req decode",
+        "handler",
+        "bind",
+        "run",
+        "resp encode",
+        "handler other",
+        "resp decode",
+        "transport",
+        "copied inputs",
+        "shm inputs",
+      ],
+      split,
+      2,
+    ),
   );
   console.log(
-    "  handler = bind + run + resp encode + handler other: the agent's own log lines (run includes the hop to\n" +
-      "  ORT's thread; copied inputs: calls whose input bytes were unaligned, as the agent counts them).\n" +
+    "  handler = bind + run + resp encode + handler other: the agent's own log lines (bind includes mapping the\n" +
+      "  segment; run includes the hop to ORT's thread and, with shm, the page faults of ORT's first reads of the\n" +
+      "  fresh mapping; handler other includes unmapping it; copied inputs: calls whose input bytes were\n" +
+      "  unaligned, shm inputs: calls whose input came by shared memory, as the agent counts them).\n" +
       "  req encode, req decode (agent side) and resp decode (client side): protobufjs on the same messages,\n" +
       "  timed in-process. transport = client total - agent handler - those three: gRPC, HTTP/2, the socket.",
   );
   for (const m of report.models) {
-    const g = m.grpcioSplit;
-    if (!g) continue;
-    console.log(
-      `  grpcio client, ${m.model}: total ${ms(g.clientTotalMs)} ms, agent handler ${ms(g.agentHandlerMs)} ms, ` +
-        `the rest (grpcio, codecs, transport) ${ms(g.outsideHandlerMs)} ms (medians)`,
-    );
+    for (const [path, g] of Object.entries(m.grpcioSplits)) {
+      console.log(
+        `  grpcio client, ${m.model}, ${INPUT_LABELS[path as PathName]}: total ${ms(g.clientTotalMs)} ms, ` +
+          `agent handler ${ms(g.agentHandlerMs)} ms (bind ${ms(g.agentBindMs)}, run ${ms(g.agentRunMs)}), ` +
+          `the rest (grpcio, codecs, transport) ${ms(g.outsideHandlerMs)} ms (medians; shm inputs ` +
+          `${g.callsWithShmInputs}/${g.n})`,
+      );
+    }
   }
   const listModels = Object.entries(report.listModelsMs).map(([path, t]) => `${ms(t)} ms from ${CLIENTS[path]}`);
   console.log(`  for scale: a ListModels round trip (no tensors) takes ${listModels.join(", ")} (medians)`);
   for (const m of report.models) {
+    const bytes = m.splits.agent!;
+    const deltas = (["agentSysv", "agentPosix"] as const).map((path) => {
+      const s = m.splits[path]!;
+      return `${INPUT_LABELS[path]} bind ${signedMs(s.agentBindMs - bytes.agentBindMs)}, ` +
+        `run ${signedMs(s.agentRunMs - bytes.agentRunMs)}`;
+    });
+    console.log(`  agent's own time, shm vs bytes, ${m.model}: ${deltas.join("; ")} ms (medians)`);
+  }
+  for (const m of report.models) {
     const diffs = Object.entries(m.maxAbsDiffVsReference).map(([path, d]) => `max |${path} - reference| ${d}`);
     console.log(`  output check ${m.model}: ${diffs.join(", ")}`);
   }
+
+  const iterations = report.mapping.length > 0 ? report.mappingIterations : 0;
+  console.log(
+    `\nMapping a segment per request, in this process: SharedMemoryReader.open() + release() (src/shm.ts), ` +
+      `${iterations} iterations each (µs per request, p50 unless said)`,
+  );
+  console.log(
+    table(
+      [
+        "model",
+        "segment, reader mode",
+        "bytes",
+        "pages",
+        "open",
+        "release",
+        "open+release",
+        "p99",
+        "1st read",
+        "read, kept",
+        "faults",
+        "per page",
+        "release after read",
+        "per request",
+      ],
+      report.mapping.map((c) => {
+        const faults = c.firstReadUs - c.keptReadUs;
+        return [
+          c.model,
+          c.how,
+          String(c.bytes),
+          String(c.pages),
+          us(c.openUs),
+          us(c.releaseUs),
+          us(c.cycleUs),
+          us(c.cycleP99Us),
+          us(c.firstReadUs),
+          us(c.keptReadUs),
+          us(faults),
+          us(faults / c.pages),
+          us(c.releaseAfterReadUs),
+          us(c.openUs + faults + c.releaseAfterReadUs),
+        ];
+      }),
+      2,
+    ),
+  );
+  console.log(
+    "  open: checks, shm_open (+ lseek, mmap, close) or shmctl(IPC_STAT) + shmat, and the view; release: munmap\n" +
+      '  or shmdt, of an unread mapping. SysV in "both" mode first misses shm_open on <prefix><id>. 1st read: one\n' +
+      "  byte per 4096 of a fresh mapping; faults = 1st read - the same reads on a kept mapping: what the agent\n" +
+      "  pays inside ORT's Run when it first reads the input. per request = open + faults + release after read.",
+  );
 
   const mem = report.memory;
   console.log("\nAgent process");
@@ -456,7 +645,7 @@ async function sweepMode(workspace: Workspace, { blocks }: Plan) {
 
 function printSweep(report: Awaited<ReturnType<typeof sweepMode>>): void {
   for (const { key } of MODELS) {
-    const target = TARGETS[key];
+    const target = TARGETS[key].bytes;
     // One row per client; the options and reference figures only on each setting's first.
     const rows = report.rows.filter((r) => r.model === key).flatMap((r) =>
       r.clients.map((a, i) => [

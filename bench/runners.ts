@@ -11,7 +11,10 @@ import { enumValues, type Tensor } from "../src/wire.ts";
 import type { AgentProcess, PredictLog } from "./agent_process.ts";
 import type { GrpcioClient } from "./grpcio.ts";
 
-export type PathName = "reference" | "agent" | "grpcio" | "ffi";
+export type PathName = "reference" | "agent" | "agentSysv" | "agentPosix" | "grpcio" | "grpcioSysv" | "ffi";
+
+/** Where an agent path's input tensor travels: in the message, or as a handle to a segment filled once. */
+export type InputSource = { kind: "bytes" } | { kind: "sysv" | "posix"; segmentId: number };
 
 export interface ModelCase {
   key: string;
@@ -194,27 +197,45 @@ async function pairSplits(agent: AgentProcess, block: Sample[], splits: AgentSpl
   });
 }
 
-/** Predict through the grpc-js client in this process to the agent subprocess, byte tensors. */
+const AGENT_PATHS = { bytes: "agent", sysv: "agentSysv", posix: "agentPosix" } as const;
+
+/** Predict through the grpc-js client in this process to the agent subprocess. */
 export class AgentRunner implements Runner {
-  readonly path = "agent";
+  readonly path: PathName;
   readonly splits: AgentSplit[] = [];
   readonly tensors: Tensor[];
 
-  private constructor(readonly model: ModelCase, readonly agent: AgentProcess, inputName: string) {
-    this.tensors = [{
-      tensor_metadata: {
-        name: new TextEncoder().encode(inputName),
-        data_type: enumValues("DataType").FLOAT32,
-        shape: model.shape,
+  private constructor(
+    readonly model: ModelCase,
+    readonly agent: AgentProcess,
+    readonly inputName: string,
+    readonly source: InputSource,
+  ) {
+    this.path = AGENT_PATHS[source.kind];
+    const tensor_metadata = {
+      name: new TextEncoder().encode(inputName),
+      data_type: enumValues("DataType").FLOAT32,
+      shape: model.shape,
+    };
+    this.tensors = [
+      source.kind === "bytes" ? { tensor_metadata, byte_data: bytesOf(model.input) } : {
+        tensor_metadata,
+        shared_memory_handle: { size: model.input.byteLength, offset: 0, segment_id: source.segmentId },
       },
-      byte_data: bytesOf(model.input),
-    }];
+    ];
   }
 
-  /** Loads `url` under the model's key as its name. */
+  /** Loads `url` under the model's key as its name; the runner sends the input as bytes. */
   static async create(model: ModelCase, agent: AgentProcess, url: string): Promise<AgentRunner> {
     const { model: loaded } = await agent.client.loadModel(url, model.key);
-    return new AgentRunner(model, agent, new TextDecoder().decode(loaded.input_tensor_metadatas[0].name));
+    return new AgentRunner(model, agent, new TextDecoder().decode(loaded.input_tensor_metadatas[0].name), {
+      kind: "bytes",
+    });
+  }
+
+  /** The same agent and model, the input sent as a handle to a segment that already holds it. */
+  viaSharedMemory(source: InputSource & { kind: "sysv" | "posix" }): AgentRunner {
+    return new AgentRunner(this.model, this.agent, this.inputName, source);
   }
 
   timeCalls(count: number): Promise<number[]> {
@@ -245,35 +266,51 @@ export class AgentRunner implements Runner {
 
 /**
  * Predict from the Python grpcio client to the same agent and model as an AgentRunner, timed in Python
- * around each stub call.
+ * around each stub call; the input as bytes, or as a handle to a SysV segment that already holds it.
  */
 export class GrpcioRunner implements Runner {
-  readonly path = "grpcio";
+  readonly path: PathName;
   readonly model: ModelCase;
   readonly splits: AgentSplit[] = [];
   readonly #agent: AgentProcess;
   readonly #inputName: string;
   readonly #inputFile: string;
   readonly #outputFile: string;
+  readonly #segmentId?: number;
 
-  private constructor(readonly client: GrpcioClient, grpcJs: AgentRunner, dir: string) {
+  private constructor(readonly client: GrpcioClient, grpcJs: AgentRunner, dir: string, sysvSegmentId?: number) {
+    this.path = sysvSegmentId === undefined ? "grpcio" : "grpcioSysv";
     this.model = grpcJs.model;
     this.#agent = grpcJs.agent;
-    this.#inputName = new TextDecoder().decode(grpcJs.tensors[0].tensor_metadata!.name);
+    this.#inputName = grpcJs.inputName;
     this.#inputFile = join(dir, `${this.model.key}.input.bin`);
-    this.#outputFile = join(dir, `${this.model.key}.grpcio-output.bin`);
+    this.#outputFile = join(dir, `${this.model.key}.${this.path}-output.bin`);
+    this.#segmentId = sysvSegmentId;
   }
 
-  /** Tensors go to and from Python as raw float32 files in `dir`. */
-  static async create(client: GrpcioClient, grpcJs: AgentRunner, dir: string): Promise<GrpcioRunner> {
-    const runner = new GrpcioRunner(client, grpcJs, dir);
-    await Deno.writeFile(runner.#inputFile, bytesOf(runner.model.input));
+  /** Tensors go to and from Python as raw float32 files in `dir` (the input only when sent as bytes). */
+  static async create(
+    client: GrpcioClient,
+    grpcJs: AgentRunner,
+    dir: string,
+    sysvSegmentId?: number,
+  ): Promise<GrpcioRunner> {
+    const runner = new GrpcioRunner(client, grpcJs, dir, sysvSegmentId);
+    if (sysvSegmentId === undefined) await Deno.writeFile(runner.#inputFile, bytesOf(runner.model.input));
     return runner;
   }
 
   #predict(count: number, output?: string): Promise<number[]> {
     const { key: name, shape } = this.model;
-    return this.client.predict({ name, input: this.#inputFile, inputName: this.#inputName, shape, count, output });
+    return this.client.predict({
+      name,
+      input: this.#inputFile,
+      segmentId: this.#segmentId,
+      inputName: this.#inputName,
+      shape,
+      count,
+      output,
+    });
   }
 
   timeCalls(count: number): Promise<number[]> {
@@ -300,8 +337,11 @@ export class GrpcioRunner implements Runner {
 export interface BlockPlan {
   /** Unmeasured calls per path before the first block. */
   warmup: number;
-  /** Each round runs one block per path, in an order rotated by one each round. */
-  rounds: number;
+  /**
+   * Full turns of the rotation: each round runs one block per path, in an order rotated by one each round,
+   * and a turn is as many rounds as paths, so each path holds each position equally often.
+   */
+  rotations: number;
   blockSize: number;
   /** Unmeasured calls at the start of each block, so the path before it has let go of the cores. */
   blockWarmup: number;
@@ -326,7 +366,7 @@ async function runBlock(runner: Runner, calls: number, unmeasured: number): Prom
 export async function runBlocks(runners: Runner[], plan: BlockPlan): Promise<PathResult[]> {
   for (const runner of runners) await runBlock(runner, plan.warmup, plan.warmup);
   const results = runners.map(() => ({ latencies: [] as number[], cpuMs: 0, calls: 0 }));
-  for (let round = 0; round < plan.rounds; round++) {
+  for (let round = 0; round < plan.rotations * runners.length; round++) {
     for (let k = 0; k < runners.length; k++) {
       const index = (round + k) % runners.length;
       const runner = runners[index];

@@ -18,6 +18,12 @@ export function ms(value: number): string {
   return value.toFixed(Math.abs(value) < 1 ? 3 : Math.abs(value) < 100 ? 2 : 1);
 }
 
+/** Microseconds, one decimal below 100. */
+export function us(value: number): string {
+  if (!Number.isFinite(value)) return "-";
+  return value.toFixed(Math.abs(value) < 100 ? 1 : 0);
+}
+
 export function signedMs(value: number): string {
   return (value >= 0 ? "+" : "") + ms(value);
 }
