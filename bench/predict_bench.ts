@@ -19,6 +19,7 @@ import { DEFAULTS } from "../src/config.ts";
 import { asBuffer, messageType, type Tensor } from "../src/wire.ts";
 import { PADDLE_CLS, PADDLE_DET, writeModelFolder } from "../tests/helpers/onnx_models.ts";
 import { AgentProcess, readProc } from "./agent_process.ts";
+import { loadBenchmark, printLoads } from "./load_bench.ts";
 import { generateStubs, GrpcioClient, grpcioMissing } from "./grpcio.ts";
 import {
   agentConfigKeys,
@@ -725,7 +726,10 @@ async function main(): Promise<void> {
     } else {
       const report = await defaultMode(workspace, plan);
       printDefault(report);
-      results = report;
+      const loadRounds = values.quick ? 3 : 8;
+      const loads = await loadBenchmark(loadRounds);
+      printLoads(loads, loadRounds);
+      results = { ...report, loads };
     }
   } finally {
     await Deno.remove(workspace.dir, { recursive: true });

@@ -808,7 +808,8 @@ Deno.test("oms: hashing a 10 MB model yields to the event loop between chunks", 
       clearInterval(timer);
     }
     const took = performance.now() - started;
-    assert.ok(ticks >= 1, `${hashType}: no timer ran during ${took.toFixed(0)} ms of verification`);
+    // A verification quicker than a timer tick proves nothing either way; a longer one must let timers run.
+    if (took >= 50) assert.ok(ticks >= 1, `${hashType}: no timer ran during ${took.toFixed(0)} ms of verification`);
     assert.ok(
       longestGap < 100,
       `${hashType}: event loop held for ${longestGap.toFixed(1)} ms of ${took.toFixed(0)} ms`,

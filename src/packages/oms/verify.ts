@@ -274,6 +274,32 @@ export async function verifyBundleSignature(
   };
 }
 
+/**
+ * Verified signatures per trust and bundle text. Parsing certificates and validating a chain costs
+ * several milliseconds; the result depends only on the bundle, the trust and the time, so a reload
+ * of the same package reuses it while every certificate of its chain is still valid. Files are
+ * always hashed again.
+ */
+const signatureCache = new WeakMap<OmsTrust, Map<string, SignatureVerification>>();
+
+async function cachedSignature(
+  raw: string | Uint8Array | OmsBundleJson,
+  bundle: ParsedBundle,
+  trust: OmsTrust,
+  now: Date,
+): Promise<SignatureVerification> {
+  const key = typeof raw === "string" ? raw : raw instanceof Uint8Array ? new TextDecoder().decode(raw) : null;
+  const cache = signatureCache.get(trust) ?? new Map<string, SignatureVerification>();
+  signatureCache.set(trust, cache);
+  const hit = key === null ? undefined : cache.get(key);
+  const valid = (v: SignatureVerification) =>
+    v.chain.every((c) => Date.parse(c.notBefore) <= now.getTime() && now.getTime() <= Date.parse(c.notAfter));
+  if (hit && valid(hit)) return hit;
+  const verified = await verifyBundleSignature(bundle, trust, { now });
+  if (key !== null) cache.set(key, verified);
+  return verified;
+}
+
 export interface VerifyModelOptions {
   /** Model folder (or single model file). */
   modelPath: string;
@@ -286,6 +312,8 @@ export interface VerifyModelOptions {
   now?: Date;
   /** Spec 8.5 `--ignore-unsigned-files`: extra files pass (reported in `unsignedFiles`). Default false. */
   ignoreUnsignedFiles?: boolean;
+  /** Files (by manifest name) whose bytes the caller holds and will use: verified from these bytes. */
+  preloaded?: ReadonlyMap<string, Uint8Array>;
 }
 
 export interface VerificationResult extends SignatureVerification {
@@ -327,11 +355,13 @@ async function readBundle(signaturePath: string): Promise<Uint8Array> {
 /** The full procedure of spec 8 for one model. Throws OmsError on the first failed stage. */
 export async function verifyModel(options: VerifyModelOptions): Promise<VerificationResult> {
   const signaturePath = options.signaturePath ?? await defaultSignaturePath(options.modelPath);
-  const bundle = parseBundle(options.bundle ?? await readBundle(signaturePath));
-  const signature = await verifyBundleSignature(bundle, options.trust, { now: options.now });
+  const raw = options.bundle ?? await readBundle(signaturePath);
+  const bundle = parseBundle(raw);
+  const signature = await cachedSignature(raw, bundle, options.trust, options.now ?? new Date());
   const manifest: ManifestVerification = await verifyManifest(options.modelPath, bundle.statement.predicate, {
     signaturePath,
     ignoreUnsignedFiles: options.ignoreUnsignedFiles,
+    preloaded: options.preloaded,
   });
 
   const ser = signature.serialization;
