@@ -208,7 +208,7 @@ Deno.test("the command line rejects unknown commands and flags with usage", asyn
   for (const args of [["bogus"], ["serve", "--port", "1"]]) {
     const out = await new Deno.Command(Deno.execPath(), { args: ["run", MAIN, ...args] }).output();
     assert.equal(out.code, 2);
-    assert.match(new TextDecoder().decode(out.stderr), /usage: edge-agent serve/);
+    assert.match(new TextDecoder().decode(out.stderr), /usage:\n  edge-agent serve \[-a <socket path>\]/);
   }
 });
 
