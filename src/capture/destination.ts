@@ -1,0 +1,65 @@
+// Where batches go. A put is idempotent (same key, same bytes) and resolves only once the object is
+// durable there; errors say whether retrying may help.
+
+import { dirname } from "node:path";
+import { ensureDirDurable, writeFileDurable } from "./fsutil.ts";
+import { S3Client, S3Error, type S3Options } from "./s3.ts";
+
+export interface Destination {
+  /** "Disk" or "Cloud", for logs and stats. */
+  readonly kind: "Disk" | "Cloud";
+  put(key: string, data: Uint8Array, contentType: string, signal?: AbortSignal): Promise<void>;
+}
+
+/** A put that failed. `transient`: an outage (retried without limit); otherwise counts towards max attempts. */
+export class DestinationError extends Error {
+  constructor(message: string, readonly transient: boolean) {
+    super(message);
+    this.name = "DestinationError";
+  }
+}
+
+/** Disk errors that a later attempt may not hit: full disk, I/O errors, resource limits, read-only remounts. */
+const TRANSIENT_DISK_CODES = new Set(["ENOSPC", "EIO", "EAGAIN", "EBUSY", "EMFILE", "ENFILE", "EROFS", "EDQUOT"]);
+
+/** Writes objects as files under `root` (disk_path): temporary file, fsync, rename, fsync folder. */
+export class DiskDestination implements Destination {
+  readonly kind = "Disk";
+  private knownDirs = new Set<string>();
+
+  constructor(readonly root: string, private readonly sync = true) {}
+
+  async put(key: string, data: Uint8Array): Promise<void> {
+    const path = `${this.root}/${key}`;
+    try {
+      const dir = dirname(path);
+      if (!this.knownDirs.has(dir)) {
+        await ensureDirDurable(dir, this.root);
+        this.knownDirs.add(dir);
+      }
+      await writeFileDurable(path, data, this.sync);
+    } catch (e) {
+      this.knownDirs.clear(); // the folder may have been removed under us
+      const code = (e as { code?: string }).code ?? "";
+      throw new DestinationError(`disk write ${path}: ${(e as Error).message}`, TRANSIENT_DISK_CODES.has(code));
+    }
+  }
+}
+
+export class S3Destination implements Destination {
+  readonly kind = "Cloud";
+  readonly client: S3Client;
+
+  constructor(options: S3Options) {
+    this.client = new S3Client(options);
+  }
+
+  async put(key: string, data: Uint8Array, contentType: string, signal?: AbortSignal): Promise<void> {
+    try {
+      await this.client.putObject(key, data, contentType, signal);
+    } catch (e) {
+      if (e instanceof S3Error) throw new DestinationError(e.message, e.transient);
+      throw new DestinationError(String(e), true);
+    }
+  }
+}

@@ -1,0 +1,253 @@
+// A small S3 client: PutObject, GetObject and ListObjectsV2 signed with AWS Signature Version 4, on fetch.
+//
+// Why not @aws-sdk/client-s3: it runs under Deno with -A, but the agent runs with scoped permissions
+// (permissions.ts: named hosts, named AWS_* variables, named folders). Loading the SDK reads many other
+// environment variables (AWS_LAMBDA_*, AWS_PROFILE, AWS_*_CHECKSUM_*, ...) and os.release(), so it fails
+// with NotCapable unless the agent gets unscoped --allow-env and --allow-sys; it would also search
+// ~/.aws and, without explicit credentials, the instance metadata address. Three calls need ~150 lines.
+
+export interface S3Credentials {
+  accessKeyId: string;
+  secretAccessKey: string;
+  sessionToken?: string;
+}
+
+export interface S3Options {
+  bucket: string;
+  region: string;
+  /** e.g. "http://127.0.0.1:4568" for s3rver or MinIO; default https://s3.<region>.amazonaws.com. */
+  endpoint?: string;
+  /** Bucket in the path (http://host/bucket/key) instead of the host name (needed by MinIO and s3rver). */
+  forcePathStyle?: boolean;
+  /** Default: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN from the environment. */
+  credentials?: S3Credentials;
+  /** Per request; default 30 s. */
+  requestTimeoutMs?: number;
+}
+
+/** An S3 request that failed; `transient` when retrying may help (network, 5xx, throttling, clock skew). */
+export class S3Error extends Error {
+  constructor(
+    message: string,
+    readonly status: number | null,
+    readonly code: string | null,
+    readonly transient: boolean,
+  ) {
+    super(message);
+    this.name = "S3Error";
+  }
+}
+
+const encoder = new TextEncoder();
+const hex = (bytes: ArrayBuffer) => Array.from(new Uint8Array(bytes), (b) => b.toString(16).padStart(2, "0")).join("");
+
+export async function sha256Hex(data: Uint8Array | string): Promise<string> {
+  const bytes = typeof data === "string" ? encoder.encode(data) : data;
+  return hex(await crypto.subtle.digest("SHA-256", bytes as Uint8Array<ArrayBuffer>));
+}
+
+async function hmac(key: Uint8Array | ArrayBuffer, data: string): Promise<ArrayBuffer> {
+  const k = await crypto.subtle.importKey("raw", key as ArrayBuffer, { name: "HMAC", hash: "SHA-256" }, false, [
+    "sign",
+  ]);
+  return crypto.subtle.sign("HMAC", k, encoder.encode(data));
+}
+
+/** RFC 3986 percent-encoding as SigV4 wants it: everything but A-Z a-z 0-9 - _ . ~ (and "/" when asked). */
+export function uriEncode(text: string, keepSlash: boolean): string {
+  let out = "";
+  for (const byte of encoder.encode(text)) {
+    const c = String.fromCharCode(byte);
+    if (/[A-Za-z0-9\-_.~]/.test(c) || (keepSlash && c === "/")) out += c;
+    else out += "%" + byte.toString(16).toUpperCase().padStart(2, "0");
+  }
+  return out;
+}
+
+export interface SignInput {
+  method: string;
+  url: URL;
+  /** Headers to sign besides host, x-amz-date, x-amz-content-sha256 (and x-amz-security-token). */
+  headers?: Record<string, string>;
+  payloadHash: string;
+  credentials: S3Credentials;
+  region: string;
+  service?: string;
+  date?: Date;
+}
+
+/**
+ * Signs a request (SigV4, header form). `url.pathname` must already be URI-encoded as S3 wants (each
+ * segment once); query parameters are canonicalised here. Returns the headers to send.
+ */
+export async function signRequest(input: SignInput): Promise<Record<string, string>> {
+  const service = input.service ?? "s3";
+  const amzDate = (input.date ?? new Date()).toISOString().replace(/[-:]/g, "").replace(/\.\d{3}/, "");
+  const day = amzDate.slice(0, 8);
+  const headers: Record<string, string> = {
+    ...Object.fromEntries(Object.entries(input.headers ?? {}).map(([k, v]) => [k.toLowerCase(), v.trim()])),
+    host: input.url.host,
+    "x-amz-content-sha256": input.payloadHash,
+    "x-amz-date": amzDate,
+  };
+  if (input.credentials.sessionToken) headers["x-amz-security-token"] = input.credentials.sessionToken;
+  const names = Object.keys(headers).sort();
+  const query = [...input.url.searchParams]
+    .map(([k, v]) => [uriEncode(k, false), uriEncode(v, false)])
+    .sort(([a, x], [b, y]) => (a < b ? -1 : a > b ? 1 : x < y ? -1 : x > y ? 1 : 0))
+    .map(([k, v]) => `${k}=${v}`)
+    .join("&");
+  const canonical = [
+    input.method,
+    input.url.pathname,
+    query,
+    names.map((n) => `${n}:${headers[n]}\n`).join(""),
+    names.join(";"),
+    input.payloadHash,
+  ].join("\n");
+  const scope = `${day}/${input.region}/${service}/aws4_request`;
+  const stringToSign = ["AWS4-HMAC-SHA256", amzDate, scope, await sha256Hex(canonical)].join("\n");
+  let key = await hmac(encoder.encode(`AWS4${input.credentials.secretAccessKey}`), day);
+  for (const part of [input.region, service, "aws4_request"]) key = await hmac(key, part);
+  const signature = hex(await hmac(key, stringToSign));
+  delete headers.host; // fetch sets it from the URL
+  headers.authorization =
+    `AWS4-HMAC-SHA256 Credential=${input.credentials.accessKeyId}/${scope}, SignedHeaders=${names.join(";")}, ` +
+    `Signature=${signature}`;
+  return headers;
+}
+
+export function credentialsFromEnv(): S3Credentials {
+  const get = (name: string) => {
+    try {
+      return Deno.env.get(name);
+    } catch {
+      return undefined; // not granted: same as unset
+    }
+  };
+  const accessKeyId = get("AWS_ACCESS_KEY_ID");
+  const secretAccessKey = get("AWS_SECRET_ACCESS_KEY");
+  if (!accessKeyId || !secretAccessKey) {
+    throw new Error("S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or pass credentials");
+  }
+  return { accessKeyId, secretAccessKey, sessionToken: get("AWS_SESSION_TOKEN") || undefined };
+}
+
+/** Retrying may succeed: server errors, throttling, timeouts, and errors fixed by time (clock, token). */
+function transientStatus(status: number, code: string | null): boolean {
+  return status >= 500 || status === 429 || status === 408 ||
+    code === "RequestTimeTooSkewed" || code === "ExpiredToken" || code === "RequestTimeout" ||
+    code === "SlowDown" || code === "OperationAborted";
+}
+
+export class S3Client {
+  private readonly credentials: S3Credentials;
+  private readonly base: URL;
+  private readonly pathStyle: boolean;
+
+  constructor(private readonly options: S3Options) {
+    this.credentials = options.credentials ?? credentialsFromEnv();
+    this.base = new URL(options.endpoint ?? `https://s3.${options.region}.amazonaws.com`);
+    // Dotted bucket names do not match the wildcard certificate of virtual-hosted style.
+    this.pathStyle = options.forcePathStyle ?? options.bucket.includes(".");
+  }
+
+  /** The request URL of `key` (encoded once per segment, as S3's canonical URI is). */
+  objectUrl(key = ""): URL {
+    const url = new URL(this.base);
+    const path = uriEncode(key, true);
+    if (this.pathStyle) {
+      url.pathname = `${url.pathname.replace(/\/$/, "")}/${uriEncode(this.options.bucket, false)}/${path}`;
+    } else {
+      url.hostname = `${this.options.bucket}.${url.hostname}`;
+      url.pathname = `${url.pathname.replace(/\/$/, "")}/${path}`;
+    }
+    return url;
+  }
+
+  private async request(
+    method: string,
+    url: URL,
+    body: Uint8Array | null,
+    headers: Record<string, string> = {},
+    signal?: AbortSignal,
+  ): Promise<Response> {
+    const payloadHash = await sha256Hex(body ?? new Uint8Array());
+    const signed = await signRequest({
+      method,
+      url,
+      headers,
+      payloadHash,
+      credentials: this.credentials,
+      region: this.options.region,
+    });
+    const timeout = AbortSignal.timeout(this.options.requestTimeoutMs ?? 30_000);
+    let response: Response;
+    try {
+      response = await fetch(url, {
+        method,
+        headers: signed,
+        body: body as Uint8Array<ArrayBuffer> | null,
+        signal: signal ? AbortSignal.any([signal, timeout]) : timeout,
+      });
+    } catch (e) {
+      throw new S3Error(`S3 ${method} ${url.pathname}: ${(e as Error).message}`, null, null, true);
+    }
+    if (response.ok || (method === "GET" && response.status === 404)) return response;
+    const text = await response.text().catch(() => "");
+    const code = /<Code>([^<]*)<\/Code>/.exec(text)?.[1] ?? null;
+    const message = /<Message>([^<]*)<\/Message>/.exec(text)?.[1] ?? text.slice(0, 200);
+    throw new S3Error(
+      `S3 ${method} ${url.pathname}: ${response.status} ${code ?? ""} ${message}`.trim(),
+      response.status,
+      code,
+      transientStatus(response.status, code),
+    );
+  }
+
+  /** PutObject; resolves once S3 answered 200 (the object is stored). */
+  async putObject(key: string, body: Uint8Array, contentType: string, signal?: AbortSignal): Promise<void> {
+    const response = await this.request("PUT", this.objectUrl(key), body, { "content-type": contentType }, signal);
+    await response.body?.cancel();
+  }
+
+  /** GetObject; null when there is no such key. */
+  async getObject(key: string): Promise<Uint8Array | null> {
+    const response = await this.request("GET", this.objectUrl(key), null);
+    if (response.status === 404) {
+      await response.body?.cancel();
+      return null;
+    }
+    return new Uint8Array(await response.arrayBuffer());
+  }
+
+  /**
+   * Every key under `prefix` (ListObjects, paging with marker=<last key>). Version 1 rather than V2 because
+   * s3rver under Deno fails any truncated V2 page: it encrypts continuation tokens with DES, which Deno's
+   * node:crypto lacks. (Only tests and tools list; uploads never do.)
+   */
+  async listKeys(prefix: string): Promise<string[]> {
+    const keys: string[] = [];
+    for (let truncated = true; truncated;) {
+      const url = this.objectUrl("");
+      // Encoded here as SigV4 canonicalises it (URLSearchParams would write spaces as "+").
+      const params = [["prefix", prefix]];
+      if (keys.length) params.push(["marker", keys[keys.length - 1]]);
+      url.search = params.map(([k, v]) => `${uriEncode(k, false)}=${uriEncode(v, false)}`).join("&");
+      const response = await this.request("GET", url, null);
+      const xml = await response.text();
+      if (response.status === 404) throw new S3Error(`S3 list: bucket not found`, 404, "NoSuchBucket", false);
+      const page = [...xml.matchAll(/<Key>([^<]*)<\/Key>/g)].map((m) => unescapeXml(m[1]));
+      keys.push(...page);
+      truncated = page.length > 0 && /<IsTruncated>true<\/IsTruncated>/.test(xml);
+    }
+    return keys;
+  }
+}
+
+function unescapeXml(s: string): string {
+  return s.replace(/&(lt|gt|quot|apos|amp|#\d+|#x[0-9a-fA-F]+);/g, (_, e: string) => {
+    if (e[0] === "#") return String.fromCodePoint(e[1] === "x" ? parseInt(e.slice(2), 16) : parseInt(e.slice(1)));
+    return ({ lt: "<", gt: ">", quot: '"', apos: "'", amp: "&" } as Record<string, string>)[e];
+  });
+}

@@ -1,0 +1,127 @@
+// Shared by the capture tests: deterministic capture records, and an s3rver on 127.0.0.1 that can be
+// stopped and started again on the same port and folder (an outage).
+
+import assert from "node:assert/strict";
+import S3rver from "s3rver";
+import { createLogger } from "../../src/log.ts";
+import { AuxEncoding, type CaptureRecord } from "../../src/capture/mod.ts";
+import type { S3Options } from "../../src/capture/s3.ts";
+
+export const BUCKET = "captures";
+/** A logger that drops everything (the tests provoke warnings on purpose). */
+export const quiet = createLogger(false, () => 0);
+const decoder = new TextDecoder();
+
+/** Bytes that depend on the capture id and a salt, so tests can rebuild them and compare byte for byte. */
+export function bytesFor(id: string, salt: string, length: number): Uint8Array {
+  let h = 2166136261;
+  for (const c of `${id}/${salt}`) h = Math.imul(h ^ c.charCodeAt(0), 16777619);
+  const out = new Uint8Array(length);
+  for (let i = 0; i < length; i++) {
+    h = Math.imul(h ^ (h >>> 15), 2246822507) ^ i;
+    out[i] = h >>> 24;
+  }
+  return out;
+}
+
+/** A capture with a small input tensor (embedded), an output of `outputBytes` (separate above 3 KB), aux data. */
+export function makeRecord(id: string, model = "model-a", outputBytes = 16): CaptureRecord {
+  return {
+    captureId: id,
+    modelName: model,
+    inferenceTimestamp: { seconds: 1_717_000_000, nanos: 123_456_789 },
+    inputTensors: [{ name: "input", dataType: 5, shape: [1, 4], data: bytesFor(id, "in", 16) }],
+    outputTensors: [{ name: "scores", dataType: 0, shape: [outputBytes], data: bytesFor(id, "out", outputBytes) }],
+    inputs: [{ name: "meta", encoding: AuxEncoding.JSON, data: new TextEncoder().encode(`{"id":"${id}"}`) }],
+    outputs: [{ name: "raw", encoding: AuxEncoding.NONE, data: bytesFor(id, "aux", 5) }],
+  };
+}
+
+export function freePort(): number {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (listener.addr as Deno.NetAddr).port;
+  listener.close();
+  return port;
+}
+
+/** s3rver (credentials S3RVER/S3RVER, path style) on 127.0.0.1, storing under `directory`. */
+export class TestS3 {
+  private server: S3rver | null = null;
+  private constructor(readonly port: number, readonly directory: string) {}
+
+  static async start(directory: string): Promise<TestS3> {
+    const s3 = new TestS3(freePort(), directory);
+    await s3.resume();
+    return s3;
+  }
+
+  get options(): S3Options {
+    return {
+      bucket: BUCKET,
+      region: "us-east-1",
+      endpoint: `http://127.0.0.1:${this.port}`,
+      forcePathStyle: true,
+      credentials: { accessKeyId: "S3RVER", secretAccessKey: "S3RVER" },
+      requestTimeoutMs: 5000,
+    };
+  }
+
+  /** Starts again on the same port and folder (after stop()). */
+  async resume(): Promise<void> {
+    this.server = new S3rver({
+      address: "127.0.0.1",
+      port: this.port,
+      silent: true,
+      directory: this.directory,
+      configureBuckets: [{ name: BUCKET }],
+    });
+    await this.server.run();
+  }
+
+  async stop(): Promise<void> {
+    await this.server?.close();
+    this.server = null;
+  }
+}
+
+export interface ManifestLine {
+  captureId: string;
+  modelName: string;
+  batchId: string;
+  inputTensors: Array<{ name: string; byteLength: number; data?: string; key?: string; shape: number[] }>;
+  outputTensors: Array<{ name: string; byteLength: number; data?: string; key?: string; dataTypeName: string }>;
+  inputs: Array<{ name: string; encoding: string; data: string }>;
+  outputs: Array<{ name: string; encoding: string; data: string }>;
+  inferenceTime: string;
+}
+
+/** Manifest lines by capture id, checking each id appears once and every referenced object is byte-exact. */
+export async function readBack(
+  files: string[],
+  read: (key: string) => Promise<Uint8Array>,
+  outputBytes: (id: string) => number,
+): Promise<Map<string, ManifestLine>> {
+  const lines = new Map<string, ManifestLine>();
+  for (const key of files.filter((f) => f.endsWith(".jsonl"))) {
+    const text = decoder.decode(await read(key));
+    assert.ok(text.endsWith("\n"));
+    for (const raw of text.trimEnd().split("\n")) {
+      const line = JSON.parse(raw) as ManifestLine;
+      assert.ok(!lines.has(line.captureId), `${line.captureId} is in two manifest lines`);
+      assert.ok(key.endsWith(`/${line.batchId}.jsonl`));
+      lines.set(line.captureId, line);
+      const id = line.captureId;
+      assert.deepEqual(Uint8Array.fromBase64(line.inputTensors[0].data!), bytesFor(id, "in", 16));
+      const out = line.outputTensors[0];
+      assert.equal(out.byteLength, outputBytes(id));
+      const bytes = out.data !== undefined ? Uint8Array.fromBase64(out.data) : await read(out.key!);
+      assert.deepEqual(bytes, bytesFor(id, "out", outputBytes(id)), `output tensor of ${id}`);
+      assert.equal(out.data !== undefined, outputBytes(id) <= 3072, `embedding of ${id}`);
+      if (out.key) assert.ok(files.includes(out.key), `${out.key} is listed`);
+      assert.equal(line.inputs[0].encoding, "JSON");
+      assert.equal(decoder.decode(Uint8Array.fromBase64(line.inputs[0].data)), `{"id":"${id}"}`);
+      assert.deepEqual(Uint8Array.fromBase64(line.outputs[0].data), bytesFor(id, "aux", 5));
+    }
+  }
+  return lines;
+}
