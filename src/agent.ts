@@ -1,9 +1,10 @@
 // The agent's lifecycle: configuration, ONNX Runtime, the model registry and the server, started in
 // order and stopped in reverse on SIGTERM, SIGINT or SIGHUP.
 
-import { DEFAULTS, loadConfigFile, type LoadedConfig } from "./config.ts";
+import { type AgentConfig, captureDiskPath, DEFAULTS, loadConfigFile, type LoadedConfig } from "./config.ts";
+import { CaptureService } from "./capture/service.ts";
 import { StartupError } from "./errors.ts";
-import { createLogger } from "./log.ts";
+import { createLogger, type Logger } from "./log.ts";
 import { permissionProblems } from "./permissions.ts";
 import { ModelRegistry } from "./models.ts";
 import { Libc } from "../ffi/libc.ts";
@@ -30,6 +31,37 @@ async function prepareStateDir(stateDir: string): Promise<void> {
   }
 }
 
+function openCapture(config: AgentConfig, log: Logger): Promise<CaptureService> {
+  const s3 = config.captureDestination === "Cloud" || config.capturePeriodicUpload;
+  return CaptureService.open({
+    stateDir: config.stateDir,
+    // Capture object keys name the fleet and device; a config without them still captures.
+    deviceFleetName: config.deviceFleetName || "unnamed-fleet",
+    deviceName: config.deviceName || "unnamed-device",
+    folderPrefix: config.captureFolderPrefix,
+    destination: config.captureDestination,
+    diskPath: captureDiskPath(config),
+    s3: s3
+      ? {
+        bucket: config.s3Bucket,
+        region: config.region || "us-east-1",
+        endpoint: config.s3Endpoint ?? undefined,
+        forcePathStyle: config.s3ForcePathStyle,
+      }
+      : undefined,
+    bufferSize: config.captureBufferSize,
+    maxSpoolBytes: config.captureSpoolMaxBytes,
+    batchSize: config.captureBatchSize,
+    pushPeriodSeconds: config.capturePushPeriodSeconds,
+    base64EmbedLimit: config.captureBase64EmbedLimit,
+    periodicUpload: config.capturePeriodicUpload,
+    periodicUploadPeriodSeconds: config.capturePeriodicUploadPeriodSeconds,
+    statusRetentionSeconds: config.captureStatusRetentionSeconds,
+    statusRetentionCount: config.captureStatusRetentionCount,
+    logger: log,
+  });
+}
+
 /** Serves until a stop signal arrives; resolves when everything is released. */
 export async function serve(options: ServeOptions): Promise<void> {
   const { config, ignoredKeys }: LoadedConfig = options.configPath
@@ -52,16 +84,19 @@ export async function serve(options: ServeOptions): Promise<void> {
   const libc = Libc.open();
   const shm = new SharedMemoryReader(libc, { kind: config.sharedMemory, posixPrefix: config.shmPosixPrefix });
   const registry = new ModelRegistry(ort, shm, config, log);
+  let capture: CaptureService | null = null;
   let server;
   try {
+    capture = await openCapture(config, log);
     server = await startServer({
       socketPath: options.socketPath,
       socketMode: config.socketMode,
       maxMessageBytes: config.maxMessageBytes,
-      registry,
+      services: { registry, capture, shm, clockSkewSeconds: config.captureClockSkewSeconds },
       log,
     });
   } catch (error) {
+    await capture?.close({ drainMs: 0 });
     ort.close();
     libc.close();
     throw error;
@@ -86,6 +121,8 @@ export async function serve(options: ServeOptions): Promise<void> {
   log.info("stopping", { signal });
   for (const [s, listener] of listeners) Deno.removeSignalListener(s, listener);
   await server.stop(config.shutdownGraceSeconds);
+  // Acknowledged captures are already durable; the grace period only lets queued uploads finish.
+  await capture.close({ drainMs: config.shutdownGraceSeconds * 1000 });
   await registry.closeAll();
   ort.close();
   libc.close();

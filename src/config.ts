@@ -33,6 +33,23 @@ export interface AgentConfig {
   allowUnsignedModels: boolean;
   packageMaxBytes: number;
   packageMaxRatio: number;
+  captureDestination: "Disk" | "Cloud";
+  /** null: <stateDir>/captures. */
+  captureDiskPath: string | null;
+  captureFolderPrefix: string;
+  s3Bucket: string;
+  s3Endpoint: string | null;
+  s3ForcePathStyle: boolean;
+  captureBufferSize: number;
+  captureBatchSize: number;
+  capturePushPeriodSeconds: number;
+  captureBase64EmbedLimit: number;
+  capturePeriodicUpload: boolean;
+  capturePeriodicUploadPeriodSeconds: number;
+  captureSpoolMaxBytes: number;
+  captureClockSkewSeconds: number;
+  captureStatusRetentionSeconds: number;
+  captureStatusRetentionCount: number;
 }
 
 type Kind = "string" | "boolean" | "integer" | "path" | "paths" | "mode";
@@ -73,6 +90,22 @@ export const DEFAULTS: AgentConfig = {
   allowUnsignedModels: false,
   packageMaxBytes: 2 * 1024 * MiB,
   packageMaxRatio: 100,
+  captureDestination: "Disk",
+  captureDiskPath: null,
+  captureFolderPrefix: "",
+  s3Bucket: "",
+  s3Endpoint: null,
+  s3ForcePathStyle: false,
+  captureBufferSize: 30,
+  captureBatchSize: 10,
+  capturePushPeriodSeconds: 4,
+  captureBase64EmbedLimit: 3072,
+  capturePeriodicUpload: false,
+  capturePeriodicUploadPeriodSeconds: 60,
+  captureSpoolMaxBytes: 256 * MiB,
+  captureClockSkewSeconds: 60,
+  captureStatusRetentionSeconds: 86400,
+  captureStatusRetentionCount: 100000,
 };
 
 /** Edge Manager's documented keys. Those without `field` are accepted and logged as ignored. */
@@ -88,16 +121,35 @@ const EDGE_MANAGER_KEYS: Record<string, KeySpec> = {
   sagemaker_edge_provider_aws_cert_file: { kind: "string" },
   sagemaker_edge_provider_aws_cert_pk_file: { kind: "string" },
   sagemaker_edge_provider_aws_iot_cred_endpoint: { kind: "string" },
-  sagemaker_edge_provider_s3_bucket_name: { kind: "string" },
-  sagemaker_edge_core_capture_data_destination: { kind: "string", oneOf: ["Disk", "Cloud"] },
-  sagemaker_edge_core_capture_data_disk_path: { kind: "string" },
-  sagemaker_edge_core_capture_data_buffer_size: { kind: "integer", min: 1 },
-  sagemaker_edge_core_capture_data_batch_size: { kind: "integer", min: 1 },
-  sagemaker_edge_core_capture_data_push_period_seconds: { kind: "integer", min: 1 },
-  sagemaker_edge_core_capture_data_base64_embed_limit: { kind: "integer", min: 0 },
-  sagemaker_edge_core_capture_data_periodic_upload: { kind: "string" },
-  sagemaker_edge_core_capture_data_periodic_upload_period_seconds: { kind: "integer", min: 1 },
-  sagemaker_edge_core_folder_prefix: { kind: "string" },
+  sagemaker_edge_provider_s3_bucket_name: { kind: "string", field: "s3Bucket" },
+  sagemaker_edge_core_capture_data_destination: {
+    kind: "string",
+    field: "captureDestination",
+    oneOf: ["Disk", "Cloud"],
+  },
+  sagemaker_edge_core_capture_data_disk_path: { kind: "path", field: "captureDiskPath" },
+  sagemaker_edge_core_capture_data_buffer_size: { kind: "integer", field: "captureBufferSize", min: 1, max: 1_000_000 },
+  sagemaker_edge_core_capture_data_batch_size: { kind: "integer", field: "captureBatchSize", min: 1, max: 10_000 },
+  sagemaker_edge_core_capture_data_push_period_seconds: {
+    kind: "integer",
+    field: "capturePushPeriodSeconds",
+    min: 1,
+    max: 86400,
+  },
+  sagemaker_edge_core_capture_data_base64_embed_limit: {
+    kind: "integer",
+    field: "captureBase64EmbedLimit",
+    min: 0,
+    max: 3072,
+  },
+  sagemaker_edge_core_capture_data_periodic_upload: { kind: "boolean", field: "capturePeriodicUpload" },
+  sagemaker_edge_core_capture_data_periodic_upload_period_seconds: {
+    kind: "integer",
+    field: "capturePeriodicUploadPeriodSeconds",
+    min: 1,
+    max: 86400,
+  },
+  sagemaker_edge_core_folder_prefix: { kind: "string", field: "captureFolderPrefix" },
   sagemaker_edge_telemetry_libsystemd_path: { kind: "string" },
 };
 
@@ -124,6 +176,16 @@ const AGENT_KEYS: Record<string, KeySpec> = {
   edge_agent_allow_unsigned_models: { kind: "boolean", field: "allowUnsignedModels" },
   edge_agent_package_max_bytes: { kind: "integer", field: "packageMaxBytes", min: 1024 },
   edge_agent_package_max_ratio: { kind: "integer", field: "packageMaxRatio", min: 2 },
+  edge_agent_s3_endpoint: { kind: "string", field: "s3Endpoint", pattern: /^https?:\/\/[A-Za-z0-9.-]+(:\d{1,5})?\/?$/ },
+  edge_agent_s3_force_path_style: { kind: "boolean", field: "s3ForcePathStyle" },
+  edge_agent_capture_spool_max_bytes: { kind: "integer", field: "captureSpoolMaxBytes", min: MiB },
+  edge_agent_capture_clock_skew_seconds: { kind: "integer", field: "captureClockSkewSeconds", min: 0, max: 86400 },
+  edge_agent_capture_status_retention_seconds: {
+    kind: "integer",
+    field: "captureStatusRetentionSeconds",
+    min: 1,
+  },
+  edge_agent_capture_status_retention_count: { kind: "integer", field: "captureStatusRetentionCount", min: 1 },
   edge_agent_shutdown_grace_seconds: { kind: "integer", field: "shutdownGraceSeconds", min: 0, max: 3600 },
 };
 
@@ -156,8 +218,35 @@ export function parseConfig(raw: unknown, source = "config"): LoadedConfig {
       ignoredKeys.push(key);
     }
   }
+  if (problems.length === 0) problems.push(...crossChecks(config, source));
   if (problems.length > 0) throw new StartupError(problems);
   return { config, ignoredKeys };
+}
+
+/** Rules that involve several keys. */
+function crossChecks(config: AgentConfig, source: string): string[] {
+  const problems: string[] = [];
+  const s3 = config.captureDestination === "Cloud" || config.capturePeriodicUpload;
+  if (s3 && !config.s3Bucket) {
+    problems.push(`${source}: uploading captures to S3 needs "sagemaker_edge_provider_s3_bucket_name"`);
+  }
+  if (s3 && !config.region && !config.s3Endpoint) {
+    problems.push(`${source}: uploading captures to S3 needs "sagemaker_edge_core_region" or "edge_agent_s3_endpoint"`);
+  }
+  return problems;
+}
+
+/** Where Disk captures go. */
+export function captureDiskPath(config: AgentConfig): string {
+  return config.captureDiskPath ?? `${config.stateDir}/captures`;
+}
+
+/** The S3 host ("host" or "host:port") capture uploads reach, or null when they do not use S3. */
+export function s3Host(config: AgentConfig): string | null {
+  if (config.captureDestination !== "Cloud" && !config.capturePeriodicUpload) return null;
+  if (config.s3Endpoint) return new URL(config.s3Endpoint).host;
+  const pathStyle = config.s3ForcePathStyle || config.s3Bucket.includes(".");
+  return `${pathStyle ? "" : `${config.s3Bucket}.`}s3.${config.region}.amazonaws.com`;
 }
 
 /** Reads and validates the config file at `path`. */

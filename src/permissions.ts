@@ -5,7 +5,7 @@
 // sandbox anyway, which is why the FFI surface (ffi/) is kept small.
 
 import { isAbsolute } from "node:path";
-import type { AgentConfig } from "./config.ts";
+import { type AgentConfig, captureDiskPath, s3Host } from "./config.ts";
 import { StartupError } from "./errors.ts";
 
 /** What a deployment names; every permission flag derives from it. */
@@ -20,6 +20,8 @@ export interface Profile {
   trusted_roots: string | null;
   /** edge_agent_trusted_model_keys, when models are verified against public keys. */
   trusted_keys: string | null;
+  /** sagemaker_edge_core_capture_data_disk_path, when it lies outside the state folder. */
+  capture_dir: string | null;
   /** S3 endpoint hosts ("host" or "host:port") capture uploads may reach. */
   s3_hosts: string[];
   /** Environment variables the agent may read (AWS credentials). */
@@ -33,9 +35,18 @@ const PROFILE_KEYS: Record<keyof Profile, "path" | "path?" | "paths" | "hosts" |
   state_dir: "path",
   trusted_roots: "path?",
   trusted_keys: "path?",
+  capture_dir: "path?",
   s3_hosts: "hosts",
   env: "names",
 };
+
+/** The environment variables S3 credentials come from. */
+export const AWS_CREDENTIAL_VARIABLES = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"] as const;
+
+function isInside(path: string, folder: string): boolean {
+  const f = folder.replace(/\/+$/, "");
+  return path === f || path.startsWith(f + "/");
+}
 
 /** Validates a parsed profile, listing every problem with its key. */
 export function parseProfile(raw: unknown, source = "profile"): Profile {
@@ -80,6 +91,7 @@ export function parseProfile(raw: unknown, source = "profile"): Profile {
     state_dir: record.state_dir as string,
     trusted_roots: (record.trusted_roots as string | null | undefined) ?? null,
     trusted_keys: (record.trusted_keys as string | null | undefined) ?? null,
+    capture_dir: (record.capture_dir as string | null | undefined) ?? null,
     s3_hosts: (record.s3_hosts as string[] | undefined) ?? [],
     env: (record.env as string[] | undefined) ?? [],
   };
@@ -94,11 +106,13 @@ export function profileFlags(profile: Profile): string[] {
     profile.state_dir,
     ...(profile.trusted_roots ? [profile.trusted_roots] : []),
     ...(profile.trusted_keys ? [profile.trusted_keys] : []),
+    ...(profile.capture_dir ? [profile.capture_dir] : []),
   ];
+  const writable = [profile.socket, profile.state_dir, ...(profile.capture_dir ? [profile.capture_dir] : [])];
   return [
     "--no-prompt",
     `--allow-read=${readable.join(",")}`,
-    `--allow-write=${profile.socket},${profile.state_dir}`,
+    `--allow-write=${writable.join(",")}`,
     `--allow-net=${[`unix:${profile.socket}`, ...profile.s3_hosts].join(",")}`,
     ...(profile.env.length > 0 ? [`--allow-env=${profile.env.join(",")}`] : []),
     "--allow-ffi",
@@ -107,6 +121,7 @@ export function profileFlags(profile: Profile): string[] {
 
 /** The profile a config needs when served on `socketPath`. */
 export function profileFor(socketPath: string, configPath: string | null, config: AgentConfig): Profile {
+  const s3 = s3Host(config);
   return {
     socket: socketPath,
     config: configPath,
@@ -114,8 +129,9 @@ export function profileFor(socketPath: string, configPath: string | null, config
     state_dir: config.stateDir,
     trusted_roots: config.rootCertsPath,
     trusted_keys: config.trustedModelKeys,
-    s3_hosts: [],
-    env: [],
+    capture_dir: isInside(captureDiskPath(config), config.stateDir) ? null : captureDiskPath(config),
+    s3_hosts: s3 ? [s3] : [],
+    env: s3 ? [...AWS_CREDENTIAL_VARIABLES] : [],
   };
 }
 
@@ -158,6 +174,14 @@ export async function permissionProblems(socketPath: string, config: AgentConfig
   }
   if (!await granted({ name: "net", host: `unix:${socketPath}` })) {
     problems.push(`socket ${socketPath}: this agent may not listen on it${rebuild("socket")}`);
+  }
+  const captures = captureDiskPath(config);
+  if (!await granted({ name: "write", path: captures })) {
+    problems.push(`config names capture folder ${captures}, but this agent may not write it${rebuild("capture_dir")}`);
+  }
+  const s3 = s3Host(config);
+  if (s3 && !await granted({ name: "net", host: s3 })) {
+    problems.push(`config uploads captures to ${s3}, but this agent may not reach it${rebuild("s3_hosts")}`);
   }
   if (config.trustedModelKeys && !await granted({ name: "read", path: config.trustedModelKeys })) {
     problems.push(

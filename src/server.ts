@@ -5,8 +5,13 @@ import type { Logger } from "./log.ts";
 import type { ModelInfo, ModelRegistry, PredictTiming } from "./models.ts";
 import { metadataOf } from "./tensors.ts";
 import { GrpcServer, type UnaryHandler } from "./transport/http2.ts";
+import type { CaptureService } from "./capture/service.ts";
+import { captureRecord } from "./capture/request.ts";
+import type { SharedMemoryReader } from "./shm.ts";
 import {
+  type CaptureDataRequest,
   encodePredictResponse,
+  enumValues,
   type LoadModelRequest,
   messageType,
   type Model,
@@ -29,10 +34,17 @@ function modelMessage(info: ModelInfo): Model {
 
 type Handler = (request: unknown, timing?: PredictTiming) => Promise<unknown> | unknown;
 
-function handlers(registry: ModelRegistry): Record<RpcName, Handler> {
-  const unimplemented = (rpc: string) => () => {
-    throw new AgentError(Status.UNIMPLEMENTED, `${rpc} is not available in this version of the agent`);
-  };
+/** What the handlers serve from. */
+export interface Services {
+  registry: ModelRegistry;
+  capture: CaptureService;
+  shm: SharedMemoryReader;
+  clockSkewSeconds: number;
+}
+
+const CAPTURE_STATUS = enumValues("CaptureDataStatus");
+
+function handlers({ registry, capture, shm, clockSkewSeconds }: Services): Record<RpcName, Handler> {
   return {
     Predict: (request, timing) => {
       const { name, tensors } = request as PredictRequest;
@@ -56,8 +68,16 @@ function handlers(registry: ModelRegistry): Record<RpcName, Handler> {
     },
     ListModels: () => ({ models: registry.list().map(modelMessage) }),
     DescribeModel: (request) => ({ model: modelMessage(registry.describe((request as NameRequest).name)) }),
-    CaptureData: unimplemented("CaptureData"),
-    GetCaptureDataStatus: unimplemented("GetCaptureDataStatus"),
+    CaptureData: async (request) => {
+      const req = request as CaptureDataRequest;
+      const model = registry.describe(req.model_name);
+      await capture.capture(captureRecord(req, { model, shm, clockSkewSeconds, nowMs: Date.now() }));
+      return {};
+    },
+    // An unknown id is answered with status NOT_FOUND and gRPC OK: the enum value exists for it.
+    GetCaptureDataStatus: (request) => ({
+      status: CAPTURE_STATUS[capture.status((request as { capture_id: string }).capture_id)],
+    }),
   };
 }
 
@@ -117,13 +137,13 @@ export async function startServer(options: {
   socketPath: string;
   socketMode: number;
   maxMessageBytes: number;
-  registry: ModelRegistry;
+  services: Services;
   log: Logger;
 }): Promise<RunningServer> {
   const { socketPath, log } = options;
   await prepareSocketPath(socketPath, log);
   const methods = new Map<string, UnaryHandler>();
-  for (const [rpc, handler] of Object.entries(handlers(options.registry))) {
+  for (const [rpc, handler] of Object.entries(handlers(options.services))) {
     const requestType = messageType(`${rpc}Request`);
     const responseType = messageType(`${rpc}Response`);
     methods.set(`/${SERVICE_NAME}/${rpc}`, async (bytes) => {

@@ -111,7 +111,12 @@ function uint64(value: Uint64): bigint {
  * Matches request tensors to model inputs (by metadata name, or by position when a tensor has
  * no name) and checks dtype, shape and byte length. Throws INVALID_ARGUMENT naming the tensor.
  */
-export function bindInputs(modelName: string, inputs: TensorSpec[], tensors: Tensor[]): BoundInput[] {
+export function bindInputs(
+  modelName: string,
+  inputs: TensorSpec[],
+  tensors: Tensor[],
+  { role = "input", requireAll = true }: { role?: "input" | "output"; requireAll?: boolean } = {},
+): BoundInput[] {
   const bound: BoundInput[] = [];
   const seen = new Set<number>();
   tensors.forEach((tensor, position) => {
@@ -122,8 +127,10 @@ export function bindInputs(modelName: string, inputs: TensorSpec[], tensors: Ten
     if (inputIndex < 0 || inputIndex >= inputs.length) {
       throw invalidArgument(
         name
-          ? `${label}: model ${modelName} has no input of that name (inputs: ${inputs.map((i) => i.name).join(", ")})`
-          : `${label}: model ${modelName} has only ${inputs.length} input(s)`,
+          ? `${label}: model ${modelName} has no ${role} of that name (${role}s: ${
+            inputs.map((i) => i.name).join(", ")
+          })`
+          : `${label}: model ${modelName} has only ${inputs.length} ${role}(s)`,
       );
     }
     if (seen.has(inputIndex)) throw invalidArgument(`${label}: input "${inputs[inputIndex].name}" is given twice`);
@@ -133,18 +140,18 @@ export function bindInputs(modelName: string, inputs: TensorSpec[], tensors: Ten
       throw invalidArgument(
         `${label}: data_type ${
           dataTypeName(metadata.data_type)
-        } but model ${modelName} input "${spec.name}" is ${spec.dataType.name}`,
+        } but model ${modelName} ${role} "${spec.name}" is ${spec.dataType.name}`,
       );
     }
     const shape = metadata ? metadata.shape : spec.shape;
     if (!metadata && shape.some((d) => d < 0)) {
       throw invalidArgument(
-        `${label}: no tensor_metadata, and model ${modelName} input "${spec.name}" has dynamic shape ${
+        `${label}: no tensor_metadata, and model ${modelName} ${role} "${spec.name}" has dynamic shape ${
           shapeText(spec.shape)
         }: send tensor_metadata with the shape`,
       );
     }
-    checkShape(label, modelName, spec, shape);
+    checkShape(label, `model ${modelName} ${role}`, spec, shape);
     const length = byteLength(shape, spec.dataType.size);
     const needs = () => `shape ${shapeText(shape)} of ${spec.dataType.name} needs ${length ?? "more than can exist"}`;
     if (tensor.data === "shared_memory_handle" && tensor.shared_memory_handle) {
@@ -161,18 +168,18 @@ export function bindInputs(modelName: string, inputs: TensorSpec[], tensors: Ten
     }
   });
   const missing = inputs.filter((_, i) => !seen.has(i)).map((i) => `"${i.name}"`);
-  if (missing.length > 0) {
+  if (requireAll && missing.length > 0) {
     throw invalidArgument(`model ${modelName} needs input(s) ${missing.join(", ")}, which the request does not carry`);
   }
   return bound;
 }
 
-function checkShape(label: string, modelName: string, spec: TensorSpec, shape: number[]): void {
+function checkShape(label: string, what: string, spec: TensorSpec, shape: number[]): void {
   const mismatch = shape.length !== spec.shape.length ||
     shape.some((d, i) => d < 0 || (spec.shape[i] >= 0 && spec.shape[i] !== d));
   if (mismatch) {
     throw invalidArgument(
-      `${label}: shape ${shapeText(shape)} does not fit model ${modelName} input "${spec.name}" of shape ${
+      `${label}: shape ${shapeText(shape)} does not fit ${what} "${spec.name}" of shape ${
         shapeText(spec.shape)
       } (-1 = any size)`,
     );

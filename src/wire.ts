@@ -62,6 +62,25 @@ export interface LoadModelRequest {
   name: string;
 }
 
+export interface AuxilaryData {
+  name: string;
+  /** Wire enum Encoding: CSV = 0, JSON = 1, NONE = 2, BASE64 = 3. */
+  encoding: number;
+  byte_data?: Uint8Array;
+  shared_memory_handle?: SharedMemoryHandle | null;
+  data?: "byte_data" | "shared_memory_handle";
+}
+
+export interface CaptureDataRequest {
+  model_name: string;
+  capture_id: string;
+  inference_timestamp?: { seconds: Long | number; nanos: number } | null;
+  input_tensors: Tensor[];
+  output_tensors: Tensor[];
+  inputs: AuxilaryData[];
+  outputs: AuxilaryData[];
+}
+
 export const RPC_NAMES = [
   "Predict",
   "LoadModel",

@@ -32,6 +32,8 @@ export interface StartOptions {
   deno?: string;
   /** `deno` is a compiled agent. */
   compiled?: boolean;
+  /** Environment variables added for the agent (e.g. S3 credentials). */
+  env?: Record<string, string>;
 }
 
 /**
@@ -65,6 +67,7 @@ export async function startAgent(options: StartOptions = {}): Promise<AgentProce
   const [command, ...prefix] = [...(options.wrapper ?? []), options.deno ?? Deno.execPath()];
   const process = new Deno.Command(command, {
     args: [...prefix, ...args],
+    env: options.env,
     stdin: "null",
     stdout: "piped",
     stderr: "piped",
