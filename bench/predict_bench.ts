@@ -19,6 +19,7 @@ import { DEFAULTS } from "../src/config.ts";
 import { asBuffer, messageType, type Tensor } from "../src/wire.ts";
 import { PADDLE_CLS, PADDLE_DET, writeModelFolder } from "../tests/helpers/onnx_models.ts";
 import { AgentProcess, readProc } from "./agent_process.ts";
+import { captureBenchmark, printCaptures } from "./capture_bench.ts";
 import { loadBenchmark, printLoads } from "./load_bench.ts";
 import { generateStubs, GrpcioClient, grpcioMissing } from "./grpcio.ts";
 import {
@@ -729,7 +730,9 @@ async function main(): Promise<void> {
       const loadRounds = values.quick ? 3 : 8;
       const loads = await loadBenchmark(loadRounds);
       printLoads(loads, loadRounds);
-      results = { ...report, loads };
+      const captures = await captureBenchmark(values.quick ? 2 : 5);
+      printCaptures(captures);
+      results = { ...report, loads, captures };
     }
   } finally {
     await Deno.remove(workspace.dir, { recursive: true });
