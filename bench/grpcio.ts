@@ -2,46 +2,11 @@
 // long-lived subprocess (bench/grpcio_client.py) driven by one JSON line per command.
 
 import { join } from "node:path";
+import { PYTHON } from "../tests/helpers/python.ts";
 
-const PYTHON = "/usr/bin/python3";
 const CLIENT = new URL("./grpcio_client.py", import.meta.url).pathname;
-const PROTO_DIR = new URL("../proto/", import.meta.url).pathname;
 
-/** Why this machine cannot run the grpcio client, or null. */
-export async function grpcioMissing(): Promise<string | null> {
-  try {
-    const { success, stderr } = await new Deno.Command(PYTHON, {
-      args: ["-c", "import grpc, grpc_tools.protoc, numpy"],
-      stdout: "null",
-      stderr: "piped",
-    }).output();
-    if (success) return null;
-    const lastLine = new TextDecoder().decode(stderr).trim().split("\n").pop();
-    return `${PYTHON} lacks grpc, grpc_tools or numpy (${lastLine})`;
-  } catch (error) {
-    return `${PYTHON} cannot be run (${(error as Error).message})`;
-  }
-}
-
-/** Generates agent_pb2*.py from proto/agent.proto into `<dir>/grpcio_stubs`; returns that folder. */
-export async function generateStubs(dir: string): Promise<string> {
-  const stubs = join(dir, "grpcio_stubs");
-  await Deno.mkdir(stubs);
-  const { success, stderr } = await new Deno.Command(PYTHON, {
-    args: [
-      "-m",
-      "grpc_tools.protoc",
-      `-I${PROTO_DIR}`,
-      `--python_out=${stubs}`,
-      `--grpc_python_out=${stubs}`,
-      join(PROTO_DIR, "agent.proto"),
-    ],
-    stdout: "null",
-    stderr: "piped",
-  }).output();
-  if (!success) throw new Error(`grpc_tools.protoc failed:\n${new TextDecoder().decode(stderr)}`);
-  return stubs;
-}
+export { generateStubs, pythonGrpcMissing as grpcioMissing } from "../tests/helpers/python.ts";
 
 export interface PredictCommand {
   /** Model name in the agent. */

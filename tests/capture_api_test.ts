@@ -5,7 +5,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { Status } from "../src/errors.ts";
 import { enumValues } from "../src/wire.ts";
-import { type AgentProcess, startAgent } from "./helpers/agent.ts";
+import { type AgentProcess, startAgent, withAgent } from "./helpers/agent.ts";
 import { rejectsWith, tensor } from "./helpers/assertions.ts";
 import { BUCKET, TestS3 } from "./helpers/capture_fixtures.ts";
 import { identityModel, OnnxType, writeModelFolder } from "./helpers/onnx_models.ts";
@@ -23,16 +23,12 @@ const QUICK = {
   sagemaker_edge_core_capture_data_push_period_seconds: 1,
 };
 
-async function withModel(config: Record<string, unknown>, fn: (agent: AgentProcess) => Promise<void>, env = {}) {
-  const agent = await startAgent({ config: { ...QUICK, ...config }, env });
-  try {
+function withModel(config: Record<string, unknown>, fn: (agent: AgentProcess) => Promise<void>, env = {}) {
+  return withAgent({ config: { ...QUICK, ...config }, env }, async (agent) => {
     const folder = await writeModelFolder(agent.modelsDir, "id", identityModel(OnnxType.FLOAT, ["n", 3]));
     await agent.client.loadModel(folder, "id");
     await fn(agent);
-  } finally {
-    assert.equal((await agent.stop()).code, 0, agent.logs());
-    await Deno.remove(agent.dir, { recursive: true });
-  }
+  });
 }
 
 function rows(n: number, seed: number): Float32Array {

@@ -6,12 +6,11 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import * as ort from "onnxruntime-node";
 import { type AgentProcess, PROJECT_ROOT, startAgent } from "./helpers/agent.ts";
+import { generateStubs, PYTHON, pythonGrpcMissing } from "./helpers/python.ts";
 import { identityModel, OnnxType, PADDLE_CLS, writeModelFolder } from "./helpers/onnx_models.ts";
 import { enumValues, type Model, type TensorMetadata } from "../src/wire.ts";
 
-const PYTHON = "/usr/bin/python3";
 const CLIENT = join(PROJECT_ROOT, "tests/python/edge_client.py");
-const PROTO_DIR = join(PROJECT_ROOT, "proto");
 const FLOAT32 = 5;
 const INPUT_SHAPE = [1, 3, 48, 192];
 const OUTPUT_NAME = "softmax_0.tmp_0";
@@ -20,23 +19,7 @@ const DATA_TYPE_NAMES = Object.fromEntries(
   Object.entries(enumValues("DataType")).map(([name, value]) => [value, name]),
 );
 
-/** Why the test cannot run here, or null. Checked once, at module load. */
-async function pythonMissing(): Promise<string | null> {
-  try {
-    const { success, stderr } = await new Deno.Command(PYTHON, {
-      args: ["-c", "import grpc, grpc_tools.protoc, numpy"],
-      stdout: "null",
-      stderr: "piped",
-    }).output();
-    if (success) return null;
-    const lastLine = new TextDecoder().decode(stderr).trim().split("\n").pop();
-    return `${PYTHON} lacks grpc, grpc_tools or numpy (${lastLine})`;
-  } catch (error) {
-    return `${PYTHON} cannot be run (${(error as Error).message})`;
-  }
-}
-
-const skipReason = await pythonMissing();
+const skipReason = await pythonGrpcMissing();
 if (skipReason) console.log(`python_client_test skipped: ${skipReason}`);
 
 /** A smooth, varied image-like input in [-1, 1] (PaddleOCR's normalized range). */
@@ -66,21 +49,6 @@ async function run(command: string, args: string[], timeoutMs: number): Promise<
     throw new Error(`${command} ${args.join(" ")} failed (${result.code}):\n${stdout}\n${stderr}`);
   }
   return stdout;
-}
-
-/** Python stubs generated from proto/agent.proto into `<work>/stubs`. */
-async function generateStubs(work: string): Promise<string> {
-  const stubs = join(work, "stubs");
-  await Deno.mkdir(stubs);
-  await run(PYTHON, [
-    "-m",
-    "grpc_tools.protoc",
-    `-I${PROTO_DIR}`,
-    `--python_out=${stubs}`,
-    `--grpc_python_out=${stubs}`,
-    join(PROTO_DIR, "agent.proto"),
-  ], 60_000);
-  return stubs;
 }
 
 interface PyMetadata {

@@ -5,7 +5,7 @@ import assert from "node:assert/strict";
 import * as ort from "onnxruntime-node";
 import { Status } from "../src/errors.ts";
 import { enumValues, type Tensor } from "../src/wire.ts";
-import { type AgentProcess, startAgent } from "./helpers/agent.ts";
+import { type AgentProcess, startAgent, withAgent } from "./helpers/agent.ts";
 import { floats, nameOf, pseudoRandomFloats, rejectsWith, tensor } from "./helpers/assertions.ts";
 import { addSubModel, identityModel, OnnxType, PADDLE_CLS, writeModelFolder } from "./helpers/onnx_models.ts";
 import { PosixObject, SysvSegment } from "./helpers/shm_segments.ts";
@@ -73,16 +73,6 @@ class Segments {
   }
 }
 
-async function withAgent(config: Record<string, unknown>, fn: (agent: AgentProcess) => Promise<void>) {
-  const agent = await startAgent({ config });
-  try {
-    await fn(agent);
-  } finally {
-    assert.equal((await agent.stop()).code, 0, agent.logs());
-    await Deno.remove(agent.dir, { recursive: true });
-  }
-}
-
 async function loadIdentities(agent: AgentProcess): Promise<void> {
   for (const [name, onnxType] of TYPES) {
     const folder = await writeModelFolder(agent.modelsDir, `id-${name}`, identityModel(onnxType));
@@ -94,7 +84,7 @@ const prefix = `/edge_agent_test_${Deno.pid}_`;
 
 Deno.test("SysV shared memory: every DataType, the Edge Manager pattern, cls, mixed with bytes", async (t) => {
   const segments = new Segments();
-  await withAgent({}, async (agent) => {
+  await withAgent({ config: {} }, async (agent) => {
     const { client } = agent;
     await loadIdentities(agent);
     await t.step("every DataType: output equals the same request sent as bytes", async () => {
@@ -172,47 +162,53 @@ Deno.test("SysV shared memory: every DataType, the Edge Manager pattern, cls, mi
 Deno.test("POSIX shared memory objects, and 'both' preferring a POSIX object over a SysV id", async (t) => {
   const segments = new Segments();
   try {
-    await withAgent({ edge_agent_shared_memory: "posix", edge_agent_shm_posix_prefix: prefix }, async (agent) => {
-      await loadIdentities(agent);
-      await t.step("every DataType through shm_open/mmap equals bytes", async () => {
-        for (const [index, [name, , sample]] of TYPES.entries()) {
-          const data = sample(6);
-          segments.posix(`${prefix}${index}`, 8 + data.byteLength).write(8, data);
-          const model = `id-${name.toLowerCase()}`;
-          const { tensors } = await agent.client.predict(model, [
-            shmTensor("x", DataType[name], [2, 3], { segment_id: index, offset: 8 }),
-          ]);
-          assert.deepEqual(
-            new Uint8Array(tensors[0].byte_data!),
-            new Uint8Array(data.buffer, data.byteOffset, data.byteLength),
-            name,
+    await withAgent(
+      { config: { edge_agent_shared_memory: "posix", edge_agent_shm_posix_prefix: prefix } },
+      async (agent) => {
+        await loadIdentities(agent);
+        await t.step("every DataType through shm_open/mmap equals bytes", async () => {
+          for (const [index, [name, , sample]] of TYPES.entries()) {
+            const data = sample(6);
+            segments.posix(`${prefix}${index}`, 8 + data.byteLength).write(8, data);
+            const model = `id-${name.toLowerCase()}`;
+            const { tensors } = await agent.client.predict(model, [
+              shmTensor("x", DataType[name], [2, 3], { segment_id: index, offset: 8 }),
+            ]);
+            assert.deepEqual(
+              new Uint8Array(tensors[0].byte_data!),
+              new Uint8Array(data.buffer, data.byteOffset, data.byteLength),
+              name,
+            );
+          }
+        });
+        await t.step("a missing object is INVALID_ARGUMENT naming it", async () => {
+          await rejectsWith(
+            agent.client.predict("id-uint8", [shmTensor("x", DataType.UINT8, [2, 3], { segment_id: 999 })]),
+            Status.INVALID_ARGUMENT,
+            new RegExp(`tensor "x": shared memory object ${prefix}999 not found`),
           );
-        }
-      });
-      await t.step("a missing object is INVALID_ARGUMENT naming it", async () => {
-        await rejectsWith(
-          agent.client.predict("id-uint8", [shmTensor("x", DataType.UINT8, [2, 3], { segment_id: 999 })]),
-          Status.INVALID_ARGUMENT,
-          new RegExp(`tensor "x": shared memory object ${prefix}999 not found`),
-        );
-      });
-    });
+        });
+      },
+    );
 
-    await withAgent({ edge_agent_shared_memory: "both", edge_agent_shm_posix_prefix: prefix }, async (agent) => {
-      await loadIdentities(agent);
-      await t.step("with 'both', an existing POSIX object wins, else the id is a SysV segment", async () => {
-        const sysv = segments.sysv(6).write(0, Uint8Array.of(1, 2, 3, 4, 5, 6));
-        segments.posix(`${prefix}${sysv.id}`, 6).write(0, Uint8Array.of(9, 9, 9, 9, 9, 9));
-        const request = [shmTensor("x", DataType.UINT8, [2, 3], { segment_id: sysv.id })];
-        const first = await agent.client.predict("id-uint8", request);
-        assert.deepEqual([...new Uint8Array(first.tensors[0].byte_data!)], [9, 9, 9, 9, 9, 9]);
-        const other = segments.sysv(6).write(0, Uint8Array.of(6, 5, 4, 3, 2, 1));
-        const second = await agent.client.predict("id-uint8", [
-          shmTensor("x", DataType.UINT8, [2, 3], { segment_id: other.id }),
-        ]);
-        assert.deepEqual([...new Uint8Array(second.tensors[0].byte_data!)], [6, 5, 4, 3, 2, 1]);
-      });
-    });
+    await withAgent(
+      { config: { edge_agent_shared_memory: "both", edge_agent_shm_posix_prefix: prefix } },
+      async (agent) => {
+        await loadIdentities(agent);
+        await t.step("with 'both', an existing POSIX object wins, else the id is a SysV segment", async () => {
+          const sysv = segments.sysv(6).write(0, Uint8Array.of(1, 2, 3, 4, 5, 6));
+          segments.posix(`${prefix}${sysv.id}`, 6).write(0, Uint8Array.of(9, 9, 9, 9, 9, 9));
+          const request = [shmTensor("x", DataType.UINT8, [2, 3], { segment_id: sysv.id })];
+          const first = await agent.client.predict("id-uint8", request);
+          assert.deepEqual([...new Uint8Array(first.tensors[0].byte_data!)], [9, 9, 9, 9, 9, 9]);
+          const other = segments.sysv(6).write(0, Uint8Array.of(6, 5, 4, 3, 2, 1));
+          const second = await agent.client.predict("id-uint8", [
+            shmTensor("x", DataType.UINT8, [2, 3], { segment_id: other.id }),
+          ]);
+          assert.deepEqual([...new Uint8Array(second.tensors[0].byte_data!)], [6, 5, 4, 3, 2, 1]);
+        });
+      },
+    );
   } finally {
     segments.removeAll();
   }
@@ -229,7 +225,7 @@ function random(seed: number): () => number {
 
 Deno.test("hostile handles: 10,000 requests, each answered with the right code; valid ones in between succeed", async () => {
   const segments = new Segments();
-  await withAgent({}, async (agent) => {
+  await withAgent({ config: {} }, async (agent) => {
     const folder = await writeModelFolder(agent.modelsDir, "id", identityModel(OnnxType.FLOAT, ["n", 4]));
     await agent.client.loadModel(folder, "id");
     const data = Float32Array.from({ length: 64 }, (_, i) => i);

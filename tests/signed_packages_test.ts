@@ -6,20 +6,10 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { Status } from "../src/errors.ts";
 import { generateDevelopmentKeyPair, generateDevelopmentTrust, signModel } from "../src/packages/oms/mod.ts";
-import { type AgentProcess, parseLogs, startAgent } from "./helpers/agent.ts";
+import { type AgentProcess, parseLogs, withAgent } from "./helpers/agent.ts";
 import { rejectsWith } from "./helpers/assertions.ts";
 import { addSubModel, writeModelFolder } from "./helpers/onnx_models.ts";
 import { testTrust } from "./helpers/signing.ts";
-
-async function withAgent(config: Record<string, unknown>, fn: (agent: AgentProcess) => Promise<void>): Promise<void> {
-  const agent = await startAgent({ config });
-  try {
-    await fn(agent);
-  } finally {
-    assert.equal((await agent.stop()).code, 0, agent.logs());
-    await Deno.remove(agent.dir, { recursive: true });
-  }
-}
 
 /** Entries left in the agent's state folder by package loads (extracted or staged packages). */
 async function leftovers(agent: AgentProcess): Promise<string[]> {
@@ -50,7 +40,7 @@ Deno.test("signed packages load: folders, archives, P-384 leaves under an RSA in
     await Deno.writeTextFile(join(trustDir, "strong.pem"), strong.root.certificatePem);
     await Deno.writeTextFile(join(keysDir, "publisher.pem"), keyPair.publicKeyPem);
     const config = { sagemaker_edge_core_root_certs_path: trustDir, edge_agent_trusted_model_keys: keysDir };
-    await withAgent(config, async (agent) => {
+    await withAgent({ config }, async (agent) => {
       const { client, modelsDir } = agent;
       await t.step("a folder signed with a P-256 leaf (root -> intermediate -> leaf)", async () => {
         await client.loadModel(await writeModelFolder(modelsDir, "p256", addSubModel()), "p256");
@@ -115,7 +105,7 @@ Deno.test("signed packages load: folders, archives, P-384 leaves under an RSA in
 });
 
 Deno.test("packages that fail verification are refused with the reason, and the agent keeps serving", async (t) => {
-  await withAgent({}, async (agent) => {
+  await withAgent({ config: {} }, async (agent) => {
     const { client, modelsDir } = agent;
     const refuse = async (url: string, message: RegExp) => {
       await rejectsWith(client.loadModel(url, "refused"), Status.FAILED_PRECONDITION, message);
@@ -202,7 +192,7 @@ Deno.test("packages that fail verification are refused with the reason, and the 
 });
 
 Deno.test("with edge_agent_allow_unsigned_models, plain .onnx files load, with a warning each time", async () => {
-  await withAgent({ edge_agent_allow_unsigned_models: true }, async (agent) => {
+  await withAgent({ config: { edge_agent_allow_unsigned_models: true } }, async (agent) => {
     const file = join(agent.modelsDir, "plain.onnx");
     await Deno.writeFile(file, addSubModel());
     await agent.client.loadModel(file, "plain");

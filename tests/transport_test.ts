@@ -7,7 +7,7 @@ import { Status } from "../src/errors.ts";
 import { encodeHeaders, HpackDecoder } from "../src/transport/hpack.ts";
 import { AgentClient } from "../src/client.ts";
 import { enumValues, SERVICE_NAME } from "../src/wire.ts";
-import { type AgentProcess, startAgent } from "./helpers/agent.ts";
+import { type AgentProcess, withAgent } from "./helpers/agent.ts";
 import { floats, rejectsWith, tensor } from "./helpers/assertions.ts";
 import { addSubModel, writeModelFolder } from "./helpers/onnx_models.ts";
 
@@ -63,15 +63,11 @@ Deno.test("HPACK refuses malformed blocks and round-trips what the server encode
   assert.deepEqual(decoder.decode(encodeHeaders(headers)), headers);
 });
 
-async function withAddSub(fn: (agent: AgentProcess) => Promise<void>): Promise<void> {
-  const agent = await startAgent();
-  try {
+function withAddSub(fn: (agent: AgentProcess) => Promise<void>): Promise<void> {
+  return withAgent({}, async (agent) => {
     await agent.client.loadModel(await writeModelFolder(agent.modelsDir, "addsub", addSubModel()), "addsub");
     await fn(agent);
-  } finally {
-    assert.equal((await agent.stop()).code, 0, agent.logs());
-    await Deno.remove(agent.dir, { recursive: true });
-  }
+  });
 }
 
 async function addSub(client: AgentClient, value: number): Promise<void> {

@@ -158,6 +158,21 @@ function waitForLine(
   });
 }
 
+/** Runs `fn` against a fresh agent, then checks it stops cleanly (exit 0) and removes its folder. */
+export async function withAgent(options: StartOptions, fn: (agent: AgentProcess) => Promise<void>): Promise<void> {
+  const agent = await startAgent(options);
+  let failure: unknown = null;
+  try {
+    await fn(agent);
+  } catch (error) {
+    failure = error;
+  }
+  const status = await agent.stop();
+  await Deno.remove(agent.dir, { recursive: true });
+  if (failure) throw failure;
+  if (status.code !== 0) throw new Error(`agent exited with ${status.code}:\n${agent.logs()}`);
+}
+
 /** Log lines of the agent parsed as JSON (every line must be JSON). */
 export function parseLogs(text: string): Record<string, unknown>[] {
   return text.split("\n").filter((l) => l.trim() !== "").map((l) => JSON.parse(l));
