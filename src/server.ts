@@ -1,6 +1,7 @@
 // The gRPC service on the Unix socket: one handler per rpc, errors mapped to statuses.
 
-import { AgentError, invalidArgument, StartupError, Status } from "./errors.ts";
+import type protobuf from "protobufjs";
+import { AgentError, invalidArgument, notFound, StartupError, Status } from "./errors.ts";
 import type { Logger } from "./log.ts";
 import type { ModelInfo, ModelRegistry, PredictTiming } from "./models.ts";
 import { metadataOf } from "./tensors.ts";
@@ -12,6 +13,8 @@ import {
   type CaptureDataRequest,
   encodePredictResponse,
   enumValues,
+  health,
+  HEALTH_SERVICE_NAME,
   type LoadModelRequest,
   messageType,
   type Model,
@@ -125,6 +128,52 @@ async function prepareSocketPath(path: string, log: Logger): Promise<void> {
   throw new StartupError([`socket ${path}: another process is already serving on it`]);
 }
 
+/**
+ * grpc.health.v1 Check: "" and the Agent service are SERVING while the agent serves; "model/<name>"
+ * is SERVING once that model is loaded. Any other name is NOT_FOUND, as the protocol asks.
+ */
+function healthCheck(registry: ModelRegistry): Handler {
+  return (request) => {
+    const service = (request as { service: string }).service;
+    const model = service.startsWith("model/") ? service.slice("model/".length) : null;
+    if (service === "" || service === SERVICE_NAME || (model && registry.list().some((m) => m.name === model))) {
+      return { status: health.status.SERVING };
+    }
+    throw notFound(`unknown service "${service}" (use "", "${SERVICE_NAME}" or "model/<name>" of a loaded model)`);
+  };
+}
+
+/** One unary method: decode, run the handler, encode; every failure becomes a status; debug log line. */
+function unary(
+  rpc: string,
+  types: { request: protobuf.Type; response: protobuf.Type },
+  handler: Handler,
+  log: Logger,
+): UnaryHandler {
+  return async (bytes) => {
+    const started = performance.now();
+    const timing = log.verbose
+      ? { bindMs: 0, runMs: 0, encodeMs: 0, copiedInputs: 0, sharedMemoryInputs: 0 }
+      : undefined;
+    try {
+      let request: unknown;
+      try {
+        request = types.request.decode(bytes);
+      } catch (error) {
+        throw invalidArgument(`request is not a valid ${types.request.name} message: ${(error as Error).message}`);
+      }
+      const response = await handler(request, timing);
+      const message = response instanceof Uint8Array ? response : types.response.encode(response as object).finish();
+      log.debug("rpc", { rpc, code: "OK", ms: roundMs(performance.now() - started), ...roundTiming(timing) });
+      return { message };
+    } catch (error) {
+      const { status, details } = statusOf(error, rpc, log);
+      log.debug("rpc", { rpc, code: Status[status], details });
+      return { status, details };
+    }
+  };
+}
+
 export interface RunningServer {
   /**
    * Stops accepting (new calls get UNAVAILABLE), lets in-flight calls finish for up to
@@ -144,31 +193,13 @@ export async function startServer(options: {
   await prepareSocketPath(socketPath, log);
   const methods = new Map<string, UnaryHandler>();
   for (const [rpc, handler] of Object.entries(handlers(options.services))) {
-    const requestType = messageType(`${rpc}Request`);
-    const responseType = messageType(`${rpc}Response`);
-    methods.set(`/${SERVICE_NAME}/${rpc}`, async (bytes) => {
-      const started = performance.now();
-      const timing = log.verbose
-        ? { bindMs: 0, runMs: 0, encodeMs: 0, copiedInputs: 0, sharedMemoryInputs: 0 }
-        : undefined;
-      try {
-        let request: unknown;
-        try {
-          request = requestType.decode(bytes);
-        } catch (error) {
-          throw invalidArgument(`request is not a valid ${requestType.name} message: ${(error as Error).message}`);
-        }
-        const response = await handler(request, timing);
-        const message = response instanceof Uint8Array ? response : responseType.encode(response as object).finish();
-        log.debug("rpc", { rpc, code: "OK", ms: roundMs(performance.now() - started), ...roundTiming(timing) });
-        return { message };
-      } catch (error) {
-        const { status, details } = statusOf(error, rpc, log);
-        log.debug("rpc", { rpc, code: Status[status], details });
-        return { status, details };
-      }
-    });
+    const types = { request: messageType(`${rpc}Request`), response: messageType(`${rpc}Response`) };
+    methods.set(`/${SERVICE_NAME}/${rpc}`, unary(rpc, types, handler, log));
   }
+  methods.set(
+    `/${HEALTH_SERVICE_NAME}/Check`,
+    unary("Health.Check", health, healthCheck(options.services.registry), log),
+  );
   const server = new GrpcServer({
     methods,
     maxMessageBytes: options.maxMessageBytes,

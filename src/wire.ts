@@ -5,6 +5,7 @@ import type { ServiceDefinition } from "@grpc/grpc-js";
 import { Buffer } from "node:buffer";
 import protobuf from "protobufjs";
 import agentProto from "../proto/agent.proto" with { type: "text" };
+import healthProto from "../proto/health.proto" with { type: "text" };
 
 const root = protobuf.parse(agentProto, { keepCase: true }).root;
 export const PACKAGE = "AWS.SageMaker.Edge";
@@ -91,6 +92,16 @@ export const RPC_NAMES = [
   "GetCaptureDataStatus",
 ] as const;
 export type RpcName = typeof RPC_NAMES[number];
+
+const healthRoot = protobuf.parse(healthProto, { keepCase: true }).root;
+export const HEALTH_SERVICE_NAME = "grpc.health.v1.Health";
+
+/** grpc.health.v1 messages, and ServingStatus values by name. */
+export const health = {
+  request: healthRoot.lookupType("grpc.health.v1.HealthCheckRequest"),
+  response: healthRoot.lookupType("grpc.health.v1.HealthCheckResponse"),
+  status: healthRoot.lookupEnum("grpc.health.v1.HealthCheckResponse.ServingStatus").values,
+};
 
 /** Enum values by name, e.g. enumValues("DataType").FLOAT32 === 5. */
 export function enumValues(name: string): Record<string, number> {
