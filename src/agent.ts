@@ -5,6 +5,7 @@ import { type AgentConfig, captureDiskPath, DEFAULTS, loadConfigFile, type Loade
 import { CaptureService } from "./capture/service.ts";
 import { StartupError } from "./errors.ts";
 import { createLogger, type Logger } from "./log.ts";
+import { Metrics, parseMetricsAddress, serveMetrics } from "./metrics.ts";
 import { permissionProblems } from "./permissions.ts";
 import { ModelRegistry } from "./models.ts";
 import { Libc } from "../ffi/libc.ts";
@@ -62,6 +63,23 @@ function openCapture(config: AgentConfig, log: Logger): Promise<CaptureService> 
   });
 }
 
+/** Serves metrics where the config says, replacing a stale socket; returns how to stop. */
+async function startMetrics(config: AgentConfig, render: () => string): Promise<() => Promise<void>> {
+  const address = config.metrics ? parseMetricsAddress(config.metrics) : null;
+  if (!address) return async () => {};
+  if ("path" in address) await Deno.remove(address.path).catch(() => {});
+  let stop: () => Promise<void>;
+  try {
+    stop = serveMetrics(address, render);
+  } catch (error) {
+    throw new StartupError([`metrics ${config.metrics}: cannot listen: ${(error as Error).message}`]);
+  }
+  return async () => {
+    await stop();
+    if ("path" in address) await Deno.remove(address.path).catch(() => {});
+  };
+}
+
 /** Serves until a stop signal arrives; resolves when everything is released. */
 export async function serve(options: ServeOptions): Promise<void> {
   const { config, ignoredKeys }: LoadedConfig = options.configPath
@@ -85,7 +103,9 @@ export async function serve(options: ServeOptions): Promise<void> {
   const shm = new SharedMemoryReader(libc, { kind: config.sharedMemory, posixPrefix: config.shmPosixPrefix });
   const registry = new ModelRegistry(ort, shm, config, log);
   let capture: CaptureService | null = null;
-  let server;
+  const metrics = new Metrics();
+  let stopMetrics = async () => {};
+  let server: Awaited<ReturnType<typeof startServer>> | null = null;
   try {
     capture = await openCapture(config, log);
     server = await startServer({
@@ -93,9 +113,13 @@ export async function serve(options: ServeOptions): Promise<void> {
       socketMode: config.socketMode,
       maxMessageBytes: config.maxMessageBytes,
       services: { registry, capture, shm, clockSkewSeconds: config.captureClockSkewSeconds },
+      metrics,
       log,
     });
+    const service = capture;
+    stopMetrics = await startMetrics(config, () => metrics.render(registry.list(), service.stats()));
   } catch (error) {
+    await server?.stop(0);
     await capture?.close({ drainMs: 0 });
     ort.close();
     libc.close();
@@ -120,6 +144,7 @@ export async function serve(options: ServeOptions): Promise<void> {
   const signal = await stopRequested.promise;
   log.info("stopping", { signal });
   for (const [s, listener] of listeners) Deno.removeSignalListener(s, listener);
+  await stopMetrics();
   await server.stop(config.shutdownGraceSeconds);
   // Acknowledged captures are already durable; the grace period only lets queued uploads finish.
   await capture.close({ drainMs: config.shutdownGraceSeconds * 1000 });

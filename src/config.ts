@@ -50,6 +50,8 @@ export interface AgentConfig {
   captureClockSkewSeconds: number;
   captureStatusRetentionSeconds: number;
   captureStatusRetentionCount: number;
+  /** "unix:<path>" or "<loopback host>:<port>"; null: no metrics. */
+  metrics: string | null;
 }
 
 type Kind = "string" | "boolean" | "integer" | "path" | "paths" | "mode";
@@ -106,6 +108,7 @@ export const DEFAULTS: AgentConfig = {
   captureClockSkewSeconds: 60,
   captureStatusRetentionSeconds: 86400,
   captureStatusRetentionCount: 100000,
+  metrics: null,
 };
 
 /** Edge Manager's documented keys. Those without `field` are accepted and logged as ignored. */
@@ -186,6 +189,11 @@ const AGENT_KEYS: Record<string, KeySpec> = {
     min: 1,
   },
   edge_agent_capture_status_retention_count: { kind: "integer", field: "captureStatusRetentionCount", min: 1 },
+  edge_agent_metrics: {
+    kind: "string",
+    field: "metrics",
+    pattern: /^(unix:\/[^,]+|(127\.0\.0\.1|localhost|\[::1\]):\d{1,5})$/,
+  },
   edge_agent_shutdown_grace_seconds: { kind: "integer", field: "shutdownGraceSeconds", min: 0, max: 3600 },
 };
 

@@ -7,6 +7,7 @@
 import { isAbsolute } from "node:path";
 import { type AgentConfig, captureDiskPath, s3Host } from "./config.ts";
 import { StartupError } from "./errors.ts";
+import { parseMetricsAddress } from "./metrics.ts";
 
 /** What a deployment names; every permission flag derives from it. */
 export interface Profile {
@@ -22,13 +23,15 @@ export interface Profile {
   trusted_keys: string | null;
   /** sagemaker_edge_core_capture_data_disk_path, when it lies outside the state folder. */
   capture_dir: string | null;
+  /** edge_agent_metrics: "unix:<path>" or "<loopback host>:<port>". */
+  metrics: string | null;
   /** S3 endpoint hosts ("host" or "host:port") capture uploads may reach. */
   s3_hosts: string[];
   /** Environment variables the agent may read (AWS credentials). */
   env: string[];
 }
 
-const PROFILE_KEYS: Record<keyof Profile, "path" | "path?" | "paths" | "hosts" | "names"> = {
+const PROFILE_KEYS: Record<keyof Profile, "path" | "path?" | "paths" | "hosts" | "names" | "metrics?"> = {
   socket: "path",
   config: "path?",
   model_roots: "paths",
@@ -36,6 +39,7 @@ const PROFILE_KEYS: Record<keyof Profile, "path" | "path?" | "paths" | "hosts" |
   trusted_roots: "path?",
   trusted_keys: "path?",
   capture_dir: "path?",
+  metrics: "metrics?",
   s3_hosts: "hosts",
   env: "names",
 };
@@ -71,6 +75,8 @@ export function parseProfile(raw: unknown, source = "profile"): Profile {
         (Array.isArray(value) && value.every((h) => typeof h === "string" && /^[A-Za-z0-9.-]+(:\d{1,5})?$/.test(h))),
       "names": () =>
         value === undefined || (Array.isArray(value) && value.every((n) => typeof n === "string" && /^\w+$/.test(n))),
+      "metrics?": () =>
+        value === undefined || value === null || (typeof value === "string" && parseMetricsAddress(value) !== null),
     }[kind]();
     if (!ok) {
       const expected = {
@@ -79,6 +85,7 @@ export function parseProfile(raw: unknown, source = "profile"): Profile {
         "paths": "a list of absolute paths",
         "hosts": 'a list of host names, optionally with ":port"',
         "names": "a list of environment variable names",
+        "metrics?": 'null, "unix:<path>" or "<loopback host>:<port>"',
       }[kind];
       problems.push(`${source}: "${key}" must be ${expected}, got ${JSON.stringify(value)}`);
     }
@@ -92,6 +99,7 @@ export function parseProfile(raw: unknown, source = "profile"): Profile {
     trusted_roots: (record.trusted_roots as string | null | undefined) ?? null,
     trusted_keys: (record.trusted_keys as string | null | undefined) ?? null,
     capture_dir: (record.capture_dir as string | null | undefined) ?? null,
+    metrics: (record.metrics as string | null | undefined) ?? null,
     s3_hosts: (record.s3_hosts as string[] | undefined) ?? [],
     env: (record.env as string[] | undefined) ?? [],
   };
@@ -109,11 +117,20 @@ export function profileFlags(profile: Profile): string[] {
     ...(profile.capture_dir ? [profile.capture_dir] : []),
   ];
   const writable = [profile.socket, profile.state_dir, ...(profile.capture_dir ? [profile.capture_dir] : [])];
+  const reachable = [`unix:${profile.socket}`, ...profile.s3_hosts];
+  const metrics = profile.metrics ? parseMetricsAddress(profile.metrics) : null;
+  if (metrics && "path" in metrics) {
+    readable.push(metrics.path);
+    writable.push(metrics.path);
+    reachable.push(`unix:${metrics.path}`);
+  } else if (metrics) {
+    reachable.push(`${metrics.hostname}:${metrics.port}`);
+  }
   return [
     "--no-prompt",
     `--allow-read=${readable.join(",")}`,
     `--allow-write=${writable.join(",")}`,
-    `--allow-net=${[`unix:${profile.socket}`, ...profile.s3_hosts].join(",")}`,
+    `--allow-net=${reachable.join(",")}`,
     ...(profile.env.length > 0 ? [`--allow-env=${profile.env.join(",")}`] : []),
     "--allow-ffi",
   ];
@@ -130,6 +147,7 @@ export function profileFor(socketPath: string, configPath: string | null, config
     trusted_roots: config.rootCertsPath,
     trusted_keys: config.trustedModelKeys,
     capture_dir: isInside(captureDiskPath(config), config.stateDir) ? null : captureDiskPath(config),
+    metrics: config.metrics,
     s3_hosts: s3 ? [s3] : [],
     env: s3 ? [...AWS_CREDENTIAL_VARIABLES] : [],
   };
@@ -178,6 +196,13 @@ export async function permissionProblems(socketPath: string, config: AgentConfig
   const captures = captureDiskPath(config);
   if (!await granted({ name: "write", path: captures })) {
     problems.push(`config names capture folder ${captures}, but this agent may not write it${rebuild("capture_dir")}`);
+  }
+  const metrics = config.metrics ? parseMetricsAddress(config.metrics) : null;
+  const metricsHost = metrics && ("path" in metrics ? `unix:${metrics.path}` : `${metrics.hostname}:${metrics.port}`);
+  if (metricsHost && !await granted({ name: "net", host: metricsHost })) {
+    problems.push(
+      `config serves metrics on ${config.metrics}, but this agent may not listen there${rebuild("metrics")}`,
+    );
   }
   const s3 = s3Host(config);
   if (s3 && !await granted({ name: "net", host: s3 })) {

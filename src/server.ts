@@ -8,6 +8,7 @@ import { metadataOf } from "./tensors.ts";
 import { GrpcServer, type UnaryHandler } from "./transport/http2.ts";
 import type { CaptureService } from "./capture/service.ts";
 import { captureRecord } from "./capture/request.ts";
+import type { Metrics } from "./metrics.ts";
 import type { SharedMemoryReader } from "./shm.ts";
 import {
   type CaptureDataRequest,
@@ -86,8 +87,8 @@ function handlers({ registry, capture, shm, clockSkewSeconds }: Services): Recor
 
 const roundMs = (ms: number) => Number(ms.toFixed(3));
 
-function roundTiming(timing: PredictTiming | undefined): Record<string, number> {
-  if (!timing || timing.runMs === 0) return {};
+function roundTiming(timing: PredictTiming): Record<string, number> {
+  if (timing.runMs === 0) return {};
   return {
     bindMs: roundMs(timing.bindMs),
     runMs: roundMs(timing.runMs),
@@ -144,17 +145,28 @@ function healthCheck(registry: ModelRegistry): Handler {
 }
 
 /** One unary method: decode, run the handler, encode; every failure becomes a status; debug log line. */
+/** The model a request is about, for metrics ("" for none). */
+function modelOf(request: unknown): string {
+  const r = request as { name?: unknown; model_name?: unknown };
+  return typeof r.model_name === "string" ? r.model_name : typeof r.name === "string" ? r.name : "";
+}
+
+/**
+ * One unary method: decode, run the handler, encode; every failure becomes a status; metrics and a
+ * debug log line per call.
+ */
 function unary(
   rpc: string,
   types: { request: protobuf.Type; response: protobuf.Type },
   handler: Handler,
   log: Logger,
+  metrics: Metrics,
 ): UnaryHandler {
   return async (bytes) => {
     const started = performance.now();
-    const timing = log.verbose
-      ? { bindMs: 0, runMs: 0, encodeMs: 0, copiedInputs: 0, sharedMemoryInputs: 0 }
-      : undefined;
+    const timing = { bindMs: 0, runMs: 0, encodeMs: 0, copiedInputs: 0, sharedMemoryInputs: 0 };
+    let model = "";
+    metrics.started();
     try {
       let request: unknown;
       try {
@@ -162,14 +174,26 @@ function unary(
       } catch (error) {
         throw invalidArgument(`request is not a valid ${types.request.name} message: ${(error as Error).message}`);
       }
+      model = modelOf(request);
       const response = await handler(request, timing);
       const message = response instanceof Uint8Array ? response : types.response.encode(response as object).finish();
-      log.debug("rpc", { rpc, code: "OK", ms: roundMs(performance.now() - started), ...roundTiming(timing) });
+      const ms = performance.now() - started;
+      metrics.request(rpc, model, "OK");
+      if (rpc === "Predict") {
+        metrics.predict(model, "total", ms / 1000);
+        metrics.predict(model, "bind", timing.bindMs / 1000);
+        metrics.predict(model, "run", timing.runMs / 1000);
+        metrics.predict(model, "encode", timing.encodeMs / 1000);
+      }
+      log.debug("rpc", { rpc, code: "OK", ms: roundMs(ms), ...roundTiming(timing) });
       return { message };
     } catch (error) {
       const { status, details } = statusOf(error, rpc, log);
+      metrics.request(rpc, model, Status[status]);
       log.debug("rpc", { rpc, code: Status[status], details });
       return { status, details };
+    } finally {
+      metrics.finished();
     }
   };
 }
@@ -187,6 +211,7 @@ export async function startServer(options: {
   socketMode: number;
   maxMessageBytes: number;
   services: Services;
+  metrics: Metrics;
   log: Logger;
 }): Promise<RunningServer> {
   const { socketPath, log } = options;
@@ -194,11 +219,11 @@ export async function startServer(options: {
   const methods = new Map<string, UnaryHandler>();
   for (const [rpc, handler] of Object.entries(handlers(options.services))) {
     const types = { request: messageType(`${rpc}Request`), response: messageType(`${rpc}Response`) };
-    methods.set(`/${SERVICE_NAME}/${rpc}`, unary(rpc, types, handler, log));
+    methods.set(`/${SERVICE_NAME}/${rpc}`, unary(rpc, types, handler, log, options.metrics));
   }
   methods.set(
     `/${HEALTH_SERVICE_NAME}/Check`,
-    unary("Health.Check", health, healthCheck(options.services.registry), log),
+    unary("Health.Check", health, healthCheck(options.services.registry), log, options.metrics),
   );
   const server = new GrpcServer({
     methods,

@@ -1,0 +1,156 @@
+// Metrics in Prometheus' text format, served on a Unix socket or a loopback TCP port when
+// `edge_agent_metrics` names one: request counts by rpc, model and status, Predict latency
+// histograms split into bind (decode checks, shared memory), run and encode, in-flight calls,
+// model load times, capture queue and uploads, and the process's memory and CPU.
+
+import process from "node:process";
+import type { CaptureStats } from "./capture/service.ts";
+import type { ModelInfo } from "./models.ts";
+
+/** Seconds; Prometheus' default buckets extended down to 100 µs for small models. */
+const BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
+
+class Histogram {
+  readonly counts = new Array<number>(BUCKETS.length).fill(0);
+  sum = 0;
+  count = 0;
+  observe(seconds: number): void {
+    for (let i = 0; i < BUCKETS.length; i++) if (seconds <= BUCKETS[i]) this.counts[i]++;
+    this.sum += seconds;
+    this.count++;
+  }
+}
+
+export type PredictPhase = "total" | "bind" | "run" | "encode";
+
+/** Label values are escaped as the text format asks. */
+function label(value: string): string {
+  return value.replaceAll("\\", "\\\\").replaceAll('"', '\\"').replaceAll("\n", "\\n");
+}
+
+export class Metrics {
+  readonly #requests = new Map<string, number>();
+  readonly #predict = new Map<string, Histogram>();
+  #inFlight = 0;
+
+  /** Counts a finished call; `model` is "" for calls about no model. */
+  request(rpc: string, model: string, code: string): void {
+    const key = `rpc="${label(rpc)}",model="${label(model)}",code="${label(code)}"`;
+    this.#requests.set(key, (this.#requests.get(key) ?? 0) + 1);
+  }
+
+  predict(model: string, phase: PredictPhase, seconds: number): void {
+    const key = `model="${label(model)}",phase="${phase}"`;
+    let histogram = this.#predict.get(key);
+    if (!histogram) this.#predict.set(key, histogram = new Histogram());
+    histogram.observe(seconds);
+  }
+
+  started(): void {
+    this.#inFlight++;
+  }
+
+  finished(): void {
+    this.#inFlight--;
+  }
+
+  /** The text exposition of everything, with the registry's and the capture service's state now. */
+  render(models: ModelInfo[], capture: CaptureStats | null): string {
+    const out: string[] = [];
+    const metric = (name: string, type: string, help: string, samples: [string, number][]) => {
+      out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
+      for (const [labels, value] of samples) out.push(`${name}${labels ? `{${labels}}` : ""} ${value}`);
+    };
+    metric(
+      "edge_agent_requests_total",
+      "counter",
+      "Calls answered, by rpc, model and gRPC status code.",
+      [...this.#requests].map(([labels, value]) => [labels, value]),
+    );
+    out.push(
+      "# HELP edge_agent_predict_duration_seconds Predict time in the agent: total, and its bind, run and encode phases.",
+      "# TYPE edge_agent_predict_duration_seconds histogram",
+    );
+    for (const [labels, h] of this.#predict) {
+      BUCKETS.forEach((bound, i) =>
+        out.push(`edge_agent_predict_duration_seconds_bucket{${labels},le="${bound}"} ${h.counts[i]}`)
+      );
+      out.push(
+        `edge_agent_predict_duration_seconds_bucket{${labels},le="+Inf"} ${h.count}`,
+        `edge_agent_predict_duration_seconds_sum{${labels}} ${h.sum}`,
+        `edge_agent_predict_duration_seconds_count{${labels}} ${h.count}`,
+      );
+    }
+    metric("edge_agent_requests_in_flight", "gauge", "Calls being handled now.", [["", this.#inFlight]]);
+    metric("edge_agent_models_loaded", "gauge", "Models loaded.", [["", models.length]]);
+    metric(
+      "edge_agent_model_load_seconds",
+      "gauge",
+      "How long each loaded model took to load (verification and session creation).",
+      models.map((m) => [`model="${label(m.name)}"`, m.loadSeconds]),
+    );
+    metric(
+      "edge_agent_model_size_bytes",
+      "gauge",
+      "Size of each loaded model file.",
+      models.map((m) => [
+        `model="${label(m.name)}"`,
+        m.sizeBytes,
+      ]),
+    );
+    if (capture) {
+      metric("edge_agent_capture_pending", "gauge", "Captures acknowledged and not yet stored at the destination.", [[
+        "",
+        capture.pending,
+      ]]);
+      metric("edge_agent_capture_spool_bytes", "gauge", "Bytes of the capture spool.", [["", capture.spoolBytes]]);
+      metric("edge_agent_capture_uploaded_total", "counter", "Captures stored at the destination.", [[
+        "",
+        capture.uploaded,
+      ]]);
+      metric("edge_agent_capture_failed_total", "counter", "Captures given up (dead letter).", [["", capture.failed]]);
+      metric("edge_agent_capture_upload_retries_total", "counter", "Failed upload attempts that were retried.", [[
+        "",
+        capture.retries,
+      ]]);
+      metric(
+        "edge_agent_capture_last_upload_timestamp_seconds",
+        "gauge",
+        "When the destination last confirmed a batch (0: never).",
+        [["", (capture.lastUploadAt ?? 0) / 1000]],
+      );
+    }
+    const cpu = process.cpuUsage();
+    metric("process_resident_memory_bytes", "gauge", "Resident memory of the agent.", [["", Deno.memoryUsage().rss]]);
+    metric("process_cpu_seconds_total", "counter", "User and system CPU time of the agent.", [[
+      "",
+      (cpu.user + cpu.system) / 1e6,
+    ]]);
+    return out.join("\n") + "\n";
+  }
+}
+
+/** Where metrics are served: `unix:<path>` or `<loopback host>:<port>`. */
+export type MetricsAddress = { path: string } | { hostname: string; port: number };
+
+export function parseMetricsAddress(value: string): MetricsAddress | null {
+  if (value.startsWith("unix:")) {
+    const path = value.slice("unix:".length);
+    return path.startsWith("/") ? { path } : null;
+  }
+  const match = /^(127\.0\.0\.1|localhost|\[::1\]):(\d{1,5})$/.exec(value);
+  if (!match || Number(match[2]) > 65535) return null;
+  return { hostname: match[1].replace(/^\[|\]$/g, ""), port: Number(match[2]) };
+}
+
+/** Serves GET /metrics until the returned function is called. */
+export function serveMetrics(address: MetricsAddress, render: () => string): () => Promise<void> {
+  const handler = (request: Request) =>
+    new URL(request.url).pathname === "/metrics"
+      ? new Response(render(), { headers: { "content-type": "text/plain; version=0.0.4; charset=utf-8" } })
+      : new Response("not found: metrics are at /metrics\n", { status: 404 });
+  const server = "path" in address
+    ? Deno.serve({ transport: "unix", path: address.path, onListen: () => {} }, handler)
+    : Deno.serve({ hostname: address.hostname, port: address.port, onListen: () => {} }, handler);
+  return () => server.shutdown();
+}
