@@ -10,6 +10,9 @@ const USAGE = `usage:
   edge-agent package sign <folder> --key <key.pem> [--cert-chain <leaf-then-CAs.pem>] [--name N --version V --arch A]
   edge-agent package pack <folder> -o <file.tar.gz>
   edge-agent package verify <folder or .tar.gz> (--roots <pem or folder> | --public-key <pem>)
+  edge-agent client [--socket <path>] list | describe <model> | load <url> <name> | unload <name>
+                    | predict <model> --input <name>=<file.npy|file.bin>[:<d1>,<d2>,...] [--out <file.npy>]
+                    | capture-status <id> | health [<service>]
 
   serve            -a, --address: Unix socket (default ${DEFAULT_SOCKET_PATH}); -c, --config: config file
   trust init       a development root, intermediate and code-signing leaf (for development only)
@@ -29,6 +32,7 @@ async function main(args: string[]): Promise<void> {
     return;
   }
   if (command === "trust" || command === "package") return await publisher(command, rest);
+  if (command === "client") return await client(rest);
   if (command !== "serve") fail(`unknown command "${command}"\n\n${USAGE}`, 2);
   let values;
   try {
@@ -52,6 +56,61 @@ async function main(args: string[]): Promise<void> {
     if (error instanceof StartupError) {
       fail(`edge-agent: cannot start:\n${error.problems.map((p) => `  ${p}`).join("\n")}`, 2);
     }
+    throw error;
+  }
+}
+
+/** client sub-commands: try a running agent by hand. */
+async function client(args: string[]): Promise<void> {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args,
+      options: {
+        socket: { type: "string", default: DEFAULT_SOCKET_PATH },
+        input: { type: "string", multiple: true, default: [] },
+        out: { type: "string", short: "o" },
+      },
+      strict: true,
+      allowPositionals: true,
+    });
+  } catch (error) {
+    fail(`${(error as Error).message}\n\n${USAGE}`, 2);
+  }
+  const { values, positionals: [action, first, second] } = parsed;
+  const cli = await import("./src/client_cli.ts");
+  const need = (value: string | undefined, what: string): string =>
+    value ?? fail(`client ${action}: ${what}\n\n${USAGE}`, 2);
+  try {
+    const output = await cli.withClient(values.socket, (agent) => {
+      switch (action) {
+        case "list":
+          return cli.list(agent);
+        case "describe":
+          return cli.describe(agent, need(first, "name the model"));
+        case "load":
+          return cli.load(agent, need(first, "name the package url"), need(second, "name the model"));
+        case "unload":
+          return cli.unload(agent, need(first, "name the model"));
+        case "predict":
+          if (values.input.length === 0) fail("client predict: give at least one --input <name>=<file>", 2);
+          return cli.predict(
+            agent,
+            need(first, "name the model"),
+            values.input.map(cli.parseInput),
+            values.out ?? null,
+          );
+        case "capture-status":
+          return cli.captureStatus(agent, need(first, "name the capture id"));
+        case "health":
+          return cli.checkHealth(values.socket, first ?? "");
+        default:
+          fail(`unknown client command "${action ?? ""}"\n\n${USAGE}`, 2);
+      }
+    });
+    console.log(output);
+  } catch (error) {
+    if (error instanceof cli.ClientCommandError) fail(`edge-agent: ${error.message}`, 1);
     throw error;
   }
 }

@@ -1,0 +1,213 @@
+// `edge-agent client ...`: try a device's agent by hand. Each command returns the text to print; a
+// failed call becomes a ClientCommandError carrying the gRPC status name and message.
+
+import { AgentClient } from "./client.ts";
+import { dataTypeName } from "./tensors.ts";
+import { Status } from "./errors.ts";
+import { NpyError, readNpy, writeNpy } from "./npy.ts";
+import { enumValues, health, HEALTH_SERVICE_NAME, type Model, type Tensor, type TensorMetadata } from "./wire.ts";
+
+export class ClientCommandError extends Error {}
+
+const DataType = enumValues("DataType");
+const CaptureStatus = Object.fromEntries(Object.entries(enumValues("CaptureDataStatus")).map(([k, v]) => [v, k]));
+const SIZES: Record<string, number> = {
+  UINT8: 1,
+  INT8: 1,
+  BOOL: 1,
+  INT16: 2,
+  UINT16: 2,
+  FLOAT16: 2,
+  BFLOAT16: 2,
+  INT32: 4,
+  UINT32: 4,
+  FLOAT32: 4,
+  INT64: 8,
+  UINT64: 8,
+  FLOAT64: 8,
+};
+
+/** Runs `fn` with a client of `socket`, turning gRPC failures into "<STATUS>: <message>". */
+export async function withClient<T>(socket: string, fn: (client: AgentClient) => Promise<T>): Promise<T> {
+  const client = new AgentClient(socket);
+  try {
+    return await fn(client);
+  } catch (error) {
+    const e = error as { code?: number; details?: string };
+    if (typeof e.code === "number") throw new ClientCommandError(`${Status[e.code] ?? e.code}: ${e.details}`);
+    throw error;
+  } finally {
+    client.close();
+  }
+}
+
+function describeTensor(m: TensorMetadata): string {
+  return `${new TextDecoder().decode(m.name)} ${dataTypeName(m.data_type)} [${m.shape.join(",")}]`;
+}
+
+function describeModel(model: Model): string {
+  return [
+    `${model.name}  ${model.url}`,
+    ...model.input_tensor_metadatas.map((m) => `  input  ${describeTensor(m)}`),
+    ...model.output_tensor_metadatas.map((m) => `  output ${describeTensor(m)}`),
+  ].join("\n");
+}
+
+export async function list(client: AgentClient): Promise<string> {
+  const { models } = await client.listModels();
+  return models.length === 0 ? "no models loaded" : models.map(describeModel).join("\n");
+}
+
+export async function describe(client: AgentClient, name: string): Promise<string> {
+  return describeModel((await client.describeModel(name)).model);
+}
+
+export async function load(client: AgentClient, url: string, name: string): Promise<string> {
+  return `loaded\n${describeModel((await client.loadModel(url, name)).model)}`;
+}
+
+export async function unload(client: AgentClient, name: string): Promise<string> {
+  await client.unloadModel(name);
+  return `unloaded ${name}`;
+}
+
+export async function captureStatus(client: AgentClient, id: string): Promise<string> {
+  const { status } = await client.call<{ status: number }>("GetCaptureDataStatus", { capture_id: id });
+  return `${id}: ${CaptureStatus[status] ?? status}`;
+}
+
+/** grpc.health.v1 Check of `service` ("" = the agent). */
+export async function checkHealth(socket: string, service: string): Promise<string> {
+  const grpc = await import("@grpc/grpc-js");
+  const raw = new grpc.Client(`unix:${socket}`, grpc.credentials.createInsecure());
+  try {
+    const status = await new Promise<number>((resolve, reject) =>
+      raw.makeUnaryRequest(
+        `/${HEALTH_SERVICE_NAME}/Check`,
+        (m: { service: string }) => Buffer.from(health.request.encode(m).finish()),
+        (b: Buffer) => (health.response.decode(b) as unknown as { status: number }).status,
+        { service },
+        (error, value) => error ? reject(error) : resolve(value!),
+      )
+    );
+    const name = Object.entries(health.status).find(([, v]) => v === status)?.[0] ?? status;
+    return `${service || "agent"}: ${name}`;
+  } finally {
+    raw.close();
+  }
+}
+
+/** `name=path[:d1,d2,...]`: an .npy file (dtype and shape inside) or raw little-endian bytes. */
+export interface InputArgument {
+  name: string;
+  path: string;
+  shape: number[] | null;
+}
+
+export function parseInput(text: string): InputArgument {
+  const match = /^([^=]+)=([^:]+)(?::(\d+(?:,\d+)*))?$/.exec(text);
+  if (!match) throw new ClientCommandError(`--input ${text}: use <name>=<file.npy|file.bin>[:<d1>,<d2>,...]`);
+  return { name: match[1], path: match[2], shape: match[3] ? match[3].split(",").map(Number) : null };
+}
+
+async function inputTensor(model: Model, input: InputArgument): Promise<Tensor> {
+  const spec = model.input_tensor_metadatas.find((m) => new TextDecoder().decode(m.name) === input.name);
+  if (!spec) {
+    const names = model.input_tensor_metadatas.map((m) => new TextDecoder().decode(m.name)).join(", ");
+    throw new ClientCommandError(`--input ${input.name}: model ${model.name} has no such input (inputs: ${names})`);
+  }
+  const bytes = await Deno.readFile(input.path).catch((error) => {
+    throw new ClientCommandError(`--input ${input.name}: ${input.path}: ${error.message}`);
+  });
+  let dataType = spec.data_type;
+  let shape: number[];
+  let data: Uint8Array;
+  if (input.path.endsWith(".npy")) {
+    let array;
+    try {
+      array = readNpy(bytes);
+    } catch (error) {
+      if (error instanceof NpyError) {
+        throw new ClientCommandError(`--input ${input.name}: ${input.path}: ${error.message}`);
+      }
+      throw error;
+    }
+    dataType = DataType[array.dataType];
+    shape = input.shape ?? array.shape;
+    data = array.data;
+  } else {
+    shape = input.shape ?? spec.shape;
+    if (shape.some((d) => d < 0)) {
+      throw new ClientCommandError(
+        `--input ${input.name}: the model's shape [${spec.shape}] is dynamic: give the shape, e.g. ${input.name}=${input.path}:1,3,48,192`,
+      );
+    }
+    data = bytes;
+  }
+  return {
+    tensor_metadata: { name: new TextEncoder().encode(input.name), data_type: dataType, shape },
+    byte_data: data,
+  };
+}
+
+function values(tensor: Tensor): number[] | null {
+  const bytes = new Uint8Array(tensor.byte_data!);
+  const view = new DataView(bytes.buffer);
+  const type = dataTypeName(tensor.tensor_metadata!.data_type);
+  const size = SIZES[type];
+  const read: Record<string, (offset: number) => number> = {
+    FLOAT32: (o) => view.getFloat32(o, true),
+    FLOAT64: (o) => view.getFloat64(o, true),
+    INT32: (o) => view.getInt32(o, true),
+    UINT8: (o) => view.getUint8(o),
+    INT8: (o) => view.getInt8(o),
+    INT64: (o) => Number(view.getBigInt64(o, true)),
+  };
+  if (!read[type]) return null;
+  return Array.from({ length: bytes.length / size }, (_, i) => read[type](i * size));
+}
+
+/** Top-5 for a score vector, shape and statistics otherwise. */
+function summarize(tensor: Tensor): string {
+  const meta = tensor.tensor_metadata!;
+  const head = describeTensor(meta);
+  const numbers = values(tensor);
+  if (!numbers) return `${head}: ${tensor.byte_data!.length} bytes`;
+  const vector = meta.shape.filter((d) => d !== 1).length <= 1;
+  if (vector && numbers.length > 0) {
+    const top = numbers.map((v, i) => [i, v]).sort((a, b) => b[1] - a[1]).slice(0, 5);
+    return `${head}\n${top.map(([i, v]) => `  #${i}: ${v.toPrecision(6)}`).join("\n")}`;
+  }
+  const min = Math.min(...numbers);
+  const max = Math.max(...numbers);
+  const mean = numbers.reduce((a, b) => a + b, 0) / numbers.length;
+  return `${head}: min ${min.toPrecision(6)}, max ${max.toPrecision(6)}, mean ${mean.toPrecision(6)}`;
+}
+
+export async function predict(
+  client: AgentClient,
+  modelName: string,
+  inputs: InputArgument[],
+  out: string | null,
+): Promise<string> {
+  const { model } = await client.describeModel(modelName);
+  const tensors = await Promise.all(inputs.map((input) => inputTensor(model, input)));
+  const started = performance.now();
+  const response = await client.predict(modelName, tensors);
+  const ms = performance.now() - started;
+  const lines = response.tensors.map(summarize);
+  if (out) {
+    const first = response.tensors[0];
+    await Deno.writeFile(
+      out,
+      writeNpy({
+        dataType: dataTypeName(first.tensor_metadata!.data_type),
+        shape: first.tensor_metadata!.shape,
+        data: new Uint8Array(first.byte_data!),
+      }),
+    );
+    lines.push(`saved ${describeTensor(first.tensor_metadata!)} to ${out}`);
+  }
+  lines.push(`(${ms.toFixed(1)} ms)`);
+  return lines.join("\n");
+}

@@ -1,0 +1,125 @@
+// `edge-agent client`: every sub-command against a real agent, with .npy files NumPy reads and writes,
+// and the error paths a person trying a model by hand meets.
+
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { readNpy, writeNpy } from "../src/npy.ts";
+import { MAIN, withAgent } from "./helpers/agent.ts";
+import { floats, pseudoRandomFloats, tensor } from "./helpers/assertions.ts";
+import { PADDLE_CLS, writeModelFolder } from "./helpers/onnx_models.ts";
+import { PYTHON, pythonGrpcMissing } from "./helpers/python.ts";
+
+async function client(socket: string, ...args: string[]) {
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "--allow-read",
+      "--allow-write",
+      "--allow-net",
+      "--allow-env",
+      MAIN,
+      "client",
+      "--socket",
+      socket,
+      ...args,
+    ],
+  }).output();
+  return { code: out.code, stdout: new TextDecoder().decode(out.stdout), stderr: new TextDecoder().decode(out.stderr) };
+}
+
+Deno.test("client: list, load, describe, predict (.npy and .bin, --out), capture-status, health, unload", async () => {
+  await withAgent({}, async (agent) => {
+    const s = agent.socket;
+    assert.match((await client(s, "list")).stdout, /no models loaded/);
+    const folder = await writeModelFolder(agent.modelsDir, "cls", await Deno.readFile(PADDLE_CLS));
+    const loaded = await client(s, "load", folder, "cls");
+    assert.equal(loaded.code, 0, loaded.stderr);
+    assert.match(loaded.stdout, /input {2}x FLOAT32 \[-1,3,-1,-1\]/);
+    assert.match((await client(s, "describe", "cls")).stdout, /output softmax_0\.tmp_0 FLOAT32 \[-1,2\]/);
+    assert.match((await client(s, "list")).stdout, /^cls /m);
+
+    const input = pseudoRandomFloats(3 * 48 * 192, 5);
+    const expected = floats(
+      (await agent.client.predict("cls", [tensor("x", 5, [1, 3, 48, 192], input)])).tensors[0].byte_data,
+    );
+    const npy = join(agent.dir, "x.npy");
+    await Deno.writeFile(
+      npy,
+      writeNpy({ dataType: "FLOAT32", shape: [1, 3, 48, 192], data: new Uint8Array(input.buffer) }),
+    );
+    const out = join(agent.dir, "y.npy");
+    const predicted = await client(s, "predict", "cls", "--input", `x=${npy}`, "--out", out);
+    assert.equal(predicted.code, 0, predicted.stderr);
+    assert.match(predicted.stdout, /softmax_0\.tmp_0 FLOAT32 \[1,2\]\n {2}#[01]: [\d.]+\n {2}#[01]: [\d.]+/);
+    const saved = readNpy(await Deno.readFile(out));
+    assert.deepEqual([saved.dataType, saved.shape], ["FLOAT32", [1, 2]]);
+    assert.deepEqual(floats(saved.data), expected);
+
+    const bin = join(agent.dir, "x.bin");
+    await Deno.writeFile(bin, new Uint8Array(input.buffer));
+    assert.equal((await client(s, "predict", "cls", "--input", `x=${bin}:1,3,48,192`)).code, 0);
+
+    assert.match((await client(s, "capture-status", "nope")).stdout, /nope: NOT_FOUND/);
+    assert.match((await client(s, "health")).stdout, /agent: SERVING/);
+    assert.match((await client(s, "health", "model/cls")).stdout, /model\/cls: SERVING/);
+
+    const bad = join(agent.dir, "bad.npy");
+    await Deno.writeTextFile(bad, "not numpy");
+    const errors: [string[], RegExp][] = [
+      [["predict", "nope", "--input", `x=${npy}`], /NOT_FOUND: model nope is not loaded/],
+      [["predict", "cls", "--input", `x=${bin}`], /shape \[-1,3,-1,-1\] is dynamic: give the shape/],
+      [["predict", "cls", "--input", `image=${npy}`], /model cls has no such input \(inputs: x\)/],
+      [
+        ["predict", "cls", "--input", `x=${bin}:1,3,48,100`],
+        /INVALID_ARGUMENT: tensor "x": byte_data holds 110592 bytes/,
+      ],
+      [["predict", "cls", "--input", `x=${bad}`], /bad\.npy: not a \.npy file \(bad magic\)/],
+      [["predict", "cls", "--input", `x=${join(agent.dir, "missing.npy")}`], /missing\.npy: No such file/],
+      [["health", "model/nope"], /NOT_FOUND: unknown service "model\/nope"/],
+    ];
+    for (const [args, message] of errors) {
+      const result = await client(s, ...args);
+      assert.equal(result.code, 1, `${args.join(" ")}: ${result.stdout}`);
+      assert.match(result.stderr, message, args.join(" "));
+      assert.doesNotMatch(result.stderr, /\bat \w+ \(/, "no stack trace");
+    }
+    assert.match((await client(s, "unload", "cls")).stdout, /unloaded cls/);
+    assert.equal((await client(s, "bogus")).code, 2);
+  });
+});
+
+const skip = await pythonGrpcMissing();
+if (skip) console.log(`skipping the NumPy .npy interop test: ${skip}`);
+
+Deno.test({
+  name: ".npy files interoperate with NumPy both ways",
+  ignore: skip !== null,
+  async fn() {
+    const dir = await Deno.makeTempDir();
+    try {
+      const ours = join(dir, "ours.npy");
+      await Deno.writeFile(
+        ours,
+        writeNpy({
+          dataType: "INT16",
+          shape: [2, 3],
+          data: new Uint8Array(new Int16Array([1, -2, 3, -4, 5, -6]).buffer),
+        }),
+      );
+      const theirs = join(dir, "theirs.npy");
+      const script = `import numpy as np, sys
+a = np.load(sys.argv[1]); assert a.dtype == np.int16 and a.shape == (2, 3) and a.tolist() == [[1,-2,3],[-4,5,-6]], a
+np.save(sys.argv[2], np.arange(12, dtype=np.float64).reshape(3, 4) / 8)`;
+      const out = await new Deno.Command(PYTHON, { args: ["-c", script, ours, theirs] }).output();
+      assert.ok(out.success, new TextDecoder().decode(out.stderr));
+      const array = readNpy(await Deno.readFile(theirs));
+      assert.deepEqual([array.dataType, array.shape], ["FLOAT64", [3, 4]]);
+      assert.deepEqual(
+        [...new Float64Array(new Uint8Array(array.data).buffer)],
+        Array.from({ length: 12 }, (_, i) => i / 8),
+      );
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
