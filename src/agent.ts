@@ -32,9 +32,9 @@ async function prepareStateDir(stateDir: string): Promise<void> {
   }
 }
 
-function openCapture(config: AgentConfig, log: Logger): Promise<CaptureService> {
+async function openCapture(config: AgentConfig, log: Logger): Promise<CaptureService> {
   const s3 = config.captureDestination === "Cloud" || config.capturePeriodicUpload;
-  return CaptureService.open({
+  return await CaptureService.open({
     stateDir: config.stateDir,
     // Capture object keys name the fleet and device; a config without them still captures.
     deviceFleetName: config.deviceFleetName || "unnamed-fleet",
@@ -60,6 +60,10 @@ function openCapture(config: AgentConfig, log: Logger): Promise<CaptureService> 
     statusRetentionSeconds: config.captureStatusRetentionSeconds,
     statusRetentionCount: config.captureStatusRetentionCount,
     logger: log,
+  }).catch((error) => {
+    // Another agent on the same state folder, an unreadable spool: start-up errors, not crashes.
+    if (error instanceof StartupError) throw error;
+    throw new StartupError([`capture: ${error.message}`]);
   });
 }
 

@@ -241,3 +241,21 @@ Deno.test("a config that names more than the agent's permissions stops start-up,
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("a second agent on the same state folder is refused at start-up with a clear message", async () => {
+  const first = await startAgent();
+  try {
+    const second = join(first.dir, "second");
+    await Deno.mkdir(second);
+    const { code, stderr } = await serveOnce(second, {
+      edge_agent_model_roots: [first.modelsDir],
+      edge_agent_state_dir: join(first.dir, "state"),
+    });
+    assert.equal(code, 2, stderr);
+    assert.match(stderr, /cannot start:\n {2}capture: /);
+    assert.doesNotMatch(stderr, /\bat \w+ \(/, "no stack trace");
+  } finally {
+    assert.equal((await first.stop()).code, 0);
+    await Deno.remove(first.dir, { recursive: true });
+  }
+});
