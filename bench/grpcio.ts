@@ -1,7 +1,6 @@
 // The agent's other kind of client: Python grpcio (gRPC C core), as applications on devices use, in a
 // long-lived subprocess (bench/grpcio_client.py) driven by one JSON line per command.
 
-import { join } from "node:path";
 import { PYTHON } from "../tests/helpers/python.ts";
 
 const CLIENT = new URL("./grpcio_client.py", import.meta.url).pathname;
