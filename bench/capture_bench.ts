@@ -7,7 +7,7 @@ import { benchCaptureAppends } from "../src/capture/bench.ts";
 import { AgentClient } from "../src/client.ts";
 import { enumValues } from "../src/wire.ts";
 import { tensor } from "../tests/helpers/assertions.ts";
-import { identityModel, OnnxType, writeModelFolder } from "../tests/helpers/onnx_models.ts";
+import { identityModel, OnnxType, PADDLE_CLS, writeModelFolder } from "../tests/helpers/onnx_models.ts";
 import { AgentProcess } from "./agent_process.ts";
 import { median, ms, percentile, table } from "./stats.ts";
 
@@ -22,6 +22,54 @@ export interface CaptureBenchFigures {
   p99Ms: number;
   spoolDurable: number;
   spoolNoFsync: number;
+  /** PP-OCR cls Predict p50 alone, and while CAPTURE_RATE captures/s flow. */
+  predictAloneMs: number;
+  predictWithCapturesMs: number;
+}
+
+/** Captures per second flowing while Predict is timed: a few cameras' worth of frames. */
+const CAPTURE_RATE = 500;
+
+/**
+ * Predict p50 of PP-OCR cls (loaded on first use) over `seconds`, alone or while the clients send
+ * CAPTURE_RATE captures per second between them.
+ */
+async function predictP50(
+  client: AgentClient,
+  modelsDir: string,
+  seconds: number,
+  capturers: AgentClient[] | null,
+): Promise<number> {
+  if (!(await client.listModels()).models.some((m) => m.name === "cls")) {
+    await client.loadModel(await writeModelFolder(modelsDir, "cls", await Deno.readFile(PADDLE_CLS)), "cls");
+  }
+  const float32 = enumValues("DataType").FLOAT32;
+  const image = tensor("x", float32, [1, 3, 48, 192], new Float32Array(3 * 48 * 192).fill(0.5));
+  for (let i = 0; i < 20; i++) await client.predict("cls", [image]);
+  const deadline = performance.now() + seconds * 1000;
+  let id = 0;
+  const capturing = (capturers ?? []).map(async (capturer, i, all) => {
+    const interval = (1000 * all.length) / CAPTURE_RATE;
+    let due = performance.now() + (interval * i) / all.length;
+    while (performance.now() < deadline) {
+      await new Promise((r) => setTimeout(r, Math.max(0, due - performance.now())));
+      due += interval;
+      await capturer.call("CaptureData", {
+        model_name: "cls",
+        capture_id: `flow-${capturers === null ? 0 : 1}-${id++}`,
+        input_tensors: [],
+        output_tensors: [tensor("softmax_0.tmp_0", float32, [1, 2], OUTPUT)],
+      });
+    }
+  });
+  const latencies: number[] = [];
+  while (performance.now() < deadline) {
+    const sent = performance.now();
+    await client.predict("cls", [image]);
+    latencies.push(performance.now() - sent);
+  }
+  await Promise.all(capturing);
+  return median(latencies);
 }
 
 export async function captureBenchmark(seconds: number): Promise<CaptureBenchFigures> {
@@ -53,6 +101,8 @@ export async function captureBenchmark(seconds: number): Promise<CaptureBenchFig
       }
     }));
     const elapsed = (performance.now() - started) / 1000;
+    const predictAlone = await predictP50(agent.client, modelsDir, seconds, null);
+    const predictWithCaptures = await predictP50(agent.client, modelsDir, seconds, clients);
     const durable = await benchCaptureAppends({ fsync: true, durationMs: seconds * 1000 });
     const noFsync = await benchCaptureAppends({ fsync: false, durationMs: seconds * 1000 });
     return {
@@ -61,6 +111,8 @@ export async function captureBenchmark(seconds: number): Promise<CaptureBenchFig
       p99Ms: percentile(latencies, 99),
       spoolDurable: durable.acksPerSecond,
       spoolNoFsync: noFsync.acksPerSecond,
+      predictAloneMs: predictAlone,
+      predictWithCapturesMs: predictWithCaptures,
     };
   } finally {
     for (const client of clients) client.close();
@@ -83,6 +135,12 @@ export function printCaptures(f: CaptureBenchFigures): void {
     ["spool in-process, durable", f.spoolDurable.toFixed(0), "", "", "", "(ceiling)"],
     ["spool in-process, fsync off", f.spoolNoFsync.toFixed(0), "", "", "", "(ceiling)"],
   ]));
+  const degradation = f.predictWithCapturesMs / f.predictAloneMs;
+  console.log(
+    `PP-OCR cls Predict p50: ${ms(f.predictAloneMs)} ms alone, ${ms(f.predictWithCapturesMs)} ms while ` +
+      `${CAPTURE_RATE} captures/s flow: ${((degradation - 1) * 100).toFixed(1)}% slower ` +
+      `(target <= 10%: ${degradation <= 1.1 ? "met" : "MISSED"})`,
+  );
 }
 
 if (import.meta.main) printCaptures(await captureBenchmark(Deno.args.includes("--quick") ? 2 : 5));
