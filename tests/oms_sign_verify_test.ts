@@ -516,26 +516,40 @@ Deno.test("oms: reject a leaf whose keyUsage or extendedKeyUsage does not allow 
   await Deno.remove(dir, { recursive: true });
 });
 
+/** A P-256 leaf with digitalSignature, issued by `issuerPem`'s key with `hash`; both as PEM. */
+async function issueLeaf(
+  subject: string,
+  issuerCertificatePem: string,
+  issuerKeyPem: string,
+  hash: "SHA-256" | "SHA-1",
+): Promise<{ leafPem: string; leafKeyPem: string }> {
+  const issuerKey = await importSigningKey(issuerKeyPem);
+  const issuer = new x509.X509Certificate(issuerCertificatePem);
+  const leafKeys = await crypto.subtle.generateKey({ name: "ECDSA", namedCurve: "P-256" }, true, ["sign", "verify"]);
+  const leaf = await x509.X509CertificateGenerator.create({
+    subject,
+    issuer: issuer.subjectName,
+    notBefore: new Date(Date.now() - DAY),
+    notAfter: new Date(Date.now() + DAY),
+    signingAlgorithm: { name: "ECDSA", hash } as Algorithm,
+    publicKey: leafKeys.publicKey,
+    signingKey: issuerKey.privateKey,
+    extensions: [new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature, true)],
+  });
+  return {
+    leafPem: pemEncode("CERTIFICATE", new Uint8Array(leaf.rawData)),
+    leafKeyPem: pemEncode("PRIVATE KEY", new Uint8Array(await crypto.subtle.exportKey("pkcs8", leafKeys.privateKey))),
+  };
+}
+
 Deno.test("oms: reject an intermediate that is not a CA", async () => {
   // The development leaf (cA false, digitalSignature only) pretends to be an intermediate for a new leaf.
   const { dev, trust } = await devTrust();
-  const fakeCaKey = await importSigningKey(dev.leaf.privateKeyPem);
-  const fakeCa = new x509.X509Certificate(dev.leaf.certificatePem);
-  const leafKeys = await crypto.subtle.generateKey({ name: "ECDSA", namedCurve: "P-256" }, true, ["sign", "verify"]);
-  const leaf = await x509.X509CertificateGenerator.create({
-    subject: "CN=Leaf under a non-CA",
-    issuer: fakeCa.subjectName,
-    notBefore: new Date(Date.now() - DAY),
-    notAfter: new Date(Date.now() + DAY),
-    signingAlgorithm: { name: "ECDSA", hash: "SHA-256" } as Algorithm,
-    publicKey: leafKeys.publicKey,
-    signingKey: fakeCaKey.privateKey,
-    extensions: [new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature, true)],
-  });
-  const leafPem = pemEncode("CERTIFICATE", new Uint8Array(leaf.rawData));
-  const leafKeyPem = pemEncode(
-    "PRIVATE KEY",
-    new Uint8Array(await crypto.subtle.exportKey("pkcs8", leafKeys.privateKey)),
+  const { leafPem, leafKeyPem } = await issueLeaf(
+    "CN=Leaf under a non-CA",
+    dev.leaf.certificatePem,
+    dev.leaf.privateKeyPem,
+    "SHA-256",
   );
   const dir = await makeModel(MODEL);
   await signModel({ modelPath: dir, privateKeyPem: leafKeyPem, certificateChainPem: [leafPem, dev.chainPem] });
@@ -550,23 +564,11 @@ Deno.test("oms: reject an intermediate that is not a CA", async () => {
 
 Deno.test("oms: reject a leaf certificate signed with SHA-1", async () => {
   const { dev, trust } = await devTrust();
-  const interKey = await importSigningKey(dev.intermediate.privateKeyPem);
-  const inter = new x509.X509Certificate(dev.intermediate.certificatePem);
-  const leafKeys = await crypto.subtle.generateKey({ name: "ECDSA", namedCurve: "P-256" }, true, ["sign", "verify"]);
-  const leaf = await x509.X509CertificateGenerator.create({
-    subject: "CN=SHA-1 leaf",
-    issuer: inter.subjectName,
-    notBefore: new Date(Date.now() - DAY),
-    notAfter: new Date(Date.now() + DAY),
-    signingAlgorithm: { name: "ECDSA", hash: "SHA-1" } as Algorithm,
-    publicKey: leafKeys.publicKey,
-    signingKey: interKey.privateKey,
-    extensions: [new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature, true)],
-  });
-  const leafPem = pemEncode("CERTIFICATE", new Uint8Array(leaf.rawData));
-  const leafKeyPem = pemEncode(
-    "PRIVATE KEY",
-    new Uint8Array(await crypto.subtle.exportKey("pkcs8", leafKeys.privateKey)),
+  const { leafPem, leafKeyPem } = await issueLeaf(
+    "CN=SHA-1 leaf",
+    dev.intermediate.certificatePem,
+    dev.intermediate.privateKeyPem,
+    "SHA-1",
   );
   const dir = await makeModel(MODEL);
   await signModel({
