@@ -13,6 +13,7 @@ const USAGE = `usage:
   edge-agent client [--socket <path>] list | describe <model> | load <url> <name> | unload <name>
                     | predict <model> --input <name>=<file.npy|file.bin>[:<d1>,<d2>,...] [--out <file.npy>]
                     | capture-status <id> | health [<service>]
+                    | bench <model> --input ... [--concurrency N] [--seconds S]
 
   serve            -a, --address: Unix socket (default ${DEFAULT_SOCKET_PATH}); -c, --config: config file
   trust init       a development root, intermediate and code-signing leaf (for development only)
@@ -70,6 +71,8 @@ async function client(args: string[]): Promise<void> {
         socket: { type: "string", default: DEFAULT_SOCKET_PATH },
         input: { type: "string", multiple: true, default: [] },
         out: { type: "string", short: "o" },
+        concurrency: { type: "string", default: "1" },
+        seconds: { type: "string", default: "10" },
       },
       strict: true,
       allowPositionals: true,
@@ -104,6 +107,21 @@ async function client(args: string[]): Promise<void> {
           return cli.captureStatus(agent, need(first, "name the capture id"));
         case "health":
           return cli.checkHealth(values.socket, first ?? "");
+        case "bench": {
+          if (values.input.length === 0) fail("client bench: give at least one --input <name>=<file>", 2);
+          const concurrency = Number(values.concurrency);
+          const seconds = Number(values.seconds);
+          if (!Number.isInteger(concurrency) || concurrency < 1 || !(seconds > 0)) {
+            fail("client bench: --concurrency must be a whole number >= 1 and --seconds > 0", 2);
+          }
+          return cli.bench(
+            values.socket,
+            need(first, "name the model"),
+            values.input.map(cli.parseInput),
+            concurrency,
+            seconds,
+          );
+        }
         default:
           fail(`unknown client command "${action ?? ""}"\n\n${USAGE}`, 2);
       }

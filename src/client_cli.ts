@@ -211,3 +211,53 @@ export async function predict(
   lines.push(`(${ms.toFixed(1)} ms)`);
   return lines.join("\n");
 }
+
+/** Predict in a loop from `concurrency` connections for `seconds`: latency percentiles and throughput. */
+export async function bench(
+  socket: string,
+  modelName: string,
+  inputs: InputArgument[],
+  concurrency: number,
+  seconds: number,
+): Promise<string> {
+  const clients = Array.from({ length: concurrency }, () => new AgentClient(socket));
+  try {
+    const { model } = await clients[0].describeModel(modelName);
+    const tensors = await Promise.all(inputs.map((input) => inputTensor(model, input)));
+    for (let i = 0; i < 5; i++) await clients[0].predict(modelName, tensors);
+    const latencies: number[] = [];
+    const started = performance.now();
+    const deadline = started + seconds * 1000;
+    const progress = Deno.stdout.isTerminal()
+      ? setInterval(() => {
+        const done = Math.min(1, (performance.now() - started) / (seconds * 1000));
+        const bar = "#".repeat(Math.round(done * 30)).padEnd(30, ".");
+        Deno.stdout.writeSync(new TextEncoder().encode(`\r[${bar}] ${latencies.length} calls`));
+      }, 200)
+      : undefined;
+    try {
+      await Promise.all(clients.map(async (client) => {
+        while (performance.now() < deadline) {
+          const sent = performance.now();
+          await client.predict(modelName, tensors);
+          latencies.push(performance.now() - sent);
+        }
+      }));
+    } finally {
+      clearInterval(progress);
+      if (progress !== undefined) Deno.stdout.writeSync(new TextEncoder().encode("\n"));
+    }
+    const elapsed = (performance.now() - started) / 1000;
+    latencies.sort((a, b) => a - b);
+    const at = (p: number) => latencies[Math.min(latencies.length - 1, Math.floor((p / 100) * latencies.length))];
+    return [
+      `${modelName}: ${latencies.length} calls in ${elapsed.toFixed(1)} s from ${concurrency} connection(s)`,
+      `  throughput ${(latencies.length / elapsed).toFixed(1)}/s`,
+      `  latency ms: p50 ${at(50).toFixed(2)}  p90 ${at(90).toFixed(2)}  p99 ${at(99).toFixed(2)}  max ${
+        latencies[latencies.length - 1].toFixed(2)
+      }`,
+    ].join("\n");
+  } finally {
+    for (const client of clients) client.close();
+  }
+}

@@ -59,6 +59,11 @@ Deno.test("client: list, load, describe, predict (.npy and .bin, --out), capture
     await Deno.writeFile(bin, new Uint8Array(input.buffer));
     assert.equal((await client(s, "predict", "cls", "--input", `x=${bin}:1,3,48,192`)).code, 0);
 
+    const benched = await client(s, "bench", "cls", "--input", `x=${npy}`, "--concurrency", "2", "--seconds", "1");
+    assert.equal(benched.code, 0, benched.stderr);
+    assert.match(benched.stdout, /cls: \d+ calls in [\d.]+ s from 2 connection\(s\)\n {2}throughput [\d.]+\/s\n/);
+    assert.match(benched.stdout, /latency ms: p50 [\d.]+ {2}p90 [\d.]+ {2}p99 [\d.]+ {2}max [\d.]+/);
+
     assert.match((await client(s, "capture-status", "nope")).stdout, /nope: NOT_FOUND/);
     assert.match((await client(s, "health")).stdout, /agent: SERVING/);
     assert.match((await client(s, "health", "model/cls")).stdout, /model\/cls: SERVING/);
