@@ -76,6 +76,9 @@ Deno.test(`crash: ${ROUNDS} SIGKILLs at random moments lose no acknowledged capt
     const storedEarly: string[] = [];
     for (const key of earlyManifests) {
       const text = new TextDecoder().decode((await client.getObject(key))!);
+      // s3rver can show an object whose PUT was cut off by the kill (S3 itself never does); such a
+      // manifest was not stored, and recovery uploads it again under the same key.
+      if (!text.endsWith("\n")) continue;
       for (const line of text.trimEnd().split("\n")) storedEarly.push(JSON.parse(line).captureId);
     }
     const service = await CaptureService.open({
