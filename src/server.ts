@@ -9,6 +9,7 @@ import { GrpcServer, type UnaryHandler } from "./transport/http2.ts";
 import type { CaptureService } from "./capture/service.ts";
 import { captureRecord } from "./capture/request.ts";
 import type { Metrics } from "./metrics.ts";
+import { REFLECTION_PATHS, serverReflectionInfo } from "./reflection.ts";
 import type { SharedMemoryReader } from "./shm.ts";
 import {
   type CaptureDataRequest,
@@ -227,6 +228,7 @@ export async function startServer(options: {
   );
   const server = new GrpcServer({
     methods,
+    streams: new Map(REFLECTION_PATHS.map((path) => [path, serverReflectionInfo])),
     maxMessageBytes: options.maxMessageBytes,
     onConnectionError: (message) => log.warn("client connection error", { error: message }),
   });

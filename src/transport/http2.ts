@@ -5,7 +5,7 @@
 // in find_stream_on_goaway_func). A device agent must survive every client disconnect, so the
 // transport is ours: frames, HPACK, flow control, and gRPC's length-prefixed messages and trailers.
 
-import { Status } from "../errors.ts";
+import { AgentError, Status } from "../errors.ts";
 import { CompressionError, encodeHeaders, type Header, HpackDecoder } from "./hpack.ts";
 
 const PREFACE = new TextEncoder().encode("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
@@ -62,9 +62,17 @@ export type UnaryResult = { message: Uint8Array } | { status: number; details: s
 /** One unary method: raw request bytes in, response bytes or a status out. */
 export type UnaryHandler = (request: Uint8Array) => Promise<UnaryResult>;
 
+/**
+ * A streaming method (client, server or bidirectional streaming): request messages in, response
+ * messages out. Throwing an AgentError ends the call with its status.
+ */
+export type StreamHandler = (requests: AsyncIterable<Uint8Array>) => AsyncIterable<Uint8Array>;
+
 export interface GrpcServerOptions {
   /** Handlers by path, e.g. "/AWS.SageMaker.Edge.Agent/Predict". */
   methods: Map<string, UnaryHandler>;
+  /** Streaming handlers by path. */
+  streams?: Map<string, StreamHandler>;
   maxMessageBytes: number;
   /** Reports a misbehaving connection (protocol errors); the server keeps running. */
   onConnectionError?: (message: string) => void;
@@ -257,8 +265,12 @@ interface Stream {
   /** We sent END_STREAM or RST_STREAM. */
   localClosed: boolean;
   sendWindow: number;
-  /** Response frames waiting for send window. */
-  pending: { data: Uint8Array; trailers: Uint8Array } | null;
+  /** Response messages waiting for send window, then the trailers once the call has ended. */
+  pending: { chunks: Uint8Array[]; trailers: Uint8Array | null } | null;
+  /** Response headers went out (a later error needs trailers, not a trailers-only answer). */
+  headersSent: boolean;
+  /** A streaming call's request messages not yet taken by its handler. */
+  incoming: { queue: Uint8Array[]; buffer: Uint8Array; ended: boolean; wake: (() => void) | null } | null;
   receivedSinceUpdate: number;
   dispatched: boolean;
   /** Counted in the server's in-flight calls. */
@@ -485,6 +497,8 @@ class Connection {
         localClosed: false,
         sendWindow: this.#peerInitialWindow,
         pending: null,
+        headersSent: false,
+        incoming: null,
         receivedSinceUpdate: 0,
         dispatched: false,
         counted: false,
@@ -509,6 +523,10 @@ class Connection {
     stream.headerBlock = [];
     if (stream.path !== "") {
       // Client trailers: only END_STREAM matters.
+      if (stream.incoming && stream.remoteClosed) {
+        stream.incoming.ended = true;
+        stream.incoming.wake?.();
+      }
       this.#maybeDispatch(stream);
       return;
     }
@@ -533,7 +551,68 @@ class Connection {
       // We advertise identity only; a client that compresses anyway gets UNIMPLEMENTED.
       stream.reader.problem = { status: Status.UNIMPLEMENTED, details: `grpc-encoding ${encoding} is not supported` };
     }
+    const streaming = this.server.streams.get(stream.path);
+    if (streaming && !stream.reader.problem) {
+      stream.dispatched = true;
+      stream.incoming = { queue: [], buffer: new Uint8Array(0), ended: stream.remoteClosed, wake: null };
+      this.#runStream(stream, streaming);
+      return;
+    }
     this.#maybeDispatch(stream);
+  }
+
+  /** Runs a streaming handler, feeding it the stream's messages and sending what it yields. */
+  async #runStream(stream: Stream, handler: StreamHandler): Promise<void> {
+    const incoming = stream.incoming!;
+    async function* requests(): AsyncIterable<Uint8Array> {
+      for (;;) {
+        if (incoming.queue.length > 0) yield incoming.queue.shift()!;
+        else if (incoming.ended) return;
+        else await new Promise<void>((resolve) => incoming.wake = resolve);
+      }
+    }
+    try {
+      for await (const response of handler(requests())) {
+        if (stream.localClosed || this.#closed) return;
+        this.#queueMessage(stream, response);
+      }
+      this.#finish(stream, Status.OK, "");
+    } catch (error) {
+      const status = error instanceof AgentError ? error.code : Status.INTERNAL;
+      this.#finish(stream, status, String((error as Error)?.message ?? error));
+    }
+  }
+
+  /** Splits a streaming call's DATA into messages for its handler. */
+  #onStreamData(stream: Stream, data: Uint8Array): void {
+    const incoming = stream.incoming!;
+    let buffer = incoming.buffer.length === 0 ? data : concat([incoming.buffer, data]);
+    while (buffer.length >= 5) {
+      const view = new DataView(buffer.buffer, buffer.byteOffset, buffer.byteLength);
+      const length = view.getUint32(1);
+      if (buffer[0] !== 0) {
+        return this.#abortStream(stream, Status.UNIMPLEMENTED, "compressed messages are not supported");
+      }
+      if (length > this.server.maxMessageBytes) {
+        return this.#abortStream(
+          stream,
+          Status.RESOURCE_EXHAUSTED,
+          `Received message larger than max (${length} vs. ${this.server.maxMessageBytes})`,
+        );
+      }
+      if (buffer.length < 5 + length) break;
+      incoming.queue.push(buffer.slice(5, 5 + length));
+      buffer = buffer.subarray(5 + length);
+    }
+    incoming.buffer = buffer.slice();
+    incoming.wake?.();
+  }
+
+  #abortStream(stream: Stream, status: number, details: string): void {
+    stream.incoming!.ended = true;
+    stream.incoming!.wake?.();
+    this.#finish(stream, status, details);
+    if (!stream.remoteClosed) this.#reset(stream, ErrorCode.NO_ERROR);
   }
 
   #onData(flags: number, streamId: number, payload: Uint8Array): void {
@@ -563,6 +642,14 @@ class Connection {
     } else if (stream.receivedSinceUpdate >= RECEIVE_WINDOW / 2) {
       this.#send(frame(FrameType.WINDOW_UPDATE, 0, stream.id, u32Payload(stream.receivedSinceUpdate)));
       stream.receivedSinceUpdate = 0;
+    }
+    if (stream.incoming) {
+      this.#onStreamData(stream, data);
+      if (stream.remoteClosed && stream.incoming) {
+        stream.incoming.ended = true;
+        stream.incoming.wake?.();
+      }
+      return;
     }
     if (!stream.reader.problem) stream.reader.push(data);
     this.#maybeDispatch(stream);
@@ -613,12 +700,33 @@ class Connection {
   }
 
   #respondMessage(stream: Stream, message: Uint8Array): void {
+    this.#queueMessage(stream, message);
+    this.#finish(stream, Status.OK, "");
+  }
+
+  /** Queues one length-prefixed response message (response headers first, once). */
+  #queueMessage(stream: Stream, message: Uint8Array): void {
     if (stream.localClosed || this.#closed) return;
     const data = new Uint8Array(5 + message.length);
     new DataView(data.buffer).setUint32(1, message.length);
     data.set(message, 5);
-    stream.pending = { data, trailers: encodeHeaders([["grpc-status", "0"]]) };
-    this.#sendHeaderBlock(stream.id, this.#responseHeaders(), false);
+    if (!stream.headersSent) {
+      this.#sendHeaderBlock(stream.id, this.#responseHeaders(), false);
+      stream.headersSent = true;
+    }
+    stream.pending ??= { chunks: [], trailers: null };
+    stream.pending.chunks.push(data);
+    this.#flushPending();
+  }
+
+  /** Ends a call: trailers after any queued messages, or a trailers-only answer. */
+  #finish(stream: Stream, status: number, details: string): void {
+    if (stream.localClosed || this.#closed) return;
+    if (!stream.headersSent) return this.#respondStatus(stream, status, details);
+    const trailers: Header[] = [["grpc-status", String(status)]];
+    if (details) trailers.push(["grpc-message", encodeGrpcMessage(details)]);
+    stream.pending ??= { chunks: [], trailers: null };
+    stream.pending.trailers = encodeHeaders(trailers);
     this.#flushPending();
   }
 
@@ -670,29 +778,30 @@ class Connection {
       const pending = stream.pending;
       if (!pending || stream.localClosed) continue;
       const parts: Uint8Array[] = [];
-      let offset = 0;
-      while (offset < pending.data.length) {
-        const size = Math.min(
-          pending.data.length - offset,
-          this.#peerMaxFrame,
-          this.#sendWindow,
-          stream.sendWindow,
-        );
-        if (size <= 0) break;
-        parts.push(frame(FrameType.DATA, 0, stream.id, pending.data.subarray(offset, offset + size)));
-        offset += size;
-        this.#sendWindow -= size;
-        stream.sendWindow -= size;
+      while (pending.chunks.length > 0) {
+        const chunk = pending.chunks[0];
+        let offset = 0;
+        while (offset < chunk.length) {
+          const size = Math.min(chunk.length - offset, this.#peerMaxFrame, this.#sendWindow, stream.sendWindow);
+          if (size <= 0) break;
+          parts.push(frame(FrameType.DATA, 0, stream.id, chunk.subarray(offset, offset + size)));
+          offset += size;
+          this.#sendWindow -= size;
+          stream.sendWindow -= size;
+        }
+        if (offset < chunk.length) {
+          pending.chunks[0] = chunk.subarray(offset);
+          break;
+        }
+        pending.chunks.shift();
       }
-      pending.data = pending.data.subarray(offset);
-      if (pending.data.length === 0) {
-        parts.push(frame(FrameType.HEADERS, FLAG_END_STREAM | FLAG_END_HEADERS, stream.id, pending.trailers));
+      const done = pending.chunks.length === 0 && pending.trailers !== null;
+      if (done) {
+        parts.push(frame(FrameType.HEADERS, FLAG_END_STREAM | FLAG_END_HEADERS, stream.id, pending.trailers!));
         stream.pending = null;
-        this.#send(concat(parts));
-        this.#closeLocal(stream);
-      } else if (parts.length > 0) {
-        this.#send(concat(parts));
       }
+      if (parts.length > 0) this.#send(concat(parts));
+      if (done) this.#closeLocal(stream);
     }
   }
 
@@ -741,6 +850,7 @@ class Connection {
 /** Serves unary gRPC methods on a Unix socket. */
 export class GrpcServer {
   readonly methods: Map<string, UnaryHandler>;
+  readonly streams: Map<string, StreamHandler>;
   readonly maxMessageBytes: number;
   stopping = false;
   readonly #connections = new Set<Connection>();
@@ -751,6 +861,7 @@ export class GrpcServer {
 
   constructor(options: GrpcServerOptions) {
     this.methods = options.methods;
+    this.streams = options.streams ?? new Map();
     this.maxMessageBytes = options.maxMessageBytes;
     this.#onConnectionError = options.onConnectionError ?? (() => {});
   }
