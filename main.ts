@@ -14,6 +14,7 @@ const USAGE = `usage:
                     | predict <model> --input <name>=<file.npy|file.bin>[:<d1>,<d2>,...] [--out <file.npy>]
                     | capture-status <id> | health [<service>]
                     | bench <model> --input ... [--concurrency N] [--seconds S]
+                    | status [--metrics <unix:path|host:port>]
 
   serve            -a, --address: Unix socket (default ${DEFAULT_SOCKET_PATH}); -c, --config: config file
   trust init       a development root, intermediate and code-signing leaf (for development only)
@@ -72,6 +73,7 @@ async function client(args: string[]): Promise<void> {
         input: { type: "string", multiple: true, default: [] },
         out: { type: "string", short: "o" },
         concurrency: { type: "string", default: "1" },
+        metrics: { type: "string" },
         seconds: { type: "string", default: "10" },
       },
       strict: true,
@@ -107,6 +109,8 @@ async function client(args: string[]): Promise<void> {
           return cli.captureStatus(agent, need(first, "name the capture id"));
         case "health":
           return cli.checkHealth(values.socket, first ?? "");
+        case "status":
+          return cli.status(agent, values.metrics ?? null);
         case "bench": {
           if (values.input.length === 0) fail("client bench: give at least one --input <name>=<file>", 2);
           const concurrency = Number(values.concurrency);

@@ -261,3 +261,89 @@ export async function bench(
     for (const client of clients) client.close();
   }
 }
+
+/** Samples of a Prometheus text exposition by `name{labels}`. */
+function parseExposition(text: string): Map<string, number> {
+  const samples = new Map<string, number>();
+  for (const line of text.split("\n")) {
+    const match = /^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?) (\S+)$/.exec(line);
+    if (match) samples.set(match[1], Number(match[2]));
+  }
+  return samples;
+}
+
+async function scrape(metrics: string): Promise<Map<string, number>> {
+  let response: Response;
+  if (metrics.startsWith("unix:")) {
+    const client = Deno.createHttpClient({ proxy: { transport: "unix", path: metrics.slice(5) } });
+    try {
+      response = await fetch("http://localhost/metrics", { client });
+      return parseExposition(await response.text());
+    } finally {
+      client.close();
+    }
+  }
+  response = await fetch(`http://${metrics}/metrics`);
+  return parseExposition(await response.text());
+}
+
+/** A quantile of one model's Predict "total" histogram, interpolated inside its bucket (as Prometheus does). */
+function quantile(samples: Map<string, number>, model: string, q: number): number | null {
+  const prefix = `edge_agent_predict_duration_seconds_bucket{model="${model}",phase="total",le="`;
+  const buckets = [...samples].filter(([k]) => k.startsWith(prefix))
+    .map(([k, v]) => [k.slice(prefix.length, -2) === "+Inf" ? Infinity : Number(k.slice(prefix.length, -2)), v])
+    .sort((a, b) => a[0] - b[0]);
+  const total = buckets.at(-1)?.[1] ?? 0;
+  if (total === 0) return null;
+  const rank = q * total;
+  let previousBound = 0;
+  let previousCount = 0;
+  for (const [bound, count] of buckets) {
+    if (count >= rank) {
+      if (!Number.isFinite(bound)) return previousBound;
+      return previousBound + (bound - previousBound) * ((rank - previousCount) / Math.max(1, count - previousCount));
+    }
+    previousBound = bound;
+    previousCount = count;
+  }
+  return null;
+}
+
+/**
+ * One screen for `watch`: models, and with the agent's metrics endpoint, Predict rates over the
+ * last second, p50/p99 since start, and the capture backlog.
+ */
+export async function status(client: AgentClient, metrics: string | null): Promise<string> {
+  const { models } = await client.listModels();
+  const lines = [`${models.length} model(s) loaded`];
+  if (!metrics) {
+    lines.push(...models.map((m) => `  ${m.name}  ${m.url}`));
+    lines.push("(pass --metrics <unix:path|host:port> of edge_agent_metrics for rates, latencies and captures)");
+    return lines.join("\n");
+  }
+  const before = await scrape(metrics);
+  await new Promise((r) => setTimeout(r, 1000));
+  const after = await scrape(metrics);
+  const predicts = (samples: Map<string, number>, model: string) =>
+    [...samples].filter(([k]) => k.startsWith(`edge_agent_requests_total{rpc="Predict",model="${model}",`))
+      .reduce((sum, [, v]) => sum + v, 0);
+  const ms = (s: number | null) => (s === null ? "-" : (s * 1000).toFixed(2));
+  lines.push("  model                          req/s   p50 ms   p99 ms   total");
+  for (const model of models) {
+    const rate = predicts(after, model.name) - predicts(before, model.name);
+    lines.push(
+      `  ${model.name.padEnd(30)} ${String(rate).padStart(5)}  ${ms(quantile(after, model.name, 0.5)).padStart(7)}  ${
+        ms(quantile(after, model.name, 0.99)).padStart(7)
+      }  ${predicts(after, model.name)}`,
+    );
+  }
+  lines.push(
+    `captures: ${after.get("edge_agent_capture_pending") ?? 0} pending, ${
+      after.get("edge_agent_capture_uploaded_total") ?? 0
+    } uploaded, ${after.get("edge_agent_capture_failed_total") ?? 0} failed, spool ${
+      after.get("edge_agent_capture_spool_bytes") ?? 0
+    } bytes`,
+  );
+  lines.push(`agent: ${((after.get("process_resident_memory_bytes") ?? 0) / 2 ** 20).toFixed(0)} MiB resident`);
+  return lines.join("\n");
+}

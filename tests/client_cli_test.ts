@@ -128,3 +128,36 @@ np.save(sys.argv[2], np.arange(12, dtype=np.float64).reshape(3, 4) / 8)`;
     }
   },
 });
+
+Deno.test("client status: models, Predict rate and latency from the metrics endpoint, capture backlog", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "edge-agent-status-" });
+  const metrics = `unix:${join(dir, "metrics.sock")}`;
+  try {
+    await withAgent({ config: { edge_agent_metrics: metrics } }, async (agent) => {
+      const folder = await writeModelFolder(agent.modelsDir, "cls", await Deno.readFile(PADDLE_CLS));
+      await agent.client.loadModel(folder, "cls");
+      const image = [tensor("x", 5, [1, 3, 48, 192], new Float32Array(3 * 48 * 192))];
+      for (let i = 0; i < 10; i++) await agent.client.predict("cls", image);
+      // Predicts keep flowing while status samples its one-second rate.
+      let flowing = true;
+      const load = (async () => {
+        while (flowing) await agent.client.predict("cls", image);
+      })();
+      const shown = await client(agent.socket, "status", "--metrics", metrics);
+      flowing = false;
+      await load;
+      assert.equal(shown.code, 0, shown.stderr);
+      assert.match(shown.stdout, /^1 model\(s\) loaded/);
+      const row = /^ {2}cls +(\d+) +([\d.]+) +([\d.]+) +(\d+)$/m.exec(shown.stdout);
+      assert.ok(row, shown.stdout);
+      assert.ok(Number(row[1]) > 0, "a rate while predicts flow");
+      assert.ok(Number(row[2]) > 0 && Number(row[3]) >= Number(row[2]), "p99 >= p50 > 0");
+      assert.ok(Number(row[4]) >= 10);
+      assert.match(shown.stdout, /^captures: 0 pending, 0 uploaded, 0 failed, spool \d+ bytes$/m);
+      const plain = await client(agent.socket, "status");
+      assert.match(plain.stdout, /^1 model\(s\) loaded\n {2}cls /);
+    });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
