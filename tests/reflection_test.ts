@@ -88,6 +88,19 @@ Deno.test("reflection: services are listed and the Agent's descriptor names ever
       const status = health.messageType.find((m) => m.name === "HealthCheckResponse")!.field[0];
       assert.equal(status.typeName, ".grpc.health.v1.HealthCheckResponse.ServingStatus");
     }
+    // A stream the client abandons half-way (cancelled, never half-closed) ends on the agent's side too.
+    const client = new grpc.Client(`unix:${agent.socket}`, grpc.credentials.createInsecure());
+    const call = client.makeBidiStreamRequest(
+      "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+      (m: object) => Buffer.from(Request.encode(Request.fromObject(m)).finish()),
+      (b: Buffer) => b,
+    );
+    call.on("error", () => {});
+    const first = new Promise((resolve) => call.once("data", resolve));
+    call.write({ list_services: "" });
+    await first;
+    call.cancel();
+    client.close();
     // The agent still serves ordinary calls on the same socket.
     assert.deepEqual((await agent.client.listModels()).models, []);
   });

@@ -407,6 +407,10 @@ class Connection {
         const stream = this.#streams.get(streamId);
         if (stream) {
           this.#uncount(stream);
+          if (stream.incoming) {
+            stream.incoming.ended = true;
+            stream.incoming.wake?.();
+          }
           stream.localClosed = true;
           stream.remoteClosed = true;
           this.#streams.delete(streamId);
@@ -837,7 +841,14 @@ class Connection {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
-    for (const stream of this.#streams.values()) this.#uncount(stream);
+    for (const stream of this.#streams.values()) {
+      this.#uncount(stream);
+      // A streaming handler waiting for requests ends instead of waiting forever.
+      if (stream.incoming) {
+        stream.incoming.ended = true;
+        stream.incoming.wake?.();
+      }
+    }
     this.#writer.close().catch(() => {}).finally(() => {
       try {
         this.#conn.close();
