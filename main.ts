@@ -11,7 +11,8 @@ const USAGE = `usage:
   edge-agent package pack <folder> -o <file.tar.gz>
   edge-agent package verify <folder or .tar.gz> (--roots <pem or folder> | --public-key <pem>)
   edge-agent client [--socket <path>] list | describe <model> | load <url> <name> | unload <name>
-                    | predict <model> --input <name>=<file.npy|file.bin>[:<d1>,<d2>,...] [--out <file.npy>]
+                    | predict <model> --input <name>=<file.npy|file.bin|image.png|image.jpg>[:<d1>,...]
+                      [--out <file.npy>]
                     | capture-status <id> | health [<service>]
                     | bench <model> --input ... [--concurrency N] [--seconds S]
                     | status [--metrics <unix:path|host:port>]

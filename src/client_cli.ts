@@ -4,6 +4,7 @@
 import { AgentClient } from "./client.ts";
 import { dataTypeName } from "./tensors.ts";
 import { Status } from "./errors.ts";
+import { decodeImage, imageTensor } from "./images.ts";
 import { NpyError, readNpy, writeNpy } from "./npy.ts";
 import { enumValues, health, HEALTH_SERVICE_NAME, type Model, type Tensor, type TensorMetadata } from "./wire.ts";
 
@@ -97,7 +98,10 @@ export async function checkHealth(socket: string, service: string): Promise<stri
   }
 }
 
-/** `name=path[:d1,d2,...]`: an .npy file (dtype and shape inside) or raw little-endian bytes. */
+/**
+ * `name=path[:d1,d2,...]`: an .npy file (dtype and shape inside), a PNG or JPEG image (see images.ts),
+ * or raw little-endian bytes.
+ */
 export interface InputArgument {
   name: string;
   path: string;
@@ -135,6 +139,18 @@ async function inputTensor(model: Model, input: InputArgument): Promise<Tensor> 
     dataType = DataType[array.dataType];
     shape = input.shape ?? array.shape;
     data = array.data;
+  } else if (/\.(png|jpe?g)$/i.test(input.path)) {
+    const type = dataTypeName(spec.data_type);
+    if (type !== "FLOAT32" && type !== "UINT8") {
+      throw new ClientCommandError(`--input ${input.name}: an image fills FLOAT32 or UINT8 inputs, not ${type}`);
+    }
+    try {
+      const image = imageTensor(decodeImage(input.path, bytes), input.shape ?? spec.shape, type);
+      shape = image.shape;
+      data = image.data;
+    } catch (error) {
+      throw new ClientCommandError(`--input ${input.name}: ${input.path}: ${(error as Error).message}`);
+    }
   } else {
     shape = input.shape ?? spec.shape;
     if (shape.some((d) => d < 0)) {

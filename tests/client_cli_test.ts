@@ -6,7 +6,7 @@ import { join } from "node:path";
 import { readNpy, writeNpy } from "../src/npy.ts";
 import { MAIN, withAgent } from "./helpers/agent.ts";
 import { floats, pseudoRandomFloats, tensor } from "./helpers/assertions.ts";
-import { PADDLE_CLS, writeModelFolder } from "./helpers/onnx_models.ts";
+import { identityModel, OnnxType, PADDLE_CLS, writeModelFolder } from "./helpers/onnx_models.ts";
 import { PYTHON, pythonGrpcMissing } from "./helpers/python.ts";
 
 async function client(socket: string, ...args: string[]) {
@@ -160,4 +160,58 @@ Deno.test("client status: models, Predict rate and latency from the metrics endp
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+Deno.test("client predict takes PNG and JPEG images: UINT8 NHWC as they are, FLOAT32 NCHW in [0, 1], scaled", async () => {
+  const { PNG } = await import("pngjs");
+  const jpeg = (await import("jpeg-js")).default;
+  await withAgent({}, async (agent) => {
+    const [w, h] = [6, 4];
+    const png = new PNG({ width: w, height: h });
+    for (let i = 0; i < w * h; i++) png.data.set([i * 10, 255 - i, (i * 37) % 256, 255], i * 4);
+    const pngFile = join(agent.dir, "image.png");
+    await Deno.writeFile(pngFile, PNG.sync.write(png));
+    const rgb = Uint8Array.from({ length: w * h * 3 }, (_, k) => png.data[Math.floor(k / 3) * 4 + (k % 3)]);
+
+    const nhwc = await writeModelFolder(agent.modelsDir, "nhwc", identityModel(OnnxType.UINT8, [1, "h", "w", 3]));
+    await agent.client.loadModel(nhwc, "nhwc");
+    const out = join(agent.dir, "nhwc.npy");
+    const asIs = await client(agent.socket, "predict", "nhwc", "--input", `x=${pngFile}`, "--out", out);
+    assert.equal(asIs.code, 0, asIs.stderr);
+    const saved = readNpy(await Deno.readFile(out));
+    assert.deepEqual(saved.shape, [1, h, w, 3]);
+    assert.deepEqual(saved.data, rgb);
+
+    const nchw = await writeModelFolder(agent.modelsDir, "nchw", identityModel(OnnxType.FLOAT, [1, 3, "h", "w"]));
+    await agent.client.loadModel(nchw, "nchw");
+    const scaledOut = join(agent.dir, "nchw.npy");
+    // Asked for 8x12: every source pixel becomes a 2x2 block (nearest neighbour).
+    const scaled = await client(
+      agent.socket,
+      "predict",
+      "nchw",
+      "--input",
+      `x=${pngFile}:1,3,8,12`,
+      "--out",
+      scaledOut,
+    );
+    assert.equal(scaled.code, 0, scaled.stderr);
+    const planes = readNpy(await Deno.readFile(scaledOut));
+    assert.deepEqual(planes.shape, [1, 3, 8, 12]);
+    const values = floats(planes.data);
+    for (const [c, y, x] of [[0, 0, 0], [1, 3, 5], [2, 7, 11], [0, 5, 8]]) {
+      const source = rgb[((Math.floor(y / 2)) * w + Math.floor(x / 2)) * 3 + c];
+      assert.equal(values[(c * 8 + y) * 12 + x], Math.fround(source / 255), `channel ${c} at ${x},${y}`);
+    }
+
+    const jpegFile = join(agent.dir, "image.jpg");
+    await Deno.writeFile(jpegFile, jpeg.encode({ width: w, height: h, data: png.data }, 95).data);
+    const fromJpeg = await client(agent.socket, "predict", "nhwc", "--input", `x=${jpegFile}`);
+    assert.equal(fromJpeg.code, 0, fromJpeg.stderr);
+    assert.match(fromJpeg.stdout, /y UINT8 \[1,4,6,3\]/);
+
+    const wrong = await client(agent.socket, "predict", "nchw", "--input", `x=${pngFile}:1,1,4,6`);
+    assert.equal(wrong.code, 1);
+    assert.match(wrong.stderr, /an image fills \[1,3,H,W\] FLOAT32 or \[1,H,W,3\] UINT8 inputs/);
+  });
 });
