@@ -711,15 +711,15 @@ class Connection {
   /** Queues one length-prefixed response message (response headers first, once). */
   #queueMessage(stream: Stream, message: Uint8Array): void {
     if (stream.localClosed || this.#closed) return;
-    const data = new Uint8Array(5 + message.length);
-    new DataView(data.buffer).setUint32(1, message.length);
-    data.set(message, 5);
+    // The length prefix goes out as its own piece: the message itself is copied only into the write.
+    const prefix = new Uint8Array(5);
+    new DataView(prefix.buffer).setUint32(1, message.length);
     if (!stream.headersSent) {
       this.#sendHeaderBlock(stream.id, this.#responseHeaders(), false);
       stream.headersSent = true;
     }
     stream.pending ??= { chunks: [], trailers: null };
-    stream.pending.chunks.push(data);
+    stream.pending.chunks.push(prefix, message);
     this.#flushPending();
   }
 
@@ -788,7 +788,8 @@ class Connection {
         while (offset < chunk.length) {
           const size = Math.min(chunk.length - offset, this.#peerMaxFrame, this.#sendWindow, stream.sendWindow);
           if (size <= 0) break;
-          parts.push(frame(FrameType.DATA, 0, stream.id, chunk.subarray(offset, offset + size)));
+          // Header and a view of the payload: concat() below is the one copy into the write buffer.
+          parts.push(frameHeader(size, FrameType.DATA, 0, stream.id), chunk.subarray(offset, offset + size));
           offset += size;
           this.#sendWindow -= size;
           stream.sendWindow -= size;
