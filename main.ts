@@ -109,7 +109,7 @@ async function client(args: string[]): Promise<void> {
         case "capture-status":
           return cli.captureStatus(agent, need(first, "name the capture id"));
         case "health":
-          return cli.checkHealth(values.socket, first ?? "");
+          return cli.checkHealth(agent, first ?? "");
         case "status":
           return cli.status(agent, values.metrics ?? null);
         case "bench": {

@@ -1,7 +1,8 @@
 // A promise-based client of the Agent service over its Unix socket.
 
 import * as grpc from "@grpc/grpc-js";
-import { agentService, type Model, type RpcName, type Tensor } from "./wire.ts";
+import type { Buffer } from "node:buffer";
+import { agentService, asBuffer, health, HEALTH_SERVICE_NAME, type Model, type RpcName, type Tensor } from "./wire.ts";
 
 const AgentClientConstructor = grpc.makeGenericClientConstructor(agentService, "Agent");
 
@@ -53,6 +54,19 @@ export class AgentClient {
   }
   predict(name: string, tensors: Tensor[]): Promise<{ tensors: Tensor[] }> {
     return this.call("Predict", { name, tensors });
+  }
+
+  /** grpc.health.v1 Check of `service` ("" = the agent): its ServingStatus value. */
+  health(service: string): Promise<number> {
+    return new Promise((resolve, reject) =>
+      this.#client.makeUnaryRequest(
+        `/${HEALTH_SERVICE_NAME}/Check`,
+        (m: { service: string }) => asBuffer(health.request.encode(m).finish()),
+        (b: Buffer) => (health.response.decode(b) as unknown as { status: number }).status,
+        { service },
+        (error, status) => error ? reject(error) : resolve(status!),
+      )
+    );
   }
 
   close(): void {

@@ -6,7 +6,7 @@ import { dataTypeName } from "./tensors.ts";
 import { Status } from "./errors.ts";
 import { decodeImage, imageTensor } from "./images.ts";
 import { NpyError, readNpy, writeNpy } from "./npy.ts";
-import { enumValues, health, HEALTH_SERVICE_NAME, type Model, type Tensor, type TensorMetadata } from "./wire.ts";
+import { enumValues, health, type Model, type Tensor, type TensorMetadata } from "./wire.ts";
 
 export class ClientCommandError extends Error {}
 
@@ -78,24 +78,10 @@ export async function captureStatus(client: AgentClient, id: string): Promise<st
 }
 
 /** grpc.health.v1 Check of `service` ("" = the agent). */
-export async function checkHealth(socket: string, service: string): Promise<string> {
-  const grpc = await import("@grpc/grpc-js");
-  const raw = new grpc.Client(`unix:${socket}`, grpc.credentials.createInsecure());
-  try {
-    const status = await new Promise<number>((resolve, reject) =>
-      raw.makeUnaryRequest(
-        `/${HEALTH_SERVICE_NAME}/Check`,
-        (m: { service: string }) => Buffer.from(health.request.encode(m).finish()),
-        (b: Buffer) => (health.response.decode(b) as unknown as { status: number }).status,
-        { service },
-        (error, value) => error ? reject(error) : resolve(value!),
-      )
-    );
-    const name = Object.entries(health.status).find(([, v]) => v === status)?.[0] ?? status;
-    return `${service || "agent"}: ${name}`;
-  } finally {
-    raw.close();
-  }
+export async function checkHealth(client: AgentClient, service: string): Promise<string> {
+  const status = await client.health(service);
+  const name = Object.entries(health.status).find(([, v]) => v === status)?.[0] ?? status;
+  return `${service || "agent"}: ${name}`;
 }
 
 /**

@@ -6,7 +6,7 @@ import { join } from "node:path";
 import { Status } from "../src/errors.ts";
 import { enumValues } from "../src/wire.ts";
 import { type AgentProcess, startAgent, withAgent } from "./helpers/agent.ts";
-import { rejectsWith, tensor } from "./helpers/assertions.ts";
+import { floats, rejectsWith, tensor } from "./helpers/assertions.ts";
 import { BUCKET, TestS3 } from "./helpers/capture_fixtures.ts";
 import { identityModel, OnnxType, writeModelFolder } from "./helpers/onnx_models.ts";
 import { SysvSegment } from "./helpers/shm_segments.ts";
@@ -100,10 +100,6 @@ async function manifests(root: string): Promise<Map<string, { line: Line; file: 
   return found;
 }
 
-function floatsOf(bytes: Uint8Array): number[] {
-  return [...new Float32Array(new Uint8Array(bytes).buffer)];
-}
-
 Deno.test("CaptureData to disk: tensors by bytes and shared memory, auxiliary data, every status code", async () => {
   await withModel({}, async (agent) => {
     const captures = join(agent.dir, "state", "captures");
@@ -143,8 +139,8 @@ Deno.test("CaptureData to disk: tensors by bytes and shared memory, auxiliary da
       ]);
       assert.ok(input.key && !input.data, "a 4800-byte tensor is a separate object");
       const stored = await Deno.readFile(join(captures, input.key));
-      assert.deepEqual(floatsOf(stored), [...big]);
-      assert.deepEqual(floatsOf(Uint8Array.fromBase64(line.outputTensors[0].data!)), [7, 8, 9]);
+      assert.deepEqual([...floats(stored)], [...big]);
+      assert.deepEqual([...floats(Uint8Array.fromBase64(line.outputTensors[0].data!))], [7, 8, 9]);
       assert.deepEqual([line.inputs[0].name, line.inputs[0].encoding], ["request", "JSON"]);
       assert.equal(decoder.decode(Uint8Array.fromBase64(line.inputs[0].data)), '{"frame":1}');
       assert.deepEqual([line.outputs[0].encoding, decoder.decode(Uint8Array.fromBase64(line.outputs[0].data))], [

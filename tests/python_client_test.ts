@@ -6,6 +6,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import * as ort from "onnxruntime-node";
 import { type AgentProcess, PROJECT_ROOT, startAgent } from "./helpers/agent.ts";
+import { floats } from "./helpers/assertions.ts";
 import { generateStubs, PYTHON, pythonGrpcMissing } from "./helpers/python.ts";
 import { identityModel, OnnxType, PADDLE_CLS, writeModelFolder } from "./helpers/onnx_models.ts";
 import { enumValues, type Model, type TensorMetadata } from "../src/wire.ts";
@@ -89,11 +90,6 @@ function asPyModel(model: Model): PyModel {
   };
 }
 
-function float32s(bytes: Uint8Array): number[] {
-  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-  return Array.from({ length: bytes.byteLength / 4 }, (_, i) => view.getFloat32(i * 4, true));
-}
-
 function assertClose(actual: number[], expected: number[], what: string): void {
   assert.equal(actual.length, expected.length, `${what}: length`);
   actual.forEach((v, i) => {
@@ -167,7 +163,7 @@ Deno.test({
       assert.equal(new TextDecoder().decode(denoOut.tensor_metadata!.name), OUTPUT_NAME);
       assert.equal(denoOut.tensor_metadata!.data_type, FLOAT32);
       assert.deepEqual([...denoOut.tensor_metadata!.shape], [1, 2]);
-      assertClose(pyValues, float32s(denoOut.byte_data!), "python vs deno client");
+      assertClose(pyValues, [...floats(denoOut.byte_data)], "python vs deno client");
       await agent.client.unloadModel("cls");
 
       // onnxruntime-node in-process: the reference the agent's FFI path must agree with.
