@@ -191,7 +191,7 @@ export class ModelRegistry {
     name: string,
     tensors: Tensor[],
     consume: (outputs: BorrowedOutput[]) => T,
-    timing?: PredictTiming,
+    timing: PredictTiming,
   ): Promise<T> {
     let mark = performance.now();
     const lap = () => {
@@ -219,15 +219,13 @@ export class ModelRegistry {
         }
         const { value, copied } = inputValue(this.ort, input, bytes);
         inputs.push(value);
-        if (copied && timing) timing.copiedInputs++;
+        if (copied) timing.copiedInputs++;
       }
-      if (timing) {
-        timing.bindMs = lap();
-        timing.sharedMemoryInputs = regions.length;
-      }
+      timing.bindMs = lap();
+      timing.sharedMemoryInputs = regions.length;
       try {
         outputs = await session.run(bound.map((b) => b.inputIndex), inputs);
-        if (timing) timing.runMs = lap();
+        timing.runMs = lap();
       } catch (error) {
         if (!(error instanceof OrtError)) throw error;
         const message = `model ${name} failed on this input: ${error.ortMessage}`;
@@ -238,7 +236,7 @@ export class ModelRegistry {
         const { shape } = value.tensorInfo();
         return { spec, shape, bytes: value.borrowBytes(outputByteLength(shape, spec.dataType)) };
       }));
-      if (timing) timing.encodeMs = lap();
+      timing.encodeMs = lap();
       return result;
     } finally {
       for (const value of outputs) value.release();

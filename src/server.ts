@@ -37,7 +37,7 @@ function modelMessage(info: ModelInfo): Model {
   };
 }
 
-type Handler = (request: unknown, timing?: PredictTiming) => Promise<unknown> | unknown;
+type Handler = (request: unknown, timing: PredictTiming) => Promise<unknown> | unknown;
 
 /** What the handlers serve from. */
 export interface Services {
