@@ -2,7 +2,7 @@
 // failed call becomes a ClientCommandError carrying the gRPC status name and message.
 
 import { AgentClient } from "./client.ts";
-import { dataTypeName } from "./tensors.ts";
+import { dataTypeName, elementSize } from "./tensors.ts";
 import { Status } from "./errors.ts";
 import { decodeImage, imageTensor } from "./images.ts";
 import { NpyError, readNpy, writeNpy } from "./npy.ts";
@@ -12,22 +12,6 @@ export class ClientCommandError extends Error {}
 
 const DataType = enumValues("DataType");
 const CaptureStatus = Object.fromEntries(Object.entries(enumValues("CaptureDataStatus")).map(([k, v]) => [v, k]));
-const SIZES: Record<string, number> = {
-  UINT8: 1,
-  INT8: 1,
-  BOOL: 1,
-  INT16: 2,
-  UINT16: 2,
-  FLOAT16: 2,
-  BFLOAT16: 2,
-  INT32: 4,
-  UINT32: 4,
-  FLOAT32: 4,
-  INT64: 8,
-  UINT64: 8,
-  FLOAT64: 8,
-};
-
 /** Runs `fn` with a client of `socket`, turning gRPC failures into "<STATUS>: <message>". */
 export async function withClient<T>(socket: string, fn: (client: AgentClient) => Promise<T>): Promise<T> {
   const client = new AgentClient(socket);
@@ -156,7 +140,7 @@ function values(tensor: Tensor): number[] | null {
   const bytes = new Uint8Array(tensor.byte_data!);
   const view = new DataView(bytes.buffer);
   const type = dataTypeName(tensor.tensor_metadata!.data_type);
-  const size = SIZES[type];
+  const size = elementSize(tensor.tensor_metadata!.data_type);
   const read: Record<string, (offset: number) => number> = {
     FLOAT32: (o) => view.getFloat32(o, true),
     FLOAT64: (o) => view.getFloat64(o, true),

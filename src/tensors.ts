@@ -44,6 +44,11 @@ export function dataTypeName(dataType: number): string {
   return byDataType.get(dataType)?.name ?? `unknown (${dataType})`;
 }
 
+/** Bytes per element of a wire DataType (0 for an unknown one). */
+export function elementSize(dataType: number): number {
+  return byDataType.get(dataType)?.size ?? 0;
+}
+
 export function elementTypeName(elementType: number): string {
   return elementType === -1 ? "a non-tensor value" : ELEMENT_TYPE_NAMES.get(elementType) ?? `type ${elementType}`;
 }
