@@ -8,53 +8,40 @@
 import { AgentError, Status } from "../errors.ts";
 import { CompressionError, encodeHeaders, type Header, HpackDecoder } from "./hpack.ts";
 
-const PREFACE = new TextEncoder().encode("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+import {
+  concat,
+  ConnectionError,
+  DEFAULT_MAX_FRAME,
+  DEFAULT_WINDOW,
+  encodeGrpcMessage,
+  ErrorCode,
+  FLAG_ACK,
+  FLAG_END_HEADERS,
+  FLAG_END_STREAM,
+  frame,
+  frameHeader,
+  FrameType,
+  Incoming,
+  MAX_WINDOW,
+  MessageReader,
+  parseSettings,
+  PREFACE,
+  READ_BUFFER_BYTES,
+  SETTINGS_HEADER_TABLE_SIZE,
+  SETTINGS_INITIAL_WINDOW_SIZE,
+  SETTINGS_MAX_CONCURRENT_STREAMS,
+  SETTINGS_MAX_FRAME_SIZE,
+  SETTINGS_MAX_HEADER_LIST_SIZE,
+  settingsFrame,
+  u32Payload,
+  unpad,
+  windowIncrement,
+} from "./frames.ts";
 
-const enum FrameType {
-  DATA = 0,
-  HEADERS = 1,
-  PRIORITY = 2,
-  RST_STREAM = 3,
-  SETTINGS = 4,
-  PUSH_PROMISE = 5,
-  PING = 6,
-  GOAWAY = 7,
-  WINDOW_UPDATE = 8,
-  CONTINUATION = 9,
-}
-
-const FLAG_END_STREAM = 0x1;
-const FLAG_ACK = 0x1;
-const FLAG_END_HEADERS = 0x4;
-const FLAG_PADDED = 0x8;
-const FLAG_PRIORITY = 0x20;
-
-const enum ErrorCode {
-  NO_ERROR = 0,
-  PROTOCOL_ERROR = 1,
-  INTERNAL_ERROR = 2,
-  FLOW_CONTROL_ERROR = 3,
-  STREAM_CLOSED = 5,
-  FRAME_SIZE_ERROR = 6,
-  REFUSED_STREAM = 7,
-  CANCEL = 8,
-  COMPRESSION_ERROR = 9,
-}
-
-const SETTINGS_HEADER_TABLE_SIZE = 1;
-const SETTINGS_MAX_CONCURRENT_STREAMS = 3;
-const SETTINGS_INITIAL_WINDOW_SIZE = 4;
-const SETTINGS_MAX_FRAME_SIZE = 5;
-const SETTINGS_MAX_HEADER_LIST_SIZE = 6;
-
-const DEFAULT_WINDOW = 65535;
-const DEFAULT_MAX_FRAME = 16384;
-const MAX_WINDOW = 2 ** 31 - 1;
 const MAX_CONCURRENT_STREAMS = 1000;
 const MAX_HEADER_LIST = 65536;
 /** Our receive window: large, so a client can send a whole tensor without waiting for us. */
 const RECEIVE_WINDOW = 16 * 1024 * 1024;
-const READ_BUFFER_BYTES = 64 * 1024;
 
 /** What a unary handler answers. */
 export type UnaryResult = { message: Uint8Array } | { status: number; details: string };
@@ -76,183 +63,6 @@ export interface GrpcServerOptions {
   maxMessageBytes: number;
   /** Reports a misbehaving connection (protocol errors); the server keeps running. */
   onConnectionError?: (message: string) => void;
-}
-
-class ConnectionError extends Error {
-  constructor(readonly code: ErrorCode, message: string) {
-    super(message);
-  }
-}
-
-function frameHeader(length: number, type: FrameType, flags: number, streamId: number): Uint8Array {
-  const header = new Uint8Array(9);
-  header[0] = length >>> 16;
-  header[1] = (length >>> 8) & 0xff;
-  header[2] = length & 0xff;
-  header[3] = type;
-  header[4] = flags;
-  new DataView(header.buffer).setUint32(5, streamId & 0x7fffffff);
-  return header;
-}
-
-function frame(type: FrameType, flags: number, streamId: number, payload: Uint8Array = new Uint8Array(0)): Uint8Array {
-  const out = new Uint8Array(9 + payload.length);
-  out.set(frameHeader(payload.length, type, flags, streamId));
-  out.set(payload, 9);
-  return out;
-}
-
-function u32Payload(...values: number[]): Uint8Array {
-  const payload = new Uint8Array(values.length * 4);
-  const view = new DataView(payload.buffer);
-  values.forEach((v, i) => view.setUint32(i * 4, v));
-  return payload;
-}
-
-function concat(parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let offset = 0;
-  for (const part of parts) {
-    out.set(part, offset);
-    offset += part.length;
-  }
-  return out;
-}
-
-/** Percent-encoding of grpc-message (gRPC over HTTP/2 spec). */
-function encodeGrpcMessage(text: string): string {
-  let out = "";
-  for (const byte of new TextEncoder().encode(text.slice(0, 4096))) {
-    out += byte >= 0x20 && byte <= 0x7e && byte !== 0x25
-      ? String.fromCharCode(byte)
-      : `%${byte.toString(16).toUpperCase().padStart(2, "0")}`;
-  }
-  return out;
-}
-
-/** Receive buffer of socket chunks; frames are taken without copying when they lie in one chunk. */
-class Incoming {
-  #chunks: Uint8Array[] = [];
-  #length = 0;
-
-  get length(): number {
-    return this.#length;
-  }
-
-  push(chunk: Uint8Array): void {
-    this.#chunks.push(chunk);
-    this.#length += chunk.length;
-  }
-
-  peek(count: number): Uint8Array {
-    return this.#gather(count, false);
-  }
-
-  take(count: number): Uint8Array {
-    return this.#gather(count, true);
-  }
-
-  #gather(count: number, consume: boolean): Uint8Array {
-    if (count === 0) return new Uint8Array(0);
-    const first = this.#chunks[0];
-    let out: Uint8Array;
-    if (first.length >= count) {
-      out = first.subarray(0, count);
-      if (consume) {
-        if (first.length === count) this.#chunks.shift();
-        else this.#chunks[0] = first.subarray(count);
-      }
-    } else {
-      out = new Uint8Array(count);
-      let filled = 0;
-      let i = 0;
-      while (filled < count) {
-        const chunk = this.#chunks[i++];
-        const part = chunk.subarray(0, count - filled);
-        out.set(part, filled);
-        filled += part.length;
-      }
-      if (consume) {
-        let remaining = count;
-        while (remaining > 0) {
-          const chunk = this.#chunks[0];
-          if (chunk.length <= remaining) {
-            remaining -= chunk.length;
-            this.#chunks.shift();
-          } else {
-            this.#chunks[0] = chunk.subarray(remaining);
-            remaining = 0;
-          }
-        }
-      }
-    }
-    if (consume) this.#length -= count;
-    return out;
-  }
-}
-
-/** A request's single gRPC message, assembled from DATA frames into one buffer. */
-class MessageReader {
-  #prefix = new Uint8Array(5);
-  #prefixFilled = 0;
-  #message: Uint8Array | null = null;
-  #filled = 0;
-  compressed = false;
-  /** Set once the declared length exceeds the limit or a second message starts. */
-  problem: { status: number; details: string } | null = null;
-
-  /** `reserve` asks the connection for room for a message of that many bytes. */
-  constructor(private readonly maxBytes: number, private readonly reserve: (bytes: number) => boolean) {}
-
-  get complete(): boolean {
-    return this.#message !== null && this.#filled === this.#message.length;
-  }
-
-  get started(): boolean {
-    return this.#prefixFilled > 0;
-  }
-
-  get message(): Uint8Array {
-    return this.#message!;
-  }
-
-  push(data: Uint8Array): void {
-    let pos = 0;
-    while (pos < data.length && !this.problem) {
-      if (this.#message === null) {
-        const take = Math.min(5 - this.#prefixFilled, data.length - pos);
-        this.#prefix.set(data.subarray(pos, pos + take), this.#prefixFilled);
-        this.#prefixFilled += take;
-        pos += take;
-        if (this.#prefixFilled < 5) return;
-        this.compressed = this.#prefix[0] !== 0;
-        const length = new DataView(this.#prefix.buffer).getUint32(1);
-        if (length > this.maxBytes) {
-          this.problem = {
-            status: Status.RESOURCE_EXHAUSTED,
-            details: `Received message larger than max (${length} vs. ${this.maxBytes})`,
-          };
-          return;
-        }
-        if (!this.reserve(length)) {
-          this.problem = {
-            status: Status.RESOURCE_EXHAUSTED,
-            details: `too many large requests at once on this connection (a ${length}-byte message did not fit)`,
-          };
-          return;
-        }
-        this.#message = new Uint8Array(length);
-      } else if (this.#filled === this.#message.length) {
-        this.problem = { status: Status.UNIMPLEMENTED, details: "more than one request message on a unary call" };
-        return;
-      } else {
-        const take = Math.min(this.#message.length - this.#filled, data.length - pos);
-        this.#message.set(data.subarray(pos, pos + take), this.#filled);
-        this.#filled += take;
-        pos += take;
-      }
-    }
-  }
 }
 
 interface Stream {
@@ -320,20 +130,9 @@ class Connection {
           }
           prefaceSeen = true;
         }
-        while (incoming.length >= 9) {
-          const header = incoming.peek(9);
-          const length = (header[0] << 16) | (header[1] << 8) | header[2];
-          if (length > DEFAULT_MAX_FRAME) {
-            throw new ConnectionError(ErrorCode.FRAME_SIZE_ERROR, `frame of ${length} bytes`);
-          }
-          if (incoming.length < 9 + length) break;
-          incoming.take(9);
-          const type = header[3];
-          const flags = header[4];
-          const streamId = ((header[5] << 24) | (header[6] << 16) | (header[7] << 8) | header[8]) & 0x7fffffff;
-          const payload = incoming.take(length);
+        incoming.takeFrames(DEFAULT_MAX_FRAME, (type, flags, streamId, payload) => {
           this.#onFrame(type, flags, streamId, payload);
-        }
+        });
       }
     } catch (error) {
       if (error instanceof ConnectionError) {
@@ -352,20 +151,13 @@ class Connection {
   }
 
   #settingsFrame(): Uint8Array {
-    const settings: [number, number][] = [
+    return settingsFrame([
       [SETTINGS_HEADER_TABLE_SIZE, 4096],
       [SETTINGS_MAX_CONCURRENT_STREAMS, MAX_CONCURRENT_STREAMS],
       [SETTINGS_INITIAL_WINDOW_SIZE, RECEIVE_WINDOW],
       [SETTINGS_MAX_FRAME_SIZE, DEFAULT_MAX_FRAME],
       [SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST],
-    ];
-    const payload = new Uint8Array(settings.length * 6);
-    const view = new DataView(payload.buffer);
-    settings.forEach(([id, value], i) => {
-      view.setUint16(i * 6, id);
-      view.setUint32(i * 6 + 2, value);
-    });
-    return frame(FrameType.SETTINGS, 0, 0, payload);
+    ]);
   }
 
   #onFrame(type: number, flags: number, streamId: number, payload: Uint8Array): void {
@@ -433,20 +225,12 @@ class Connection {
   #onSettings(flags: number, streamId: number, payload: Uint8Array): void {
     if (streamId !== 0) throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "SETTINGS on a stream");
     if (flags & FLAG_ACK) return;
-    if (payload.length % 6 !== 0) throw new ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS length");
-    const view = new DataView(payload.buffer, payload.byteOffset, payload.byteLength);
-    for (let i = 0; i < payload.length; i += 6) {
-      const id = view.getUint16(i);
-      const value = view.getUint32(i + 2);
+    for (const [id, value] of parseSettings(payload)) {
       if (id === SETTINGS_INITIAL_WINDOW_SIZE) {
-        if (value > MAX_WINDOW) throw new ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "initial window too large");
         const delta = value - this.#peerInitialWindow;
         this.#peerInitialWindow = value;
         for (const stream of this.#streams.values()) stream.sendWindow += delta;
       } else if (id === SETTINGS_MAX_FRAME_SIZE) {
-        if (value < DEFAULT_MAX_FRAME || value > 16777215) {
-          throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "max frame size out of range");
-        }
         this.#peerMaxFrame = value;
       }
     }
@@ -455,8 +239,7 @@ class Connection {
   }
 
   #onWindowUpdate(streamId: number, payload: Uint8Array): void {
-    if (payload.length !== 4) throw new ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "WINDOW_UPDATE length");
-    const increment = new DataView(payload.buffer, payload.byteOffset, 4).getUint32(0) & 0x7fffffff;
+    const increment = windowIncrement(payload);
     if (streamId === 0) {
       if (increment === 0) throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "zero window increment");
       this.#sendWindow += increment;
@@ -471,13 +254,7 @@ class Connection {
 
   #onHeaders(flags: number, streamId: number, payload: Uint8Array): void {
     if (streamId === 0 || streamId % 2 === 0) throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad stream id");
-    let block = payload;
-    if (flags & FLAG_PADDED) {
-      const padding = block[0];
-      if (padding >= block.length) throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad padding");
-      block = block.subarray(1, block.length - padding);
-    }
-    if (flags & FLAG_PRIORITY) block = block.subarray(5);
+    const block = unpad(flags, payload, true);
     let stream = this.#streams.get(streamId);
     if (stream) {
       // Trailers from the client end its side; gRPC clients send none on unary calls.
@@ -489,13 +266,21 @@ class Connection {
         id: streamId,
         headerBlock: [],
         path: "",
-        reader: new MessageReader(this.server.maxMessageBytes, (bytes) => {
-          // Requests declare their size up front; without a cap, a client could make us allocate
-          // max-size buffers for a thousand streams it never fills.
-          if (this.#reservedBytes + bytes > 2 * this.server.maxMessageBytes) return false;
-          this.#reservedBytes += bytes;
-          stream!.reservedBytes = bytes;
-          return true;
+        reader: new MessageReader(this.server.maxMessageBytes, {
+          reserve: (bytes) => {
+            // Requests declare their size up front; without a cap, a client could make us allocate
+            // max-size buffers for a thousand streams it never fills.
+            if (this.#reservedBytes + bytes > 2 * this.server.maxMessageBytes) {
+              return {
+                status: Status.RESOURCE_EXHAUSTED,
+                details: `too many large requests at once on this connection (a ${bytes}-byte message did not fit)`,
+              };
+            }
+            this.#reservedBytes += bytes;
+            stream!.reservedBytes = bytes;
+            return null;
+          },
+          secondMessage: { status: Status.UNIMPLEMENTED, details: "more than one request message on a unary call" },
         }),
         remoteClosed: false,
         localClosed: false,
@@ -620,12 +405,7 @@ class Connection {
   }
 
   #onData(flags: number, streamId: number, payload: Uint8Array): void {
-    let data = payload;
-    if (flags & FLAG_PADDED) {
-      const padding = data[0];
-      if (padding >= data.length) throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad padding");
-      data = data.subarray(1, data.length - padding);
-    }
+    const data = unpad(flags, payload);
     // Flow control counts the whole payload, padding included.
     this.#receivedSinceUpdate += payload.length;
     if (this.#receivedSinceUpdate >= RECEIVE_WINDOW / 2) {

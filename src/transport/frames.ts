@@ -1,0 +1,326 @@
+// HTTP/2 framing (RFC 9113) and gRPC's message and status encoding, shared by the agent's server
+// and its command-line client.
+
+import { Status } from "../errors.ts";
+
+export const PREFACE = new TextEncoder().encode("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+
+export const enum FrameType {
+  DATA = 0,
+  HEADERS = 1,
+  PRIORITY = 2,
+  RST_STREAM = 3,
+  SETTINGS = 4,
+  PUSH_PROMISE = 5,
+  PING = 6,
+  GOAWAY = 7,
+  WINDOW_UPDATE = 8,
+  CONTINUATION = 9,
+}
+
+export const FLAG_END_STREAM = 0x1;
+export const FLAG_ACK = 0x1;
+export const FLAG_END_HEADERS = 0x4;
+export const FLAG_PADDED = 0x8;
+export const FLAG_PRIORITY = 0x20;
+
+export const enum ErrorCode {
+  NO_ERROR = 0,
+  PROTOCOL_ERROR = 1,
+  INTERNAL_ERROR = 2,
+  FLOW_CONTROL_ERROR = 3,
+  STREAM_CLOSED = 5,
+  FRAME_SIZE_ERROR = 6,
+  REFUSED_STREAM = 7,
+  CANCEL = 8,
+  COMPRESSION_ERROR = 9,
+  ENHANCE_YOUR_CALM = 11,
+  INADEQUATE_SECURITY = 12,
+}
+
+export const SETTINGS_HEADER_TABLE_SIZE = 1;
+export const SETTINGS_ENABLE_PUSH = 2;
+export const SETTINGS_MAX_CONCURRENT_STREAMS = 3;
+export const SETTINGS_INITIAL_WINDOW_SIZE = 4;
+export const SETTINGS_MAX_FRAME_SIZE = 5;
+export const SETTINGS_MAX_HEADER_LIST_SIZE = 6;
+
+export const DEFAULT_WINDOW = 65535;
+export const DEFAULT_MAX_FRAME = 16384;
+export const MAX_WINDOW = 2 ** 31 - 1;
+export const READ_BUFFER_BYTES = 64 * 1024;
+
+/** A fault that ends the whole connection with GOAWAY(code). */
+export class ConnectionError extends Error {
+  constructor(readonly code: ErrorCode, message: string) {
+    super(message);
+  }
+}
+
+export function frameHeader(length: number, type: FrameType, flags: number, streamId: number): Uint8Array {
+  const header = new Uint8Array(9);
+  header[0] = length >>> 16;
+  header[1] = (length >>> 8) & 0xff;
+  header[2] = length & 0xff;
+  header[3] = type;
+  header[4] = flags;
+  new DataView(header.buffer).setUint32(5, streamId & 0x7fffffff);
+  return header;
+}
+
+export function frame(
+  type: FrameType,
+  flags: number,
+  streamId: number,
+  payload: Uint8Array = new Uint8Array(0),
+): Uint8Array {
+  const out = new Uint8Array(9 + payload.length);
+  out.set(frameHeader(payload.length, type, flags, streamId));
+  out.set(payload, 9);
+  return out;
+}
+
+export function u32Payload(...values: number[]): Uint8Array {
+  const payload = new Uint8Array(values.length * 4);
+  const view = new DataView(payload.buffer);
+  values.forEach((v, i) => view.setUint32(i * 4, v));
+  return payload;
+}
+
+export function settingsFrame(settings: [id: number, value: number][]): Uint8Array {
+  const payload = new Uint8Array(settings.length * 6);
+  const view = new DataView(payload.buffer);
+  settings.forEach(([id, value], i) => {
+    view.setUint16(i * 6, id);
+    view.setUint32(i * 6 + 2, value);
+  });
+  return frame(FrameType.SETTINGS, 0, 0, payload);
+}
+
+/** The settings in a SETTINGS payload, in order; a malformed payload ends the connection. */
+export function parseSettings(payload: Uint8Array): [id: number, value: number][] {
+  if (payload.length % 6 !== 0) throw new ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS length");
+  const view = new DataView(payload.buffer, payload.byteOffset, payload.byteLength);
+  const settings: [number, number][] = [];
+  for (let i = 0; i < payload.length; i += 6) {
+    const id = view.getUint16(i);
+    const value = view.getUint32(i + 2);
+    if (id === SETTINGS_INITIAL_WINDOW_SIZE && value > MAX_WINDOW) {
+      throw new ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "initial window too large");
+    }
+    if (id === SETTINGS_MAX_FRAME_SIZE && (value < DEFAULT_MAX_FRAME || value > 16777215)) {
+      throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "max frame size out of range");
+    }
+    settings.push([id, value]);
+  }
+  return settings;
+}
+
+/** A WINDOW_UPDATE's increment. */
+export function windowIncrement(payload: Uint8Array): number {
+  if (payload.length !== 4) throw new ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "WINDOW_UPDATE length");
+  return new DataView(payload.buffer, payload.byteOffset, 4).getUint32(0) & 0x7fffffff;
+}
+
+/** The data of a DATA or HEADERS payload without its padding (and, for HEADERS, priority fields). */
+export function unpad(flags: number, payload: Uint8Array, priority = false): Uint8Array {
+  let data = payload;
+  if (flags & FLAG_PADDED) {
+    const padding = data[0];
+    if (padding >= data.length) throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad padding");
+    data = data.subarray(1, data.length - padding);
+  }
+  if (priority && flags & FLAG_PRIORITY) data = data.subarray(5);
+  return data;
+}
+
+export function concat(parts: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let offset = 0;
+  for (const part of parts) {
+    out.set(part, offset);
+    offset += part.length;
+  }
+  return out;
+}
+
+/** Percent-encoding of grpc-message (gRPC over HTTP/2 spec). */
+export function encodeGrpcMessage(text: string): string {
+  let out = "";
+  for (const byte of new TextEncoder().encode(text.slice(0, 4096))) {
+    out += byte >= 0x20 && byte <= 0x7e && byte !== 0x25
+      ? String.fromCharCode(byte)
+      : `%${byte.toString(16).toUpperCase().padStart(2, "0")}`;
+  }
+  return out;
+}
+
+/** The inverse of encodeGrpcMessage; a malformed escape is kept as it is, as the spec asks. */
+export function decodeGrpcMessage(text: string): string {
+  const bytes: number[] = [];
+  for (let i = 0; i < text.length; i++) {
+    const hex = text[i] === "%" ? text.slice(i + 1, i + 3) : "";
+    if (/^[0-9A-Fa-f]{2}$/.test(hex)) {
+      bytes.push(parseInt(hex, 16));
+      i += 2;
+    } else {
+      bytes.push(text.charCodeAt(i) & 0xff);
+    }
+  }
+  return new TextDecoder().decode(new Uint8Array(bytes));
+}
+
+/** Receive buffer of socket chunks; frames are taken without copying when they lie in one chunk. */
+export class Incoming {
+  #chunks: Uint8Array[] = [];
+  #length = 0;
+
+  get length(): number {
+    return this.#length;
+  }
+
+  push(chunk: Uint8Array): void {
+    this.#chunks.push(chunk);
+    this.#length += chunk.length;
+  }
+
+  peek(count: number): Uint8Array {
+    return this.#gather(count, false);
+  }
+
+  take(count: number): Uint8Array {
+    return this.#gather(count, true);
+  }
+
+  /**
+   * Calls `onFrame` for every whole frame buffered. A frame longer than `maxFrame` (what we
+   * advertised) ends the connection.
+   */
+  takeFrames(
+    maxFrame: number,
+    onFrame: (type: number, flags: number, streamId: number, payload: Uint8Array) => void,
+  ): void {
+    while (this.#length >= 9) {
+      const header = this.peek(9);
+      const length = (header[0] << 16) | (header[1] << 8) | header[2];
+      if (length > maxFrame) throw new ConnectionError(ErrorCode.FRAME_SIZE_ERROR, `frame of ${length} bytes`);
+      if (this.#length < 9 + length) return;
+      this.take(9);
+      const streamId = ((header[5] << 24) | (header[6] << 16) | (header[7] << 8) | header[8]) & 0x7fffffff;
+      onFrame(header[3], header[4], streamId, this.take(length));
+    }
+  }
+
+  #gather(count: number, consume: boolean): Uint8Array {
+    if (count === 0) return new Uint8Array(0);
+    const first = this.#chunks[0];
+    let out: Uint8Array;
+    if (first.length >= count) {
+      out = first.subarray(0, count);
+      if (consume) {
+        if (first.length === count) this.#chunks.shift();
+        else this.#chunks[0] = first.subarray(count);
+      }
+    } else {
+      out = new Uint8Array(count);
+      let filled = 0;
+      let i = 0;
+      while (filled < count) {
+        const chunk = this.#chunks[i++];
+        const part = chunk.subarray(0, count - filled);
+        out.set(part, filled);
+        filled += part.length;
+      }
+      if (consume) {
+        let remaining = count;
+        while (remaining > 0) {
+          const chunk = this.#chunks[0];
+          if (chunk.length <= remaining) {
+            remaining -= chunk.length;
+            this.#chunks.shift();
+          } else {
+            this.#chunks[0] = chunk.subarray(remaining);
+            remaining = 0;
+          }
+        }
+      }
+    }
+    if (consume) this.#length -= count;
+    return out;
+  }
+}
+
+/** What went wrong with a call's message stream: the status to end it with. */
+export interface MessageProblem {
+  status: number;
+  details: string;
+}
+
+/**
+ * A unary call's single gRPC message, assembled from DATA frames into one buffer (one copy).
+ * `reserve` may refuse room for a declared length (the server's per-connection budget).
+ */
+export class MessageReader {
+  #prefix = new Uint8Array(5);
+  #prefixFilled = 0;
+  #message: Uint8Array | null = null;
+  #filled = 0;
+  compressed = false;
+  /** Set once the declared length exceeds the limit, the budget refuses it, or a second message starts. */
+  problem: MessageProblem | null = null;
+
+  constructor(
+    private readonly maxBytes: number,
+    private readonly limits: {
+      reserve: (bytes: number) => MessageProblem | null;
+      /** The status for a second message, which a unary call must not carry. */
+      secondMessage: MessageProblem;
+    },
+  ) {}
+
+  get complete(): boolean {
+    return this.#message !== null && this.#filled === this.#message.length;
+  }
+
+  get started(): boolean {
+    return this.#prefixFilled > 0;
+  }
+
+  get message(): Uint8Array {
+    return this.#message!;
+  }
+
+  push(data: Uint8Array): void {
+    let pos = 0;
+    while (pos < data.length && !this.problem) {
+      if (this.#message === null) {
+        const take = Math.min(5 - this.#prefixFilled, data.length - pos);
+        this.#prefix.set(data.subarray(pos, pos + take), this.#prefixFilled);
+        this.#prefixFilled += take;
+        pos += take;
+        if (this.#prefixFilled < 5) return;
+        this.compressed = this.#prefix[0] !== 0;
+        const length = new DataView(this.#prefix.buffer).getUint32(1);
+        if (length > this.maxBytes) {
+          // grpc-js's and grpc-core's wording, which operators search for.
+          this.problem = {
+            status: Status.RESOURCE_EXHAUSTED,
+            details: `Received message larger than max (${length} vs. ${this.maxBytes})`,
+          };
+          return;
+        }
+        this.problem = this.limits.reserve(length);
+        if (this.problem) return;
+        this.#message = new Uint8Array(length);
+      } else if (this.#filled === this.#message.length) {
+        this.problem = this.limits.secondMessage;
+        return;
+      } else {
+        const take = Math.min(this.#message.length - this.#filled, data.length - pos);
+        this.#message.set(data.subarray(pos, pos + take), this.#filled);
+        this.#filled += take;
+        pos += take;
+      }
+    }
+  }
+}
