@@ -1,7 +1,7 @@
 // The agent as the benchmark runs it: the real main.ts in a deno subprocess with the permission flags a
 // deployment gets, its stderr log lines parsed as they arrive, and its CPU time and memory from /proc.
 
-import { AgentClient } from "../src/client.ts";
+import { GrpcJsAgentClient as AgentClient } from "../tests/helpers/grpcjs_client.ts";
 import { agentDeployment } from "../tests/helpers/agent.ts";
 import { testTrust } from "../tests/helpers/signing.ts";
 

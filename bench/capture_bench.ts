@@ -4,7 +4,7 @@
 
 import { join } from "node:path";
 import { benchCaptureAppends } from "../src/capture/bench.ts";
-import { AgentClient } from "../src/client.ts";
+import { GrpcJsAgentClient as AgentClient } from "../tests/helpers/grpcjs_client.ts";
 import { enumValues } from "../src/wire.ts";
 import { tensor } from "../tests/helpers/assertions.ts";
 import { identityModel, OnnxType, PADDLE_CLS, writeModelFolder } from "../tests/helpers/onnx_models.ts";

@@ -1,43 +1,43 @@
-// A promise-based client of the Agent service over its Unix socket.
+// A promise-based client of the Agent service over its Unix socket, on the agent's own HTTP/2
+// transport (see transport/client.ts for why not grpc-js).
 
-import * as grpc from "@grpc/grpc-js";
-import type { Buffer } from "node:buffer";
-import { agentService, asBuffer, health, HEALTH_SERVICE_NAME, type Model, type RpcName, type Tensor } from "./wire.ts";
+import { GrpcCallError, GrpcClient } from "./transport/client.ts";
+import {
+  health,
+  HEALTH_SERVICE_NAME,
+  messageType,
+  type Model,
+  type RpcName,
+  SERVICE_NAME,
+  type Tensor,
+} from "./wire.ts";
 
-const AgentClientConstructor = grpc.makeGenericClientConstructor(agentService, "Agent");
+export { GrpcCallError };
 
-export type ClientError = grpc.ServiceError;
+const codecs = new Map<string, { request: ReturnType<typeof messageType>; response: ReturnType<typeof messageType> }>();
 
-type GenericClient = grpc.Client & Record<string, unknown>;
+function codec(rpc: RpcName) {
+  let entry = codecs.get(rpc);
+  if (!entry) {
+    entry = { request: messageType(`${rpc}Request`), response: messageType(`${rpc}Response`) };
+    codecs.set(rpc, entry);
+  }
+  return entry;
+}
 
 export class AgentClient {
-  readonly #client: GenericClient;
+  readonly #grpc: GrpcClient;
 
   constructor(socketPath: string, options: { maxMessageBytes?: number } = {}) {
-    const max = options.maxMessageBytes ?? 64 * 1024 * 1024;
-    this.#client = new AgentClientConstructor(`unix:${socketPath}`, grpc.credentials.createInsecure(), {
-      "grpc.max_receive_message_length": max,
-      "grpc.max_send_message_length": max,
-      // HTTP/2's default 64 KiB receive window makes a 1.6 MB response wait for ~25 window updates.
-      "grpc-node.flow_control_window": Math.min(max, 2 ** 31 - 1),
-    }) as GenericClient;
+    this.#grpc = new GrpcClient(socketPath, { maxMessageBytes: options.maxMessageBytes });
   }
 
-  /** Calls `rpc`; rejects with the grpc-js ServiceError (code, details) on a non-OK status. */
-  call<T>(rpc: RpcName, request: unknown, deadlineMs?: number): Promise<T> {
-    const method = this.#client[rpc] as (
-      request: unknown,
-      metadata: grpc.Metadata,
-      options: grpc.CallOptions,
-      callback: (error: grpc.ServiceError | null, response: T) => void,
-    ) => void;
-    const options: grpc.CallOptions = deadlineMs ? { deadline: Date.now() + deadlineMs } : {};
-    return new Promise((resolve, reject) =>
-      method.call(this.#client, request, new grpc.Metadata(), options, (error, response) => {
-        if (error) reject(error);
-        else resolve(response);
-      })
-    );
+  /** Calls `rpc`; rejects with GrpcCallError (code, details) on a non-OK status. */
+  async call<T>(rpc: RpcName, request: unknown, deadlineMs?: number): Promise<T> {
+    const { request: requestType, response: responseType } = codec(rpc);
+    const bytes = requestType.encode(request as Record<string, unknown>).finish();
+    const response = await this.#grpc.unary(`/${SERVICE_NAME}/${rpc}`, bytes, { deadlineMs });
+    return responseType.decode(response) as T;
   }
 
   loadModel(url: string, name: string): Promise<{ model: Model }> {
@@ -57,19 +57,15 @@ export class AgentClient {
   }
 
   /** grpc.health.v1 Check of `service` ("" = the agent): its ServingStatus value. */
-  health(service: string): Promise<number> {
-    return new Promise((resolve, reject) =>
-      this.#client.makeUnaryRequest(
-        `/${HEALTH_SERVICE_NAME}/Check`,
-        (m: { service: string }) => asBuffer(health.request.encode(m).finish()),
-        (b: Buffer) => (health.response.decode(b) as unknown as { status: number }).status,
-        { service },
-        (error, status) => error ? reject(error) : resolve(status!),
-      )
+  async health(service: string): Promise<number> {
+    const response = await this.#grpc.unary(
+      `/${HEALTH_SERVICE_NAME}/Check`,
+      health.request.encode({ service }).finish(),
     );
+    return (health.response.decode(response) as unknown as { status: number }).status;
   }
 
   close(): void {
-    this.#client.close();
+    this.#grpc.close();
   }
 }

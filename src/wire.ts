@@ -1,7 +1,6 @@
-// Protobuf codecs for proto/agent.proto and the gRPC service definition built from them.
+// Protobuf codecs for proto/agent.proto and proto/health.proto.
 // Decoded `bytes` fields are views into the received message (no copy).
 
-import type { ServiceDefinition } from "@grpc/grpc-js";
 import { Buffer } from "node:buffer";
 import protobuf from "protobufjs";
 import agentProto from "../proto/agent.proto" with { type: "text" };
@@ -112,39 +111,10 @@ export function messageType(name: string): protobuf.Type {
   return root.lookupType(`${PACKAGE}.${name}`);
 }
 
-/** A Buffer over `bytes` without copying (grpc-js wants Buffers). */
+/** A Buffer over `bytes` without copying. */
 export function asBuffer(bytes: Uint8Array): Buffer {
   return Buffer.isBuffer(bytes) ? bytes : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
 }
-
-function encoder(type: protobuf.Type): (message: unknown) => Buffer {
-  // Handlers may answer with bytes they encoded themselves (Predict encodes while ORT's output
-  // buffers are still alive); those pass through untouched.
-  return (message) =>
-    message instanceof Uint8Array ? asBuffer(message) : asBuffer(type.encode(message as protobuf.Message).finish());
-}
-
-function decoder(type: protobuf.Type): (bytes: Buffer) => unknown {
-  return (bytes) => type.decode(bytes);
-}
-
-/** The Agent service for grpc-js clients. */
-export const agentService: ServiceDefinition = Object.fromEntries(
-  RPC_NAMES.map((rpc) => {
-    const request = messageType(`${rpc}Request`);
-    const response = messageType(`${rpc}Response`);
-    return [rpc, {
-      path: `/${SERVICE_NAME}/${rpc}`,
-      requestStream: false,
-      responseStream: false,
-      requestSerialize: encoder(request),
-      requestDeserialize: decoder(request),
-      responseSerialize: encoder(response),
-      responseDeserialize: decoder(response),
-      originalName: rpc[0].toLowerCase() + rpc.slice(1),
-    }];
-  }),
-);
 
 const PredictResponse = messageType("PredictResponse");
 

@@ -5,7 +5,7 @@ import assert from "node:assert/strict";
 import * as grpc from "@grpc/grpc-js";
 import { Status } from "../src/errors.ts";
 import { encodeHeaders, HpackDecoder } from "../src/transport/hpack.ts";
-import { AgentClient } from "../src/client.ts";
+import { GrpcJsAgentClient as AgentClient } from "./helpers/grpcjs_client.ts";
 import { enumValues, SERVICE_NAME } from "../src/wire.ts";
 import { type AgentProcess, withAgent } from "./helpers/agent.ts";
 import { floats, rejectsWith, tensor } from "./helpers/assertions.ts";

@@ -2,7 +2,7 @@
 // temporary socket, and talks to it through the real gRPC client.
 
 import { join } from "node:path";
-import { AgentClient } from "../../src/client.ts";
+import { GrpcJsAgentClient as AgentClient } from "./grpcjs_client.ts";
 import { parseConfig } from "../../src/config.ts";
 import { agentPermissionFlags } from "../../src/permissions.ts";
 import { testTrust } from "./signing.ts";
