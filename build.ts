@@ -78,15 +78,42 @@ function containsAscii(haystack: Uint8Array, needle: string): boolean {
   return false;
 }
 
+export const COMPILE_CONFIG = join(ROOT, "deploy", "deno.compile.json");
+
+/**
+ * Imports of the executable's module graph that its compile config cannot resolve. deno compile
+ * embeds such a graph without complaint, and the executable then fails at start-up, so the build
+ * checks first.
+ */
+export async function unresolvedImports(config = COMPILE_CONFIG): Promise<string[]> {
+  const info = await new Deno.Command(Deno.execPath(), {
+    args: ["info", "--json", "--config", config, join(ROOT, "main.ts")],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  if (!info.success) throw new BuildError(`deno info failed: ${new TextDecoder().decode(info.stderr)}`);
+  const graph = JSON.parse(new TextDecoder().decode(info.stdout)) as {
+    modules: { specifier: string; error?: string; dependencies?: { code?: { error?: string } }[] }[];
+  };
+  const problems = new Set<string>();
+  for (const module of graph.modules) {
+    if (module.error) problems.add(module.error);
+    for (const dependency of module.dependencies ?? []) {
+      if (dependency.code?.error) problems.add(dependency.code.error);
+    }
+  }
+  return [...problems];
+}
+
 /** The deno compile command for one target. */
 export function compileArgs(target: Target, profile: Profile, output: string): string[] {
   return [
     "compile",
-    // deno compile embeds every npm package the config maps. The agent needs only protobufjs, so it
-    // builds with a config mapping just that, not the project's (test fixtures, the benchmark's
+    // deno compile embeds every npm package the config maps, so the executable builds with a config
+    // mapping only what it imports, not the project's (test fixtures, grpc-js, the benchmark's
     // reference runtime, every platform's ORT). Types are checked by `deno task check`.
     "--config",
-    join(ROOT, "deploy", "deno.compile.json"),
+    COMPILE_CONFIG,
     "--no-check",
     "--target",
     target,
@@ -174,6 +201,16 @@ async function main(args: string[]): Promise<void> {
       ? Object.fromEntries(denort.has(target) ? [["DENORT_BIN", resolve(denort.get(target)!)]] : [])
       : await runtimeSource(target, denort, values["deno-dir"] ?? null);
     plans.push({ target, output, env, args: compileArgs(target, profile, output) });
+  }
+  if (!values["dry-run"]) {
+    const unresolved = await unresolvedImports();
+    if (unresolved.length > 0) {
+      throw new BuildError(
+        `${COMPILE_CONFIG} does not map every package the executable imports:\n${
+          unresolved.map((p) => `  ${p}`).join("\n")
+        }`,
+      );
+    }
   }
   for (const plan of plans) {
     const env = Object.entries(plan.env).map(([k, v]) => `${k}=${v} `).join("");

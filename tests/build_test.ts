@@ -4,7 +4,7 @@
 
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { BuildError, release, runtimeSource } from "../build.ts";
+import { BuildError, COMPILE_CONFIG, release, runtimeSource, unresolvedImports } from "../build.ts";
 import { StartupError } from "../src/errors.ts";
 import { parseProfile } from "../src/permissions.ts";
 import { extractLibrary, npmLibraryPath } from "../src/runtime.ts";
@@ -157,6 +157,29 @@ Deno.test("the release tarball holds the executable, unit, example config, profi
     assert.match(unit, /^ReadWritePaths=\/var\/lib\/edge-agent\/state \/run\/edge-agent$/m);
   } finally {
     await Deno.remove(out, { recursive: true });
+  }
+});
+
+Deno.test("the executable's compile config maps every package it imports, at the project's versions", async () => {
+  assert.deepEqual(await unresolvedImports(), []);
+  const project = JSON.parse(await Deno.readTextFile(join(PROJECT_ROOT, "deno.json"))).imports;
+  const embedded = JSON.parse(await Deno.readTextFile(COMPILE_CONFIG)).imports;
+  for (const [name, specifier] of Object.entries(embedded)) assert.equal(specifier, project[name], name);
+  assert.equal(embedded["@grpc/grpc-js"], undefined, "the executable carries no second HTTP/2 stack");
+});
+
+Deno.test("a compile config that misses a package is caught, naming the import", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const config = join(dir, "deno.compile.json");
+    const full = JSON.parse(await Deno.readTextFile(COMPILE_CONFIG));
+    delete full.imports["tar-stream"];
+    await Deno.writeTextFile(config, JSON.stringify(full));
+    const unresolved = await unresolvedImports(config);
+    assert.equal(unresolved.length, 1, unresolved.join("\n"));
+    assert.match(unresolved[0], /^Import "tar-stream" not a dependency/);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
   }
 });
 

@@ -9,6 +9,8 @@ import { testTrust } from "./signing.ts";
 
 export const PROJECT_ROOT = new URL("../../", import.meta.url).pathname;
 export const MAIN = join(PROJECT_ROOT, "main.ts");
+/** The module config the executable is compiled with: agents under test resolve exactly its packages. */
+export const COMPILE_CONFIG = join(PROJECT_ROOT, "deploy", "deno.compile.json");
 
 export interface AgentProcess {
   dir: string;
@@ -38,7 +40,8 @@ export interface StartOptions {
 
 /**
  * Writes `<dir>/config.json` from `raw` and returns the socket path and the `deno` arguments that
- * serve it on `<dir>/agent.sock` with exactly the permissions that deployment gets.
+ * serve it on `<dir>/agent.sock` with exactly the permissions and packages the compiled executable
+ * of that deployment gets.
  */
 export async function agentDeployment(
   dir: string,
@@ -48,7 +51,11 @@ export async function agentDeployment(
   const configPath = join(dir, "config.json");
   await Deno.writeTextFile(configPath, JSON.stringify(raw));
   const flags = agentPermissionFlags({ socketPath: socket, configPath, config: parseConfig(raw).config });
-  return { socket, configPath, args: ["run", ...flags, MAIN, "serve", "-a", socket, "-c", configPath] };
+  return {
+    socket,
+    configPath,
+    args: ["run", "--config", COMPILE_CONFIG, ...flags, MAIN, "serve", "-a", socket, "-c", configPath],
+  };
 }
 
 export async function startAgent(options: StartOptions = {}): Promise<AgentProcess> {
