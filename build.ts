@@ -13,7 +13,7 @@
 // (--denort; passed to deno compile as DENORT_BIN, which it uses as-is for any target).
 
 import { createHash } from "node:crypto";
-import { basename, join, resolve } from "node:path";
+import { basename, dirname, join, relative, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { StartupError } from "./src/errors.ts";
 import { parseProfile, type Profile, profileFlags } from "./src/permissions.ts";
@@ -105,6 +105,27 @@ export async function unresolvedImports(config = COMPILE_CONFIG): Promise<string
   return [...problems];
 }
 
+/** Where the entry module of the executable written to `output` goes. */
+export function entryPath(output: string): string {
+  return join(ROOT, ".build", `${basename(output)}.ts`);
+}
+
+/**
+ * The executable's entry module: main.ts's command line with the deployment's socket and config as
+ * the defaults, so `edge-agent serve` and `edge-agent client list` need no flags on the device.
+ */
+export async function writeEntry(profile: Profile, path: string): Promise<void> {
+  await Deno.mkdir(dirname(path), { recursive: true });
+  const main = relative(dirname(path), join(ROOT, "main.ts"));
+  const defaults = { socket: profile.socket, config: profile.config };
+  await Deno.writeTextFile(
+    path,
+    `// Written by build.ts: the command line with this deployment's defaults.\n` +
+      `import { main } from ${JSON.stringify(main.startsWith(".") ? main : `./${main}`)};\n\n` +
+      `await main(Deno.args, ${JSON.stringify(defaults)});\n`,
+  );
+}
+
 /** The deno compile command for one target. */
 export function compileArgs(target: Target, profile: Profile, output: string): string[] {
   return [
@@ -122,7 +143,7 @@ export function compileArgs(target: Target, profile: Profile, output: string): s
     "--include",
     npmLibraryPath(TARGETS[target]),
     ...profileFlags(profile),
-    join(ROOT, "main.ts"),
+    entryPath(output),
   ];
 }
 
@@ -217,6 +238,7 @@ async function main(args: string[]): Promise<void> {
     console.log(`${env}deno ${plan.args.map((a) => (/[\s"']/.test(a) ? JSON.stringify(a) : a)).join(" ")}`);
     if (values["dry-run"]) continue;
     await Deno.mkdir(values.out, { recursive: true });
+    await writeEntry(profile, entryPath(plan.output));
     const compiled = await new Deno.Command(Deno.execPath(), { args: plan.args, env: plan.env }).spawn().status;
     if (!compiled.success) throw new BuildError(`deno compile for ${plan.target} failed (exit ${compiled.code})`);
     const size = (await Deno.stat(plan.output)).size;

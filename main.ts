@@ -1,26 +1,41 @@
-// Command line: `serve [-a <socket path>] [-c <config.json>]`, Edge Manager's two flags.
+// Command line: `serve [-a <socket path>] [-c <config.json>]` (Edge Manager's two flags), and the
+// publisher's and operator's tools. A compiled executable runs it with its deployment's socket and
+// config as the defaults (see build.ts).
 
 import { parseArgs } from "node:util";
 import { DEFAULT_SOCKET_PATH } from "./src/config.ts";
 import { StartupError } from "./src/errors.ts";
 
-const USAGE = `usage:
+/** What `-a`/`--socket` and `-c` default to. */
+export interface Defaults {
+  socket: string;
+  config: string | null;
+}
+
+const SOURCE_DEFAULTS: Defaults = { socket: DEFAULT_SOCKET_PATH, config: null };
+
+const usage = (defaults: Defaults) =>
+  `usage:
   edge-agent serve [-a <socket path>] [-c <config.json>]
   edge-agent trust init --out <dir>
   edge-agent package sign <folder> --key <key.pem> [--cert-chain <leaf-then-CAs.pem>] [--name N --version V --arch A]
   edge-agent package pack <folder> -o <file.tar.gz>
   edge-agent package verify <folder or .tar.gz> (--roots <pem or folder> | --public-key <pem>)
   edge-agent client [--socket <path>] list | describe <model> | load <url> <name> | unload <name>
-                    | predict <model> --input <name>=<file.npy|file.bin|image.png|image.jpg>[:<d1>,...]
-                      [--out <file.npy>]
+                    | predict <model> --input <name>=<file.npy|file.bin|image.png|image.jpg|->[:<d1>,...]
+                      [--out <file.npy|->]
                     | capture-status <id> | health [<service>]
                     | bench <model> --input ... [--concurrency N] [--seconds S]
                     | status [--metrics <unix:path|host:port>]
 
-  serve            -a, --address: Unix socket (default ${DEFAULT_SOCKET_PATH}); -c, --config: config file
+  serve            -a, --address: Unix socket (default ${defaults.socket}); -c, --config: config file${
+    defaults.config ? ` (default ${defaults.config})` : ""
+  }
   trust init       a development root, intermediate and code-signing leaf (for development only)
   package sign     writes model.sig (OpenSSF Model Signing v1.0): certificate method with --cert-chain,
                    key method without; --name/--version/--arch write edge-model.json first
+  client           --socket defaults to the serve default; an input or output of "-" is standard input or
+                   output (.npy, PNG and JPEG are recognised by their contents)
 `;
 
 function fail(message: string, code: number): never {
@@ -28,14 +43,15 @@ function fail(message: string, code: number): never {
   Deno.exit(code);
 }
 
-async function main(args: string[]): Promise<void> {
+export async function main(args: string[], defaults: Defaults = SOURCE_DEFAULTS): Promise<void> {
+  const USAGE = usage(defaults);
   const [command, ...rest] = args;
   if (command === undefined || command === "-h" || command === "--help" || command === "help") {
     console.log(USAGE);
     return;
   }
-  if (command === "trust" || command === "package") return await publisher(command, rest);
-  if (command === "client") return await client(rest);
+  if (command === "trust" || command === "package") return await publisher(command, rest, USAGE);
+  if (command === "client") return await client(rest, defaults.socket, USAGE);
   if (command !== "serve") fail(`unknown command "${command}"\n\n${USAGE}`, 2);
   let values;
   try {
@@ -54,7 +70,7 @@ async function main(args: string[]): Promise<void> {
   // Loaded only to serve, so usage errors need no permissions at all.
   const { serve } = await import("./src/agent.ts");
   try {
-    await serve({ socketPath: values.address ?? DEFAULT_SOCKET_PATH, configPath: values.config ?? null });
+    await serve({ socketPath: values.address ?? defaults.socket, configPath: values.config ?? defaults.config });
   } catch (error) {
     if (error instanceof StartupError) {
       fail(`edge-agent: cannot start:\n${error.problems.map((p) => `  ${p}`).join("\n")}`, 2);
@@ -64,13 +80,13 @@ async function main(args: string[]): Promise<void> {
 }
 
 /** client sub-commands: try a running agent by hand. */
-async function client(args: string[]): Promise<void> {
+async function client(args: string[], defaultSocket: string, USAGE: string): Promise<void> {
   let parsed;
   try {
     parsed = parseArgs({
       args,
       options: {
-        socket: { type: "string", default: DEFAULT_SOCKET_PATH },
+        socket: { type: "string", default: defaultSocket },
         input: { type: "string", multiple: true, default: [] },
         out: { type: "string", short: "o" },
         concurrency: { type: "string", default: "1" },
@@ -84,6 +100,9 @@ async function client(args: string[]): Promise<void> {
     fail(`${(error as Error).message}\n\n${USAGE}`, 2);
   }
   const { values, positionals: [action, first, second] } = parsed;
+  if (values.input.filter((i) => /^[^=]+=-(:|$)/.test(i)).length > 1) {
+    fail("client: only one --input can come from standard input (-)", 2);
+  }
   const cli = await import("./src/client_cli.ts");
   const need = (value: string | undefined, what: string): string =>
     value ?? fail(`client ${action}: ${what}\n\n${USAGE}`, 2);
@@ -131,7 +150,9 @@ async function client(args: string[]): Promise<void> {
           fail(`unknown client command "${action ?? ""}"\n\n${USAGE}`, 2);
       }
     });
-    console.log(output);
+    // With --out -, standard output carries the .npy; the summary goes to standard error.
+    if (values.out === "-") console.error(output);
+    else console.log(output);
   } catch (error) {
     if (error instanceof cli.ClientCommandError) fail(`edge-agent: ${error.message}`, 1);
     throw error;
@@ -139,7 +160,7 @@ async function client(args: string[]): Promise<void> {
 }
 
 /** trust/package sub-commands: the publisher's tools. */
-async function publisher(command: string, args: string[]): Promise<void> {
+async function publisher(command: string, args: string[], USAGE: string): Promise<void> {
   let parsed;
   try {
     parsed = parseArgs({

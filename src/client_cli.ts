@@ -70,7 +70,7 @@ export async function checkHealth(client: AgentClient, service: string): Promise
 
 /**
  * `name=path[:d1,d2,...]`: an .npy file (dtype and shape inside), a PNG or JPEG image (see images.ts),
- * or raw little-endian bytes.
+ * or raw little-endian bytes; a path of "-" is standard input.
  */
 export interface InputArgument {
   name: string;
@@ -80,8 +80,46 @@ export interface InputArgument {
 
 export function parseInput(text: string): InputArgument {
   const match = /^([^=]+)=([^:]+)(?::(\d+(?:,\d+)*))?$/.exec(text);
-  if (!match) throw new ClientCommandError(`--input ${text}: use <name>=<file.npy|file.bin>[:<d1>,<d2>,...]`);
+  if (!match) {
+    throw new ClientCommandError(
+      `--input ${text}: use <name>=<file.npy|file.bin|image.png|image.jpg|->[:<d1>,<d2>,...]`,
+    );
+  }
   return { name: match[1], path: match[2], shape: match[3] ? match[3].split(",").map(Number) : null };
+}
+
+/** "-" is standard input. */
+async function readInput(input: InputArgument): Promise<Uint8Array> {
+  if (input.path === "-") return await new Response(Deno.stdin.readable).bytes();
+  return await Deno.readFile(input.path).catch((error) => {
+    if (error instanceof Deno.errors.NotCapable) {
+      // The compiled executable carries its deployment's permissions, client included.
+      throw new ClientCommandError(
+        `--input ${input.name}: ${input.path}: this executable may read only its deployment's folders; ` +
+          `pipe the file in instead: --input ${input.name}=-${input.shape ? `:${input.shape}` : ""} < ${input.path}`,
+      );
+    }
+    throw new ClientCommandError(`--input ${input.name}: ${input.path}: ${error.message}`);
+  });
+}
+
+const NPY_MAGIC = [0x93, 0x4e, 0x55, 0x4d, 0x50, 0x59];
+const PNG_MAGIC = [0x89, 0x50, 0x4e, 0x47];
+const JPEG_MAGIC = [0xff, 0xd8, 0xff];
+
+function startsWith(bytes: Uint8Array, magic: number[]): boolean {
+  return magic.every((b, i) => bytes[i] === b);
+}
+
+/** By contents, so standard input needs no name; the extension decides for files that are damaged. */
+function inputFormat(path: string, bytes: Uint8Array): "npy" | "png" | "jpeg" | "raw" {
+  if (startsWith(bytes, NPY_MAGIC)) return "npy";
+  if (startsWith(bytes, PNG_MAGIC)) return "png";
+  if (startsWith(bytes, JPEG_MAGIC)) return "jpeg";
+  if (/\.npy$/i.test(path)) return "npy";
+  if (/\.png$/i.test(path)) return "png";
+  if (/\.jpe?g$/i.test(path)) return "jpeg";
+  return "raw";
 }
 
 async function inputTensor(model: Model, input: InputArgument): Promise<Tensor> {
@@ -90,13 +128,12 @@ async function inputTensor(model: Model, input: InputArgument): Promise<Tensor> 
     const names = model.input_tensor_metadatas.map((m) => new TextDecoder().decode(m.name)).join(", ");
     throw new ClientCommandError(`--input ${input.name}: model ${model.name} has no such input (inputs: ${names})`);
   }
-  const bytes = await Deno.readFile(input.path).catch((error) => {
-    throw new ClientCommandError(`--input ${input.name}: ${input.path}: ${error.message}`);
-  });
+  const bytes = await readInput(input);
+  const format = inputFormat(input.path, bytes);
   let dataType = spec.data_type;
   let shape: number[];
   let data: Uint8Array;
-  if (input.path.endsWith(".npy")) {
+  if (format === "npy") {
     let array;
     try {
       array = readNpy(bytes);
@@ -109,13 +146,13 @@ async function inputTensor(model: Model, input: InputArgument): Promise<Tensor> 
     dataType = DataType[array.dataType];
     shape = input.shape ?? array.shape;
     data = array.data;
-  } else if (/\.(png|jpe?g)$/i.test(input.path)) {
+  } else if (format === "png" || format === "jpeg") {
     const type = dataTypeName(spec.data_type);
     if (type !== "FLOAT32" && type !== "UINT8") {
       throw new ClientCommandError(`--input ${input.name}: an image fills FLOAT32 or UINT8 inputs, not ${type}`);
     }
     try {
-      const image = imageTensor(decodeImage(input.path, bytes), input.shape ?? spec.shape, type);
+      const image = imageTensor(decodeImage(format, bytes), input.shape ?? spec.shape, type);
       shape = image.shape;
       data = image.data;
     } catch (error) {
@@ -184,18 +221,34 @@ export async function predict(
   const lines = response.tensors.map(summarize);
   if (out) {
     const first = response.tensors[0];
-    await Deno.writeFile(
-      out,
-      writeNpy({
-        dataType: dataTypeName(first.tensor_metadata!.data_type),
-        shape: first.tensor_metadata!.shape,
-        data: new Uint8Array(first.byte_data!),
-      }),
-    );
-    lines.push(`saved ${describeTensor(first.tensor_metadata!)} to ${out}`);
+    const npy = writeNpy({
+      dataType: dataTypeName(first.tensor_metadata!.data_type),
+      shape: first.tensor_metadata!.shape,
+      data: new Uint8Array(first.byte_data!),
+    });
+    await writeOutput(out, npy);
+    lines.push(`saved ${describeTensor(first.tensor_metadata!)} to ${out === "-" ? "standard output" : out}`);
   }
   lines.push(`(${ms.toFixed(1)} ms)`);
   return lines.join("\n");
+}
+
+/** "-" is standard output. */
+async function writeOutput(out: string, bytes: Uint8Array): Promise<void> {
+  if (out === "-") {
+    const writer = Deno.stdout.writable.getWriter();
+    await writer.write(bytes);
+    writer.releaseLock();
+    return;
+  }
+  await Deno.writeFile(out, bytes).catch((error) => {
+    if (error instanceof Deno.errors.NotCapable) {
+      throw new ClientCommandError(
+        `--out ${out}: this executable may write only its state folder; write to standard output instead: --out - > ${out}`,
+      );
+    }
+    throw new ClientCommandError(`--out ${out}: ${error.message}`);
+  });
 }
 
 /** Predict in a loop from `concurrency` connections for `seconds`: latency percentiles and throughput. */

@@ -14,8 +14,8 @@ export interface RgbImage {
   rgba: Uint8Array;
 }
 
-export function decodeImage(path: string, bytes: Uint8Array): RgbImage {
-  if (/\.png$/i.test(path)) {
+export function decodeImage(format: "png" | "jpeg", bytes: Uint8Array): RgbImage {
+  if (format === "png") {
     const png = PNG.sync.read(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength));
     return { width: png.width, height: png.height, rgba: new Uint8Array(png.data) };
   }

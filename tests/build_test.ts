@@ -58,7 +58,8 @@ Deno.test("--dry-run prints one deno compile per target with that target's ORT l
     // Every grant but FFI is scoped.
     const bare = line.split(" ").filter((a) => a.startsWith("--allow-") && !a.includes("="));
     assert.deepEqual(bare, ["--allow-ffi"]);
-    assert.match(line, /main\.ts$/);
+    // The entry is main.ts's command line with the profile's socket and config as defaults.
+    assert.match(line, new RegExp(`/\\.build/edge-agent-\\d+\\.\\d+\\.\\d+-${target}\\.ts$`));
   }
 });
 
@@ -218,6 +219,9 @@ Deno.test({
       const agent = await startAgent({ dir, deno: join(out, executable.name), compiled: true });
       try {
         assert.deepEqual((await agent.client.listModels()).models, []);
+        // Its client needs no flags: the profile's socket is its default.
+        const listed = await new Deno.Command(join(out, executable.name), { args: ["client", "list"] }).output();
+        assert.equal(decoder.decode(listed.stdout).trim(), "no models loaded", decoder.decode(listed.stderr));
       } finally {
         assert.equal((await agent.stop()).code, 0, agent.logs());
       }

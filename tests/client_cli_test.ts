@@ -4,7 +4,10 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { readNpy, writeNpy } from "../src/npy.ts";
-import { MAIN, withAgent } from "./helpers/agent.ts";
+import { COMPILE_CONFIG, MAIN, withAgent } from "./helpers/agent.ts";
+import { entryPath, writeEntry } from "../build.ts";
+import { parseConfig } from "../src/config.ts";
+import { profileFlags, profileFor } from "../src/permissions.ts";
 import { floats, pseudoRandomFloats, tensor } from "./helpers/assertions.ts";
 import { identityModel, OnnxType, PADDLE_CLS, writeModelFolder } from "./helpers/onnx_models.ts";
 import { PYTHON, pythonGrpcMissing } from "./helpers/python.ts";
@@ -16,7 +19,6 @@ async function client(socket: string, ...args: string[]) {
       "--allow-read",
       "--allow-write",
       "--allow-net",
-      "--allow-env",
       MAIN,
       "client",
       "--socket",
@@ -213,5 +215,93 @@ Deno.test("client predict takes PNG and JPEG images: UINT8 NHWC as they are, FLO
     const wrong = await client(agent.socket, "predict", "nchw", "--input", `x=${pngFile}:1,1,4,6`);
     assert.equal(wrong.code, 1);
     assert.match(wrong.stderr, /an image fills \[1,3,H,W\] FLOAT32 or \[1,H,W,3\] UINT8 inputs/);
+  });
+});
+
+Deno.test("the executable's client: its deployment's socket by default, its permissions, files through - when outside them", async () => {
+  await withAgent({}, async (agent) => {
+    // What `deno task build` compiles for this deployment, run by deno with the same flags and packages.
+    const configPath = join(agent.dir, "config.json");
+    const profile = profileFor(
+      agent.socket,
+      configPath,
+      parseConfig(JSON.parse(await Deno.readTextFile(configPath))).config,
+    );
+    const entry = entryPath(join(agent.dir, "edge-agent-test"));
+    await writeEntry(profile, entry);
+    const executable = async (args: string[], stdin?: Uint8Array) => {
+      const child = new Deno.Command(Deno.execPath(), {
+        args: ["run", "--config", COMPILE_CONFIG, ...profileFlags(profile), entry, ...args],
+        stdin: stdin ? "piped" : "null",
+        stdout: "piped",
+        stderr: "piped",
+      }).spawn();
+      if (stdin) {
+        const writer = child.stdin.getWriter();
+        await writer.write(stdin);
+        await writer.close();
+      }
+      const out = await child.output();
+      return { code: out.code, stdout: out.stdout, stderr: new TextDecoder().decode(out.stderr) };
+    };
+    try {
+      const listed = await executable(["client", "list"]);
+      assert.equal(listed.code, 0, listed.stderr);
+      assert.match(new TextDecoder().decode(listed.stdout), /no models loaded/, "the profile's socket is the default");
+      const folder = await writeModelFolder(agent.modelsDir, "cls", await Deno.readFile(PADDLE_CLS));
+      assert.equal((await executable(["client", "load", folder, "cls"])).code, 0);
+
+      // A file outside the deployment's folders: refused with the way round it.
+      const outside = await Deno.makeTempDir();
+      try {
+        const input = pseudoRandomFloats(3 * 48 * 192, 9);
+        const npyBytes = writeNpy({ dataType: "FLOAT32", shape: [1, 3, 48, 192], data: new Uint8Array(input.buffer) });
+        const npy = join(outside, "x.npy");
+        await Deno.writeFile(npy, npyBytes);
+        const refused = await executable(["client", "predict", "cls", "--input", `x=${npy}`]);
+        assert.equal(refused.code, 1);
+        assert.match(
+          refused.stderr,
+          new RegExp(
+            `x\\.npy: this executable may read only its deployment's folders; pipe the file in instead: --input x=- < ${npy}`,
+          ),
+        );
+        const unwritable = await executable([
+          "client",
+          "predict",
+          "cls",
+          "--input",
+          "x=-",
+          "--out",
+          join(outside, "y.npy"),
+        ], npyBytes);
+        assert.equal(unwritable.code, 1);
+        assert.match(unwritable.stderr, /may write only its state folder; write to standard output instead: --out - >/);
+
+        // Through standard input and output: .npy recognised by its contents, summary on stderr.
+        const piped = await executable(["client", "predict", "cls", "--input", "x=-", "--out", "-"], npyBytes);
+        assert.equal(piped.code, 0, piped.stderr);
+        const expected = (await agent.client.predict("cls", [tensor("x", 5, [1, 3, 48, 192], input)])).tensors[0];
+        const saved = readNpy(piped.stdout);
+        assert.deepEqual(saved.shape, [1, 2]);
+        assert.deepEqual(floats(saved.data), floats(expected.byte_data));
+        assert.match(piped.stderr, /saved softmax_0\.tmp_0 FLOAT32 \[1,2\] to standard output/);
+
+        const raw = await executable(
+          ["client", "predict", "cls", "--input", "x=-:1,3,48,192"],
+          new Uint8Array(input.buffer),
+        );
+        assert.equal(raw.code, 0, raw.stderr);
+        assert.match(new TextDecoder().decode(raw.stdout), /softmax_0\.tmp_0 FLOAT32 \[1,2\]/);
+      } finally {
+        await Deno.remove(outside, { recursive: true });
+      }
+
+      const elsewhere = await executable(["client", "--socket", join(agent.dir, "other.sock"), "list"]);
+      assert.equal(elsewhere.code, 1);
+      assert.match(elsewhere.stderr, /may connect only to the socket its deployment profile names/);
+    } finally {
+      await Deno.remove(entry);
+    }
   });
 });

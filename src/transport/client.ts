@@ -516,7 +516,8 @@ function connectionFailure(error: Error): string {
     return "permission denied (the socket is mode 0660: run as the agent's user or group)";
   }
   if (error instanceof Deno.errors.NotCapable) {
-    return `${error.message} (this executable may connect only to the socket its deployment profile names)`;
+    // Deno's own advice (run again with --allow-read) does not apply to a compiled executable.
+    return "this executable may connect only to the socket its deployment profile names";
   }
   return error.message;
 }
