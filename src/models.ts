@@ -64,6 +64,8 @@ interface Entry {
 
 export class ModelRegistry {
   readonly #models = new Map<string, Entry>();
+  /** A "change" event whenever a model becomes loaded or stops being loaded (health Watch). */
+  readonly changes = new EventTarget();
   #reservedBytes = 0;
 
   constructor(
@@ -135,6 +137,7 @@ export class ModelRegistry {
       entry.info.outputs = outputs.specs;
       entry.info.loadSeconds = (performance.now() - started) / 1000;
       entry.session = session;
+      this.changes.dispatchEvent(new Event("change"));
       this.log.info("model loaded", {
         model: name,
         url,
@@ -166,6 +169,7 @@ export class ModelRegistry {
   async unload(name: string): Promise<void> {
     const entry = this.#ready(name);
     this.#models.delete(name);
+    this.changes.dispatchEvent(new Event("change"));
     if (entry.inFlight > 0) {
       entry.drained = Promise.withResolvers();
       await entry.drained.promise;

@@ -1,11 +1,12 @@
 // The gRPC service on the Unix socket: one handler per rpc, errors mapped to statuses.
 
 import type protobuf from "protobufjs";
-import { AgentError, invalidArgument, notFound, StartupError, Status } from "./errors.ts";
+import { AgentError, invalidArgument, StartupError, Status } from "./errors.ts";
 import type { Logger } from "./log.ts";
 import type { ModelInfo, ModelRegistry, PredictTiming } from "./models.ts";
 import { metadataOf } from "./tensors.ts";
-import { GrpcServer, type UnaryHandler } from "./transport/http2.ts";
+import { GrpcServer, type StreamHandler, type UnaryHandler } from "./transport/http2.ts";
+import { HealthService } from "./health.ts";
 import type { CaptureService } from "./capture/service.ts";
 import { captureRecord } from "./capture/request.ts";
 import type { Metrics } from "./metrics.ts";
@@ -130,22 +131,6 @@ async function prepareSocketPath(path: string, log: Logger): Promise<void> {
   throw new StartupError([`socket ${path}: another process is already serving on it`]);
 }
 
-/**
- * grpc.health.v1 Check: "" and the Agent service are SERVING while the agent serves; "model/<name>"
- * is SERVING once that model is loaded. Any other name is NOT_FOUND, as the protocol asks.
- */
-function healthCheck(registry: ModelRegistry): Handler {
-  return (request) => {
-    const service = (request as { service: string }).service;
-    const model = service.startsWith("model/") ? service.slice("model/".length) : null;
-    if (service === "" || service === SERVICE_NAME || (model && registry.list().some((m) => m.name === model))) {
-      return { status: health.status.SERVING };
-    }
-    throw notFound(`unknown service "${service}" (use "", "${SERVICE_NAME}" or "model/<name>" of a loaded model)`);
-  };
-}
-
-/** One unary method: decode, run the handler, encode; every failure becomes a status; debug log line. */
 /** The model a request is about, for metrics ("" for none). */
 function modelOf(request: unknown): string {
   const r = request as { name?: unknown; model_name?: unknown };
@@ -222,13 +207,17 @@ export async function startServer(options: {
     const types = { request: messageType(`${rpc}Request`), response: messageType(`${rpc}Response`) };
     methods.set(`/${SERVICE_NAME}/${rpc}`, unary(rpc, types, handler, log, options.metrics));
   }
+  const healthService = new HealthService(options.services.registry);
   methods.set(
     `/${HEALTH_SERVICE_NAME}/Check`,
-    unary("Health.Check", health, healthCheck(options.services.registry), log, options.metrics),
+    unary("Health.Check", health, healthService.check, log, options.metrics),
   );
   const server = new GrpcServer({
     methods,
-    streams: new Map(REFLECTION_PATHS.map((path) => [path, serverReflectionInfo])),
+    streams: new Map<string, StreamHandler>([
+      ...REFLECTION_PATHS.map((path): [string, StreamHandler] => [path, serverReflectionInfo]),
+      [`/${HEALTH_SERVICE_NAME}/Watch`, healthService.watch],
+    ]),
     maxMessageBytes: options.maxMessageBytes,
     onConnectionError: (message) => log.warn("client connection error", { error: message }),
   });
@@ -240,6 +229,7 @@ export async function startServer(options: {
   await Deno.chmod(socketPath, options.socketMode);
   return {
     async stop(graceSeconds: number) {
+      healthService.stop();
       const unfinished = await server.stop(graceSeconds * 1000);
       if (unfinished > 0) log.warn("in-flight calls did not finish in time", { graceSeconds, unfinished });
       await Deno.remove(socketPath).catch(() => {});

@@ -51,9 +51,10 @@ export type UnaryHandler = (request: Uint8Array) => Promise<UnaryResult>;
 
 /**
  * A streaming method (client, server or bidirectional streaming): request messages in, response
- * messages out. Throwing an AgentError ends the call with its status.
+ * messages out. Throwing an AgentError ends the call with its status. `cancelled` aborts when the
+ * client resets the call or its connection goes, so a handler waiting on something else can stop.
  */
-export type StreamHandler = (requests: AsyncIterable<Uint8Array>) => AsyncIterable<Uint8Array>;
+export type StreamHandler = (requests: AsyncIterable<Uint8Array>, cancelled: AbortSignal) => AsyncIterable<Uint8Array>;
 
 export interface GrpcServerOptions {
   /** Handlers by path, e.g. "/AWS.SageMaker.Edge.Agent/Predict". */
@@ -80,7 +81,13 @@ interface Stream {
   /** Response headers went out (a later error needs trailers, not a trailers-only answer). */
   headersSent: boolean;
   /** A streaming call's request messages not yet taken by its handler. */
-  incoming: { queue: Uint8Array[]; buffer: Uint8Array; ended: boolean; wake: (() => void) | null } | null;
+  incoming: {
+    queue: Uint8Array[];
+    buffer: Uint8Array;
+    ended: boolean;
+    wake: (() => void) | null;
+    cancel: AbortController;
+  } | null;
   receivedSinceUpdate: number;
   dispatched: boolean;
   /** Counted in the server's in-flight calls. */
@@ -199,10 +206,7 @@ class Connection {
         const stream = this.#streams.get(streamId);
         if (stream) {
           this.#uncount(stream);
-          if (stream.incoming) {
-            stream.incoming.ended = true;
-            stream.incoming.wake?.();
-          }
+          this.#cancelHandler(stream);
           stream.localClosed = true;
           stream.remoteClosed = true;
           this.#streams.delete(streamId);
@@ -343,7 +347,13 @@ class Connection {
     const streaming = this.server.streams.get(stream.path);
     if (streaming && !stream.reader.problem) {
       stream.dispatched = true;
-      stream.incoming = { queue: [], buffer: new Uint8Array(0), ended: stream.remoteClosed, wake: null };
+      stream.incoming = {
+        queue: [],
+        buffer: new Uint8Array(0),
+        ended: stream.remoteClosed,
+        wake: null,
+        cancel: new AbortController(),
+      };
       this.#runStream(stream, streaming);
       return;
     }
@@ -361,7 +371,7 @@ class Connection {
       }
     }
     try {
-      for await (const response of handler(requests())) {
+      for await (const response of handler(requests(), incoming.cancel.signal)) {
         if (stream.localClosed || this.#closed) return;
         this.#queueMessage(stream, response);
       }
@@ -605,8 +615,17 @@ class Connection {
     this.server.callFinished();
   }
 
+  /** A streaming handler waiting for requests, or for anything else, ends instead of waiting forever. */
+  #cancelHandler(stream: Stream): void {
+    if (!stream.incoming) return;
+    stream.incoming.ended = true;
+    stream.incoming.wake?.();
+    stream.incoming.cancel.abort();
+  }
+
   #reset(stream: Stream, code: ErrorCode): void {
     this.#send(frame(FrameType.RST_STREAM, 0, stream.id, u32Payload(code)));
+    this.#cancelHandler(stream);
     this.#uncount(stream);
     stream.localClosed = true;
     stream.remoteClosed = true;
@@ -624,11 +643,7 @@ class Connection {
     this.#closed = true;
     for (const stream of this.#streams.values()) {
       this.#uncount(stream);
-      // A streaming handler waiting for requests ends instead of waiting forever.
-      if (stream.incoming) {
-        stream.incoming.ended = true;
-        stream.incoming.wake?.();
-      }
+      this.#cancelHandler(stream);
     }
     this.#writer.close().catch(() => {}).finally(() => {
       try {
