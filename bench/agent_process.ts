@@ -2,6 +2,7 @@
 // deployment gets, its stderr log lines parsed as they arrive, and its CPU time and memory from /proc.
 
 import { GrpcJsAgentClient as AgentClient } from "../tests/helpers/grpcjs_client.ts";
+import { AgentClient as EdgeAgentClient } from "../src/client.ts";
 import { agentDeployment } from "../tests/helpers/agent.ts";
 import { testTrust } from "../tests/helpers/signing.ts";
 
@@ -38,6 +39,8 @@ export function readProc(path: string): string {
 
 export class AgentProcess {
   readonly client: AgentClient;
+  /** The product's own client (what `edge-agent client` uses). */
+  readonly ownClient: EdgeAgentClient;
   readonly socket: string;
   readonly #process: Deno.ChildProcess;
   readonly #predicts: PredictLog[] = [];
@@ -56,6 +59,7 @@ export class AgentProcess {
     this.#drained = this.#read(process.stderr);
     this.socket = socket;
     this.client = new AgentClient(socket);
+    this.ownClient = new EdgeAgentClient(socket);
   }
 
   /**
@@ -126,6 +130,7 @@ export class AgentProcess {
 
   async stop(): Promise<void> {
     this.client.close();
+    this.ownClient.close();
     try {
       this.#process.kill("SIGTERM");
     } catch { /* already exited */ }

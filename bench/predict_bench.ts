@@ -136,6 +136,7 @@ const PATH_LABELS: Record<PathName, string> = {
   agent: "agent, bytes (grpc-js client, in-process)",
   agentSysv: "agent, SysV shm (grpc-js client, in-process)",
   agentPosix: "agent, POSIX shm (grpc-js client, in-process)",
+  ownClient: "agent, bytes (edge-agent client, in-process)",
   grpcio: "agent, bytes (grpcio client, Python)",
   grpcioSysv: "agent, SysV shm (grpcio client, Python)",
   ffi: "ffi (our bindings, in-process)",
@@ -146,6 +147,7 @@ const CLIENTS: Record<string, string> = {
   agent: "grpc-js",
   agentSysv: "grpc-js",
   agentPosix: "grpc-js",
+  ownClient: "the edge-agent client",
   grpcio: "grpcio",
   grpcioSysv: "grpcio",
 };
@@ -155,6 +157,7 @@ const TRANSPORTS: Partial<Record<PathName, Transport>> = {
   agent: "bytes",
   agentSysv: "shm",
   agentPosix: "shm",
+  ownClient: "bytes",
   grpcio: "bytes",
   grpcioSysv: "shm",
 };
@@ -164,6 +167,7 @@ const INPUT_LABELS: Partial<Record<PathName, string>> = {
   agent: "bytes",
   agentSysv: "SysV shm",
   agentPosix: "POSIX shm",
+  ownClient: "bytes, edge-agent client",
   grpcio: "bytes",
   grpcioSysv: "SysV shm",
 };
@@ -347,7 +351,8 @@ async function measureDefault(
           await GrpcioRunner.create(grpcio, agents[i], workspace.dir, segment.sysvId),
         ]
         : [];
-      const runners: Runner[] = [reference, ...grpcJs, ...viaGrpcio, ffi];
+      const ownClient = agents[i].viaOwnClient();
+      const runners: Runner[] = [reference, ...grpcJs, ownClient, ...viaGrpcio, ffi];
       const expected = await reference.output();
       const diffs: Partial<Record<PathName, number>> = {};
       for (const runner of runners.slice(1)) diffs[runner.path] = maxAbsDiff(await runner.output(), expected);
@@ -359,7 +364,7 @@ async function measureDefault(
       );
       const results = await runBlocks(runners, plan);
       const splits: Partial<Record<PathName, ReturnType<typeof splitSummary>>> = {};
-      for (const runner of grpcJs) {
+      for (const runner of [...grpcJs, ownClient]) {
         splits[runner.path] = splitSummary(runner.splits, codecTimes(runner, await runner.call()));
       }
       models.push({
@@ -383,6 +388,13 @@ async function measureDefault(
       grpcJsTimes.push(performance.now() - started);
     }
     listModelsMs.agent = median(grpcJsTimes);
+    const ownTimes: number[] = [];
+    for (let i = 0; i < LIST_MODELS_CALLS; i++) {
+      const started = performance.now();
+      await agent.ownClient.listModels();
+      ownTimes.push(performance.now() - started);
+    }
+    listModelsMs.ownClient = median(ownTimes);
     if (grpcio) listModelsMs.grpcio = median(await grpcio.listModels(LIST_MODELS_CALLS));
     console.log(`shared memory mapping: ${mappingIterations} iterations per loop`);
     const mapping = mappingCosts(segments, mappingIterations);
@@ -485,7 +497,7 @@ function printDefault(report: Awaited<ReturnType<typeof defaultMode>>): void {
       `${s.callsWithShmInputs}/${s.n}`,
     ])
   );
-  console.log("\nWhere an agent Predict's time goes, grpc-js client (medians, ms)");
+  console.log("\nWhere an agent Predict's time goes, grpc-js client and the edge-agent client (medians, ms)");
   console.log(
     table(
       [

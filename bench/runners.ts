@@ -11,7 +11,15 @@ import { enumValues, type Tensor } from "../src/wire.ts";
 import type { AgentProcess, PredictLog } from "./agent_process.ts";
 import type { GrpcioClient } from "./grpcio.ts";
 
-export type PathName = "reference" | "agent" | "agentSysv" | "agentPosix" | "grpcio" | "grpcioSysv" | "ffi";
+export type PathName =
+  | "reference"
+  | "agent"
+  | "agentSysv"
+  | "agentPosix"
+  | "ownClient"
+  | "grpcio"
+  | "grpcioSysv"
+  | "ffi";
 
 /** Where an agent path's input tensor travels: in the message, or as a handle to a segment filled once. */
 export type InputSource = { kind: "bytes" } | { kind: "sysv" | "posix"; segmentId: number };
@@ -199,19 +207,24 @@ async function pairSplits(agent: AgentProcess, block: Sample[], splits: AgentSpl
 
 const AGENT_PATHS = { bytes: "agent", sysv: "agentSysv", posix: "agentPosix" } as const;
 
-/** Predict through the grpc-js client in this process to the agent subprocess. */
+type Caller = Pick<AgentProcess["client"], "predict">;
+
+/** Predict through a client in this process (grpc-js, or the product's own) to the agent subprocess. */
 export class AgentRunner implements Runner {
   readonly path: PathName;
   readonly splits: AgentSplit[] = [];
   readonly tensors: Tensor[];
+  readonly #caller: Caller;
 
   private constructor(
     readonly model: ModelCase,
     readonly agent: AgentProcess,
     readonly inputName: string,
     readonly source: InputSource,
+    ownClient = false,
   ) {
-    this.path = AGENT_PATHS[source.kind];
+    this.path = ownClient ? "ownClient" : AGENT_PATHS[source.kind];
+    this.#caller = ownClient ? agent.ownClient : agent.client;
     const tensor_metadata = {
       name: new TextEncoder().encode(inputName),
       data_type: enumValues("DataType").FLOAT32,
@@ -238,13 +251,18 @@ export class AgentRunner implements Runner {
     return new AgentRunner(this.model, this.agent, this.inputName, source);
   }
 
+  /** The same agent, model and input, called through the product's own client (`edge-agent client`). */
+  viaOwnClient(): AgentRunner {
+    return new AgentRunner(this.model, this.agent, this.inputName, this.source, true);
+  }
+
   timeCalls(count: number): Promise<number[]> {
-    return timeEach(count, () => this.agent.client.predict(this.model.key, this.tensors));
+    return timeEach(count, () => this.#caller.predict(this.model.key, this.tensors));
   }
 
   /** One Predict outside the blocks, its log line set aside so later blocks still pair up. */
   async call(): Promise<{ tensors: Tensor[] }> {
-    const response = await this.agent.client.predict(this.model.key, this.tensors);
+    const response = await this.#caller.predict(this.model.key, this.tensors);
     await this.agent.takePredicts(1);
     return response;
   }
