@@ -22,8 +22,11 @@ export async function pythonGrpcMissing(): Promise<string | null> {
   }
 }
 
-/** Generates agent_pb2*.py from proto/agent.proto into `<dir>/stubs`; returns that folder. */
-export async function generateStubs(dir: string): Promise<string> {
+/**
+ * Generates <name>_pb2*.py from proto/agent.proto (and any further `protos`) into `<dir>/stubs`;
+ * returns that folder.
+ */
+export async function generateStubs(dir: string, protos: string[] = []): Promise<string> {
   const stubs = join(dir, "stubs");
   await Deno.mkdir(stubs);
   const { success, stderr } = await new Deno.Command(PYTHON, {
@@ -33,7 +36,7 @@ export async function generateStubs(dir: string): Promise<string> {
       `-I${PROTO_DIR}`,
       `--python_out=${stubs}`,
       `--grpc_python_out=${stubs}`,
-      join(PROTO_DIR, "agent.proto"),
+      ...["agent.proto", ...protos].map((name) => join(PROTO_DIR, name)),
     ],
     stdout: "null",
     stderr: "piped",
