@@ -25,20 +25,10 @@ function codec(rpc: RpcName) {
   return entry;
 }
 
-export class AgentClient {
-  readonly #grpc: GrpcClient;
-
-  constructor(socketPath: string, options: { maxMessageBytes?: number } = {}) {
-    this.#grpc = new GrpcClient(socketPath, { maxMessageBytes: options.maxMessageBytes });
-  }
-
-  /** Calls `rpc`; rejects with GrpcCallError (code, details) on a non-OK status. */
-  async call<T>(rpc: RpcName, request: unknown, deadlineMs?: number): Promise<T> {
-    const { request: requestType, response: responseType } = codec(rpc);
-    const bytes = requestType.encode(request as Record<string, unknown>).finish();
-    const response = await this.#grpc.unary(`/${SERVICE_NAME}/${rpc}`, bytes, { deadlineMs });
-    return responseType.decode(response) as T;
-  }
+/** The Agent service's calls, over whichever client supplies `call`. */
+export abstract class AgentCalls {
+  /** Calls `rpc`; rejects with an error carrying the gRPC `code` and `details` on a non-OK status. */
+  abstract call<T>(rpc: RpcName, request: unknown, deadlineMs?: number): Promise<T>;
 
   loadModel(url: string, name: string): Promise<{ model: Model }> {
     return this.call("LoadModel", { url, name });
@@ -54,6 +44,23 @@ export class AgentClient {
   }
   predict(name: string, tensors: Tensor[]): Promise<{ tensors: Tensor[] }> {
     return this.call("Predict", { name, tensors });
+  }
+}
+
+export class AgentClient extends AgentCalls {
+  readonly #grpc: GrpcClient;
+
+  constructor(socketPath: string, options: { maxMessageBytes?: number } = {}) {
+    super();
+    this.#grpc = new GrpcClient(socketPath, { maxMessageBytes: options.maxMessageBytes });
+  }
+
+  /** Calls `rpc`; rejects with GrpcCallError (code, details) on a non-OK status. */
+  override async call<T>(rpc: RpcName, request: unknown, deadlineMs?: number): Promise<T> {
+    const { request: requestType, response: responseType } = codec(rpc);
+    const bytes = requestType.encode(request as Record<string, unknown>).finish();
+    const response = await this.#grpc.unary(`/${SERVICE_NAME}/${rpc}`, bytes, { deadlineMs });
+    return responseType.decode(response) as T;
   }
 
   /** grpc.health.v1 Check of `service` ("" = the agent): its ServingStatus value. */

@@ -10,12 +10,11 @@ import {
   health,
   HEALTH_SERVICE_NAME,
   messageType,
-  type Model,
   RPC_NAMES,
   type RpcName,
   SERVICE_NAME,
-  type Tensor,
 } from "../../src/wire.ts";
+import { AgentCalls } from "../../src/client.ts";
 
 function encoder(type: protobuf.Type): (message: unknown) => Buffer {
   return (message) => asBuffer(type.encode(message as protobuf.Message).finish());
@@ -47,10 +46,11 @@ const AgentClientConstructor = grpc.makeGenericClientConstructor(agentService, "
 
 type GenericClient = grpc.Client & Record<string, unknown>;
 
-export class GrpcJsAgentClient {
+export class GrpcJsAgentClient extends AgentCalls {
   readonly #client: GenericClient;
 
   constructor(socketPath: string, options: { maxMessageBytes?: number } = {}) {
+    super();
     const max = options.maxMessageBytes ?? 64 * 1024 * 1024;
     this.#client = new AgentClientConstructor(`unix:${socketPath}`, grpc.credentials.createInsecure(), {
       "grpc.max_receive_message_length": max,
@@ -61,7 +61,7 @@ export class GrpcJsAgentClient {
   }
 
   /** Calls `rpc`; rejects with the grpc-js ServiceError (code, details) on a non-OK status. */
-  call<T>(rpc: RpcName, request: unknown, deadlineMs?: number): Promise<T> {
+  override call<T>(rpc: RpcName, request: unknown, deadlineMs?: number): Promise<T> {
     const method = this.#client[rpc] as (
       request: unknown,
       metadata: grpc.Metadata,
@@ -75,22 +75,6 @@ export class GrpcJsAgentClient {
         else resolve(response);
       })
     );
-  }
-
-  loadModel(url: string, name: string): Promise<{ model: Model }> {
-    return this.call("LoadModel", { url, name });
-  }
-  unloadModel(name: string): Promise<Record<string, never>> {
-    return this.call("UnLoadModel", { name });
-  }
-  listModels(): Promise<{ models: Model[] }> {
-    return this.call("ListModels", {});
-  }
-  describeModel(name: string): Promise<{ model: Model }> {
-    return this.call("DescribeModel", { name });
-  }
-  predict(name: string, tensors: Tensor[]): Promise<{ tensors: Tensor[] }> {
-    return this.call("Predict", { name, tensors });
   }
 
   /** grpc.health.v1 Check of `service` ("" = the agent): its ServingStatus value. */
