@@ -149,6 +149,29 @@ Deno.test("spool: a torn tail is cut at every point inside the last record; comp
   }
 });
 
+Deno.test("spool: readMany returns records in the order asked, across segments, gaps and an oversized record", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const { spool } = await openSpool(dir, 64 * 1024);
+    const locs: SpoolLocation[] = [];
+    const payload = (i: number) => new Uint8Array(i === 7 ? 100 * 1024 : 300 + i).fill(i);
+    for (let i = 0; i < 40; i++) locs.push(await spool.append(encodeFrame(payload(i)), `r${i}`));
+    assert.ok(spool.segmentCount >= 2, `${spool.segmentCount} segments`);
+    // Every third record, shuffled: neighbours, gaps, the oversized one (which has a segment of its own).
+    const wanted = [21, 3, 7, 39, 0, 12, 6, 9, 33, 15, 8, 30];
+    const read = await spool.readMany(wanted.map((i) => locs[i]));
+    assert.deepEqual(read.map((bytes) => bytes.length), wanted.map((i) => payload(i).length));
+    for (const [k, i] of wanted.entries()) {
+      assert.deepEqual(read[k], payload(i), `record ${i}`);
+      assert.deepEqual(await spool.read(locs[i]), payload(i));
+    }
+    assert.deepEqual(await spool.readMany([]), []);
+    await spool.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("spool: rotation by size, reads back, segments deleted once all records are released", async () => {
   const dir = await Deno.makeTempDir();
   try {

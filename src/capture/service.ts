@@ -621,12 +621,17 @@ export class CaptureService {
   private async publish(batch: SealedBatch): Promise<void> {
     const folder = batchFolder(this.layout, batch.model, batch.at);
     const lines: string[] = [];
-    for (const id of batch.ids) {
-      const p = this.pending.get(id);
-      if (!p) continue;
+    const ids = batch.ids.filter((id) => this.pending.has(id));
+    let payloads: Uint8Array[];
+    try {
+      payloads = await this.spool.readMany(ids.map((id) => this.pending.get(id)!.loc));
+    } catch (e) {
+      throw new DestinationError(`batch ${batch.id}: spool records unreadable: ${(e as Error).message}`, false);
+    }
+    for (const [i, id] of ids.entries()) {
       let record;
       try {
-        record = decodeRecord(await this.spool.read(p.loc));
+        record = decodeRecord(payloads[i]);
       } catch (e) {
         throw new DestinationError(`capture ${id}: spool record unreadable: ${(e as Error).message}`, false);
       }
