@@ -23,7 +23,7 @@ const usage = (defaults: Defaults) =>
   edge-agent package verify <folder or .tar.gz> (--roots <pem or folder> | --public-key <pem>)
   edge-agent client [--socket <path>] list | describe <model> | load <url> <name> | unload <name>
                     | predict <model> --input <name>=<file.npy|file.bin|image.png|image.jpg|->[:<d1>,...]
-                      [--out <file.npy|->]
+                      [--out <file.npy|->] [--mean m,m,m --std s,s,s --bgr]
                     | capture-status <id> | health [<service>]
                     | bench <model> --input ... [--concurrency N] [--seconds S]
                     | status [--metrics <unix:path|host:port>]
@@ -35,7 +35,8 @@ const usage = (defaults: Defaults) =>
   package sign     writes model.sig (OpenSSF Model Signing v1.0): certificate method with --cert-chain,
                    key method without; --name/--version/--arch write edge-model.json first
   client           --socket defaults to the serve default; an input or output of "-" is standard input or
-                   output (.npy, PNG and JPEG are recognised by their contents)
+                   output (.npy, PNG and JPEG are recognised by their contents); images become FLOAT32
+                   [1,3,H,W] in [0, 1], then (v - mean) / std per channel, or UINT8 [1,H,W,3]; --bgr: BGR order
 `;
 
 function fail(message: string, code: number): never {
@@ -92,6 +93,9 @@ async function client(args: string[], defaultSocket: string, USAGE: string): Pro
         concurrency: { type: "string", default: "1" },
         metrics: { type: "string" },
         seconds: { type: "string", default: "10" },
+        mean: { type: "string" },
+        std: { type: "string" },
+        bgr: { type: "boolean", default: false },
       },
       strict: true,
       allowPositionals: true,
@@ -107,6 +111,8 @@ async function client(args: string[], defaultSocket: string, USAGE: string): Pro
   const need = (value: string | undefined, what: string): string =>
     value ?? fail(`client ${action}: ${what}\n\n${USAGE}`, 2);
   try {
+    const image = cli.parseImageOptions(values.mean, values.std, values.bgr);
+    const inputs = () => values.input.map((text) => cli.parseInput(text, image));
     const output = await cli.withClient(values.socket, (agent) => {
       switch (action) {
         case "list":
@@ -122,7 +128,7 @@ async function client(args: string[], defaultSocket: string, USAGE: string): Pro
           return cli.predict(
             agent,
             need(first, "name the model"),
-            values.input.map(cli.parseInput),
+            inputs(),
             values.out ?? null,
           );
         case "capture-status":
@@ -141,7 +147,7 @@ async function client(args: string[], defaultSocket: string, USAGE: string): Pro
           return cli.bench(
             values.socket,
             need(first, "name the model"),
-            values.input.map(cli.parseInput),
+            inputs(),
             concurrency,
             seconds,
           );

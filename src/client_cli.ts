@@ -4,7 +4,7 @@
 import { AgentClient } from "./client.ts";
 import { dataTypeName, elementSize } from "./tensors.ts";
 import { Status } from "./errors.ts";
-import { decodeImage, imageTensor } from "./images.ts";
+import { decodeImage, type ImageOptions, imageTensor, PLAIN_IMAGE } from "./images.ts";
 import { NpyError, readNpy, writeNpy } from "./npy.ts";
 import { enumValues, health, type Model, type Tensor, type TensorMetadata } from "./wire.ts";
 
@@ -76,16 +76,37 @@ export interface InputArgument {
   name: string;
   path: string;
   shape: number[] | null;
+  /** How an image input becomes a tensor (--mean, --std, --bgr). */
+  image: ImageOptions;
 }
 
-export function parseInput(text: string): InputArgument {
+/** `--mean`/`--std`: three numbers, one per channel in the model's channel order. */
+export function parseImageOptions(mean: string | undefined, std: string | undefined, bgr: boolean): ImageOptions {
+  const triple = (flag: string, text: string | undefined, fallback: [number, number, number]) => {
+    if (text === undefined) return fallback;
+    const values = text.split(",").map(Number);
+    if (values.length !== 3 || values.some((v) => !Number.isFinite(v))) {
+      throw new ClientCommandError(`${flag} ${text}: give three numbers, one per channel, e.g. ${flag} 0.5,0.5,0.5`);
+    }
+    return values as [number, number, number];
+  };
+  const options = {
+    mean: triple("--mean", mean, PLAIN_IMAGE.mean),
+    std: triple("--std", std, PLAIN_IMAGE.std),
+    bgr,
+  };
+  if (options.std.some((s) => s === 0)) throw new ClientCommandError(`--std ${std}: a channel's std cannot be 0`);
+  return options;
+}
+
+export function parseInput(text: string, image: ImageOptions = PLAIN_IMAGE): InputArgument {
   const match = /^([^=]+)=([^:]+)(?::(\d+(?:,\d+)*))?$/.exec(text);
   if (!match) {
     throw new ClientCommandError(
       `--input ${text}: use <name>=<file.npy|file.bin|image.png|image.jpg|->[:<d1>,<d2>,...]`,
     );
   }
-  return { name: match[1], path: match[2], shape: match[3] ? match[3].split(",").map(Number) : null };
+  return { name: match[1], path: match[2], shape: match[3] ? match[3].split(",").map(Number) : null, image };
 }
 
 /** "-" is standard input. */
@@ -152,7 +173,7 @@ async function inputTensor(model: Model, input: InputArgument): Promise<Tensor> 
       throw new ClientCommandError(`--input ${input.name}: an image fills FLOAT32 or UINT8 inputs, not ${type}`);
     }
     try {
-      const image = imageTensor(decodeImage(format, bytes), input.shape ?? spec.shape, type);
+      const image = imageTensor(decodeImage(format, bytes), input.shape ?? spec.shape, type, input.image);
       shape = image.shape;
       data = image.data;
     } catch (error) {

@@ -1,7 +1,7 @@
 // PNG and JPEG files as model inputs for the client command line: decoded (pngjs, jpeg-js: maintained,
 // pure JavaScript, no native build) to RGB, scaled to the input's height and width, and laid out as
-// the model takes it: FLOAT32 NCHW with values in [0, 1], or UINT8 NHWC as they are. Models that want
-// other preprocessing (mean/std, BGR) take a .npy prepared by the user.
+// the model takes it: FLOAT32 NCHW with values in [0, 1], then (v - mean) / std per channel, or UINT8
+// NHWC as they are; either in BGR order when asked. Anything else takes a .npy prepared by the user.
 
 import { Buffer } from "node:buffer";
 import jpeg from "jpeg-js";
@@ -30,11 +30,25 @@ function sample(image: RgbImage, width: number, height: number, x: number, y: nu
   return image.rgba[(sy * image.width + sx) * 4 + c];
 }
 
+/** Per-channel normalisation (in the model's channel order) and channel order. */
+export interface ImageOptions {
+  mean: [number, number, number];
+  std: [number, number, number];
+  bgr: boolean;
+}
+
+export const PLAIN_IMAGE: ImageOptions = { mean: [0, 0, 0], std: [1, 1, 1], bgr: false };
+
 /**
  * The image as a tensor for an input of `shape` (-1 = take the image's size) and data type:
  * FLOAT32 [N,3,H,W] or UINT8 [N,H,W,3] (N = 1). Returns the shape used and the bytes.
  */
-export function imageTensor(image: RgbImage, shape: number[], dataType: "FLOAT32" | "UINT8"): {
+export function imageTensor(
+  image: RgbImage,
+  shape: number[],
+  dataType: "FLOAT32" | "UINT8",
+  options: ImageOptions = PLAIN_IMAGE,
+): {
   shape: number[];
   data: Uint8Array;
 } {
@@ -45,6 +59,10 @@ export function imageTensor(image: RgbImage, shape: number[], dataType: "FLOAT32
   if (n !== 1 || channels !== 3) {
     throw new Error(`an image fills [1,3,H,W] FLOAT32 or [1,H,W,3] UINT8 inputs; this one is [${shape}]`);
   }
+  const normalised = options.mean.some((m) => m !== 0) || options.std.some((s) => s !== 1);
+  if (!nchw && normalised) throw new Error("--mean and --std apply to FLOAT32 inputs; this one is UINT8");
+  // Channel c of the tensor comes from source channel source[c] (RGBA order).
+  const source = options.bgr ? [2, 1, 0] : [0, 1, 2];
   const height = (nchw ? b : a) > 0 ? (nchw ? b : a) : image.height;
   const width = (nchw ? c : b) > 0 ? (nchw ? c : b) : image.width;
   if (nchw) {
@@ -52,7 +70,8 @@ export function imageTensor(image: RgbImage, shape: number[], dataType: "FLOAT32
     for (let ch = 0; ch < 3; ch++) {
       for (let y = 0; y < height; y++) {
         for (let x = 0; x < width; x++) {
-          out[(ch * height + y) * width + x] = sample(image, width, height, x, y, ch) / 255;
+          const value = sample(image, width, height, x, y, source[ch]) / 255;
+          out[(ch * height + y) * width + x] = (value - options.mean[ch]) / options.std[ch];
         }
       }
     }
@@ -61,7 +80,9 @@ export function imageTensor(image: RgbImage, shape: number[], dataType: "FLOAT32
   const out = new Uint8Array(height * width * 3);
   for (let y = 0; y < height; y++) {
     for (let x = 0; x < width; x++) {
-      for (let ch = 0; ch < 3; ch++) out[(y * width + x) * 3 + ch] = sample(image, width, height, x, y, ch);
+      for (let ch = 0; ch < 3; ch++) {
+        out[(y * width + x) * 3 + ch] = sample(image, width, height, x, y, source[ch]);
+      }
     }
   }
   return { shape: [1, height, width, 3], data: out };

@@ -164,7 +164,7 @@ Deno.test("client status: models, Predict rate and latency from the metrics endp
   }
 });
 
-Deno.test("client predict takes PNG and JPEG images: UINT8 NHWC as they are, FLOAT32 NCHW in [0, 1], scaled", async () => {
+Deno.test("client predict takes PNG and JPEG images: UINT8 NHWC, FLOAT32 NCHW in [0, 1] or normalised, BGR, scaled", async () => {
   const { PNG } = await import("pngjs");
   const jpeg = (await import("jpeg-js")).default;
   await withAgent({}, async (agent) => {
@@ -204,6 +204,52 @@ Deno.test("client predict takes PNG and JPEG images: UINT8 NHWC as they are, FLO
     for (const [c, y, x] of [[0, 0, 0], [1, 3, 5], [2, 7, 11], [0, 5, 8]]) {
       const source = rgb[((Math.floor(y / 2)) * w + Math.floor(x / 2)) * 3 + c];
       assert.equal(values[(c * 8 + y) * 12 + x], Math.fround(source / 255), `channel ${c} at ${x},${y}`);
+    }
+
+    // PaddleOCR-style normalisation in BGR order: (v / 255 - 0.5) / 0.5 with channels reversed.
+    const normalisedOut = join(agent.dir, "normalised.npy");
+    const normalised = await client(
+      agent.socket,
+      "predict",
+      "nchw",
+      "--input",
+      `x=${pngFile}`,
+      "--mean",
+      "0.5,0.4,0.3",
+      "--std",
+      "0.5,0.25,0.2",
+      "--bgr",
+      "--out",
+      normalisedOut,
+    );
+    assert.equal(normalised.code, 0, normalised.stderr);
+    const bgr = floats(readNpy(await Deno.readFile(normalisedOut)).data);
+    const [mean, std] = [[0.5, 0.4, 0.3], [0.5, 0.25, 0.2]];
+    for (const [c, y, x] of [[0, 0, 0], [1, 2, 3], [2, 3, 5]]) {
+      const source = rgb[(y * w + x) * 3 + (2 - c)];
+      assert.equal(
+        bgr[(c * h + y) * w + x],
+        Math.fround((source / 255 - mean[c]) / std[c]),
+        `${c},${y},${x}`,
+      );
+    }
+    const swappedOut = join(agent.dir, "bgr.npy");
+    assert.equal(
+      (await client(agent.socket, "predict", "nhwc", "--input", `x=${pngFile}`, "--bgr", "--out", swappedOut)).code,
+      0,
+    );
+    const swapped = readNpy(await Deno.readFile(swappedOut)).data;
+    assert.deepEqual(swapped, rgb.map((_, k) => rgb[k - (k % 3) + (2 - (k % 3))]));
+    for (
+      const [args, message] of [
+        [["nhwc", "--mean", "0.5,0.5,0.5"], /--mean and --std apply to FLOAT32 inputs; this one is UINT8/],
+        [["nchw", "--std", "1,0,1"], /--std 1,0,1: a channel's std cannot be 0/],
+        [["nchw", "--mean", "0.5,0.5"], /--mean 0\.5,0\.5: give three numbers, one per channel/],
+      ] as const
+    ) {
+      const refused = await client(agent.socket, "predict", args[0], "--input", `x=${pngFile}`, ...args.slice(1));
+      assert.equal(refused.code, 1, args.join(" "));
+      assert.match(refused.stderr, message);
     }
 
     const jpegFile = join(agent.dir, "image.jpg");
