@@ -603,7 +603,9 @@ function printDefault(report: Awaited<ReturnType<typeof defaultMode>>): void {
     "  open: checks, shm_open (+ lseek, mmap, close) or shmctl(IPC_STAT) + shmat, and the view; release: munmap\n" +
       '  or shmdt, of an unread mapping. SysV in "both" mode first misses shm_open on <prefix><id>. 1st read: one\n' +
       "  byte per 4096 of a fresh mapping; faults = 1st read - the same reads on a kept mapping: what the agent\n" +
-      "  pays inside ORT's Run when it first reads the input. per request = open + faults + release after read.",
+      "  pays inside ORT's Run when it first reads the input. per request = open + faults + release after read.\n" +
+      "  kept: the segment stays attached between requests (edge_agent_sysv_keep_attached_seconds, the agent's\n" +
+      "  default): open is shmctl(IPC_STAT) and the view, and the pages are already mapped.",
   );
 
   const mem = report.memory;

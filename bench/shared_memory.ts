@@ -82,17 +82,19 @@ function touchPages(bytes: Uint8Array): void {
 export function mappingCosts(segments: BenchSegments, iterations: number): MappingCost[] {
   const libc = Libc.open();
   try {
-    const reader = (kind: SharedMemoryKind) =>
-      new SharedMemoryReader(libc, { kind, posixPrefix: segments.posixPrefix });
+    // keepSeconds 0 attaches afresh per request; the agent's default keeps a SysV segment attached.
+    const reader = (kind: SharedMemoryKind, keepSeconds: number) =>
+      new SharedMemoryReader(libc, { kind, posixPrefix: segments.posixPrefix, sysvKeepAttachedSeconds: keepSeconds });
     const costs: MappingCost[] = [];
     for (const [model, s] of Object.entries(segments.byModel)) {
-      const ways: [string, SharedMemoryKind, number][] = [
-        ["SysV, both", "both", s.sysvId],
-        ["SysV, sysv", "sysv", s.sysvId],
-        ["POSIX, both", "both", s.posixId],
+      const ways: [string, SharedMemoryKind, number, number][] = [
+        ["SysV, both", "both", s.sysvId, 0],
+        ["SysV, sysv", "sysv", s.sysvId, 0],
+        ["SysV, sysv, kept", "sysv", s.sysvId, 10],
+        ["POSIX, both", "both", s.posixId, 0],
       ];
-      for (const [how, kind, id] of ways) {
-        const r = reader(kind);
+      for (const [how, kind, id, keepSeconds] of ways) {
+        const r = reader(kind, keepSeconds);
         const handle = { size: BigInt(s.byteLength), offset: 0n, segmentId: BigInt(id) };
         const open = () => r.open(model, handle, s.byteLength, 4);
         const opens: number[] = [];
@@ -130,6 +132,7 @@ export function mappingCosts(segments: BenchSegments, iterations: number): Mappi
           }
         } finally {
           kept.release();
+          r.close();
         }
         const us = (samples: number[], p = 50) => percentile(samples, p) * 1000;
         costs.push({

@@ -30,6 +30,8 @@ const shmOpenSymbols = {
 export const Errno = { EPERM: 1, ENOENT: 2, EACCES: 13, EINVAL: 22, EIDRM: 43, ENAMETOOLONG: 36 } as const;
 
 const IPC_STAT = 2;
+/** shm_perm.mode bit: the segment is marked for removal (IPC_RMID) and goes once the last process detaches. */
+export const SHM_DEST = 0o1000;
 const SHM_RDONLY = 0o10000;
 const O_RDONLY = 0;
 const PROT_READ = 1;

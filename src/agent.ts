@@ -104,7 +104,11 @@ export async function serve(options: ServeOptions): Promise<void> {
 
   const ort = await openRuntime(config);
   const libc = Libc.open();
-  const shm = new SharedMemoryReader(libc, { kind: config.sharedMemory, posixPrefix: config.shmPosixPrefix });
+  const shm = new SharedMemoryReader(libc, {
+    kind: config.sharedMemory,
+    posixPrefix: config.shmPosixPrefix,
+    sysvKeepAttachedSeconds: config.sysvKeepAttachedSeconds,
+  });
   const registry = new ModelRegistry(ort, shm, config, log);
   let capture: CaptureService | null = null;
   const metrics = new Metrics();
@@ -126,6 +130,7 @@ export async function serve(options: ServeOptions): Promise<void> {
     await server?.stop(0);
     await capture?.close({ drainMs: 0 });
     ort.close();
+    shm.close();
     libc.close();
     throw error;
   }
@@ -154,6 +159,8 @@ export async function serve(options: ServeOptions): Promise<void> {
   await capture.close({ drainMs: config.shutdownGraceSeconds * 1000 });
   await registry.closeAll();
   ort.close();
+  // After closeAll: no Run reads a segment any more, so every kept one detaches now.
+  shm.close();
   libc.close();
   log.info("stopped");
 }

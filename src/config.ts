@@ -29,6 +29,7 @@ export interface AgentConfig {
   shutdownGraceSeconds: number;
   sharedMemory: SharedMemoryKind;
   shmPosixPrefix: string;
+  sysvKeepAttachedSeconds: number;
   trustedModelKeys: string | null;
   allowUnsignedModels: boolean;
   packageMaxBytes: number;
@@ -88,6 +89,7 @@ export const DEFAULTS: AgentConfig = {
   shutdownGraceSeconds: 10,
   sharedMemory: "sysv",
   shmPosixPrefix: "/edge_agent_",
+  sysvKeepAttachedSeconds: 10,
   trustedModelKeys: null,
   allowUnsignedModels: false,
   packageMaxBytes: 2 * 1024 * MiB,
@@ -175,6 +177,12 @@ const AGENT_KEYS: Record<string, KeySpec> = {
   edge_agent_socket_mode: { kind: "mode", field: "socketMode" },
   edge_agent_shared_memory: { kind: "string", field: "sharedMemory", oneOf: ["sysv", "posix", "both"] },
   edge_agent_shm_posix_prefix: { kind: "string", field: "shmPosixPrefix", pattern: /^\/[^/]{0,200}$/ },
+  edge_agent_sysv_keep_attached_seconds: {
+    kind: "integer",
+    field: "sysvKeepAttachedSeconds",
+    min: 0,
+    max: 3600,
+  },
   edge_agent_trusted_model_keys: { kind: "path", field: "trustedModelKeys" },
   edge_agent_allow_unsigned_models: { kind: "boolean", field: "allowUnsignedModels" },
   edge_agent_package_max_bytes: { kind: "integer", field: "packageMaxBytes", min: 1024 },

@@ -1,7 +1,8 @@
 // Tensors in clients' shared memory: which segment a handle names (SysV id or POSIX object), the
-// bounds every access must respect, and how long a mapping lives (until the Run that reads it ends).
+// bounds every access must respect, and how long a mapping lives: at least until the Run that reads it
+// ends; a SysV segment stays attached a while after, for the client's next request.
 
-import { Errno, ErrnoError, type Libc, type Mapping } from "../ffi/libc.ts";
+import { Errno, ErrnoError, type Libc, type Mapping, SHM_DEST } from "../ffi/libc.ts";
 import { invalidArgument, permissionDenied } from "./errors.ts";
 
 export type SharedMemoryKind = "sysv" | "posix" | "both";
@@ -10,6 +11,12 @@ export interface SharedMemoryOptions {
   kind: SharedMemoryKind;
   /** POSIX object name = prefix + segment id, e.g. "/edge_agent_42". */
   posixPrefix: string;
+  /**
+   * Keep a SysV segment attached for this long after its last use (0: detach after every request).
+   * Clients reuse one segment per stream of frames; attaching again costs a page fault per 4 KiB page
+   * on the next Run (about 1 ms for a 5 MB image).
+   */
+  sysvKeepAttachedSeconds: number;
 }
 
 /** A handle's fields, as unsigned 64-bit values. */
@@ -26,8 +33,33 @@ export interface ShmRegion {
 }
 
 const MAX_SYSV_ID = 2n ** 31n - 1n;
+/** Attached segments kept at most; the least recently used idle one goes first. */
+const MAX_KEPT_SEGMENTS = 64;
+const SWEEP_MS = 1000;
+
+/** What a request reads a segment through. */
+interface Lease {
+  size: bigint;
+  view(offset: number, length: number): Uint8Array;
+  release(): void;
+}
+
+/** A SysV segment attached by this process, shared by the requests that name it. */
+interface Attachment {
+  id: number;
+  mapping: Mapping;
+  /** shm_ctime when attached: a change (IPC_SET) means the segment must be checked afresh. */
+  changed: bigint;
+  users: number;
+  lastUsedMs: number;
+  /** No longer handed out (removed, changed, idle, evicted or the reader closed); detached at users 0. */
+  retired: boolean;
+}
 
 export class SharedMemoryReader {
+  readonly #kept = new Map<number, Attachment>();
+  #sweeper: ReturnType<typeof setInterval> | null = null;
+
   constructor(private readonly libc: Libc, private readonly options: SharedMemoryOptions) {}
 
   /**
@@ -56,7 +88,7 @@ export class SharedMemoryReader {
     return { bytes: mapping.view(Number(offset), byteLength), release: () => mapping.release() };
   }
 
-  #map(label: string, segmentId: bigint): Mapping {
+  #map(label: string, segmentId: bigint): Lease {
     const { kind, posixPrefix } = this.options;
     if (kind !== "sysv") {
       const name = `${posixPrefix}${segmentId}`;
@@ -70,10 +102,113 @@ export class SharedMemoryReader {
     if (segmentId > MAX_SYSV_ID) throw invalidArgument(`${label}: segment ${segmentId} not found`);
     const id = Number(segmentId);
     try {
-      return this.libc.attach(id, this.libc.segmentStatus(id).size);
+      return this.#attachSysv(id);
     } catch (error) {
+      const kept = this.#kept.get(id);
+      if (kept) this.#retire(kept);
       throw this.#explain(error, label, `segment ${segmentId}`);
     }
+  }
+
+  /**
+   * The segment's attachment, reused while the segment is unchanged. IPC_STAT runs on every request
+   * all the same: it is the permission check (it needs read access), so revoking the agent's access
+   * takes effect at the next request even while the segment stays attached.
+   */
+  #attachSysv(id: number): Lease {
+    const status = this.libc.segmentStatus(id);
+    const removed = (status.mode & SHM_DEST) !== 0;
+    const kept = this.#kept.get(id);
+    if (kept && !removed && kept.changed === status.changed) {
+      kept.users++;
+      kept.lastUsedMs = performance.now();
+      return this.#lease(kept);
+    }
+    if (kept) this.#retire(kept);
+    const attachment: Attachment = {
+      id,
+      mapping: this.libc.attach(id, status.size),
+      changed: status.changed,
+      users: 1,
+      lastUsedMs: performance.now(),
+      retired: removed || this.options.sysvKeepAttachedSeconds === 0,
+    };
+    if (!attachment.retired) {
+      this.#kept.set(id, attachment);
+      this.#evictBeyondLimit();
+      if (this.#sweeper === null) {
+        // The sweep must not keep a stopping agent alive.
+        const sweeper = setInterval(() => this.#sweep(), SWEEP_MS);
+        Deno.unrefTimer(sweeper);
+        this.#sweeper = sweeper;
+      }
+    }
+    return this.#lease(attachment);
+  }
+
+  #lease(attachment: Attachment): Lease {
+    let released = false;
+    return {
+      size: attachment.mapping.size,
+      view: (offset, length) => attachment.mapping.view(offset, length),
+      release: () => {
+        if (released) return;
+        released = true;
+        attachment.users--;
+        attachment.lastUsedMs = performance.now();
+        if (attachment.retired && attachment.users === 0) attachment.mapping.release();
+      },
+    };
+  }
+
+  /** Hands the attachment out no more; detaches it now if no request holds it, else at its last release. */
+  #retire(attachment: Attachment): void {
+    if (this.#kept.get(attachment.id) === attachment) this.#kept.delete(attachment.id);
+    attachment.retired = true;
+    if (attachment.users === 0) attachment.mapping.release();
+  }
+
+  #evictBeyondLimit(): void {
+    while (this.#kept.size > MAX_KEPT_SEGMENTS) {
+      const idle = [...this.#kept.values()].filter((a) => a.users === 0);
+      if (idle.length === 0) return;
+      this.#retire(idle.reduce((a, b) => (a.lastUsedMs <= b.lastUsedMs ? a : b)));
+    }
+  }
+
+  /** Detaches idle attachments that are past their time, or whose segment was removed or changed. */
+  #sweep(): void {
+    const now = performance.now();
+    for (const attachment of [...this.#kept.values()]) {
+      if (attachment.users > 0) continue;
+      if (now - attachment.lastUsedMs >= this.options.sysvKeepAttachedSeconds * 1000) {
+        this.#retire(attachment);
+        continue;
+      }
+      try {
+        const status = this.libc.segmentStatus(attachment.id);
+        if ((status.mode & SHM_DEST) !== 0 || status.changed !== attachment.changed) this.#retire(attachment);
+      } catch {
+        this.#retire(attachment);
+      }
+    }
+    if (this.#kept.size === 0) this.#stopSweeping();
+  }
+
+  #stopSweeping(): void {
+    if (this.#sweeper !== null) clearInterval(this.#sweeper);
+    this.#sweeper = null;
+  }
+
+  /** SysV segments attached now (kept or in use), for tests and metrics. */
+  get attachedSegments(): number {
+    return this.#kept.size;
+  }
+
+  /** Detaches every kept segment; requests still reading keep theirs until they release. */
+  close(): void {
+    this.#stopSweeping();
+    for (const attachment of [...this.#kept.values()]) this.#retire(attachment);
   }
 
   #explain(error: unknown, label: string, segment: string): Error {

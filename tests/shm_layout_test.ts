@@ -4,14 +4,15 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { SHMID_DS } from "../ffi/libc.ts";
+import { NATTCH_OFFSET } from "./helpers/shm_segments.ts";
 
 const PROGRAM = `#include <stdio.h>
 #include <stddef.h>
 #include <sys/shm.h>
 int main(void) {
-  printf("{\\"size\\":%zu,\\"modeOffset\\":%zu,\\"segszOffset\\":%zu,\\"ctimeOffset\\":%zu}\\n",
+  printf("{\\"size\\":%zu,\\"modeOffset\\":%zu,\\"segszOffset\\":%zu,\\"ctimeOffset\\":%zu,\\"nattchOffset\\":%zu}\\n",
     sizeof(struct shmid_ds), offsetof(struct shmid_ds, shm_perm.mode),
-    offsetof(struct shmid_ds, shm_segsz), offsetof(struct shmid_ds, shm_ctime));
+    offsetof(struct shmid_ds, shm_segsz), offsetof(struct shmid_ds, shm_ctime), offsetof(struct shmid_ds, shm_nattch));
   return 0;
 }
 `;
@@ -50,7 +51,7 @@ Deno.test({
   name: `struct shmid_ds offsets match glibc on ${Deno.build.arch}`,
   ignore: !haveCc,
   async fn() {
-    assert.deepEqual(await layout("cc", []), { ...SHMID_DS });
+    assert.deepEqual(await layout("cc", []), { ...SHMID_DS, nattchOffset: NATTCH_OFFSET });
   },
 });
 
@@ -58,6 +59,9 @@ Deno.test({
   name: "struct shmid_ds offsets match glibc on aarch64",
   ignore: !haveCross,
   async fn() {
-    assert.deepEqual(await layout("aarch64-linux-gnu-gcc", [RUN_AARCH64]), { ...SHMID_DS });
+    assert.deepEqual(await layout("aarch64-linux-gnu-gcc", [RUN_AARCH64]), {
+      ...SHMID_DS,
+      nattchOffset: NATTCH_OFFSET,
+    });
   },
 });

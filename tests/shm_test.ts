@@ -8,7 +8,7 @@ import { enumValues, type Tensor } from "../src/wire.ts";
 import { type AgentProcess, startAgent, withAgent } from "./helpers/agent.ts";
 import { floats, nameOf, pseudoRandomFloats, rejectsWith, tensor } from "./helpers/assertions.ts";
 import { addSubModel, identityModel, OnnxType, PADDLE_CLS, writeModelFolder } from "./helpers/onnx_models.ts";
-import { PosixObject, SysvSegment } from "./helpers/shm_segments.ts";
+import { PosixObject, sysvAttachments, SysvSegment } from "./helpers/shm_segments.ts";
 
 const DataType = enumValues("DataType");
 const encoder = new TextEncoder();
@@ -375,10 +375,63 @@ Deno.test({
         shmTensor("x", DataType.UINT8, [2, 3], { segment_id: sysv.id }),
       ]);
       assert.deepEqual([...new Uint8Array(tensors[0].byte_data!)], [1, 2, 3, 4, 5, 6]);
+      // Revoked again while the agent keeps the segment attached: the next request is refused all the same.
+      sysv.chmod(0o600);
+      await rejectsWith(
+        agent.client.predict("id", [shmTensor("x", DataType.UINT8, [2, 3], { segment_id: sysv.id })]),
+        Status.PERMISSION_DENIED,
+      );
     } finally {
       assert.equal((await agent.stop()).code, 0, agent.logs());
       await Deno.remove(agent.dir, { recursive: true });
       segments.removeAll();
     }
   },
+});
+
+/** Polls `condition` every 100 ms for up to `ms`; true once it holds. */
+async function eventually(condition: () => boolean, ms: number): Promise<boolean> {
+  for (const deadline = performance.now() + ms; performance.now() < deadline;) {
+    if (condition()) return true;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  return condition();
+}
+
+Deno.test("a SysV segment stays attached between requests, and is let go once idle, removed, or at the stop", async () => {
+  const agent = await startAgent({ config: { edge_agent_sysv_keep_attached_seconds: 3 } });
+  const segments: SysvSegment[] = [];
+  try {
+    const folder = await writeModelFolder(agent.modelsDir, "id", identityModel(OnnxType.FLOAT, ["n"]));
+    await agent.client.loadModel(folder, "id");
+    const predict = async (segment: SysvSegment, values: number[]) => {
+      segment.write(0, Float32Array.from(values));
+      const { tensors } = await agent.client.predict("id", [
+        shmTensor("x", DataType.FLOAT32, [values.length], { segment_id: segment.id }),
+      ]);
+      assert.deepEqual([...floats(tensors[0].byte_data)], values, "each request reads the segment's current data");
+    };
+    const idle = new SysvSegment(16);
+    segments.push(idle);
+    await predict(idle, [1, 2, 3, 4]);
+    await predict(idle, [5, 6, 7, 8]);
+    assert.equal(sysvAttachments(idle.id), 2, "this test and the agent, which kept it for the next request");
+    assert.ok(await eventually(() => sysvAttachments(idle.id) === 1, 8000), "detached after 3 s without requests");
+    await predict(idle, [9, 10, 11, 12]);
+    assert.equal(sysvAttachments(idle.id), 2, "attached again on the next request");
+
+    // The client removes its segment: the agent lets go within its sweep, so the memory is freed.
+    const removed = new SysvSegment(16);
+    await predict(removed, [1, 1, 1, 1]);
+    removed.remove();
+    assert.ok(await eventually(() => sysvAttachments(removed.id) === null, 2500), "the removed segment is freed");
+
+    const status = await agent.stop();
+    assert.equal(status.code, 0, agent.logs());
+    assert.equal(sysvAttachments(idle.id), 1, "the stopped agent holds nothing");
+  } finally {
+    await agent.stop();
+    await Deno.remove(agent.dir, { recursive: true });
+    for (const segment of segments) segment.remove();
+  }
 });

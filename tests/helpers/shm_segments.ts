@@ -42,6 +42,15 @@ const O_EXCL = 0o200;
 const PROT_READ_WRITE = 3;
 const MAP_SHARED = 1;
 const MODE_OFFSET = 20;
+/** offsetof(struct shmid_ds, shm_nattch) on x86_64 and aarch64 (glibc; checked by tests/shm_layout_test.ts). */
+export const NATTCH_OFFSET = 88;
+
+/** How many processes have SysV segment `id` attached; null once the segment is gone. */
+export function sysvAttachments(id: number): number | null {
+  const ds = new Uint8Array(112);
+  if (libc.shmctl(id, IPC_STAT, ds) !== 0) return null;
+  return Number(new DataView(ds.buffer).getBigUint64(NATTCH_OFFSET, true));
+}
 
 function bytesOf(data: ArrayBufferView): Uint8Array {
   return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
