@@ -125,7 +125,10 @@ export async function serve(options: ServeOptions): Promise<void> {
       log,
     });
     const service = capture;
-    stopMetrics = await startMetrics(config, () => metrics.render(registry.list(), service.stats()));
+    stopMetrics = await startMetrics(
+      config,
+      () => metrics.render(registry.list(), service.stats(), shm.attachedSegments),
+    );
   } catch (error) {
     await server?.stop(0);
     await capture?.close({ drainMs: 0 });

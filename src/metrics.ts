@@ -55,7 +55,7 @@ export class Metrics {
   }
 
   /** The text exposition of everything, with the registry's and the capture service's state now. */
-  render(models: ModelInfo[], capture: CaptureStats | null): string {
+  render(models: ModelInfo[], capture: CaptureStats | null, sysvSegmentsAttached: number): string {
     const out: string[] = [];
     const metric = (name: string, type: string, help: string, samples: [string, number][]) => {
       out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
@@ -120,6 +120,12 @@ export class Metrics {
         [["", (capture.lastUploadAt ?? 0) / 1000]],
       );
     }
+    metric(
+      "edge_agent_shm_sysv_segments_attached",
+      "gauge",
+      "SysV segments kept attached for clients' next requests.",
+      [["", sysvSegmentsAttached]],
+    );
     const cpu = process.cpuUsage();
     metric("process_resident_memory_bytes", "gauge", "Resident memory of the agent.", [["", Deno.memoryUsage().rss]]);
     metric("process_cpu_seconds_total", "counter", "User and system CPU time of the agent.", [[

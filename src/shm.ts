@@ -200,7 +200,7 @@ export class SharedMemoryReader {
     this.#sweeper = null;
   }
 
-  /** SysV segments attached now (kept or in use), for tests and metrics. */
+  /** SysV segments kept attached (the metric edge_agent_shm_sysv_segments_attached). */
   get attachedSegments(): number {
     return this.#kept.size;
   }

@@ -399,7 +399,16 @@ async function eventually(condition: () => boolean, ms: number): Promise<boolean
 }
 
 Deno.test("a SysV segment stays attached between requests, and is let go once idle, removed, or at the stop", async () => {
-  const agent = await startAgent({ config: { edge_agent_sysv_keep_attached_seconds: 3 } });
+  const metricsDir = await Deno.makeTempDir();
+  const metricsSocket = `${metricsDir}/metrics.sock`;
+  const agent = await startAgent({
+    config: { edge_agent_sysv_keep_attached_seconds: 3, edge_agent_metrics: `unix:${metricsSocket}` },
+  });
+  const http = Deno.createHttpClient({ proxy: { transport: "unix", path: metricsSocket } });
+  const attachedGauge = async () => {
+    const text = await (await fetch("http://localhost/metrics", { client: http })).text();
+    return Number(/^edge_agent_shm_sysv_segments_attached (\d+)$/m.exec(text)?.[1]);
+  };
   const segments: SysvSegment[] = [];
   try {
     const folder = await writeModelFolder(agent.modelsDir, "id", identityModel(OnnxType.FLOAT, ["n"]));
@@ -416,7 +425,9 @@ Deno.test("a SysV segment stays attached between requests, and is let go once id
     await predict(idle, [1, 2, 3, 4]);
     await predict(idle, [5, 6, 7, 8]);
     assert.equal(sysvAttachments(idle.id), 2, "this test and the agent, which kept it for the next request");
+    assert.equal(await attachedGauge(), 1);
     assert.ok(await eventually(() => sysvAttachments(idle.id) === 1, 8000), "detached after 3 s without requests");
+    assert.equal(await attachedGauge(), 0);
     await predict(idle, [9, 10, 11, 12]);
     assert.equal(sysvAttachments(idle.id), 2, "attached again on the next request");
 
@@ -430,8 +441,10 @@ Deno.test("a SysV segment stays attached between requests, and is let go once id
     assert.equal(status.code, 0, agent.logs());
     assert.equal(sysvAttachments(idle.id), 1, "the stopped agent holds nothing");
   } finally {
+    http.close();
     await agent.stop();
     await Deno.remove(agent.dir, { recursive: true });
+    await Deno.remove(metricsDir, { recursive: true });
     for (const segment of segments) segment.remove();
   }
 });
