@@ -381,20 +381,17 @@ async function measureDefault(
     }
     // A tiny rpc's round trip: the per-call cost of gRPC on the socket, whatever the tensors.
     const listModelsMs: Partial<Record<PathName, number>> = {};
-    const grpcJsTimes: number[] = [];
-    for (let i = 0; i < LIST_MODELS_CALLS; i++) {
-      const started = performance.now();
-      await agent.client.listModels();
-      grpcJsTimes.push(performance.now() - started);
-    }
-    listModelsMs.agent = median(grpcJsTimes);
-    const ownTimes: number[] = [];
-    for (let i = 0; i < LIST_MODELS_CALLS; i++) {
-      const started = performance.now();
-      await agent.ownClient.listModels();
-      ownTimes.push(performance.now() - started);
-    }
-    listModelsMs.ownClient = median(ownTimes);
+    const roundTrip = async (client: { listModels(): Promise<unknown> }) => {
+      const times: number[] = [];
+      for (let i = 0; i < LIST_MODELS_CALLS; i++) {
+        const started = performance.now();
+        await client.listModels();
+        times.push(performance.now() - started);
+      }
+      return median(times);
+    };
+    listModelsMs.agent = await roundTrip(agent.client);
+    listModelsMs.ownClient = await roundTrip(agent.ownClient);
     if (grpcio) listModelsMs.grpcio = median(await grpcio.listModels(LIST_MODELS_CALLS));
     console.log(`shared memory mapping: ${mappingIterations} iterations per loop`);
     const mapping = mappingCosts(segments, mappingIterations);

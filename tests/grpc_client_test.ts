@@ -65,12 +65,18 @@ async function startPeer(dir: string, socket: string): Promise<Peer> {
   };
 }
 
-async function withPeer(fn: (peer: Peer, dir: string) => Promise<void>): Promise<void> {
+/** Runs `fn` with a client of a fresh grpcio peer server. */
+async function withPeer(
+  fn: (client: AgentClient) => Promise<void>,
+  options: { maxMessageBytes?: number } = {},
+): Promise<void> {
   const dir = await Deno.makeTempDir({ prefix: "edge-agent-peer-" });
   const peer = await startPeer(dir, join(dir, "peer.sock"));
+  const client = new AgentClient(peer.socket, options);
   try {
-    await fn(peer, dir);
+    await fn(client);
   } finally {
+    client.close();
     await peer.stop();
     await Deno.remove(dir, { recursive: true });
   }
@@ -80,23 +86,18 @@ Deno.test({
   name: "client ↔ grpcio: calls, 8 MiB each way through grpcio's 64 KiB windows, 64 concurrent calls on one connection",
   ignore: missing !== null,
   async fn() {
-    await withPeer(async (peer) => {
-      const client = new AgentClient(peer.socket);
-      try {
-        assert.deepEqual((await client.listModels()).models, []);
-        assert.deepEqual((await client.listModels()).models.map((m) => m.name), ["m0"]);
-        const big = pseudoRandomFloats(2 * 1024 * 1024, 7);
-        const echoed = await client.predict("echo", [tensor("x", FLOAT32, [2048, 1024], big)]);
-        assert.deepEqual(floats(echoed.tensors[0].byte_data), big, "8 MiB echoed byte for byte");
-        const answers = await Promise.all(Array.from({ length: 64 }, async (_, i) => {
-          const data = pseudoRandomFloats(1000 + 97 * i, i + 1);
-          const response = await client.predict("echo", [tensor(`t${i}`, FLOAT32, [data.length], data)]);
-          return { sent: data, received: floats(response.tensors[0].byte_data) };
-        }));
-        for (const { sent, received } of answers) assert.deepEqual(received, sent);
-      } finally {
-        client.close();
-      }
+    await withPeer(async (client) => {
+      assert.deepEqual((await client.listModels()).models, []);
+      assert.deepEqual((await client.listModels()).models.map((m) => m.name), ["m0"]);
+      const big = pseudoRandomFloats(2 * 1024 * 1024, 7);
+      const echoed = await client.predict("echo", [tensor("x", FLOAT32, [2048, 1024], big)]);
+      assert.deepEqual(floats(echoed.tensors[0].byte_data), big, "8 MiB echoed byte for byte");
+      const answers = await Promise.all(Array.from({ length: 64 }, async (_, i) => {
+        const data = pseudoRandomFloats(1000 + 97 * i, i + 1);
+        const response = await client.predict("echo", [tensor(`t${i}`, FLOAT32, [data.length], data)]);
+        return { sent: data, received: floats(response.tensors[0].byte_data) };
+      }));
+      for (const { sent, received } of answers) assert.deepEqual(received, sent);
     });
   },
 });
@@ -105,22 +106,17 @@ Deno.test({
   name: "client ↔ grpcio: every status code and UTF-8 message comes through; trailers in CONTINUATION frames",
   ignore: missing !== null,
   async fn() {
-    await withPeer(async (peer) => {
-      const client = new AgentClient(peer.socket);
-      try {
-        await rejectsWith(
-          client.describeModel("missing"),
-          Status.NOT_FOUND,
-          /^no model named “missing” \(réessayez: 100% sûr\)$/,
-        );
-        for (let code = 1; code <= 16; code++) {
-          await rejectsWith(client.unloadModel(String(code)), code, new RegExp(`^aborted with ${Status[code]}$`));
-        }
-        assert.equal((await client.describeModel("big-trailers")).model.name, "big-trailers");
-        assert.equal((await client.describeModel("after")).model.name, "after", "the connection still works");
-      } finally {
-        client.close();
+    await withPeer(async (client) => {
+      await rejectsWith(
+        client.describeModel("missing"),
+        Status.NOT_FOUND,
+        /^no model named “missing” \(réessayez: 100% sûr\)$/,
+      );
+      for (let code = 1; code <= 16; code++) {
+        await rejectsWith(client.unloadModel(String(code)), code, new RegExp(`^aborted with ${Status[code]}$`));
       }
+      assert.equal((await client.describeModel("big-trailers")).model.name, "big-trailers");
+      assert.equal((await client.describeModel("after")).model.name, "after", "the connection still works");
     });
   },
 });
@@ -129,17 +125,12 @@ Deno.test({
   name: "client ↔ grpcio: a deadline ends the call with DEADLINE_EXCEEDED and the connection carries on",
   ignore: missing !== null,
   async fn() {
-    await withPeer(async (peer) => {
-      const client = new AgentClient(peer.socket);
-      try {
-        const started = performance.now();
-        await rejectsWith(client.call("DescribeModel", { name: "slow" }, 300), Status.DEADLINE_EXCEEDED);
-        const waited = performance.now() - started;
-        assert.ok(waited < 2500, `gave up after ${waited.toFixed(0)} ms, not when the server answered (3 s)`);
-        assert.equal((await client.describeModel("next")).model.name, "next");
-      } finally {
-        client.close();
-      }
+    await withPeer(async (client) => {
+      const started = performance.now();
+      await rejectsWith(client.call("DescribeModel", { name: "slow" }, 300), Status.DEADLINE_EXCEEDED);
+      const waited = performance.now() - started;
+      assert.ok(waited < 2500, `gave up after ${waited.toFixed(0)} ms, not when the server answered (3 s)`);
+      assert.equal((await client.describeModel("next")).model.name, "next");
     });
   },
 });
@@ -148,20 +139,15 @@ Deno.test({
   name: "client ↔ grpcio: a response over the client's limit is RESOURCE_EXHAUSTED, and the connection carries on",
   ignore: missing !== null,
   async fn() {
-    await withPeer(async (peer) => {
-      const client = new AgentClient(peer.socket, { maxMessageBytes: 1024 * 1024 });
-      try {
-        const data = new Float32Array(300_000);
-        await rejectsWith(
-          client.predict("echo", [tensor("x", FLOAT32, [data.length], data)]),
-          Status.RESOURCE_EXHAUSTED,
-          /^Received message larger than max \(\d+ vs\. 1048576\)$/,
-        );
-        assert.deepEqual((await client.listModels()).models, []);
-      } finally {
-        client.close();
-      }
-    });
+    await withPeer(async (client) => {
+      const data = new Float32Array(300_000);
+      await rejectsWith(
+        client.predict("echo", [tensor("x", FLOAT32, [data.length], data)]),
+        Status.RESOURCE_EXHAUSTED,
+        /^Received message larger than max \(\d+ vs\. 1048576\)$/,
+      );
+      assert.deepEqual((await client.listModels()).models, []);
+    }, { maxMessageBytes: 1024 * 1024 });
   },
 });
 

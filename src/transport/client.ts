@@ -6,11 +6,13 @@
 // multiplexed on one connection, which is opened on first use and again after it closes.
 
 import { Status } from "../errors.ts";
-import { CompressionError, encodeHeaders, type Header, HpackDecoder } from "./hpack.ts";
+import { encodeHeaders, type Header, HpackDecoder } from "./hpack.ts";
 import {
+  closeAfterWrites,
   concat,
   ConnectionError,
   decodeGrpcMessage,
+  decodeHeaderBlock,
   DEFAULT_MAX_FRAME,
   DEFAULT_WINDOW,
   ErrorCode,
@@ -24,6 +26,7 @@ import {
   MAX_WINDOW,
   MessageReader,
   parseSettings,
+  pingReply,
   PREFACE,
   READ_BUFFER_BYTES,
   SETTINGS_ENABLE_PUSH,
@@ -284,10 +287,11 @@ class ClientConnection {
         }
         this.#send(frame(FrameType.SETTINGS, FLAG_ACK, 0));
         return this.#flush();
-      case FrameType.PING:
-        if (streamId !== 0 || payload.length !== 8) throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad PING");
-        if (!(flags & FLAG_ACK)) this.#send(frame(FrameType.PING, FLAG_ACK, 0, payload.slice()));
+      case FrameType.PING: {
+        const reply = pingReply(flags, streamId, payload);
+        if (reply) this.#send(reply);
         return;
+      }
       case FrameType.WINDOW_UPDATE: {
         const increment = windowIncrement(payload);
         if (streamId === 0) {
@@ -357,18 +361,9 @@ class ClientConnection {
     }
   }
 
-  #decodeHeaders(blocks: Uint8Array[]): Header[] {
-    try {
-      return this.#decoder.decode(concat(blocks));
-    } catch (error) {
-      if (error instanceof CompressionError) throw new ConnectionError(ErrorCode.COMPRESSION_ERROR, error.message);
-      throw error;
-    }
-  }
-
   #onHeaderBlock(streamId: number, blocks: Uint8Array[], endStream: boolean): void {
     // Decoded even for a call that already ended, to keep the HPACK table in step with the agent's.
-    const headers = this.#decodeHeaders(blocks);
+    const headers = decodeHeaderBlock(this.#decoder, blocks);
     const call = this.#calls.get(streamId);
     if (!call) return;
     const get = (name: string) => headers.find(([n]) => n === name)?.[1];
@@ -455,11 +450,7 @@ class ClientConnection {
     if (this.closed) return;
     this.draining = true;
     this.closed = true;
-    this.#writer.close().catch(() => {}).finally(() => {
-      try {
-        this.#conn.close();
-      } catch { /* already closed */ }
-    });
+    closeAfterWrites(this.#writer, this.#conn);
     for (const call of [...this.#calls.values()]) {
       call.settle(new GrpcCallError(Status.CANCELLED, "the client was closed"));
     }

@@ -2,6 +2,7 @@
 // and its command-line client.
 
 import { Status } from "../errors.ts";
+import { CompressionError, type Header, type HpackDecoder } from "./hpack.ts";
 
 export const PREFACE = new TextEncoder().encode("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
 
@@ -114,6 +115,31 @@ export function parseSettings(payload: Uint8Array): [id: number, value: number][
     settings.push([id, value]);
   }
   return settings;
+}
+
+/** The answer to a PING (null for a PING that is itself an answer); a malformed one ends the connection. */
+export function pingReply(flags: number, streamId: number, payload: Uint8Array): Uint8Array | null {
+  if (streamId !== 0 || payload.length !== 8) throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad PING");
+  return flags & FLAG_ACK ? null : frame(FrameType.PING, FLAG_ACK, 0, payload.slice());
+}
+
+/** A whole header block (HEADERS and its CONTINUATIONs); HPACK faults end the connection. */
+export function decodeHeaderBlock(decoder: HpackDecoder, blocks: Uint8Array[]): Header[] {
+  try {
+    return decoder.decode(concat(blocks));
+  } catch (error) {
+    if (error instanceof CompressionError) throw new ConnectionError(ErrorCode.COMPRESSION_ERROR, error.message);
+    throw error;
+  }
+}
+
+/** Closes a connection after what was written has gone out. */
+export function closeAfterWrites(writer: WritableStreamDefaultWriter<Uint8Array>, conn: Deno.Conn): void {
+  writer.close().catch(() => {}).finally(() => {
+    try {
+      conn.close();
+    } catch { /* already closed */ }
+  });
 }
 
 /** A WINDOW_UPDATE's increment. */

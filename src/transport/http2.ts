@@ -6,11 +6,13 @@
 // transport is ours: frames, HPACK, flow control, and gRPC's length-prefixed messages and trailers.
 
 import { AgentError, Status } from "../errors.ts";
-import { CompressionError, encodeHeaders, type Header, HpackDecoder } from "./hpack.ts";
+import { encodeHeaders, type Header, HpackDecoder } from "./hpack.ts";
 
 import {
+  closeAfterWrites,
   concat,
   ConnectionError,
+  decodeHeaderBlock,
   DEFAULT_MAX_FRAME,
   DEFAULT_WINDOW,
   encodeGrpcMessage,
@@ -25,6 +27,7 @@ import {
   MAX_WINDOW,
   MessageReader,
   parseSettings,
+  pingReply,
   PREFACE,
   READ_BUFFER_BYTES,
   SETTINGS_HEADER_TABLE_SIZE,
@@ -174,10 +177,11 @@ class Connection {
     switch (type) {
       case FrameType.SETTINGS:
         return this.#onSettings(flags, streamId, payload);
-      case FrameType.PING:
-        if (streamId !== 0 || payload.length !== 8) throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad PING");
-        if (!(flags & FLAG_ACK)) this.#send(frame(FrameType.PING, FLAG_ACK, 0, payload.slice()));
+      case FrameType.PING: {
+        const reply = pingReply(flags, streamId, payload);
+        if (reply) this.#send(reply);
         return;
+      }
       case FrameType.WINDOW_UPDATE:
         return this.#onWindowUpdate(streamId, payload);
       case FrameType.HEADERS:
@@ -306,13 +310,7 @@ class Connection {
   }
 
   #onHeaderBlock(stream: Stream): void {
-    let headers: Header[];
-    try {
-      headers = this.#decoder.decode(concat(stream.headerBlock));
-    } catch (error) {
-      if (error instanceof CompressionError) throw new ConnectionError(ErrorCode.COMPRESSION_ERROR, error.message);
-      throw error;
-    }
+    const headers = decodeHeaderBlock(this.#decoder, stream.headerBlock);
     stream.headerBlock = [];
     if (stream.path !== "") {
       // Client trailers: only END_STREAM matters.
@@ -645,11 +643,7 @@ class Connection {
       this.#uncount(stream);
       this.#cancelHandler(stream);
     }
-    this.#writer.close().catch(() => {}).finally(() => {
-      try {
-        this.#conn.close();
-      } catch { /* already closed */ }
-    });
+    closeAfterWrites(this.#writer, this.#conn);
     this.server.connectionClosed(this);
   }
 }
