@@ -96,6 +96,11 @@ export class AgentProcess {
     return this.#process.pid;
   }
 
+  /** Resolves with the agent's exit status once it has exited (after stop(), or on its own). */
+  get exited(): Promise<Deno.CommandStatus> {
+    return this.#process.status;
+  }
+
   /** Last stderr lines, for error messages. */
   logTail(): string {
     return this.#tail.join("\n");
