@@ -28,22 +28,38 @@ function label(value: string): string {
   return value.replaceAll("\\", "\\\\").replaceAll('"', '\\"').replaceAll("\n", "\\n");
 }
 
+/**
+ * Series are kept per model, so a model's go when it is unloaded: model names come from clients, and
+ * series for every name ever seen would grow without bound (callers label calls about models that
+ * are not loaded with "").
+ */
 export class Metrics {
-  readonly #requests = new Map<string, number>();
-  readonly #predict = new Map<string, Histogram>();
+  readonly #requests = new Map<string, Map<string, number>>();
+  readonly #predict = new Map<string, Map<string, Histogram>>();
   #inFlight = 0;
 
-  /** Counts a finished call; `model` is "" for calls about no model. */
+  /** Counts a finished call; `model` is "" for calls about no loaded model. */
   request(rpc: string, model: string, code: string): void {
     const key = `rpc="${label(rpc)}",model="${label(model)}",code="${label(code)}"`;
-    this.#requests.set(key, (this.#requests.get(key) ?? 0) + 1);
+    const series = this.#requests.get(model) ?? new Map<string, number>();
+    this.#requests.set(model, series);
+    series.set(key, (series.get(key) ?? 0) + 1);
   }
 
   predict(model: string, phase: PredictPhase, seconds: number): void {
     const key = `model="${label(model)}",phase="${phase}"`;
-    let histogram = this.#predict.get(key);
-    if (!histogram) this.#predict.set(key, histogram = new Histogram());
+    const series = this.#predict.get(model) ?? new Map<string, Histogram>();
+    this.#predict.set(model, series);
+    let histogram = series.get(key);
+    if (!histogram) series.set(key, histogram = new Histogram());
     histogram.observe(seconds);
+  }
+
+  /** Drops an unloaded model's series. */
+  forget(model: string): void {
+    if (model === "") return;
+    this.#requests.delete(model);
+    this.#predict.delete(model);
   }
 
   started(): void {
@@ -65,13 +81,13 @@ export class Metrics {
       "edge_agent_requests_total",
       "counter",
       "Calls answered, by rpc, model and gRPC status code.",
-      [...this.#requests].map(([labels, value]) => [labels, value]),
+      [...this.#requests.values()].flatMap((series) => [...series]),
     );
     out.push(
       "# HELP edge_agent_predict_duration_seconds Predict time in the agent: total, and its bind, run and encode phases.",
       "# TYPE edge_agent_predict_duration_seconds histogram",
     );
-    for (const [labels, h] of this.#predict) {
+    for (const [labels, h] of [...this.#predict.values()].flatMap((series) => [...series])) {
       BUCKETS.forEach((bound, i) =>
         out.push(`edge_agent_predict_duration_seconds_bucket{${labels},le="${bound}"} ${h.counts[i]}`)
       );

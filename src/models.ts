@@ -179,6 +179,10 @@ export class ModelRegistry {
     this.log.info("model unloaded", { model: name });
   }
 
+  isLoaded(name: string): boolean {
+    return this.#models.get(name)?.session != null;
+  }
+
   list(): ModelInfo[] {
     return [...this.#models.values()].filter((e) => e.session !== null).map((e) => e.info);
   }

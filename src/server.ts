@@ -147,7 +147,10 @@ function unary(
   handler: Handler,
   log: Logger,
   metrics: Metrics,
+  isLoaded: (model: string) => boolean,
 ): UnaryHandler {
+  // Names of models not loaded come from clients: they get no series of their own (see Metrics).
+  const seriesOf = (model: string) => (isLoaded(model) ? model : "");
   return async (bytes) => {
     const started = performance.now();
     const timing = { bindMs: 0, runMs: 0, encodeMs: 0, copiedInputs: 0, sharedMemoryInputs: 0 };
@@ -164,8 +167,9 @@ function unary(
       const response = await handler(request, timing);
       const message = response instanceof Uint8Array ? response : types.response.encode(response as object).finish();
       const ms = performance.now() - started;
-      metrics.request(rpc, model, "OK");
-      if (rpc === "Predict") {
+      if (rpc === "UnLoadModel") metrics.forget(model);
+      metrics.request(rpc, seriesOf(model), "OK");
+      if (rpc === "Predict" && isLoaded(model)) {
         metrics.predict(model, "total", ms / 1000);
         metrics.predict(model, "bind", timing.bindMs / 1000);
         metrics.predict(model, "run", timing.runMs / 1000);
@@ -175,7 +179,7 @@ function unary(
       return { message };
     } catch (error) {
       const { status, details } = statusOf(error, rpc, log);
-      metrics.request(rpc, model, Status[status]);
+      metrics.request(rpc, seriesOf(model), Status[status]);
       log.debug("rpc", { rpc, code: Status[status], details });
       return { status, details };
     } finally {
@@ -203,14 +207,15 @@ export async function startServer(options: {
   const { socketPath, log } = options;
   await prepareSocketPath(socketPath, log);
   const methods = new Map<string, UnaryHandler>();
+  const isLoaded = (model: string) => options.services.registry.isLoaded(model);
   for (const [rpc, handler] of Object.entries(handlers(options.services))) {
     const types = { request: messageType(`${rpc}Request`), response: messageType(`${rpc}Response`) };
-    methods.set(`/${SERVICE_NAME}/${rpc}`, unary(rpc, types, handler, log, options.metrics));
+    methods.set(`/${SERVICE_NAME}/${rpc}`, unary(rpc, types, handler, log, options.metrics, isLoaded));
   }
   const healthService = new HealthService(options.services.registry);
   methods.set(
     `/${HEALTH_SERVICE_NAME}/Check`,
-    unary("Health.Check", health, healthService.check, log, options.metrics),
+    unary("Health.Check", health, healthService.check, log, options.metrics, isLoaded),
   );
   const server = new GrpcServer({
     methods,

@@ -59,6 +59,15 @@ Deno.test("metrics: request counts by status, Predict histograms, models, captur
       assert.ok(after.get('edge_agent_model_load_seconds{model="addsub"}')! > 0);
       assert.equal(after.get("edge_agent_capture_pending"), 0);
       assert.ok(after.get("process_cpu_seconds_total")! > 0);
+
+      // Names clients make up, and models once unloaded, leave no series behind: memory stays bounded.
+      for (let i = 0; i < 50; i++) await rejectsWith(agent.client.predict(`made-up-${i}`, []), Status.NOT_FOUND);
+      await agent.client.unloadModel("addsub");
+      const last = await scrape(socket);
+      assert.equal(last.get('edge_agent_requests_total{rpc="Predict",model="",code="NOT_FOUND"}'), 50);
+      assert.equal(last.get('edge_agent_requests_total{rpc="UnLoadModel",model="",code="OK"}'), 1);
+      const named = [...last.keys()].filter((k) => /model="(made-up|addsub)/.test(k));
+      assert.deepEqual(named, [], "no series for unknown or unloaded models");
     });
     await assert.rejects(Deno.lstat(socket), Deno.errors.NotFound, "the metrics socket is removed at stop");
   } finally {
