@@ -2,28 +2,9 @@
 // transport (see transport/client.ts for why not grpc-js).
 
 import { GrpcCallError, GrpcClient } from "./transport/client.ts";
-import {
-  health,
-  HEALTH_SERVICE_NAME,
-  messageType,
-  type Model,
-  type RpcName,
-  SERVICE_NAME,
-  type Tensor,
-} from "./wire.ts";
+import { health, HEALTH_SERVICE_NAME, type Model, RPC_TYPES, type RpcName, SERVICE_NAME, type Tensor } from "./wire.ts";
 
 export { GrpcCallError };
-
-const codecs = new Map<string, { request: ReturnType<typeof messageType>; response: ReturnType<typeof messageType> }>();
-
-function codec(rpc: RpcName) {
-  let entry = codecs.get(rpc);
-  if (!entry) {
-    entry = { request: messageType(`${rpc}Request`), response: messageType(`${rpc}Response`) };
-    codecs.set(rpc, entry);
-  }
-  return entry;
-}
 
 /** The Agent service's calls, over whichever client supplies `call`. */
 export abstract class AgentCalls {
@@ -57,7 +38,7 @@ export class AgentClient extends AgentCalls {
 
   /** Calls `rpc`; rejects with GrpcCallError (code, details) on a non-OK status. */
   override async call<T>(rpc: RpcName, request: unknown, deadlineMs?: number): Promise<T> {
-    const { request: requestType, response: responseType } = codec(rpc);
+    const { request: requestType, response: responseType } = RPC_TYPES[rpc];
     const bytes = requestType.encode(request as Record<string, unknown>).finish();
     const response = await this.#grpc.unary(`/${SERVICE_NAME}/${rpc}`, bytes, { deadlineMs });
     return responseType.decode(response) as T;

@@ -18,7 +18,7 @@ export class HealthService {
   status(service: string): number {
     const model = service.startsWith("model/") ? service.slice("model/".length) : null;
     const known = service === "" || service === SERVICE_NAME ||
-      (model !== null && this.registry.list().some((m) => m.name === model));
+      (model !== null && this.registry.isLoaded(model));
     if (!known) return SERVICE_UNKNOWN;
     return this.#stopping ? NOT_SERVING : SERVING;
   }

@@ -19,10 +19,10 @@ import {
   health,
   HEALTH_SERVICE_NAME,
   type LoadModelRequest,
-  messageType,
   type Model,
   type NameRequest,
   type PredictRequest,
+  RPC_TYPES,
   type RpcName,
   SERVICE_NAME,
 } from "./wire.ts";
@@ -208,9 +208,8 @@ export async function startServer(options: {
   await prepareSocketPath(socketPath, log);
   const methods = new Map<string, UnaryHandler>();
   const isLoaded = (model: string) => options.services.registry.isLoaded(model);
-  for (const [rpc, handler] of Object.entries(handlers(options.services))) {
-    const types = { request: messageType(`${rpc}Request`), response: messageType(`${rpc}Response`) };
-    methods.set(`/${SERVICE_NAME}/${rpc}`, unary(rpc, types, handler, log, options.metrics, isLoaded));
+  for (const [rpc, handler] of Object.entries(handlers(options.services)) as [RpcName, Handler][]) {
+    methods.set(`/${SERVICE_NAME}/${rpc}`, unary(rpc, RPC_TYPES[rpc], handler, log, options.metrics, isLoaded));
   }
   const healthService = new HealthService(options.services.registry);
   methods.set(

@@ -92,6 +92,11 @@ export const RPC_NAMES = [
 ] as const;
 export type RpcName = typeof RPC_NAMES[number];
 
+/** Each rpc's request and response message types, as the server and the clients encode them. */
+export const RPC_TYPES = Object.fromEntries(
+  RPC_NAMES.map((rpc) => [rpc, { request: messageType(`${rpc}Request`), response: messageType(`${rpc}Response`) }]),
+) as Record<RpcName, { request: protobuf.Type; response: protobuf.Type }>;
+
 const healthRoot = protobuf.parse(healthProto, { keepCase: true }).root;
 export const HEALTH_SERVICE_NAME = "grpc.health.v1.Health";
 

@@ -9,8 +9,8 @@ import {
   asBuffer,
   health,
   HEALTH_SERVICE_NAME,
-  messageType,
   RPC_NAMES,
+  RPC_TYPES,
   type RpcName,
   SERVICE_NAME,
 } from "../../src/wire.ts";
@@ -27,8 +27,7 @@ function decoder(type: protobuf.Type): (bytes: Buffer) => unknown {
 /** The Agent service for grpc-js. */
 export const agentService: grpc.ServiceDefinition = Object.fromEntries(
   RPC_NAMES.map((rpc) => {
-    const request = messageType(`${rpc}Request`);
-    const response = messageType(`${rpc}Response`);
+    const { request, response } = RPC_TYPES[rpc];
     return [rpc, {
       path: `/${SERVICE_NAME}/${rpc}`,
       requestStream: false,
