@@ -4,7 +4,7 @@
 
 import assert from "node:assert/strict";
 import { CaptureService, S3Client } from "../src/capture/mod.ts";
-import { crashOutputBytes, crashS3Options, quiet } from "./helpers/capture_crash_shared.ts";
+import { crashOutputBytes, crashS3Options, crashServiceOptions } from "./helpers/capture_crash_shared.ts";
 import { TestS3 } from "./helpers/capture_fixtures.ts";
 
 const ROUNDS = 24;
@@ -81,19 +81,12 @@ Deno.test(`crash: ${ROUNDS} SIGKILLs at random moments lose no acknowledged capt
       if (!text.endsWith("\n")) continue;
       for (const line of text.trimEnd().split("\n")) storedEarly.push(JSON.parse(line).captureId);
     }
-    const service = await CaptureService.open({
-      stateDir,
-      deviceFleetName: "fleet",
-      deviceName: "device",
-      folderPrefix: "crash",
-      destination: "Cloud",
-      s3: crashS3Options(s3.port),
+    const service = await CaptureService.open(crashServiceOptions(stateDir, s3.port, {
       bufferSize: 100_000,
       batchSize: 50,
       pushPeriodSeconds: 0,
       retryBaseMs: 20,
-      logger: quiet,
-    });
+    }));
     const recovered = service.stats().pending;
     // Stored at the destination, but killed before the batch was logged as done: uploaded again, same keys.
     const rewritten = storedEarly.filter((id) => service.status(id) === "IN_PROGRESS").length;

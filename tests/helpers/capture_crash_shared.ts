@@ -1,7 +1,7 @@
 // What the crash test and its writer subprocess agree on (kept free of npm imports: the writer starts fast).
 
 import { createLogger } from "../../src/log.ts";
-import type { CaptureRecord } from "../../src/capture/mod.ts";
+import type { CaptureOptions, CaptureRecord } from "../../src/capture/mod.ts";
 import type { S3Options } from "../../src/capture/s3.ts";
 
 export const quiet = createLogger(false, () => 0);
@@ -21,6 +21,27 @@ export function crashRecord(id: string): CaptureRecord {
     outputTensors: [{ name: "y", dataType: 0, shape: [n], data: out }],
     inputs: [],
     outputs: [],
+  };
+}
+
+/**
+ * The capture service on `stateDir` uploading to the local S3 on `port`: the writer and the check after
+ * its last round must agree on the layout; batching and retries are each one's own.
+ */
+export function crashServiceOptions(
+  stateDir: string,
+  port: number,
+  tuning: Pick<CaptureOptions, "bufferSize" | "batchSize" | "pushPeriodSeconds" | "retryBaseMs" | "retryMaxMs">,
+): CaptureOptions {
+  return {
+    stateDir,
+    deviceFleetName: "fleet",
+    deviceName: "device",
+    folderPrefix: "crash",
+    destination: "Cloud",
+    s3: crashS3Options(port),
+    logger: quiet,
+    ...tuning,
   };
 }
 

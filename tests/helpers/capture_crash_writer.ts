@@ -4,23 +4,16 @@
 // Usage: capture_crash_writer.ts <stateDir> <s3 port> <round>
 
 import { CaptureService } from "../../src/capture/mod.ts";
-import { crashRecord, crashS3Options, quiet } from "./capture_crash_shared.ts";
+import { crashRecord, crashServiceOptions } from "./capture_crash_shared.ts";
 
 const [stateDir, port, round] = Deno.args;
-const service = await CaptureService.open({
-  stateDir,
-  deviceFleetName: "fleet",
-  deviceName: "device",
-  folderPrefix: "crash",
-  destination: "Cloud",
-  s3: crashS3Options(Number(port)),
+const service = await CaptureService.open(crashServiceOptions(stateDir, Number(port), {
   bufferSize: 10_000,
   batchSize: 4,
   pushPeriodSeconds: 0.05,
   retryBaseMs: 20,
   retryMaxMs: 100,
-  logger: quiet,
-});
+}));
 const encoder = new TextEncoder();
 await Deno.stdout.write(encoder.encode("ready\n"));
 const stop = Date.now() + 10_000; // a safety net: the test kills it long before
