@@ -78,6 +78,12 @@ export const ortApiSymbols = {
     parameters: ["pointer", "usize", "pointer", "buffer"],
     result: "pointer",
   },
+  // OrtStatus* CreateRunOptions(OrtRunOptions** out)
+  CreateRunOptions: { slot: 39, parameters: ["buffer"], result: "pointer" },
+  // OrtStatus* RunOptionsSetRunLogSeverityLevel(OrtRunOptions* options, int log_severity_level)
+  RunOptionsSetRunLogSeverityLevel: { slot: 41, parameters: ["pointer", "i32"], result: "pointer" },
+  // OrtStatus* RunOptionsSetTerminate(OrtRunOptions* options)
+  RunOptionsSetTerminate: { slot: 46, parameters: ["pointer"], result: "pointer" },
   // OrtStatus* CreateTensorWithDataAsOrtValue(const OrtMemoryInfo* info, void* p_data, size_t p_data_len,
   //     const int64_t* shape, size_t shape_len, ONNXTensorElementDataType type, OrtValue** out)
   CreateTensorWithDataAsOrtValue: {
@@ -117,6 +123,8 @@ export const ortApiSymbols = {
   ReleaseSession: { slot: 95, parameters: ["pointer"], result: "void" },
   // void ReleaseValue(OrtValue* input)
   ReleaseValue: { slot: 96, parameters: ["pointer"], result: "void" },
+  // void ReleaseRunOptions(OrtRunOptions* input)
+  ReleaseRunOptions: { slot: 97, parameters: ["pointer"], result: "void" },
   // void ReleaseTypeInfo(OrtTypeInfo* input)
   ReleaseTypeInfo: { slot: 98, parameters: ["pointer"], result: "void" },
   // void ReleaseTensorTypeAndShapeInfo(OrtTensorTypeAndShapeInfo* input)
@@ -355,6 +363,45 @@ export class SessionOptions {
   }
 }
 
+/**
+ * OrtRunOptions for one Run: `terminate()` (from the JavaScript thread, while the Run is on a worker
+ * thread) makes ORT stop the Run at its next node with an error status. Release only after the Run
+ * returned: ORT reads the options until then.
+ */
+export class RunOptions {
+  #ptr: Deno.PointerValue;
+  constructor(readonly ort: OnnxRuntime) {
+    const out = outPointer();
+    ort.check("CreateRunOptions", ort.api.CreateRunOptions(out));
+    this.#ptr = toPointer(out);
+  }
+  get pointer(): Deno.PointerValue {
+    if (this.#ptr === null) throw new NativeError("run options used after release");
+    return this.#ptr;
+  }
+  /** ORT logs only this Run's errors (a terminated Run would log a warning line each time). */
+  logErrorsOnly(): this {
+    this.ort.check(
+      "RunOptionsSetRunLogSeverityLevel",
+      this.ort.api.RunOptionsSetRunLogSeverityLevel(this.pointer, ORT_LOGGING_LEVEL_ERROR),
+    );
+    return this;
+  }
+  /** Asks the Run to stop; a no-op once released. */
+  terminate(): void {
+    if (this.#ptr === null) return;
+    this.ort.check("RunOptionsSetTerminate", this.ort.api.RunOptionsSetTerminate(this.#ptr));
+  }
+  release(): void {
+    if (this.#ptr === null) return;
+    this.ort.api.ReleaseRunOptions(this.#ptr);
+    this.#ptr = null;
+  }
+  [Symbol.dispose](): void {
+    this.release();
+  }
+}
+
 /** A tensor's element type and shape (dynamic dimensions are -1). */
 export interface TensorInfo {
   name: string;
@@ -433,14 +480,15 @@ export class Session {
   /**
    * Runs the session off the JavaScript thread. `inputs[i]` feeds the model input at
    * `inputIndexes[i]`; every model output is returned, in model order, owned by the caller.
+   * `options` (its terminate flag) must stay unreleased until this returns.
    */
-  async run(inputIndexes: number[], inputs: Value[]): Promise<Value[]> {
+  async run(inputIndexes: number[], inputs: Value[], options: RunOptions | null = null): Promise<Value[]> {
     const names = pointerArray(inputIndexes.map((i) => this.#inputNames[i]));
     const values = new BigUint64Array(inputs.map((v) => BigInt(Deno.UnsafePointer.value(v.pointer))));
     const outputs = new BigUint64Array(this.outputs.length);
     const status = await this.ort.api.Run(
       this.pointer,
-      null,
+      options?.pointer ?? null,
       names,
       values,
       BigInt(inputs.length),
@@ -448,7 +496,7 @@ export class Session {
       BigInt(this.outputs.length),
       outputs,
     );
-    keepAlive(names, values, inputs);
+    keepAlive(names, values, inputs, options);
     const produced = Array.from(outputs, (p) => new Value(this.ort, Deno.UnsafePointer.create(p), null));
     if (status !== null) {
       for (const value of produced) value.release();

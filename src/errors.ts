@@ -37,6 +37,23 @@ export const resourceExhausted = (message: string) => new AgentError(Status.RESO
 export const permissionDenied = (message: string) => new AgentError(Status.PERMISSION_DENIED, message);
 export const unavailable = (message: string) => new AgentError(Status.UNAVAILABLE, message);
 
+/** Why a call was given up before its end: its deadline passed, the client reset it, or its connection closed. */
+export type CancelReason = "deadline" | "reset" | "disconnect";
+
+const CANCEL_DETAILS: Record<CancelReason, string> = {
+  deadline: "deadline exceeded",
+  reset: "the client cancelled the call",
+  disconnect: "the client's connection closed",
+};
+
+/** The reason a call's AbortSignal carries; a handler that stops early throws it. */
+export class CallCancelled extends AgentError {
+  constructor(readonly reason: CancelReason) {
+    super(reason === "deadline" ? Status.DEADLINE_EXCEEDED : Status.CANCELLED, CANCEL_DETAILS[reason]);
+    this.name = "CallCancelled";
+  }
+}
+
 /** A start-up problem (configuration, socket, library): reported on stderr, exit code 2. */
 export class StartupError extends Error {
   constructor(readonly problems: string[]) {

@@ -6,6 +6,7 @@
 import process from "node:process";
 import type { CaptureStats } from "./capture/service.ts";
 import type { ModelInfo } from "./models.ts";
+import type { CancelReason } from "./errors.ts";
 
 /** Seconds; Prometheus' default buckets extended down to 100 µs for small models. */
 const BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
@@ -37,6 +38,7 @@ export class Metrics {
   readonly #requests = new Map<string, Map<string, number>>();
   readonly #predict = new Map<string, Map<string, Histogram>>();
   #inFlight = 0;
+  readonly #predictCancelled: Record<CancelReason, number> = { deadline: 0, reset: 0, disconnect: 0 };
 
   /** Counts a finished call; `model` is "" for calls about no loaded model. */
   request(rpc: string, model: string, code: string): void {
@@ -60,6 +62,11 @@ export class Metrics {
     if (model === "") return;
     this.#requests.delete(model);
     this.#predict.delete(model);
+  }
+
+  /** A Predict given up before its answer: not started, or its Run terminated. */
+  predictCancelled(reason: CancelReason): void {
+    this.#predictCancelled[reason]++;
   }
 
   started(): void {
@@ -97,6 +104,12 @@ export class Metrics {
         `edge_agent_predict_duration_seconds_count{${labels}} ${h.count}`,
       );
     }
+    metric(
+      "edge_agent_predict_cancelled_total",
+      "counter",
+      "Predicts stopped before their answer (Run not started or terminated), by reason: deadline, reset, disconnect.",
+      Object.entries(this.#predictCancelled).map(([reason, n]) => [`reason="${reason}"`, n]),
+    );
     metric("edge_agent_requests_in_flight", "gauge", "Calls being handled now.", [["", this.#inFlight]]);
     metric("edge_agent_models_loaded", "gauge", "Models loaded.", [["", models.length]]);
     metric(

@@ -1,7 +1,7 @@
 // The model registry: load/unload lifecycle, in-flight accounting and the memory budget.
 // A session is released only after every Run on it has returned.
 
-import { type OnnxRuntime, OrtError, Session, type Value } from "../ffi/onnxruntime.ts";
+import { type OnnxRuntime, OrtError, RunOptions, Session, type Value } from "../ffi/onnxruntime.ts";
 import type { AgentConfig } from "./config.ts";
 import {
   AgentError,
@@ -193,14 +193,18 @@ export class ModelRegistry {
 
   /**
    * Runs the model on the request tensors and hands the outputs to `consume` while ORT's buffers
-   * are alive; they are released when it returns.
+   * are alive; they are released when it returns. When `signal` aborts (the caller's deadline passed
+   * or it went away) a Run not yet started is not started and a running one is terminated: the call
+   * rejects with `signal.reason`.
    */
   async predict<T>(
     name: string,
     tensors: Tensor[],
     consume: (outputs: BorrowedOutput[]) => T,
     timing: PredictTiming,
+    signal?: AbortSignal,
   ): Promise<T> {
+    signal?.throwIfAborted();
     let mark = performance.now();
     const lap = () => {
       const now = performance.now();
@@ -231,14 +235,8 @@ export class ModelRegistry {
       }
       timing.bindMs = lap();
       timing.sharedMemoryInputs = regions.length;
-      try {
-        outputs = await session.run(bound.map((b) => b.inputIndex), inputs);
-        timing.runMs = lap();
-      } catch (error) {
-        if (!(error instanceof OrtError)) throw error;
-        const message = `model ${name} failed on this input: ${error.ortMessage}`;
-        throw error.code === ORT_INVALID_ARGUMENT ? invalidArgument(message) : new AgentError(Status.INTERNAL, message);
-      }
+      outputs = await this.#run(name, session, bound.map((b) => b.inputIndex), inputs, signal);
+      timing.runMs = lap();
       const result = consume(outputs.map((value, i) => {
         const spec = entry.info.outputs[i];
         const { shape } = value.tensorInfo();
@@ -252,6 +250,51 @@ export class ModelRegistry {
       for (const value of inputs) value.release();
       for (const region of regions) region.release();
       if (--entry.inFlight === 0) entry.drained?.resolve();
+    }
+  }
+
+  /** One Run with its own RunOptions, terminated when `signal` aborts. */
+  async #run(
+    name: string,
+    session: Session,
+    inputIndexes: number[],
+    inputs: Value[],
+    signal: AbortSignal | undefined,
+  ): Promise<Value[]> {
+    signal?.throwIfAborted();
+    const options = new RunOptions(this.ort);
+    let abortedAt = 0;
+    const terminate = () => {
+      abortedAt = performance.now();
+      options.terminate();
+    };
+    signal?.addEventListener("abort", terminate, { once: true });
+    try {
+      options.logErrorsOnly();
+      const outputs = await session.run(inputIndexes, inputs, options);
+      // Terminated too late to stop ORT: the answer has no one to go to.
+      if (signal?.aborted) {
+        for (const value of outputs) value.release();
+        signal.throwIfAborted();
+      }
+      return outputs;
+    } catch (error) {
+      if (!(error instanceof OrtError)) throw error;
+      if (signal?.aborted) {
+        // ORT's "terminate flag" failure is the cancellation, not a model failure.
+        this.log.debug("run terminated", {
+          model: name,
+          reason: String(signal.reason?.message ?? signal.reason),
+          stopMs: Number((performance.now() - abortedAt).toFixed(3)),
+        });
+        throw signal.reason;
+      }
+      const message = `model ${name} failed on this input: ${error.ortMessage}`;
+      throw error.code === ORT_INVALID_ARGUMENT ? invalidArgument(message) : new AgentError(Status.INTERNAL, message);
+    } finally {
+      // After the Run returned, so ORT no longer reads the options; terminate() cannot run after this.
+      signal?.removeEventListener("abort", terminate);
+      options.release();
     }
   }
 

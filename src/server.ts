@@ -1,7 +1,7 @@
 // The gRPC service on the Unix socket: one handler per rpc, errors mapped to statuses.
 
 import type protobuf from "protobufjs";
-import { AgentError, invalidArgument, StartupError, Status } from "./errors.ts";
+import { AgentError, CallCancelled, invalidArgument, StartupError, Status } from "./errors.ts";
 import type { Logger } from "./log.ts";
 import type { ModelInfo, ModelRegistry, PredictTiming } from "./models.ts";
 import { metadataOf } from "./tensors.ts";
@@ -38,7 +38,11 @@ function modelMessage(info: ModelInfo): Model {
   };
 }
 
-type Handler = (request: unknown, timing: PredictTiming) => Promise<unknown> | unknown;
+/**
+ * One rpc's work. Only Predict stops when `signal` aborts: LoadModel, UnLoadModel and CaptureData
+ * change state, so once started they finish and only their answer is dropped.
+ */
+type Handler = (request: unknown, timing: PredictTiming, signal: AbortSignal) => Promise<unknown> | unknown;
 
 /** What the handlers serve from. */
 export interface Services {
@@ -52,17 +56,23 @@ const CAPTURE_STATUS = enumValues("CaptureDataStatus");
 
 function handlers({ registry, capture, shm, clockSkewSeconds }: Services): Record<RpcName, Handler> {
   return {
-    Predict: (request, timing) => {
+    Predict: (request, timing, signal) => {
       const { name, tensors } = request as PredictRequest;
-      return registry.predict(name, tensors, (outputs) =>
-        encodePredictResponse(outputs.map((output) => ({
-          tensor_metadata: {
-            name: encoder.encode(output.spec.name),
-            data_type: output.spec.dataType.dataType,
-            shape: output.shape,
-          },
-          byte_data: output.bytes,
-        }))), timing);
+      return registry.predict(
+        name,
+        tensors,
+        (outputs) =>
+          encodePredictResponse(outputs.map((output) => ({
+            tensor_metadata: {
+              name: encoder.encode(output.spec.name),
+              data_type: output.spec.dataType.dataType,
+              shape: output.shape,
+            },
+            byte_data: output.bytes,
+          }))),
+        timing,
+        signal,
+      );
     },
     LoadModel: async (request) => {
       const { url, name } = request as LoadModelRequest;
@@ -151,7 +161,7 @@ function unary(
 ): UnaryHandler {
   // Names of models not loaded come from clients: they get no series of their own (see Metrics).
   const seriesOf = (model: string) => (isLoaded(model) ? model : "");
-  return async (bytes) => {
+  return async (bytes, call) => {
     const started = performance.now();
     const timing = { bindMs: 0, runMs: 0, encodeMs: 0, copiedInputs: 0, sharedMemoryInputs: 0 };
     let model = "";
@@ -164,7 +174,11 @@ function unary(
         throw invalidArgument(`request is not a valid ${types.request.name} message: ${(error as Error).message}`);
       }
       model = modelOf(request);
-      const response = await handler(request, timing);
+      // Given up before it started (e.g. reset right behind its request): no work at all.
+      call.signal.throwIfAborted();
+      const response = await handler(request, timing, call.signal);
+      // Finished after its caller went: the transport drops the answer; count what the client saw.
+      call.signal.throwIfAborted();
       const message = response instanceof Uint8Array ? response : types.response.encode(response as object).finish();
       const ms = performance.now() - started;
       if (rpc === "UnLoadModel") metrics.forget(model);
@@ -180,6 +194,7 @@ function unary(
     } catch (error) {
       const { status, details } = statusOf(error, rpc, log);
       metrics.request(rpc, seriesOf(model), Status[status]);
+      if (error instanceof CallCancelled && rpc === "Predict") metrics.predictCancelled(error.reason);
       log.debug("rpc", { rpc, code: Status[status], details });
       return { status, details };
     } finally {

@@ -5,7 +5,7 @@
 // in find_stream_on_goaway_func). A device agent must survive every client disconnect, so the
 // transport is ours: frames, HPACK, flow control, and gRPC's length-prefixed messages and trailers.
 
-import { AgentError, Status } from "../errors.ts";
+import { AgentError, CallCancelled, type CancelReason, Status } from "../errors.ts";
 import { encodeHeaders, type Header, HpackDecoder } from "./hpack.ts";
 
 import {
@@ -49,8 +49,28 @@ const RECEIVE_WINDOW = 16 * 1024 * 1024;
 /** What a unary handler answers. */
 export type UnaryResult = { message: Uint8Array } | { status: number; details: string };
 
+/**
+ * What a handler knows of its call: `signal` aborts (its reason a CallCancelled) when the deadline
+ * passes, the client resets the call or its connection closes; `deadline` is the client's deadline
+ * on the performance.now() clock (null: none).
+ */
+export interface CallContext {
+  signal: AbortSignal;
+  deadline: number | null;
+}
+
 /** One unary method: raw request bytes in, response bytes or a status out. */
-export type UnaryHandler = (request: Uint8Array) => Promise<UnaryResult>;
+export type UnaryHandler = (request: Uint8Array, call: CallContext) => Promise<UnaryResult>;
+
+const TIMEOUT_UNIT_MS: Record<string, number> = { H: 3_600_000, M: 60_000, S: 1000, m: 1, u: 1e-3, n: 1e-6 };
+/** Longest timer a runtime keeps (about 24.8 days); longer deadlines are never reached. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
+/** grpc-timeout in milliseconds (gRPC over HTTP/2: 1-8 ASCII digits and a unit H, M, S, m, u or n); null when malformed. */
+export function parseGrpcTimeout(value: string): number | null {
+  const match = /^(\d{1,8})([HMSmun])$/.exec(value);
+  return match ? Number(match[1]) * TIMEOUT_UNIT_MS[match[2]] : null;
+}
 
 /**
  * A streaming method (client, server or bidirectional streaming): request messages in, response
@@ -89,7 +109,6 @@ interface Stream {
     buffer: Uint8Array;
     ended: boolean;
     wake: (() => void) | null;
-    cancel: AbortController;
   } | null;
   receivedSinceUpdate: number;
   dispatched: boolean;
@@ -97,6 +116,11 @@ interface Stream {
   counted: boolean;
   /** Bytes of the connection's request budget this stream's message holds. */
   reservedBytes: number;
+  /** Aborted when the call is given up (deadline, reset, connection closed). */
+  cancel: AbortController;
+  /** The client's deadline (performance.now() clock) and the timer that enforces it. */
+  deadline: number | null;
+  deadlineTimer: ReturnType<typeof setTimeout> | null;
 }
 
 /** One client connection. */
@@ -210,7 +234,7 @@ class Connection {
         const stream = this.#streams.get(streamId);
         if (stream) {
           this.#uncount(stream);
-          this.#cancelHandler(stream);
+          this.#cancelHandler(stream, "reset");
           stream.localClosed = true;
           stream.remoteClosed = true;
           this.#streams.delete(streamId);
@@ -300,6 +324,9 @@ class Connection {
         dispatched: false,
         counted: false,
         reservedBytes: 0,
+        cancel: new AbortController(),
+        deadline: null,
+        deadlineTimer: null,
       };
       this.#streams.set(streamId, stream);
     }
@@ -342,6 +369,20 @@ class Connection {
       // We advertise identity only; a client that compresses anyway gets UNIMPLEMENTED.
       stream.reader.problem = { status: Status.UNIMPLEMENTED, details: `grpc-encoding ${encoding} is not supported` };
     }
+    const timeout = get("grpc-timeout");
+    if (timeout !== undefined) {
+      const ms = parseGrpcTimeout(timeout);
+      // As grpc-go does: a malformed timeout fails the call rather than running it without one.
+      if (ms === null) {
+        stream.reader.problem ??= {
+          status: Status.INTERNAL,
+          details: `malformed grpc-timeout "${timeout}": expected 1-8 digits and a unit (H, M, S, m, u, n)`,
+        };
+      } else {
+        stream.deadline = performance.now() + ms;
+        if (ms <= MAX_TIMER_MS) stream.deadlineTimer = setTimeout(() => this.#deadlinePassed(stream), ms);
+      }
+    }
     const streaming = this.server.streams.get(stream.path);
     if (streaming && !stream.reader.problem) {
       stream.dispatched = true;
@@ -350,7 +391,6 @@ class Connection {
         buffer: new Uint8Array(0),
         ended: stream.remoteClosed,
         wake: null,
-        cancel: new AbortController(),
       };
       this.#runStream(stream, streaming);
       return;
@@ -369,7 +409,7 @@ class Connection {
       }
     }
     try {
-      for await (const response of handler(requests(), incoming.cancel.signal)) {
+      for await (const response of handler(requests(), stream.cancel.signal)) {
         if (stream.localClosed || this.#closed) return;
         this.#queueMessage(stream, response);
       }
@@ -459,6 +499,8 @@ class Connection {
       return;
     }
     if (!stream.remoteClosed) return;
+    // A deadline already past (e.g. "0n", or a timer not yet run) gets no handler.
+    if (stream.deadline !== null && performance.now() >= stream.deadline) return this.#deadlinePassed(stream);
     stream.dispatched = true;
     const handler = this.server.methods.get(stream.path);
     if (!handler) {
@@ -474,13 +516,27 @@ class Connection {
     if (reader.compressed) {
       return this.#respondStatus(stream, Status.UNIMPLEMENTED, "compressed messages are not supported");
     }
-    handler(reader.message).then(
+    // Started once the frames of this read are handled: a reset right behind the request (rapid
+    // reset) has then aborted the call's signal before its handler does any work.
+    const call: CallContext = { signal: stream.cancel.signal, deadline: stream.deadline };
+    Promise.resolve().then(() => handler(reader.message, call)).then(
       (result) => {
         if ("message" in result) this.#respondMessage(stream, result.message);
         else this.#respondStatus(stream, result.status, result.details);
       },
       (error) => this.#respondStatus(stream, Status.INTERNAL, String((error as Error)?.message ?? error)),
     );
+  }
+
+  /** The client's deadline passed: DEADLINE_EXCEEDED if nothing went out yet, else a reset. */
+  #deadlinePassed(stream: Stream): void {
+    if (stream.localClosed || this.#closed) return;
+    this.#cancelHandler(stream, "deadline");
+    if (stream.headersSent) return this.#reset(stream, ErrorCode.CANCEL);
+    stream.dispatched = true;
+    this.#respondStatus(stream, Status.DEADLINE_EXCEEDED, "deadline exceeded");
+    // The request may still be arriving; ask the client to stop sending it.
+    if (!stream.remoteClosed) this.#reset(stream, ErrorCode.NO_ERROR);
   }
 
   #responseHeaders(): Uint8Array {
@@ -606,6 +662,8 @@ class Connection {
 
   /** The stream is done: its call leaves the in-flight count and its message budget is freed. */
   #uncount(stream: Stream): void {
+    if (stream.deadlineTimer !== null) clearTimeout(stream.deadlineTimer);
+    stream.deadlineTimer = null;
     this.#reservedBytes -= stream.reservedBytes;
     stream.reservedBytes = 0;
     if (!stream.counted) return;
@@ -613,17 +671,20 @@ class Connection {
     this.server.callFinished();
   }
 
-  /** A streaming handler waiting for requests, or for anything else, ends instead of waiting forever. */
-  #cancelHandler(stream: Stream): void {
+  /**
+   * The call's work stops (a running Predict is terminated) and a streaming handler waiting for
+   * requests, or for anything else, ends instead of waiting forever.
+   */
+  #cancelHandler(stream: Stream, reason: CancelReason): void {
+    if (!stream.cancel.signal.aborted) stream.cancel.abort(new CallCancelled(reason));
     if (!stream.incoming) return;
     stream.incoming.ended = true;
     stream.incoming.wake?.();
-    stream.incoming.cancel.abort();
   }
 
   #reset(stream: Stream, code: ErrorCode): void {
     this.#send(frame(FrameType.RST_STREAM, 0, stream.id, u32Payload(code)));
-    this.#cancelHandler(stream);
+    this.#cancelHandler(stream, "reset");
     this.#uncount(stream);
     stream.localClosed = true;
     stream.remoteClosed = true;
@@ -641,7 +702,7 @@ class Connection {
     this.#closed = true;
     for (const stream of this.#streams.values()) {
       this.#uncount(stream);
-      this.#cancelHandler(stream);
+      this.#cancelHandler(stream, "disconnect");
     }
     closeAfterWrites(this.#writer, this.#conn);
     this.server.connectionClosed(this);
