@@ -213,13 +213,13 @@ async function cancelled(metricsSocket: string, reason: string): Promise<number>
   return (await scrape(metricsSocket)).get(`edge_agent_predict_cancelled_total{reason="${reason}"}`) ?? 0;
 }
 
-/** Polls until a call is being handled (its handler started: the Run is starting or running). */
-async function untilInFlight(metricsSocket: string): Promise<void> {
-  for (let i = 0; i < 2000; i++) {
-    if (((await scrape(metricsSocket)).get("edge_agent_requests_in_flight") ?? 0) > 0) return;
+/** Polls until `count` calls are being handled (a handler started: its Run is starting or running). */
+async function untilInFlight(metricsSocket: string, count: number): Promise<void> {
+  for (let i = 0; i < 5000; i++) {
+    if (((await scrape(metricsSocket)).get("edge_agent_requests_in_flight") ?? 0) === count) return;
     await new Promise((r) => setTimeout(r, 1));
   }
-  throw new Error("the call never started");
+  throw new Error(`in-flight calls never reached ${count}`);
 }
 
 /** How long terminated Runs took to return after their cancellation, from the agent's debug log. */
@@ -389,15 +389,13 @@ Deno.test("deadlines and cancellation reach ONNX Runtime (det)", async (t) => {
       const resetBefore = await cancelled(metrics, "reset");
       const stopsBefore = stopTimes(agent, /cancelled/).length;
       const cpuBefore = await cpuSeconds(pid);
+      // One at a time: each call is cancelled once its handler runs, and the next waits for it to end.
       for (let i = 0; i < 100; i++) {
         const { call, done } = predict();
-        await untilInFlight(metrics);
+        await untilInFlight(metrics, 1);
         call.cancel();
         await rejectsWith(done, Status.CANCELLED);
-      }
-      // Every handler has ended once nothing is in flight.
-      for (let i = 0; i < 500 && (await scrape(metrics)).get("edge_agent_requests_in_flight"); i++) {
-        await new Promise((r) => setTimeout(r, 10));
+        await untilInFlight(metrics, 0);
       }
       const used = await cpuSeconds(pid) - cpuBefore;
       const count = await cancelled(metrics, "reset") - resetBefore;
@@ -418,11 +416,9 @@ Deno.test("deadlines and cancellation reach ONNX Runtime (det)", async (t) => {
       for (let i = 0; i < 5; i++) {
         const raw = await RawClient.open(agent.socket);
         await raw.send(raw.call(request).bytes);
-        await untilInFlight(metrics);
+        await untilInFlight(metrics, 1);
         raw.close();
-        for (let j = 0; j < 200 && await cancelled(metrics, "disconnect") - before < i + 1; j++) {
-          await new Promise((r) => setTimeout(r, 10));
-        }
+        await untilInFlight(metrics, 0);
       }
       assert.equal(await cancelled(metrics, "disconnect") - before, 5);
       const stops = stopTimes(agent, /connection closed/).slice(stopsBefore);
