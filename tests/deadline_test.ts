@@ -359,7 +359,21 @@ Deno.test("deadlines and cancellation reach ONNX Runtime (det)", async (t) => {
     });
 
     await t.step("100 det Predicts reset right behind their request (rapid reset) cost next to nothing", async () => {
+      // A LoadModel reset right behind its request is not started either (the last step lists models).
+      await Deno.copyFile(PADDLE_DET, join(agent.modelsDir, "det3.onnx"));
+      await signPackage(join(agent.modelsDir, "det3.onnx"));
+      const load = await RawClient.open(agent.socket);
+      const loadCall = load.call(
+        RPC_TYPES.LoadModel.request.encode({ url: `file://${join(agent.modelsDir, "det3.onnx")}`, name: "det3" })
+          .finish(),
+        { path: `/${SERVICE_NAME}/LoadModel` },
+      );
+      await load.send(concatBytes([loadCall.bytes, load.reset(loadCall.stream)]));
+      await load.sync();
+      load.close();
+
       const resetBefore = await cancelled(metrics, "reset");
+      const runsBefore = stopTimes(agent, /cancelled/).length;
       const cpuBefore = await cpuSeconds(pid);
       for (let connection = 0; connection < 34; connection++) {
         const raw = await RawClient.open(agent.socket);
@@ -373,15 +387,18 @@ Deno.test("deadlines and cancellation reach ONNX Runtime (det)", async (t) => {
           raw.close();
         }
       }
-      await agent.client.listModels(); // the agent is serving
+      await untilInFlight(metrics, 0);
       const used = await cpuSeconds(pid) - cpuBefore;
       const count = await cancelled(metrics, "reset") - resetBefore;
+      const runs = stopTimes(agent, /cancelled/).length - runsBefore;
       console.log(
         `rapid reset: 100 det calls cost ${used.toFixed(2)} CPU-s (100 whole ones: ${
           (100 * perPredict).toFixed(2)
-        }); ${count} counted cancelled`,
+        }); ${count} counted cancelled, ${runs} Runs started and terminated`,
       );
       assert.ok(count >= 90, `Predicts counted as cancelled by reset: ${count}`);
+      // The reset is read with the request's end (unless a read ends between them): no Run starts.
+      assert.ok(runs <= 20, `Runs started for calls reset with their request: ${runs}`);
       assert.ok(used < 0.35 * 100 * perPredict, `100 reset calls used ${used.toFixed(2)} CPU-s`);
     });
 
