@@ -80,8 +80,6 @@ export const ortApiSymbols = {
   },
   // OrtStatus* CreateRunOptions(OrtRunOptions** out)
   CreateRunOptions: { slot: 39, parameters: ["buffer"], result: "pointer" },
-  // OrtStatus* RunOptionsSetRunLogSeverityLevel(OrtRunOptions* options, int log_severity_level)
-  RunOptionsSetRunLogSeverityLevel: { slot: 41, parameters: ["pointer", "i32"], result: "pointer" },
   // OrtStatus* RunOptionsSetTerminate(OrtRunOptions* options)
   RunOptionsSetTerminate: { slot: 46, parameters: ["pointer"], result: "pointer" },
   // OrtStatus* CreateTensorWithDataAsOrtValue(const OrtMemoryInfo* info, void* p_data, size_t p_data_len,
@@ -378,14 +376,6 @@ export class RunOptions {
   get pointer(): Deno.PointerValue {
     if (this.#ptr === null) throw new NativeError("run options used after release");
     return this.#ptr;
-  }
-  /** ORT logs only this Run's errors (a terminated Run would log a warning line each time). */
-  logErrorsOnly(): this {
-    this.ort.check(
-      "RunOptionsSetRunLogSeverityLevel",
-      this.ort.api.RunOptionsSetRunLogSeverityLevel(this.pointer, ORT_LOGGING_LEVEL_ERROR),
-    );
-    return this;
   }
   /** Asks the Run to stop; a no-op once released. */
   terminate(): void {

@@ -270,7 +270,6 @@ export class ModelRegistry {
     };
     signal?.addEventListener("abort", terminate, { once: true });
     try {
-      options.logErrorsOnly();
       const outputs = await session.run(inputIndexes, inputs, options);
       // Terminated too late to stop ORT: the answer has no one to go to.
       if (signal?.aborted) {

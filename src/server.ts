@@ -177,11 +177,11 @@ function unary(
       // Given up before it started (e.g. reset right behind its request): no work at all.
       call.signal.throwIfAborted();
       const response = await handler(request, timing, call.signal);
+      if (rpc === "UnLoadModel") metrics.forget(model);
       // Finished after its caller went: the transport drops the answer; count what the client saw.
       call.signal.throwIfAborted();
       const message = response instanceof Uint8Array ? response : types.response.encode(response as object).finish();
       const ms = performance.now() - started;
-      if (rpc === "UnLoadModel") metrics.forget(model);
       metrics.request(rpc, seriesOf(model), "OK");
       if (rpc === "Predict" && isLoaded(model)) {
         metrics.predict(model, "total", ms / 1000);
