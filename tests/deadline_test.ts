@@ -21,11 +21,11 @@ const DATA = 0, HEADERS = 1, RST_STREAM = 3, SETTINGS = 4, PING = 6;
 const END_STREAM = 1, ACK = 1, END_HEADERS = 4;
 const CANCEL = 8;
 
-/** A det Predict request (640x640, 4.9 MB) as encoded protobuf. */
-function detRequest(side = 640): Uint8Array {
+/** A det Predict request (640x640: 4.9 MB) as encoded protobuf. */
+function detRequest(side = 640, name = "det"): Uint8Array {
   const shape = [1, 3, side, side];
   return RPC_TYPES.Predict.request.encode({
-    name: "det",
+    name,
     tensors: [tensor("x", FLOAT32, shape, pseudoRandomFloats(3 * side * side, 5))],
   }).finish();
 }
@@ -254,14 +254,14 @@ Deno.test("deadlines and cancellation reach ONNX Runtime (det)", async (t) => {
       "grpc.max_receive_message_length": 64 << 20,
       "grpc.max_send_message_length": 64 << 20,
     });
-    const predict = (deadlineMs?: number) => {
+    const predict = (deadlineMs?: number, body = request) => {
       let call: grpc.ClientUnaryCall;
       const done = new Promise<Buffer>((resolve, reject) => {
         call = grpcjs.makeUnaryRequest(
           PREDICT,
           (m: Uint8Array) => Buffer.from(m),
           (b: Buffer) => b,
-          request,
+          body,
           new grpc.Metadata(),
           deadlineMs ? { deadline: Date.now() + deadlineMs } : {},
           (error, response) => error ? reject(error) : resolve(response!),
@@ -451,7 +451,7 @@ Deno.test("deadlines and cancellation reach ONNX Runtime (det)", async (t) => {
         const client = new GrpcJsAgentClient(agent.socket);
         try {
           await rejectsWith(
-            client.call("LoadModel", { url: `file://${join(agent.modelsDir, "det2.onnx")}`, name: "det2" }, 40),
+            client.call("LoadModel", { url: `file://${join(agent.modelsDir, "det2.onnx")}`, name: "det2" }, 60),
             Status.DEADLINE_EXCEEDED,
           );
           let names: string[] = [];
@@ -460,7 +460,17 @@ Deno.test("deadlines and cancellation reach ONNX Runtime (det)", async (t) => {
             await new Promise((r) => setTimeout(r, 20));
           }
           assert.deepEqual(names.sort(), ["det", "det2"]);
+          const loaded = parseLogs(agent.logs()).find((l) => l.msg === "model loaded" && l.model === "det2");
+          console.log(`det2 loaded in ${loaded?.seconds} s, past the caller's 60 ms deadline`);
           assert.equal(await client.health(""), 1, "SERVING");
+
+          // UnLoadModel waits for det2's running Predict: its deadline passes first, yet det2 goes.
+          const running = predict(undefined, detRequest(1280, "det2"));
+          await untilInFlight(metrics, 1);
+          await rejectsWith(client.call("UnLoadModel", { name: "det2" }, 30), Status.DEADLINE_EXCEEDED);
+          await running.done;
+          await untilInFlight(metrics, 0);
+          assert.deepEqual((await client.listModels()).models.map((m) => m.name), ["det"]);
         } finally {
           client.close();
         }
