@@ -282,26 +282,24 @@ export function edgeManagerLine(
   };
   const tensors = (mode: "Input" | "Output", list: CaptureTensor[]) =>
     list.map((t, i) => {
-      const common = { name: t.name, mode, observedContentType: tensorContentType(t) };
-      if (t.data.length <= limit) return { ...common, data: t.data.toBase64(), encoding: "BASE64" };
-      return { ...common, "data-ref": ref(mode.toLowerCase(), i, "bin", t.data), encoding: "NONE" };
+      const rest = { mode, observedContentType: tensorContentType(t) };
+      if (t.data.length <= limit) return { name: t.name, data: t.data.toBase64(), encoding: "BASE64", ...rest };
+      return { name: t.name, "data-ref": ref(mode.toLowerCase(), i, "bin", t.data), encoding: "NONE", ...rest };
     });
   const auxes = (mode: "Input" | "Output", list: CaptureRecord["inputs"]) =>
     list.map((a, i) => {
+      const name = a.name || `${mode}-${i + 1}`;
+      const encoding = AuxEncoding[a.encoding] ?? String(a.encoding);
       const observedContentType = auxContentType(a.name, a.encoding);
-      const common = {
-        name: a.name || `${mode}-${i + 1}`,
-        encoding: AuxEncoding[a.encoding] ?? String(a.encoding),
-        mode,
-        observedContentType,
-      };
+      const rest = { mode, observedContentType };
       if (a.data.length > limit) {
-        return { ...common, "data-ref": ref(`aux-${mode.toLowerCase()}`, i, observedContentType, a.data) };
+        const dataRef = ref(`aux-${mode.toLowerCase()}`, i, observedContentType, a.data);
+        return { name, "data-ref": dataRef, encoding, ...rest };
       }
       const text = a.encoding !== AuxEncoding.NONE ? textOf(a.data) : null;
-      if (text !== null) return { ...common, data: text };
+      if (text !== null) return { name, data: text, encoding, ...rest };
       // Binary (or text that is not UTF-8) cannot be a JSON string as it is: embedded as base64, said so.
-      return { ...common, encoding: "BASE64", data: a.data.toBase64() };
+      return { name, data: a.data.toBase64(), encoding: "BASE64", ...rest };
     });
   const line = JSON.stringify({
     eventVersion: "0",
