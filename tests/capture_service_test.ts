@@ -112,6 +112,31 @@ Deno.test("Disk, Edge Manager layout (default): <prefix>/<fleet>/<model>/YYYY/MM
   }
 });
 
+Deno.test("a batch whose captures span hours writes one record file per hour folder, same batch id", async () => {
+  const dirs = await tempDirs();
+  try {
+    const service = await open(dirs, { batchSize: 2, pushPeriodSeconds: 3600 });
+    await service.capture(makeRecord("h1", "m"));
+    const later = makeRecord("h2", "m");
+    await service.capture({ ...later, inferenceTimestamp: { seconds: 1_717_000_000 + 3600, nanos: 0 } });
+    assert.ok(await service.flush(5000));
+    await service.close();
+    const files = await walk(dirs.diskPath);
+    assert.equal(files.length, 2, files.join("\n"));
+    const [first, second] = files;
+    assert.match(first, /^edge\/captures\/fleet-1\/m\/2024\/05\/29\/16\/[^/]+\.jsonl$/);
+    assert.match(second, /^edge\/captures\/fleet-1\/m\/2024\/05\/29\/17\/[^/]+\.jsonl$/);
+    assert.equal(first.split("/").at(-1), second.split("/").at(-1));
+    const ids = await Promise.all(files.map(async (f) => JSON.parse(await Deno.readTextFile(`${dirs.diskPath}/${f}`))));
+    assert.deepEqual(ids.map((r) => [r.eventMetadata.eventId, r.eventMetadata.inferenceTime]), [
+      ["h1", "2024-05-29T16:26:40"],
+      ["h2", "2024-05-29T17:26:40"],
+    ]);
+  } finally {
+    await Deno.remove(dirs.base, { recursive: true });
+  }
+});
+
 Deno.test('Disk, manifest layout (edge_agent_capture_layout "manifest"): manifests parse, tensors read back byte-exact', async () => {
   const dirs = await tempDirs();
   const sizes: Record<string, number> = { c1: 16, c2: 5000, c3: 3072, c4: 3073, c5: 100_000, c6: 0, c7: 20 };

@@ -84,7 +84,7 @@ def main():
                 "eventMetadata": record["eventMetadata"],
                 "deviceId": record["eventMetadata"]["deviceId"],
             }
-            first = record["deviceFleetInputs"][0]
+            first = (record["deviceFleetInputs"] or [{}])[0]
             if "data" in first and len(base64.b64decode(first["data"])) == 24:
                 # Exactly what the published S3-triggered functions did.
                 summary["lambda_inputs"] = list(struct.unpack("6f", base64.b64decode(record["deviceFleetInputs"][0]["data"])))
