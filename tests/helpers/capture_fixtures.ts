@@ -79,6 +79,9 @@ export class TestS3 {
   }
 
   async stop(): Promise<void> {
+    // close() alone waits for every open connection to end: a kept-alive one held it for 90 s at times.
+    (this.server as unknown as { httpServer?: { closeAllConnections?: () => void } } | null)?.httpServer
+      ?.closeAllConnections?.();
     await this.server?.close();
     this.server = null;
   }
