@@ -632,7 +632,7 @@ function slope(points: [number, number][]): number {
   return covariance / variance;
 }
 
-/** Capture ids of every manifest line the Disk destination wrote, with how often each appears. */
+/** Capture ids of every record line the Disk destination wrote (Edge Manager's layout), with how often each appears. */
 async function storedCaptureIds(folder: string): Promise<Map<string, number>> {
   const counts = new Map<string, number>();
   const walk = async (dir: string): Promise<void> => {
@@ -642,7 +642,7 @@ async function storedCaptureIds(folder: string): Promise<Map<string, number>> {
       else if (entry.name.endsWith(".jsonl")) {
         for (const line of (await Deno.readTextFile(path)).split("\n")) {
           if (line === "") continue;
-          const id = (JSON.parse(line) as { captureId: string }).captureId;
+          const id = (JSON.parse(line) as { eventMetadata: { eventId: string } }).eventMetadata.eventId;
           counts.set(id, (counts.get(id) ?? 0) + 1);
         }
       }

@@ -55,6 +55,7 @@ async function openCapture(config: AgentConfig, log: Logger): Promise<CaptureSer
     batchSize: config.captureBatchSize,
     pushPeriodSeconds: config.capturePushPeriodSeconds,
     base64EmbedLimit: config.captureBase64EmbedLimit,
+    layout: config.captureLayout,
     periodicUpload: config.capturePeriodicUpload,
     periodicUploadPeriodSeconds: config.capturePeriodicUploadPeriodSeconds,
     statusRetentionSeconds: config.captureStatusRetentionSeconds,

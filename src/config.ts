@@ -4,6 +4,7 @@
 import { isAbsolute } from "node:path";
 import { StartupError } from "./errors.ts";
 import type { SharedMemoryKind } from "./shm.ts";
+import { CAPTURE_LAYOUTS, type CaptureLayout } from "./capture/layout.ts";
 
 export const DEFAULT_SOCKET_PATH = "/tmp/sagemaker_edge_agent_example.sock";
 
@@ -45,6 +46,7 @@ export interface AgentConfig {
   captureBatchSize: number;
   capturePushPeriodSeconds: number;
   captureBase64EmbedLimit: number;
+  captureLayout: CaptureLayout;
   capturePeriodicUpload: boolean;
   capturePeriodicUploadPeriodSeconds: number;
   captureSpoolMaxBytes: number;
@@ -104,6 +106,7 @@ export const DEFAULTS: AgentConfig = {
   captureBatchSize: 10,
   capturePushPeriodSeconds: 4,
   captureBase64EmbedLimit: 3072,
+  captureLayout: "edge-manager",
   capturePeriodicUpload: false,
   capturePeriodicUploadPeriodSeconds: 60,
   captureSpoolMaxBytes: 256 * MiB,
@@ -189,6 +192,7 @@ const AGENT_KEYS: Record<string, KeySpec> = {
   edge_agent_package_max_ratio: { kind: "integer", field: "packageMaxRatio", min: 2 },
   edge_agent_s3_endpoint: { kind: "string", field: "s3Endpoint", pattern: /^https?:\/\/[A-Za-z0-9.-]+(:\d{1,5})?\/?$/ },
   edge_agent_s3_force_path_style: { kind: "boolean", field: "s3ForcePathStyle" },
+  edge_agent_capture_layout: { kind: "string", field: "captureLayout", oneOf: CAPTURE_LAYOUTS },
   edge_agent_capture_spool_max_bytes: { kind: "integer", field: "captureSpoolMaxBytes", min: MiB },
   edge_agent_capture_clock_skew_seconds: { kind: "integer", field: "captureClockSkewSeconds", min: 0, max: 86400 },
   edge_agent_capture_status_retention_seconds: {

@@ -30,6 +30,8 @@ export interface ModelInfo {
   outputs: TensorSpec[];
   sizeBytes: number;
   loadSeconds: number;
+  /** The package's version (edge-model.json "version"); absent when it names none. */
+  version?: string;
 }
 
 /** An output tensor whose bytes are borrowed from ORT: valid only inside the consumer callback. */
@@ -114,6 +116,9 @@ export class ModelRegistry {
       }
       this.#reserve(name, model.bytes.byteLength);
       entry.info.sizeBytes = model.bytes.byteLength;
+      const version: unknown = model.manifest?.version;
+      // Captures record it; Edge Manager's ModelVersion was a string of at most 64 characters.
+      if (typeof version === "string" || typeof version === "number") entry.info.version = String(version).slice(0, 64);
       const options = sessionOptions(this.ort, this.config);
       try {
         session = await Session.create(this.ort, model.bytes, options);

@@ -7,7 +7,7 @@ import { Status } from "../src/errors.ts";
 import { enumValues } from "../src/wire.ts";
 import { type AgentProcess, startAgent, withAgent } from "./helpers/agent.ts";
 import { floats, rejectsWith, tensor } from "./helpers/assertions.ts";
-import { BUCKET, TestS3 } from "./helpers/capture_fixtures.ts";
+import { BUCKET, type EdgeManagerRecord, TestS3 } from "./helpers/capture_fixtures.ts";
 import { identityModel, OnnxType, writeModelFolder } from "./helpers/onnx_models.ts";
 import { SysvSegment } from "./helpers/shm_segments.ts";
 
@@ -15,7 +15,6 @@ const DataType = enumValues("DataType");
 const Encoding = enumValues("Encoding");
 const CaptureStatus = enumValues("CaptureDataStatus");
 const encoder = new TextEncoder();
-const decoder = new TextDecoder();
 
 /** Fast batching, so a capture reaches its destination within a second. */
 const QUICK = {
@@ -72,29 +71,15 @@ async function filesUnder(root: string): Promise<string[]> {
   return out;
 }
 
-interface Line {
-  captureId: string;
-  modelName: string;
-  inputTensors: {
-    name: string;
-    shape: number[];
-    dataTypeName: string;
-    byteLength: number;
-    data?: string;
-    key?: string;
-  }[];
-  outputTensors: { name: string; byteLength: number; data?: string; key?: string }[];
-  inputs: { name: string; encoding: string; data: string }[];
-  outputs: { name: string; encoding: string; data: string }[];
-}
-
-async function manifests(root: string): Promise<Map<string, { line: Line; file: string }>> {
-  const found = new Map<string, { line: Line; file: string }>();
+/** Edge Manager's records (the default layout) by capture id, with the file each is in. */
+async function manifests(root: string): Promise<Map<string, { line: EdgeManagerRecord; file: string }>> {
+  const found = new Map<string, { line: EdgeManagerRecord; file: string }>();
   for (const file of (await filesUnder(root)).filter((f) => f.endsWith(".jsonl"))) {
     for (const raw of (await Deno.readTextFile(file)).trimEnd().split("\n")) {
-      const line = JSON.parse(raw) as Line;
-      assert.ok(!found.has(line.captureId), `${line.captureId} appears twice`);
-      found.set(line.captureId, { line, file });
+      const line = JSON.parse(raw) as EdgeManagerRecord;
+      const id = line.eventMetadata.eventId;
+      assert.ok(!found.has(id), `${id} appears twice`);
+      found.set(id, { line, file });
     }
   }
   return found;
@@ -127,26 +112,25 @@ Deno.test("CaptureData to disk: tensors by bytes and shared memory, auxiliary da
       await until(async () => await status(agent, "first-1") === CaptureStatus.SUCCESS, "first-1 is stored");
 
       const { line, file } = (await manifests(captures)).get("first-1")!;
-      const date = new Date().toISOString().slice(0, 10).replaceAll("-", "/");
-      assert.match(file, new RegExp(`/captures/unnamed-fleet/unnamed-device/id/${date}/[^/]+\\.jsonl$`));
-      assert.equal(line.modelName, "id");
-      const input = line.inputTensors[0];
-      assert.deepEqual([input.name, input.shape, input.dataTypeName, input.byteLength], [
+      const hour = new Date((Math.floor(Date.now() / 1000) - 5) * 1000).toISOString().slice(0, 13);
+      assert.match(file, new RegExp(`/captures/unnamed-fleet/id/${hour.replace(/[-T]/g, "/")}/[^/]+\\.jsonl$`));
+      assert.equal(line.eventMetadata.modelName, "id");
+      assert.equal(line.eventMetadata.deviceId, "unnamed-device");
+      const input = line.deviceFleetInputs[0];
+      assert.deepEqual([input.name, input.observedContentType, input.encoding], [
         "x",
-        [400, 3],
-        "FLOAT32",
-        4800,
+        "Tensor[FLOAT32; 400, 3]",
+        "NONE",
       ]);
-      assert.ok(input.key && !input.data, "a 4800-byte tensor is a separate object");
-      const stored = await Deno.readFile(join(captures, input.key));
+      assert.ok(input["data-ref"] && !input.data, "a 4800-byte tensor is a separate object");
+      assert.ok(input["data-ref"].startsWith(`file://${captures}/`), input["data-ref"]);
+      const stored = await Deno.readFile(input["data-ref"].slice("file://".length));
       assert.deepEqual([...floats(stored)], [...big]);
-      assert.deepEqual([...floats(Uint8Array.fromBase64(line.outputTensors[0].data!))], [7, 8, 9]);
-      assert.deepEqual([line.inputs[0].name, line.inputs[0].encoding], ["request", "JSON"]);
-      assert.equal(decoder.decode(Uint8Array.fromBase64(line.inputs[0].data)), '{"frame":1}');
-      assert.deepEqual([line.outputs[0].encoding, decoder.decode(Uint8Array.fromBase64(line.outputs[0].data))], [
-        "CSV",
-        "a,b\n1,2\n",
-      ]);
+      assert.deepEqual([...floats(Uint8Array.fromBase64(line.deviceFleetOutputs[0].data!))], [7, 8, 9]);
+      const [request] = line.deviceFleetAuxiliaryInputs;
+      assert.deepEqual([request.name, request.encoding, request.data], ["request", "JSON", '{"frame":1}']);
+      const [table] = line.deviceFleetAuxiliaryOutputs;
+      assert.deepEqual([table.encoding, table.data], ["CSV", "a,b\n1,2\n"], "shared memory aux data, as text");
     } finally {
       segment.remove();
       auxSegment.remove();
@@ -202,7 +186,7 @@ Deno.test("CaptureData to S3 (s3rver): stored with the layout, delivered after a
       const listing = await (await fetch(`http://127.0.0.1:${s3.port}/${BUCKET}?prefix=fleet-captures/`)).text();
       const keys = [...listing.matchAll(/<Key>([^<]+)<\/Key>/g)].map((m) => m[1]);
       assert.equal(keys.length, 1, listing);
-      assert.match(keys[0], /^fleet-captures\/fleet-7\/camera-3\/id\/\d{4}\/\d{2}\/\d{2}\/[^/]+\.jsonl$/);
+      assert.match(keys[0], /^fleet-captures\/fleet-7\/id\/\d{4}\/\d{2}\/\d{2}\/\d{2}\/[^/]+\.jsonl$/);
 
       await s3.stop();
       for (let i = 0; i < 5; i++) await capture(agent, `outage-${i}`);

@@ -105,7 +105,7 @@ Deno.test(`crash: ${ROUNDS} SIGKILLs at random moments lose no acknowledged capt
     for (const key of manifests) {
       const text = new TextDecoder().decode((await client.getObject(key))!);
       for (const line of text.trimEnd().split("\n")) {
-        const id = JSON.parse(line).captureId as string;
+        const id = JSON.parse(line).eventMetadata.eventId as string;
         seen.set(id, (seen.get(id) ?? 0) + 1);
       }
     }
@@ -116,7 +116,7 @@ Deno.test(`crash: ${ROUNDS} SIGKILLs at random moments lose no acknowledged capt
     assert.deepEqual(missing, [], "acknowledged captures missing at the destination");
     const big = [...seen.keys()].filter((id) => crashOutputBytes(id) > 3072);
     assert.equal(tensors.length, big.length, "one tensor object per large output");
-    for (const id of big) assert.equal(tensors.filter((k) => k.includes(`/${id}/`)).length, 1, id);
+    for (const id of big) assert.equal(tensors.filter((k) => k.endsWith(`/${id}-output-0.bin`)).length, 1, id);
     console.log(
       `crash: ${ROUNDS} rounds (${early} killed while starting), ${acked.length} acknowledged, ` +
         `${earlyManifests.length} manifests stored during the rounds (${rewritten} of their captures killed before ` +

@@ -60,16 +60,15 @@ Deno.test("Cloud: captures land on S3 in the documented layout; statuses go IN_P
     for (const key of keys) {
       assert.match(
         key,
-        new RegExp(
-          `^captures/fleet-1/device-1/resnet/\\d{4}/\\d{2}/\\d{2}/` +
-            `(${batch}\\.jsonl|tensors/${batch}/a\\d/output-0-scores\\.bin)$`,
-        ),
+        new RegExp(`^captures/fleet-1/resnet/2024/05/29/16/(${batch}\\.jsonl|${batch}/a\\d-output-0\\.bin)$`),
       );
     }
     assert.equal(keys.filter((k) => k.endsWith(".jsonl")).length, 2, "a batch of 4 and one of 1");
     assert.equal(keys.filter((k) => k.endsWith(".bin")).length, 2, "a2 and a4 are separate objects");
-    const lines = await readBack(keys, read, (id) => sizes[id]);
-    assert.deepEqual([...lines.keys()].sort(), Object.keys(sizes));
+    const records = await readBack(keys, read, (id) => sizes[id]);
+    assert.deepEqual([...records.keys()].sort(), Object.keys(sizes));
+    const a2 = keys.find((k) => k.endsWith("/a2-output-0.bin"));
+    assert.equal(records.get("a2")!.deviceFleetOutputs[0]["data-ref"], `s3://${s3.options.bucket}/${a2}`);
   });
 });
 

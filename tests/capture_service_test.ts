@@ -12,7 +12,7 @@ import {
   DiskDestination,
 } from "../src/capture/mod.ts";
 import { AgentError, Status } from "../src/errors.ts";
-import { makeRecord, quiet, readBack } from "./helpers/capture_fixtures.ts";
+import { makeRecord, quiet, readBack, readBackManifest } from "./helpers/capture_fixtures.ts";
 
 const decoder = new TextDecoder();
 
@@ -63,11 +63,85 @@ async function walk(root: string, rel = ""): Promise<string[]> {
   return out.sort();
 }
 
-Deno.test("Disk: captures land in the documented layout, manifests parse, tensors read back byte-exact", async () => {
+Deno.test("Disk, Edge Manager layout (default): <prefix>/<fleet>/<model>/YYYY/MM/DD/HH, records and data-refs", async () => {
   const dirs = await tempDirs();
   const sizes: Record<string, number> = { c1: 16, c2: 5000, c3: 3072, c4: 3073, c5: 100_000, c6: 0, c7: 20 };
   try {
     const service = await open(dirs);
+    for (const [id, n] of Object.entries(sizes)) {
+      await service.capture({ ...makeRecord(id, id === "c7" ? "model/b" : "model-a", n), modelVersion: "2.1" });
+    }
+    assert.ok(await service.flush(10_000));
+    for (const id of Object.keys(sizes)) assert.equal(service.status(id), "SUCCESS", id);
+    await service.close();
+
+    const files = await walk(dirs.diskPath);
+    const batch = "\\d{8}T\\d{9}Z-[0-9a-f]{16}";
+    for (const f of files) {
+      assert.match(
+        f,
+        new RegExp(
+          `^edge/captures/fleet-1/(model-a|model%2Fb)/2024/05/29/16/(${batch}\\.jsonl|${batch}/c\\d-output-0\\.bin)$`,
+        ),
+      );
+    }
+    const records = await readBack(files, (k) => Deno.readFile(`${dirs.diskPath}/${k}`), (id) => sizes[id]);
+    assert.deepEqual([...records.keys()].sort(), Object.keys(sizes));
+    assert.equal(files.filter((f) => f.endsWith(".bin")).length, 3, "c2, c4 and c5 are separate objects");
+    const c4 = records.get("c4")!.deviceFleetOutputs[0];
+    assert.equal(c4["data-ref"], `file://${dirs.diskPath}/${files.find((f) => f.endsWith("/c4-output-0.bin"))}`);
+    const c7 = records.get("c7")!;
+    assert.deepEqual(c7.eventMetadata, {
+      deviceFleetName: "fleet-1",
+      deviceId: "device 1",
+      eventId: "c7",
+      inferenceTime: "2024-05-29T16:26:40",
+      modelName: "model/b",
+      modelVersion: "2.1",
+    });
+    assert.deepEqual(Object.entries(c7.deviceFleetInputs[0]), [
+      ["name", "input"],
+      ["data", c7.deviceFleetInputs[0].data],
+      ["encoding", "BASE64"],
+      ["mode", "Input"],
+      ["observedContentType", "Tensor[FLOAT32; 1, 4]"],
+    ]);
+    assert.equal(c7.deviceFleetOutputs[0].observedContentType, "Tensor[UINT8; 20]");
+  } finally {
+    await Deno.remove(dirs.base, { recursive: true });
+  }
+});
+
+Deno.test("a batch whose captures span hours writes one record file per hour folder, same batch id", async () => {
+  const dirs = await tempDirs();
+  try {
+    const service = await open(dirs, { batchSize: 2, pushPeriodSeconds: 3600 });
+    await service.capture(makeRecord("h1", "m"));
+    const later = makeRecord("h2", "m");
+    await service.capture({ ...later, inferenceTimestamp: { seconds: 1_717_000_000 + 3600, nanos: 0 } });
+    assert.ok(await service.flush(5000));
+    await service.close();
+    const files = await walk(dirs.diskPath);
+    assert.equal(files.length, 2, files.join("\n"));
+    const [first, second] = files;
+    assert.match(first, /^edge\/captures\/fleet-1\/m\/2024\/05\/29\/16\/[^/]+\.jsonl$/);
+    assert.match(second, /^edge\/captures\/fleet-1\/m\/2024\/05\/29\/17\/[^/]+\.jsonl$/);
+    assert.equal(first.split("/").at(-1), second.split("/").at(-1));
+    const ids = await Promise.all(files.map(async (f) => JSON.parse(await Deno.readTextFile(`${dirs.diskPath}/${f}`))));
+    assert.deepEqual(ids.map((r) => [r.eventMetadata.eventId, r.eventMetadata.inferenceTime]), [
+      ["h1", "2024-05-29T16:26:40"],
+      ["h2", "2024-05-29T17:26:40"],
+    ]);
+  } finally {
+    await Deno.remove(dirs.base, { recursive: true });
+  }
+});
+
+Deno.test('Disk, manifest layout (edge_agent_capture_layout "manifest"): manifests parse, tensors read back byte-exact', async () => {
+  const dirs = await tempDirs();
+  const sizes: Record<string, number> = { c1: 16, c2: 5000, c3: 3072, c4: 3073, c5: 100_000, c6: 0, c7: 20 };
+  try {
+    const service = await open(dirs, { layout: "manifest" });
     for (const [id, n] of Object.entries(sizes)) {
       await service.capture(makeRecord(id, id === "c7" ? "model/b" : "model-a", n));
       assert.equal(service.status(id), "IN_PROGRESS");
@@ -94,7 +168,7 @@ Deno.test("Disk: captures land in the documented layout, manifests parse, tensor
         ),
       );
     }
-    const lines = await readBack(files, (k) => Deno.readFile(`${dirs.diskPath}/${k}`), (id) => sizes[id]);
+    const lines = await readBackManifest(files, (k) => Deno.readFile(`${dirs.diskPath}/${k}`), (id) => sizes[id]);
     assert.deepEqual([...lines.keys()].sort(), Object.keys(sizes));
     assert.equal(files.filter((f) => f.endsWith(".bin")).length, 3, "c2, c4 and c5 are separate objects");
     assert.equal(lines.get("c7")!.modelName, "model/b");
@@ -237,7 +311,7 @@ Deno.test("a permanently refused capture is split from its batch and dead-letter
     assert.match(info.reason, /AccessDenied/);
     const kept = decodeRecord(await Deno.readFile(`${dead}/${files.find((f) => f.endsWith(".capture"))}`));
     const { arrivalTime: _, ...rest } = kept;
-    assert.deepEqual(rest, records[1] as CaptureRecord);
+    assert.deepEqual(rest, { ...records[1], modelVersion: "" } as CaptureRecord);
 
     const again = await open(dirs, options);
     assert.equal(again.status("bad-1"), "FAILURE");

@@ -39,16 +39,27 @@ Deno.test("crc32c matches the standard check value and continues across calls", 
 });
 
 Deno.test("a capture record survives encoding byte for byte, and bad records are refused", () => {
-  const record = { ...makeRecord("id-1", "model/ü", 5000), arrivalTime: { seconds: 1_717_000_001, nanos: 5 } };
+  const record = {
+    ...makeRecord("id-1", "model/ü", 5000),
+    modelVersion: "3.1",
+    arrivalTime: { seconds: 1_717_000_001, nanos: 5 },
+  };
   const frame = encodeRecordFrame(record);
   const payload = frame.subarray(FRAME_HEADER_BYTES);
   assert.deepEqual(decodeRecord(payload), record);
   assert.deepEqual(decodeRecordHeader(payload), {
     captureId: "id-1",
     modelName: "model/ü",
+    modelVersion: "3.1",
     inferenceTimestamp: record.inferenceTimestamp,
     arrivalTime: record.arrivalTime,
   });
+  // A version 1 record (spooled before model versions were kept) still decodes, with version "".
+  const v2 = encodeRecordFrame({ ...record, modelVersion: "" }).subarray(FRAME_HEADER_BYTES);
+  const at = 1 + 2 + 4 + 2 + encoder.encode("model/ü").length; // version, id, model: then u16 0 (no version)
+  assert.deepEqual([v2[0], v2[at], v2[at + 1]], [2, 0, 0]);
+  const v1 = Uint8Array.of(1, ...v2.subarray(1, at), ...v2.subarray(at + 2));
+  assert.deepEqual(decodeRecord(v1), { ...record, modelVersion: "" });
   const bad = (patch: object) =>
     assert.throws(() => encodeRecordFrame({ ...record, ...patch }), (e) => {
       assert.ok(e instanceof AgentError);

@@ -1,7 +1,7 @@
 // Where batches go. A put is idempotent (same key, same bytes) and resolves only once the object is
 // durable there; errors say whether retrying may help.
 
-import { dirname } from "node:path";
+import { dirname, resolve } from "node:path";
 import { ensureDirDurable, writeFileDurable } from "./fsutil.ts";
 import { S3Client, S3Error, type S3Options } from "./s3.ts";
 
@@ -9,6 +9,8 @@ export interface Destination {
   /** "Disk" or "Cloud", for logs and stats. */
   readonly kind: "Disk" | "Cloud";
   put(key: string, data: Uint8Array, contentType: string, signal?: AbortSignal): Promise<void>;
+  /** Where the object at `key` is, as capture records reference it (s3://bucket/key, file:///path). */
+  dataRef?(key: string): string;
 }
 
 /** A put that failed. `transient`: an outage (retried without limit); otherwise counts towards max attempts. */
@@ -28,6 +30,11 @@ export class DiskDestination implements Destination {
   private knownDirs = new Set<string>();
 
   constructor(readonly root: string, private readonly sync = true) {}
+
+  dataRef(key: string): string {
+    // Not percent-encoded: consumers strip "file://" to get the path, as Edge Manager's records allowed.
+    return `file://${resolve(this.root)}/${key}`;
+  }
 
   async put(key: string, data: Uint8Array): Promise<void> {
     const path = `${this.root}/${key}`;
@@ -50,8 +57,12 @@ export class S3Destination implements Destination {
   readonly kind = "Cloud";
   readonly client: S3Client;
 
-  constructor(options: S3Options) {
+  constructor(private readonly options: S3Options) {
     this.client = new S3Client(options);
+  }
+
+  dataRef(key: string): string {
+    return `s3://${this.options.bucket}/${key}`;
   }
 
   async put(key: string, data: Uint8Array, contentType: string, signal?: AbortSignal): Promise<void> {

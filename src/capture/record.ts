@@ -1,7 +1,7 @@
 // A capture record and its binary form in the spool.
 //
-// Layout (version 1, little-endian; str = u16 UTF-8 byte length + bytes):
-//   u8 version, str capture_id, str model_name,
+// Layout (version 2, little-endian; str = u16 UTF-8 byte length + bytes):
+//   u8 version, str capture_id, str model_name, str model_version (absent in version 1: read as ""),
 //   i64 inference seconds, u32 inference nanos, i64 arrival seconds, u32 arrival nanos,
 //   u32 counts of input tensors, output tensors, aux inputs, aux outputs,
 //   each tensor: str name, u32 data_type, u32 rank, f64 dims[rank], u32 byte length, bytes
@@ -43,6 +43,8 @@ export interface CaptureAux {
 export interface CaptureRecord {
   captureId: string;
   modelName: string;
+  /** The loaded package's version (edge-model.json), "" when it names none. */
+  modelVersion?: string;
   inferenceTimestamp: Timestamp;
   /** When the agent received the request; CaptureService.capture fills it in when absent. */
   arrivalTime?: Timestamp;
@@ -56,11 +58,12 @@ export interface CaptureRecord {
 export interface RecordHeader {
   captureId: string;
   modelName: string;
+  modelVersion: string;
   inferenceTimestamp: Timestamp;
   arrivalTime: Timestamp;
 }
 
-const VERSION = 1;
+const VERSION = 2;
 const encoder = new TextEncoder();
 const decoder = new TextDecoder("utf-8", { fatal: true });
 const MAX_U32 = 0xffffffff;
@@ -103,10 +106,11 @@ function checkU32(what: string, n: unknown): number {
 export function encodeRecordFrame(record: CaptureRecord & { arrivalTime: Timestamp }): Uint8Array {
   const id = checkString("capture_id", record.captureId);
   const model = checkString("model_name", record.modelName);
+  const modelVersion = checkString("model version", record.modelVersion ?? "", true);
   checkTimestamp("inference_timestamp", record.inferenceTimestamp);
   checkTimestamp("arrival time", record.arrivalTime);
   const lists = [record.inputTensors ?? [], record.outputTensors ?? [], record.inputs ?? [], record.outputs ?? []];
-  let size = 1 + 2 + id.length + 2 + model.length + 8 + 4 + 8 + 4 + 16;
+  let size = 1 + 2 + id.length + 2 + model.length + 2 + modelVersion.length + 8 + 4 + 8 + 4 + 16;
   const names: Uint8Array[] = [];
   for (const [which, tensors] of [["input tensor", lists[0]], ["output tensor", lists[1]]] as const) {
     for (const t of tensors as CaptureTensor[]) {
@@ -161,6 +165,7 @@ export function encodeRecordFrame(record: CaptureRecord & { arrivalTime: Timesta
   frame[p++] = VERSION;
   str(id);
   str(model);
+  str(modelVersion);
   ts(record.inferenceTimestamp);
   ts(record.arrivalTime);
   for (const list of lists) u32(list.length);
@@ -237,8 +242,12 @@ class Reader {
 
 function readHeader(r: Reader): RecordHeader {
   const version = r.u8();
-  if (version !== VERSION) throw new Error(`capture record version ${version} is not supported`);
-  return { captureId: r.str(), modelName: r.str(), inferenceTimestamp: r.ts(), arrivalTime: r.ts() };
+  // Version 1 (no model version) is still read: a spool written before an upgrade drains after it.
+  if (version !== VERSION && version !== 1) throw new Error(`capture record version ${version} is not supported`);
+  const captureId = r.str();
+  const modelName = r.str();
+  const modelVersion = version === 1 ? "" : r.str();
+  return { captureId, modelName, modelVersion, inferenceTimestamp: r.ts(), arrivalTime: r.ts() };
 }
 
 export function decodeRecordHeader(payload: Uint8Array): RecordHeader {

@@ -27,6 +27,7 @@ export function captureRecord(request: CaptureDataRequest, context: CaptureConte
   return {
     captureId: id,
     modelName: model.name,
+    modelVersion: model.version ?? "",
     inferenceTimestamp: timestamp(request, context),
     inputTensors: tensors(bindInputs(model.name, model.inputs, request.input_tensors, { requireAll: false }), context),
     outputTensors: tensors(

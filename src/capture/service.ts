@@ -28,12 +28,12 @@ import { type Destination, DestinationError, DiskDestination, S3Destination } fr
 import { checkFileHeader, encodeFrame, FILE_HEADER_BYTES, fileHeader, scanFrames } from "./frame.ts";
 import { ensureDirDurable, sleep, writeAll, writeFileDurable } from "./fsutil.ts";
 import {
-  batchFolder,
+  CAPTURE_LAYOUTS,
+  type CaptureLayout,
   encodeComponent,
+  layoutBatch,
   type LayoutOptions,
   makeBatchId,
-  manifestKey,
-  manifestLine,
   MAX_BASE64_EMBED_LIMIT,
 } from "./layout.ts";
 import {
@@ -71,6 +71,8 @@ export interface CaptureOptions {
   batchSize?: number;
   /** sagemaker_edge_core_capture_data_push_period_seconds; default 4. */
   pushPeriodSeconds?: number;
+  /** edge_agent_capture_layout: "edge-manager" (Edge Manager's keys and records, default) or "manifest". */
+  layout?: CaptureLayout;
   /** sagemaker_edge_core_capture_data_base64_embed_limit in bytes; default and maximum 3072. */
   base64EmbedLimit?: number;
   /** sagemaker_edge_core_capture_data_periodic_upload: with Disk, also mirror what is written to S3. */
@@ -147,6 +149,7 @@ const DEFAULTS = {
   maxSpoolBytes: 256 * 1024 * 1024,
   batchSize: 10,
   pushPeriodSeconds: 4,
+  layout: "edge-manager" as CaptureLayout,
   base64EmbedLimit: MAX_BASE64_EMBED_LIMIT,
   periodicUpload: false,
   periodicUploadPeriodSeconds: 60,
@@ -201,6 +204,7 @@ function checkOptions(o: Resolved): string[] {
     }
   }
   if (o.periodicUpload && o.destination === "Disk" && !o.s3) problems.push("capture: periodic upload needs s3 options");
+  if (!CAPTURE_LAYOUTS.includes(o.layout)) problems.push(`capture: layout is one of ${CAPTURE_LAYOUTS.join(", ")}`);
   return problems;
 }
 
@@ -256,6 +260,8 @@ export class CaptureService {
     this.now = options.now ?? Date.now;
     this.root = `${options.stateDir}/capture`;
     this.layout = {
+      kind: this.o.layout,
+      dataRef: (key) => this.destination.dataRef?.(key) ?? key,
       folderPrefix: this.o.folderPrefix,
       deviceFleetName: this.o.deviceFleetName,
       deviceName: this.o.deviceName,
@@ -617,10 +623,8 @@ export class CaptureService {
     }
   }
 
-  /** Writes a batch's separate tensors, then its manifest; throws DestinationError or a spool read error. */
+  /** Writes a batch's separate objects, then its record files (layout.ts); throws DestinationError or a spool read error. */
   private async publish(batch: SealedBatch): Promise<void> {
-    const folder = batchFolder(this.layout, batch.model, batch.at);
-    const lines: string[] = [];
     const ids = batch.ids.filter((id) => this.pending.has(id));
     let payloads: Uint8Array[];
     try {
@@ -628,23 +632,21 @@ export class CaptureService {
     } catch (e) {
       throw new DestinationError(`batch ${batch.id}: spool records unreadable: ${(e as Error).message}`, false);
     }
-    for (const [i, id] of ids.entries()) {
-      let record;
+    const records = ids.map((id, i) => {
       try {
-        record = decodeRecord(payloads[i]);
+        return decodeRecord(payloads[i]);
       } catch (e) {
         throw new DestinationError(`capture ${id}: spool record unreadable: ${(e as Error).message}`, false);
       }
-      const { line, objects } = manifestLine(this.layout, folder, batch.id, record);
-      await mapLimit(objects, TENSOR_PUTS_AT_ONCE, async (o) => {
+    });
+    for (const file of layoutBatch(this.layout, batch, records)) {
+      await mapLimit(file.objects, TENSOR_PUTS_AT_ONCE, async (o) => {
         if (this.stopped) throw new DestinationError("stopped", true);
         await this.destination.put(o.key, o.data, "application/octet-stream", this.abort.signal);
       });
-      lines.push(line);
+      if (this.stopped) throw new DestinationError("stopped", true);
+      await this.destination.put(file.key, file.body, "application/x-ndjson", this.abort.signal);
     }
-    if (this.stopped) throw new DestinationError("stopped", true);
-    const manifest = encoder.encode(lines.join("\n") + "\n");
-    await this.destination.put(manifestKey(folder, batch.id), manifest, "application/x-ndjson", this.abort.signal);
   }
 
   private async upload(run: BatchRun): Promise<void> {

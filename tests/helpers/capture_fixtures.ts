@@ -79,11 +79,15 @@ export class TestS3 {
   }
 
   async stop(): Promise<void> {
+    // close() alone waits for every open connection to end: a kept-alive one held it for 90 s at times.
+    (this.server as unknown as { httpServer?: { closeAllConnections?: () => void } } | null)?.httpServer
+      ?.closeAllConnections?.();
     await this.server?.close();
     this.server = null;
   }
 }
 
+/** One line of the "manifest" layout (edge_agent_capture_layout "manifest"). */
 export interface ManifestLine {
   captureId: string;
   modelName: string;
@@ -95,33 +99,113 @@ export interface ManifestLine {
   inferenceTime: string;
 }
 
-/** Manifest lines by capture id, checking each id appears once and every referenced object is byte-exact. */
-export async function readBack(
+/** An entry of Edge Manager's record lists. */
+export interface EdgeManagerData {
+  name: string;
+  data?: string;
+  "data-ref"?: string;
+  encoding: string;
+  mode: "Input" | "Output";
+  observedContentType: string;
+}
+
+/** One line of Edge Manager's layout (the default). */
+export interface EdgeManagerRecord {
+  eventVersion: string;
+  eventMetadata: {
+    deviceFleetName: string;
+    deviceId: string;
+    eventId: string;
+    inferenceTime: string;
+    modelName: string;
+    modelVersion: string;
+  };
+  deviceFleetInputs: EdgeManagerData[];
+  deviceFleetOutputs: EdgeManagerData[];
+  deviceFleetAuxiliaryInputs: EdgeManagerData[];
+  deviceFleetAuxiliaryOutputs: EdgeManagerData[];
+}
+
+type Read = (key: string) => Promise<Uint8Array>;
+
+/** Lines of every .jsonl file by id, checking each id appears once; `check` verifies one line. */
+async function collect<T>(
   files: string[],
-  read: (key: string) => Promise<Uint8Array>,
-  outputBytes: (id: string) => number,
-): Promise<Map<string, ManifestLine>> {
-  const lines = new Map<string, ManifestLine>();
+  read: Read,
+  idOf: (line: T) => string,
+  check: (line: T, key: string) => Promise<void>,
+): Promise<Map<string, T>> {
+  const lines = new Map<string, T>();
   for (const key of files.filter((f) => f.endsWith(".jsonl"))) {
     const text = decoder.decode(await read(key));
     assert.ok(text.endsWith("\n"));
     for (const raw of text.trimEnd().split("\n")) {
-      const line = JSON.parse(raw) as ManifestLine;
-      assert.ok(!lines.has(line.captureId), `${line.captureId} is in two manifest lines`);
-      assert.ok(key.endsWith(`/${line.batchId}.jsonl`));
-      lines.set(line.captureId, line);
-      const id = line.captureId;
-      assert.deepEqual(Uint8Array.fromBase64(line.inputTensors[0].data!), bytesFor(id, "in", 16));
-      const out = line.outputTensors[0];
-      assert.equal(out.byteLength, outputBytes(id));
-      const bytes = out.data !== undefined ? Uint8Array.fromBase64(out.data) : await read(out.key!);
-      assert.deepEqual(bytes, bytesFor(id, "out", outputBytes(id)), `output tensor of ${id}`);
-      assert.equal(out.data !== undefined, outputBytes(id) <= 3072, `embedding of ${id}`);
-      if (out.key) assert.ok(files.includes(out.key), `${out.key} is listed`);
-      assert.equal(line.inputs[0].encoding, "JSON");
-      assert.equal(decoder.decode(Uint8Array.fromBase64(line.inputs[0].data)), `{"id":"${id}"}`);
-      assert.deepEqual(Uint8Array.fromBase64(line.outputs[0].data), bytesFor(id, "aux", 5));
+      const line = JSON.parse(raw) as T;
+      const id = idOf(line);
+      assert.ok(!lines.has(id), `${id} is in two lines`);
+      lines.set(id, line);
+      await check(line, key);
     }
   }
   return lines;
+}
+
+/** The bytes of an Edge Manager entry: embedded, or the listed object its data-ref ends with. */
+export async function entryBytes(entry: EdgeManagerData, files: string[], read: Read): Promise<Uint8Array> {
+  if (entry.data !== undefined) {
+    return entry.encoding === "BASE64" ? Uint8Array.fromBase64(entry.data) : new TextEncoder().encode(entry.data);
+  }
+  const ref = entry["data-ref"]!;
+  const key = files.find((f) => ref === f || ref.endsWith(`/${f}`));
+  assert.ok(key, `${ref} is a listed object`);
+  return await read(key);
+}
+
+/**
+ * Records of makeRecord captures in Edge Manager's layout, by capture id: each id once, under the hour of
+ * its inference time, every tensor and aux entry byte-exact (embedded or by data-ref).
+ */
+export async function readBack(
+  files: string[],
+  read: Read,
+  outputBytes: (id: string) => number,
+): Promise<Map<string, EdgeManagerRecord>> {
+  return await collect<EdgeManagerRecord>(files, read, (r) => r.eventMetadata.eventId, async (r, key) => {
+    const id = r.eventMetadata.eventId;
+    assert.equal(r.eventVersion, "0");
+    assert.equal(r.eventMetadata.inferenceTime, "2024-05-29T16:26:40");
+    assert.match(key, new RegExp(`/${encodeURIComponent(r.eventMetadata.modelName)}/2024/05/29/16/[^/]+\\.jsonl$`));
+    assert.deepEqual(await entryBytes(r.deviceFleetInputs[0], files, read), bytesFor(id, "in", 16));
+    const out = r.deviceFleetOutputs[0];
+    assert.deepEqual(await entryBytes(out, files, read), bytesFor(id, "out", outputBytes(id)), `output of ${id}`);
+    assert.equal(out.data !== undefined, outputBytes(id) <= 3072, `embedding of ${id}`);
+    assert.deepEqual([out.mode, out.encoding], ["Output", out.data !== undefined ? "BASE64" : "NONE"]);
+    const [meta] = r.deviceFleetAuxiliaryInputs;
+    assert.deepEqual([meta.name, meta.encoding, meta.data], ["meta", "JSON", `{"id":"${id}"}`]);
+    const [raw] = r.deviceFleetAuxiliaryOutputs;
+    assert.deepEqual([raw.name, raw.encoding, raw.observedContentType], ["raw", "BASE64", "bin"], "5 binary bytes");
+    assert.deepEqual(Uint8Array.fromBase64(raw.data!), bytesFor(id, "aux", 5));
+  });
+}
+
+/** Manifest lines ("manifest" layout) by capture id, checking every referenced object is byte-exact. */
+export async function readBackManifest(
+  files: string[],
+  read: Read,
+  outputBytes: (id: string) => number,
+): Promise<Map<string, ManifestLine>> {
+  return await collect<ManifestLine>(files, read, (line) => line.captureId, async (line, key) => {
+    const id = line.captureId;
+    assert.ok(key.endsWith(`/${line.batchId}.jsonl`));
+    assert.deepEqual(Uint8Array.fromBase64(line.inputTensors[0].data!), bytesFor(id, "in", 16));
+    const out = line.outputTensors[0];
+    assert.equal(out.byteLength, outputBytes(id));
+    const bytes = out.data !== undefined ? Uint8Array.fromBase64(out.data) : await read(out.key!);
+    assert.deepEqual(bytes, bytesFor(id, "out", outputBytes(id)), `output tensor of ${id}`);
+    assert.equal(out.data !== undefined, outputBytes(id) <= 3072, `embedding of ${id}`);
+    if (out.key) assert.ok(files.includes(out.key), `${out.key} is listed`);
+    assert.equal(line.inputs[0].encoding, "JSON");
+    assert.equal(decoder.decode(Uint8Array.fromBase64(line.inputs[0].data)), `{"id":"${id}"}`);
+    assert.deepEqual(Uint8Array.fromBase64(line.outputs[0].data), bytesFor(id, "aux", 5));
+  });
 }
