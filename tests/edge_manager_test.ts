@@ -9,7 +9,7 @@ import { join } from "node:path";
 import { Status } from "../src/errors.ts";
 import { parseProfile } from "../src/permissions.ts";
 import { enumValues } from "../src/wire.ts";
-import { type AgentProcess, parseLogs, PROJECT_ROOT, startAgent } from "./helpers/agent.ts";
+import { type AgentProcess, MAIN, parseLogs, PROJECT_ROOT, startAgent } from "./helpers/agent.ts";
 import { floats, pseudoRandomFloats, rejectsWith, tensor } from "./helpers/assertions.ts";
 import { EDGE_MANAGER_STYLE_CONFIG } from "./helpers/edge_manager.ts";
 import { identityModel, OnnxType, PADDLE_CLS, writeModelFolder } from "./helpers/onnx_models.ts";
@@ -315,4 +315,21 @@ Deno.test("the shipped unit and tmpfiles line offer Edge Manager's socket path w
   assert.match(unit, /^WorkingDirectory=\/etc\/edge-agent$/m);
   // The agent never touches /tmp: its profile grants nothing there.
   assert.ok(!JSON.stringify(profile).includes("/tmp"));
+});
+
+Deno.test("serve -m takes a whole number of bytes in edge_agent_max_message_bytes' range; usage documents -f and -m", async () => {
+  const serve = async (args: string[]) => {
+    const out = await new Deno.Command(Deno.execPath(), { args: ["run", MAIN, "serve", ...args] }).output();
+    return { code: out.code, stderr: decoder.decode(out.stderr) };
+  };
+  for (
+    const [value, problem] of [["8MB", /-m must be a whole number, got "8MB"/], ["100", /-m must be at least 4096/]]
+  ) {
+    const { code, stderr } = await serve(["-m", value as string]);
+    assert.equal(code, 2, stderr);
+    assert.match(stderr, problem as RegExp);
+    assert.match(stderr, /edge-agent serve \[-a <socket path>\] \[-c <config.json>\] \[-f\] \[-m <bytes>\]/);
+    assert.match(stderr, /-f, --force: remove a socket file already at the address/);
+    assert.match(stderr, /-m, --max-message-bytes: gRPC message size limit/);
+  }
 });
