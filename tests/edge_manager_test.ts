@@ -150,7 +150,8 @@ Deno.test("an Edge Manager device switches over: its config, -f, -m, its Python 
         start([]),
         /socket .*agent\.sock: another process is already serving on it \(-f replaces it\)/,
       );
-      agent = await start(["-f", "-m", String(MESSAGE_LIMIT)]);
+      // -c again, relative as Edge Manager's unit passed it (the last -c wins): it resolves against the working folder.
+      agent = await start(["-f", "-m", String(MESSAGE_LIMIT), "-c", "config.json"]);
     });
     const running = agent!;
 
