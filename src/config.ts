@@ -252,7 +252,9 @@ export function parseConfig(raw: unknown, source = "config", workingFolder = Den
       problems.push(`${source}: ${checked.problem}`);
     } else if (spec.field) {
       const earlier = setBy.get(spec.field);
-      if (earlier && earlier[1] !== checked) {
+      // An empty value (templates leave one key blank) does not disagree, nor replace the other.
+      if (earlier && checked === "") continue;
+      if (earlier && earlier[1] !== checked && earlier[1] !== "") {
         problems.push(
           `${source}: keys "${earlier[0]}" (${JSON.stringify(earlier[1])}) and "${key}" (${
             JSON.stringify(checked)

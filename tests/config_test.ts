@@ -140,6 +140,10 @@ Deno.test("the IoT thing name defaults to the device name, from either of its ke
   assert.equal(parseConfig({ sagemaker_edge_core_device_uuid: "d2" }).config.iotThingName, "d2");
   const both = parseConfig({ sagemaker_edge_core_device_name: "d3", sagemaker_edge_core_device_uuid: "d3" }).config;
   assert.equal(both.deviceName, "d3");
+  for (const [name, uuid] of [["", "d4"], ["d4", ""]]) {
+    const { config } = parseConfig({ sagemaker_edge_core_device_name: name, sagemaker_edge_core_device_uuid: uuid });
+    assert.equal(config.deviceName, "d4", "a blank key does not override the other");
+  }
 });
 
 Deno.test("device_name and device_uuid that differ stop start-up naming both", () => {

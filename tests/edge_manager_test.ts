@@ -59,8 +59,9 @@ async function run(command: string[], env: Record<string, string> = {}): Promise
 }
 
 /**
- * How a client process gets `fakeTmp` as its /tmp: a private mount namespace (root and unshare), so
- * the hard-coded path is really what it opens; elsewhere EM_EXAMPLE_SOCKET points it at the same link.
+ * How a client process sees the device's /tmp and /run/edge-agent: a private mount namespace (root and
+ * unshare) with `fakeTmp` on /tmp and the agent's socket folder on /run/edge-agent, so the hard-coded
+ * path and the shipped link are really what it opens; elsewhere EM_EXAMPLE_SOCKET names the socket.
  */
 const privateTmp = await new Deno.Command("unshare", { args: ["-m", "true"], stdout: "null", stderr: "null" })
   .output().then((r) => r.success, () => false);
@@ -68,10 +69,29 @@ if (!privateTmp) {
   console.log("edge_manager_test: no private /tmp (needs root and unshare); clients get EM_EXAMPLE_SOCKET");
 }
 
-function clientCommand(fakeTmp: string, command: string[]): { command: string[]; env: Record<string, string> } {
-  if (!privateTmp) return { command, env: { EM_EXAMPLE_SOCKET: join(fakeTmp, "sagemaker_edge_agent_example.sock") } };
-  const script = 'mount --make-rprivate / && mount --bind "$1" /tmp && shift && exec "$@"';
-  return { command: ["unshare", "-m", "sh", "-c", script, "sh", fakeTmp, ...command], env: {} };
+function clientCommand(
+  fakeTmp: string,
+  socketFolder: string,
+  command: string[],
+): { command: string[]; env: Record<string, string> } {
+  if (!privateTmp) return { command, env: { EM_EXAMPLE_SOCKET: join(socketFolder, "agent.sock") } };
+  const script = 'mount --make-rprivate / && mount --bind "$1" /tmp && mount -t tmpfs tmpfs /run && ' +
+    'mkdir /run/edge-agent && mount --bind "$2" /run/edge-agent && shift 2 && exec "$@"';
+  return { command: ["unshare", "-m", "sh", "-c", script, "sh", fakeTmp, socketFolder, ...command], env: {} };
+}
+
+/** Makes the shipped tmpfiles lines' link under `root` (with systemd-tmpfiles where it is installed). */
+async function applyTmpfiles(root: string): Promise<void> {
+  const conf = join(PROJECT_ROOT, "deploy", "edge-agent.tmpfiles.conf");
+  await Deno.mkdir(join(root, "tmp"), { recursive: true });
+  const applied = await new Deno.Command("systemd-tmpfiles", { args: [`--root=${root}`, "--create", conf] })
+    .output().then((r) => r.success, () => false);
+  if (applied) return;
+  console.log("edge_manager_test: systemd-tmpfiles did not run; making its link by hand");
+  const [, path, , , , , target] = (await Deno.readTextFile(conf)).split("\n").find((l) => l.startsWith("L+"))!
+    .split(/\s+/);
+  await Deno.remove(join(root, path)).catch(() => {});
+  await Deno.symlink(target, join(root, path));
 }
 
 /** Why the C++ client cannot be built here, or null. */
@@ -125,12 +145,15 @@ async function filesUnder(dir: string): Promise<string[]> {
 Deno.test("an Edge Manager device switches over: its config, -f, -m, its Python and C++ example clients", async (t) => {
   // Outside /tmp, so that a client's private /tmp does not hide the agent's socket.
   const dir = await Deno.makeTempDir({ dir: "/var/tmp", prefix: "edge-agent-em-" });
-  const socket = join(dir, "run", "agent.sock");
-  const fakeTmp = join(dir, "tmp");
-  await Deno.mkdir(join(dir, "run"));
-  await Deno.mkdir(fakeTmp);
-  // What edge-agent.tmpfiles.conf makes on a device, in the clients' /tmp.
-  await Deno.symlink(socket, join(fakeTmp, "sagemaker_edge_agent_example.sock"));
+  const socketFolder = join(dir, "run");
+  const socket = join(socketFolder, "agent.sock");
+  await Deno.mkdir(socketFolder);
+  // The clients' /tmp, with what the shipped edge-agent.tmpfiles.conf makes there on a device, over a
+  // leftover of Edge Manager's own agent.
+  const fakeTmp = join(dir, "root", "tmp");
+  await Deno.mkdir(fakeTmp, { recursive: true });
+  await Deno.writeTextFile(join(fakeTmp, "sagemaker_edge_agent_example.sock"), "");
+  await applyTmpfiles(join(dir, "root"));
   // The workshops' relative root certificates folder, under the agent's working folder.
   await Deno.mkdir(join(dir, "agent", "certificates", "root"), { recursive: true });
   await Deno.mkdir(join(dir, "agent", "capture"));
@@ -236,7 +259,7 @@ Deno.test("an Edge Manager device switches over: its config, -f, -m, its Python 
         const example = (model: string, url: string) => {
           const script = join(PROJECT_ROOT, "tests/python/em_python_example.py");
           const args = ["--model_url", url, "--model_name", model, "--image_path", image, "--image_tensor_name", "x"];
-          const { command, env } = clientCommand(fakeTmp, [PYTHON, script, ...args]);
+          const { command, env } = clientCommand(fakeTmp, socketFolder, [PYTHON, script, ...args]);
           return run(command, { ...env, STUBS: stubs }).then((out) => JSON.parse(out));
         };
         const ok = await example("image", imageModel);
@@ -261,7 +284,7 @@ Deno.test("an Edge Manager device switches over: its config, -f, -m, its Python 
         const raw = join(dir, "image.raw");
         await Deno.writeFile(raw, imageBytes());
         await running.client.loadModel(imageModel, "image");
-        const { command, env } = clientCommand(fakeTmp, [
+        const { command, env } = clientCommand(fakeTmp, socketFolder, [
           binary,
           "PredictSHMAndCapture",
           "image",
@@ -278,7 +301,7 @@ Deno.test("an Edge Manager device switches over: its config, -f, -m, its Python 
         assert.equal(observed.capture_status, "SUCCESS");
         // Stored under the config's relative capture folder, resolved against the working folder.
         assert.ok((await filesUnder(join(dir, "agent", "capture"))).length > 0, "capture files on disk");
-        const list = clientCommand(fakeTmp, [binary, "ListModels"]);
+        const list = clientCommand(fakeTmp, socketFolder, [binary, "ListModels"]);
         assert.deepEqual(JSON.parse(await run(list.command, list.env)).models, ["image"]);
       },
     });
