@@ -163,7 +163,7 @@ async function sha256(path: string): Promise<string> {
   return hash.digest("hex");
 }
 
-/** dist/edge-agent-<version>-<target>.tar.gz holding the executable, unit, config, profile, SHA256SUMS. */
+/** dist/edge-agent-<version>-<target>.tar.gz holding the executable, unit, tmpfiles line, config, profile, SHA256SUMS. */
 export async function release(plan: BuildPlan, profilePath: string, version: string, out: string): Promise<string> {
   const name = `edge-agent-${version}-${plan.target}`;
   const staging = join(out, "release");
@@ -173,6 +173,7 @@ export async function release(plan: BuildPlan, profilePath: string, version: str
   const files: [string, string][] = [
     [plan.output, "edge-agent"],
     [join(ROOT, "deploy", "edge-agent.service"), "edge-agent.service"],
+    [join(ROOT, "deploy", "edge-agent.tmpfiles.conf"), "edge-agent.tmpfiles.conf"],
     [join(ROOT, "deploy", "config.example.json"), "config.example.json"],
     [profilePath, "profile.json"],
   ];

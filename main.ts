@@ -1,9 +1,10 @@
-// Command line: `serve [-a <socket path>] [-c <config.json>]` (Edge Manager's two flags), and the
+// Command line: `serve [-a <socket path>] [-c <config.json>] [-f] [-m <bytes>]` (Edge Manager's flags), and the
 // publisher's and operator's tools. A compiled executable runs it with its deployment's socket and
 // config as the defaults (see build.ts).
 
+import { resolve } from "node:path";
 import { parseArgs } from "node:util";
-import { DEFAULT_SOCKET_PATH } from "./src/config.ts";
+import { DEFAULT_SOCKET_PATH, parseMessageLimit } from "./src/config.ts";
 import { StartupError } from "./src/errors.ts";
 
 /** What `-a`/`--socket` and `-c` default to. */
@@ -16,7 +17,7 @@ const SOURCE_DEFAULTS: Defaults = { socket: DEFAULT_SOCKET_PATH, config: null };
 
 const usage = (defaults: Defaults) =>
   `usage:
-  edge-agent serve [-a <socket path>] [-c <config.json>]
+  edge-agent serve [-a <socket path>] [-c <config.json>] [-f] [-m <bytes>]
   edge-agent trust init --out <dir>
   edge-agent package sign <folder> --key <key.pem> [--cert-chain <leaf-then-CAs.pem>] [--name N --version V --arch A]
   edge-agent package pack <folder> -o <file.tar.gz>
@@ -30,7 +31,10 @@ const usage = (defaults: Defaults) =>
 
   serve            -a, --address: Unix socket (default ${defaults.socket}); -c, --config: config file${
     defaults.config ? ` (default ${defaults.config})` : ""
-  }
+  };
+                   -f, --force: remove a socket file already at the address, even one another process serves on;
+                   -m, --max-message-bytes: gRPC message size limit (overrides edge_agent_max_message_bytes);
+                   relative paths resolve against the working folder
   trust init       a development root, intermediate and code-signing leaf (for development only)
   package sign     writes model.sig (OpenSSF Model Signing v1.0): certificate method with --cert-chain,
                    key method without; --name/--version/--arch write edge-model.json first
@@ -61,6 +65,8 @@ export async function main(args: string[], defaults: Defaults = SOURCE_DEFAULTS)
       options: {
         address: { type: "string", short: "a" },
         config: { type: "string", short: "c" },
+        force: { type: "boolean", short: "f", default: false },
+        "max-message-bytes": { type: "string", short: "m" },
       },
       strict: true,
       allowPositionals: false,
@@ -68,10 +74,19 @@ export async function main(args: string[], defaults: Defaults = SOURCE_DEFAULTS)
   } catch (error) {
     fail(`${(error as Error).message}\n\n${USAGE}`, 2);
   }
+  const limit = values["max-message-bytes"] === undefined ? undefined : parseMessageLimit(values["max-message-bytes"]);
+  if (typeof limit === "object") fail(`${limit.problem}\n\n${USAGE}`, 2);
   // Loaded only to serve, so usage errors need no permissions at all.
   const { serve } = await import("./src/agent.ts");
+  const config = values.config ?? defaults.config;
   try {
-    await serve({ socketPath: values.address ?? defaults.socket, configPath: values.config ?? defaults.config });
+    // Absolute from here on: the start-up log and permission messages name the files for sure.
+    await serve({
+      socketPath: resolve(values.address ?? defaults.socket),
+      configPath: config === null ? null : resolve(config),
+      removeExistingSocket: values.force,
+      maxMessageBytes: limit,
+    });
   } catch (error) {
     if (error instanceof StartupError) {
       fail(`edge-agent: cannot start:\n${error.problems.map((p) => `  ${p}`).join("\n")}`, 2);

@@ -18,6 +18,10 @@ const STOP_SIGNALS: Deno.Signal[] = ["SIGTERM", "SIGINT", "SIGHUP"];
 export interface ServeOptions {
   socketPath: string;
   configPath: string | null;
+  /** `-f`: remove a socket file at the path even when another process serves on it. */
+  removeExistingSocket?: boolean;
+  /** `-m <bytes>`: overrides edge_agent_max_message_bytes. */
+  maxMessageBytes?: number;
 }
 
 /** Creates the state folder and removes what an interrupted package load left in it. */
@@ -87,13 +91,20 @@ async function startMetrics(config: AgentConfig, render: () => string): Promise<
 
 /** Serves until a stop signal arrives; resolves when everything is released. */
 export async function serve(options: ServeOptions): Promise<void> {
-  const { config, ignoredKeys }: LoadedConfig = options.configPath
+  const { config, ignoredKeys, resolvedPaths }: LoadedConfig = options.configPath
     ? await loadConfigFile(options.configPath)
-    : { config: structuredClone(DEFAULTS), ignoredKeys: [] };
+    : { config: structuredClone(DEFAULTS), ignoredKeys: [], resolvedPaths: {} };
+  if (options.maxMessageBytes !== undefined) config.maxMessageBytes = options.maxMessageBytes;
   const problems = await permissionProblems(options.socketPath, config);
   if (problems.length > 0) throw new StartupError(problems);
   const log = createLogger(config.logVerbose);
   if (ignoredKeys.length > 0) log.info("config keys accepted but not used by this agent", { keys: ignoredKeys });
+  if (Object.keys(resolvedPaths).length > 0) {
+    log.info("relative paths in the config resolved against the working folder", {
+      workingFolder: Deno.cwd(),
+      paths: resolvedPaths,
+    });
+  }
   if (config.allowUnsignedModels) {
     log.warn("edge_agent_allow_unsigned_models is on: models load without a signature; for development only");
   } else if (!config.rootCertsPath && !config.trustedModelKeys) {
@@ -119,6 +130,7 @@ export async function serve(options: ServeOptions): Promise<void> {
     capture = await openCapture(config, log);
     server = await startServer({
       socketPath: options.socketPath,
+      removeExistingSocket: options.removeExistingSocket ?? false,
       socketMode: config.socketMode,
       maxMessageBytes: config.maxMessageBytes,
       services: { registry, capture, shm, clockSkewSeconds: config.captureClockSkewSeconds },
@@ -147,6 +159,8 @@ export async function serve(options: ServeOptions): Promise<void> {
   });
   log.info("serving", {
     socket: options.socketPath,
+    config: options.configPath ?? undefined,
+    maxMessageBytes: config.maxMessageBytes,
     onnxruntime: ort.version,
     sharedMemory: config.sharedMemory,
     device: config.deviceName || undefined,

@@ -1,7 +1,7 @@
 // Configuration: Edge Manager's keys as they are, plus this agent's `edge_agent_*` keys.
 // Every key is typed and checked; a wrong one stops start-up with a message naming it.
 
-import { isAbsolute } from "node:path";
+import { isAbsolute, resolve } from "node:path";
 import { StartupError } from "./errors.ts";
 import type { SharedMemoryKind } from "./shm.ts";
 import { CAPTURE_LAYOUTS, type CaptureLayout } from "./capture/layout.ts";
@@ -55,6 +55,8 @@ export interface AgentConfig {
   captureStatusRetentionCount: number;
   /** "unix:<path>" or "<loopback host>:<port>"; null: no metrics. */
   metrics: string | null;
+  /** The AWS IoT thing the device is (credentials provider header); the device name unless set. */
+  iotThingName: string;
 }
 
 type Kind = "string" | "boolean" | "integer" | "path" | "paths" | "mode";
@@ -114,6 +116,7 @@ export const DEFAULTS: AgentConfig = {
   captureStatusRetentionSeconds: 86400,
   captureStatusRetentionCount: 100000,
   metrics: null,
+  iotThingName: "",
 };
 
 /** Edge Manager's documented keys. Those without `field` are accepted and logged as ignored. */
@@ -159,6 +162,17 @@ const EDGE_MANAGER_KEYS: Record<string, KeySpec> = {
   },
   sagemaker_edge_core_folder_prefix: { kind: "string", field: "captureFolderPrefix" },
   sagemaker_edge_telemetry_libsystemd_path: { kind: "string" },
+  // The device name's older key, still written by Edge Manager's config generator and container template.
+  sagemaker_edge_core_device_uuid: { kind: "string", field: "deviceName" },
+  sagemaker_edge_core_iot_thing_name: { kind: "string", field: "iotThingName" },
+  // Written by AWS's device set-up tools for the 2021-2022 agents (database, deployment and DLR modules).
+  sagemaker_edge_core_config_path: { kind: "string" },
+  sagemaker_edge_core_endpoint_override: { kind: "string" },
+  sagemaker_edge_db_module_path: { kind: "string" },
+  sagemaker_edge_local_data_root_path: { kind: "string" },
+  sagemaker_edge_deployment_lib_path: { kind: "string" },
+  sagemaker_edge_model_deployment_poll_interval: { kind: "integer", min: 0 },
+  sagemaker_edge_dlr_backend_options: { kind: "string" },
 };
 
 /** Keys this agent adds. */
@@ -213,34 +227,62 @@ export interface LoadedConfig {
   config: AgentConfig;
   /** Edge Manager keys present in the file that this agent does not act on. */
   ignoredKeys: string[];
+  /** Keys whose relative path was resolved against the working folder, with the absolute path. */
+  resolvedPaths: Record<string, string | string[]>;
 }
 
-/** Validates a parsed JSON object. Throws StartupError listing every problem. */
-export function parseConfig(raw: unknown, source = "config"): LoadedConfig {
+/**
+ * Validates a parsed JSON object. Relative paths resolve against `workingFolder`, as Edge Manager's
+ * agent resolved them. Throws StartupError listing every problem.
+ */
+export function parseConfig(raw: unknown, source = "config", workingFolder = Deno.cwd()): LoadedConfig {
   if (raw === null || typeof raw !== "object" || Array.isArray(raw)) {
     throw new StartupError([`${source}: must be a JSON object of keys and values`]);
   }
   const config: AgentConfig = structuredClone(DEFAULTS);
   const problems: string[] = [];
   const ignoredKeys: string[] = [];
+  const resolvedPaths: Record<string, string | string[]> = {};
+  // Which key set each field, so that two names of one setting cannot disagree.
+  const setBy = new Map<keyof AgentConfig, [string, unknown]>();
   for (const [key, value] of Object.entries(raw)) {
     const spec = EDGE_MANAGER_KEYS[key] ?? AGENT_KEYS[key];
     if (!spec) {
       problems.push(`${source}: unknown key "${key}"`);
       continue;
     }
-    const checked = checkValue(key, spec, value);
+    const checked = checkValue(`key "${key}"`, spec, value, workingFolder);
     if (typeof checked === "object" && checked !== null && "problem" in checked) {
       problems.push(`${source}: ${checked.problem}`);
     } else if (spec.field) {
+      const earlier = setBy.get(spec.field);
+      // An empty value (templates leave one key blank) does not disagree, nor replace the other.
+      if (earlier && checked === "") continue;
+      if (earlier && earlier[1] !== checked && earlier[1] !== "") {
+        problems.push(
+          `${source}: keys "${earlier[0]}" (${JSON.stringify(earlier[1])}) and "${key}" (${
+            JSON.stringify(checked)
+          }) name the same setting with different values; keep one`,
+        );
+      }
+      setBy.set(spec.field, [key, checked]);
       (config as unknown as Record<string, unknown>)[spec.field] = checked;
+      if (JSON.stringify(value) !== JSON.stringify(checked) && (spec.kind === "path" || spec.kind === "paths")) {
+        resolvedPaths[key] = checked as string | string[];
+      }
     } else {
       ignoredKeys.push(key);
     }
   }
   if (problems.length === 0) problems.push(...crossChecks(config, source));
   if (problems.length > 0) throw new StartupError(problems);
-  return { config, ignoredKeys };
+  config.iotThingName ||= config.deviceName;
+  return { config, ignoredKeys, resolvedPaths };
+}
+
+/** Checks `-m <bytes>`, the command line's gRPC message size limit, as edge_agent_max_message_bytes is checked. */
+export function parseMessageLimit(text: string): number | { problem: string } {
+  return checkValue("-m", AGENT_KEYS.edge_agent_max_message_bytes, text, "/") as number | { problem: string };
 }
 
 /** Rules that involve several keys. */
@@ -286,9 +328,15 @@ export async function loadConfigFile(path: string): Promise<LoadedConfig> {
   return parseConfig(raw, `config ${path}`);
 }
 
-function checkValue(key: string, spec: KeySpec, value: unknown): unknown | { problem: string } {
+/** Checks one value; `label` names it in the problem. Relative paths resolve against `workingFolder`. */
+function checkValue(
+  label: string,
+  spec: KeySpec,
+  value: unknown,
+  workingFolder: string,
+): unknown | { problem: string } {
   const wrong = (expected: string) => ({
-    problem: `key "${key}" must be ${expected}, got ${JSON.stringify(value)}`,
+    problem: `${label} must be ${expected}, got ${JSON.stringify(value)}`,
   });
   switch (spec.kind) {
     case "string":
@@ -299,23 +347,25 @@ function checkValue(key: string, spec: KeySpec, value: unknown): unknown | { pro
     case "boolean":
       if (typeof value === "boolean") return value;
       // Edge Manager's own sample configs write booleans as strings.
-      if (value === "true" || value === "True") return true;
-      if (value === "false" || value === "False") return false;
+      if (typeof value === "string" && value.toLowerCase() === "true") return true;
+      if (typeof value === "string" && value.toLowerCase() === "false") return false;
       return wrong("true or false");
     case "integer": {
-      if (typeof value !== "number" || !Number.isSafeInteger(value)) return wrong("a whole number");
-      if (spec.min !== undefined && value < spec.min) return wrong(`at least ${spec.min}`);
-      if (spec.max !== undefined && value > spec.max) return wrong(`at most ${spec.max}`);
-      return value;
+      // Edge Manager read whole numbers written as strings too ("30"); anything else is refused.
+      const number = typeof value === "string" && /^-?\d{1,16}$/.test(value) ? Number(value) : value;
+      if (typeof number !== "number" || !Number.isSafeInteger(number)) return wrong("a whole number");
+      if (spec.min !== undefined && number < spec.min) return wrong(`at least ${spec.min}`);
+      if (spec.max !== undefined && number > spec.max) return wrong(`at most ${spec.max}`);
+      return number;
     }
     case "path":
-      if (typeof value !== "string" || !isAbsolute(value)) return wrong("an absolute path");
-      return value;
+      if (typeof value !== "string" || value === "") return wrong("a path");
+      return isAbsolute(value) ? value : resolve(workingFolder, value);
     case "paths":
-      if (!Array.isArray(value) || !value.every((p) => typeof p === "string" && isAbsolute(p))) {
-        return wrong("a list of absolute paths");
+      if (!Array.isArray(value) || !value.every((p) => typeof p === "string" && p !== "")) {
+        return wrong("a list of paths");
       }
-      return value;
+      return value.map((p) => (isAbsolute(p) ? p : resolve(workingFolder, p)));
     case "mode":
       if (typeof value !== "string" || !/^0?[0-7]{3}$/.test(value)) return wrong('an octal file mode such as "0660"');
       return parseInt(value, 8);

@@ -116,8 +116,11 @@ function statusOf(error: unknown, rpc: string, log: Logger): { status: Status; d
   return { status: Status.INTERNAL, details: `${rpc} failed: ${(error as Error)?.message ?? error}` };
 }
 
-/** Refuses a live socket or a non-socket file at `path`; removes a stale socket a dead agent left. */
-async function prepareSocketPath(path: string, log: Logger): Promise<void> {
+/**
+ * Refuses a live socket (unless `force`, Edge Manager's -f) or a non-socket file at `path`; removes a
+ * stale socket a dead agent left.
+ */
+async function prepareSocketPath(path: string, log: Logger, force: boolean): Promise<void> {
   let info: Deno.FileInfo;
   try {
     info = await Deno.lstat(path);
@@ -127,8 +130,15 @@ async function prepareSocketPath(path: string, log: Logger): Promise<void> {
   }
   if (!info.isSocket) {
     throw new StartupError([
-      `socket ${path}: a file that is not a socket is in the way; remove it or pass another -a path`,
+      `socket ${path}: a file that is not a socket is in the way (-f removes only sockets); remove it or pass another -a path`,
     ]);
+  }
+  if (force) {
+    log.info("removing the existing socket (-f)", { socket: path });
+    await Deno.remove(path).catch((error) => {
+      throw new StartupError([`socket ${path}: -f cannot remove it: ${error.message}`]);
+    });
+    return;
   }
   try {
     const conn = await Deno.connect({ transport: "unix", path });
@@ -138,7 +148,7 @@ async function prepareSocketPath(path: string, log: Logger): Promise<void> {
     await Deno.remove(path);
     return;
   }
-  throw new StartupError([`socket ${path}: another process is already serving on it`]);
+  throw new StartupError([`socket ${path}: another process is already serving on it (-f replaces it)`]);
 }
 
 /** The model a request is about, for metrics ("" for none). */
@@ -213,6 +223,7 @@ export interface RunningServer {
 
 export async function startServer(options: {
   socketPath: string;
+  removeExistingSocket?: boolean;
   socketMode: number;
   maxMessageBytes: number;
   services: Services;
@@ -220,7 +231,7 @@ export async function startServer(options: {
   log: Logger;
 }): Promise<RunningServer> {
   const { socketPath, log } = options;
-  await prepareSocketPath(socketPath, log);
+  await prepareSocketPath(socketPath, log, options.removeExistingSocket ?? false);
   const methods = new Map<string, UnaryHandler>();
   const isLoaded = (model: string) => options.services.registry.isLoaded(model);
   for (const [rpc, handler] of Object.entries(handlers(options.services)) as [RpcName, Handler][]) {

@@ -148,28 +148,26 @@ export function bindInputs(
         } but model ${modelName} ${role} "${spec.name}" is ${spec.dataType.name}`,
       );
     }
-    const shape = metadata ? metadata.shape : spec.shape;
-    if (!metadata && shape.some((d) => d < 0)) {
-      throw invalidArgument(
-        `${label}: no tensor_metadata, and model ${modelName} ${role} "${spec.name}" has dynamic shape ${
-          shapeText(spec.shape)
-        }: send tensor_metadata with the shape`,
-      );
-    }
-    checkShape(label, `model ${modelName} ${role}`, spec, shape);
+    const handle = tensor.data === "shared_memory_handle" && tensor.shared_memory_handle
+      ? shmHandle(tensor.shared_memory_handle)
+      : null;
+    const bytes = tensor.data === "byte_data" && tensor.byte_data ? tensor.byte_data : null;
+    if (!handle && !bytes) throw invalidArgument(`${label}: carries no data (set byte_data or shared_memory_handle)`);
+    // The data's length settles one -1 (a handle's size 0 means "as the shape needs", so it settles none).
+    const available = handle
+      ? { bytes: handle.size === 0n ? null : handle.size, what: "shared_memory_handle.size" }
+      : { bytes: BigInt(bytes!.byteLength), what: "byte_data" };
+    const shape = resolveShape(label, `model ${modelName} ${role} "${spec.name}"`, spec, metadata?.shape, available);
     const length = byteLength(shape, spec.dataType.size);
     const needs = () => `shape ${shapeText(shape)} of ${spec.dataType.name} needs ${length ?? "more than can exist"}`;
-    if (tensor.data === "shared_memory_handle" && tensor.shared_memory_handle) {
+    if (handle) {
       if (length === undefined) throw invalidArgument(`${label}: ${needs()} bytes`);
-      const handle = shmHandle(tensor.shared_memory_handle);
       bound.push({ inputIndex, spec, shape, label, byteLength: length, source: { handle } });
-    } else if (tensor.data === "byte_data" && tensor.byte_data) {
-      if (length !== tensor.byte_data.byteLength) {
-        throw invalidArgument(`${label}: byte_data holds ${tensor.byte_data.byteLength} bytes, but ${needs()}`);
-      }
-      bound.push({ inputIndex, spec, shape, label, byteLength: length, source: { bytes: tensor.byte_data } });
     } else {
-      throw invalidArgument(`${label}: carries no data (set byte_data or shared_memory_handle)`);
+      if (length !== bytes!.byteLength) {
+        throw invalidArgument(`${label}: byte_data holds ${bytes!.byteLength} bytes, but ${needs()}`);
+      }
+      bound.push({ inputIndex, spec, shape, label, byteLength: length, source: { bytes: bytes! } });
     }
   });
   const missing = inputs.filter((_, i) => !seen.has(i)).map((i) => `"${i.name}"`);
@@ -179,16 +177,81 @@ export function bindInputs(
   return bound;
 }
 
-function checkShape(label: string, what: string, spec: TensorSpec, shape: number[]): void {
-  const mismatch = shape.length !== spec.shape.length ||
-    shape.some((d, i) => d < 0 || (spec.shape[i] >= 0 && spec.shape[i] !== d));
-  if (mismatch) {
+/**
+ * The shape a request tensor runs with. A -1 where the model's dimension is fixed takes that size (Edge
+ * Manager's clients copy ListModels' metadata into requests); one -1 where it is dynamic is worked out
+ * from the data's length, as reshape does. Throws INVALID_ARGUMENT naming what the client must give.
+ */
+export function resolveShape(
+  label: string,
+  what: string,
+  spec: TensorSpec,
+  given: number[] | undefined,
+  available: { bytes: bigint | null; what: string },
+): number[] {
+  const shape = [...(given ?? spec.shape)];
+  const doesNotFit = () =>
+    invalidArgument(
+      `${label}: shape ${shapeText(shape)} does not fit ${what} of shape ${shapeText(spec.shape)} (-1 = any size)`,
+    );
+  if (shape.length !== spec.shape.length) throw doesNotFit();
+  const open: number[] = [];
+  for (const [i, d] of shape.entries()) {
+    if (d < -1) {
+      throw invalidArgument(`${label}: shape ${shapeText(shape)}: dimension ${i} is ${d}; a size is 0 or more, or -1`);
+    }
+    if (d === -1 && spec.shape[i] >= 0) shape[i] = spec.shape[i];
+    else if (d === -1) open.push(i);
+    else if (spec.shape[i] >= 0 && spec.shape[i] !== d) throw doesNotFit();
+  }
+  if (open.length === 0) return shape;
+  const dims = open.join(", ");
+  if (!given) {
+    if (open.length === 1 && available.bytes !== null) return settle(label, shape, open[0], spec, available);
     throw invalidArgument(
-      `${label}: shape ${shapeText(shape)} does not fit ${what} "${spec.name}" of shape ${
+      `${label}: no tensor_metadata, and ${what} has dynamic shape ${
         shapeText(spec.shape)
-      } (-1 = any size)`,
+      }: send tensor_metadata with the shape`,
     );
   }
+  if (open.length > 1) {
+    throw invalidArgument(
+      `${label}: shape ${shapeText(shape)} leaves dimensions ${dims} of ${what} (${
+        shapeText(spec.shape)
+      }) open, and the data's length can settle only one -1: give the sizes of dimensions ${dims} (one may stay -1)`,
+    );
+  }
+  if (available.bytes === null) {
+    throw invalidArgument(
+      `${label}: shape ${
+        shapeText(shape)
+      }: dimension ${dims} is -1, and ${available.what} is 0, so nothing settles it: ` +
+        `give its size or set ${available.what}`,
+    );
+  }
+  return settle(label, shape, open[0], spec, available);
+}
+
+/** Sets dimension `index` (-1) so the shape covers exactly the available bytes. */
+function settle(
+  label: string,
+  shape: number[],
+  index: number,
+  spec: TensorSpec,
+  available: { bytes: bigint | null; what: string },
+): number[] {
+  const bytes = available.bytes!;
+  let step = BigInt(spec.dataType.size);
+  for (const [i, d] of shape.entries()) if (i !== index) step *= BigInt(d);
+  if (step === 0n || bytes % step !== 0n || bytes / step > BigInt(Number.MAX_SAFE_INTEGER)) {
+    throw invalidArgument(
+      `${label}: shape ${shapeText(shape)} of ${spec.dataType.name}: ${available.what} holds ${bytes} bytes, which is ${
+        step === 0n ? "not settled by" : "not a whole multiple of"
+      } the ${step} bytes each step of dimension ${index} takes, so the -1 cannot be worked out`,
+    );
+  }
+  shape[index] = Number(bytes / step);
+  return shape;
 }
 
 /**

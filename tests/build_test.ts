@@ -148,7 +148,14 @@ Deno.test("the release tarball holds the executable, unit, example config, profi
     assert.ok((await new Deno.Command("tar", { args: ["-xzf", tarball, "-C", unpacked] }).output()).success);
     const folder = join(unpacked, "edge-agent-0.0.0-x86_64-unknown-linux-gnu");
     const names = (await Array.fromAsync(Deno.readDir(folder))).map((e) => e.name).sort();
-    assert.deepEqual(names, ["SHA256SUMS", "config.example.json", "edge-agent", "edge-agent.service", "profile.json"]);
+    assert.deepEqual(names, [
+      "SHA256SUMS",
+      "config.example.json",
+      "edge-agent",
+      "edge-agent.service",
+      "edge-agent.tmpfiles.conf",
+      "profile.json",
+    ]);
     const check = await new Deno.Command("sha256sum", { args: ["-c", "SHA256SUMS"], cwd: folder }).output();
     assert.ok(check.success, decoder.decode(check.stdout) + decoder.decode(check.stderr));
     const unit = await Deno.readTextFile(join(folder, "edge-agent.service"));

@@ -1,8 +1,9 @@
 // Configuration parsing: Edge Manager's keys as they are, typed edge_agent_* keys, clear errors.
 
 import assert from "node:assert/strict";
-import { DEFAULTS, parseConfig } from "../src/config.ts";
+import { DEFAULTS, parseConfig, parseMessageLimit } from "../src/config.ts";
 import { StartupError } from "../src/errors.ts";
+import { EDGE_MANAGER_STYLE_CONFIG } from "./helpers/edge_manager.ts";
 
 function problems(raw: unknown): string[] {
   try {
@@ -81,7 +82,7 @@ Deno.test("edge_agent_* keys set typed values", () => {
 Deno.test("every problem is reported, each naming its key", () => {
   const found = problems({
     surprise: true,
-    edge_agent_model_roots: ["relative/path"],
+    edge_agent_model_roots: [""],
     edge_agent_max_message_bytes: 1.5,
     edge_agent_socket_mode: "rw-rw----",
     sagemaker_edge_log_verbose: "maybe",
@@ -89,13 +90,108 @@ Deno.test("every problem is reported, each naming its key", () => {
   });
   assert.equal(found.length, 6, found.join("\n"));
   assert.match(found[0], /unknown key "surprise"/);
-  assert.match(found[1], /"edge_agent_model_roots" must be a list of absolute paths/);
+  assert.match(found[1], /"edge_agent_model_roots" must be a list of paths/);
   assert.match(found[2], /"edge_agent_max_message_bytes" must be a whole number, got 1\.5/);
   assert.match(found[3], /"edge_agent_socket_mode" must be an octal file mode/);
   assert.match(found[4], /"sagemaker_edge_log_verbose" must be true or false, got "maybe"/);
-  assert.match(found[5], /"edge_agent_onnxruntime_library" must be an absolute path, got 7/);
+  assert.match(found[5], /"edge_agent_onnxruntime_library" must be a path, got 7/);
 });
 
 Deno.test("a config that is not a JSON object is refused", () => {
   for (const raw of [null, [], "text", 3]) assert.match(problems(raw)[0], /must be a JSON object/);
+});
+
+/** Keys Edge Manager acted on that this agent does not use (the credentials keys are used elsewhere). */
+const NOT_USED = [
+  "sagemaker_edge_telemetry_libsystemd_path",
+  "sagemaker_edge_core_config_path",
+  "sagemaker_edge_core_endpoint_override",
+  "sagemaker_edge_db_module_path",
+  "sagemaker_edge_local_data_root_path",
+  "sagemaker_edge_deployment_lib_path",
+  "sagemaker_edge_model_deployment_poll_interval",
+  "sagemaker_edge_dlr_backend_options",
+];
+
+Deno.test("an Edge Manager-style config: older names, numbers and booleans as strings, relative paths", () => {
+  const { config, ignoredKeys, resolvedPaths } = parseConfig(EDGE_MANAGER_STYLE_CONFIG, "config", "/opt/edge");
+  assert.equal(config.deviceName, "turbine-7", "sagemaker_edge_core_device_uuid is the device name");
+  assert.equal(config.iotThingName, "turbine-7-thing");
+  assert.equal(config.captureBufferSize, 30);
+  assert.equal(config.captureBatchSize, 10);
+  assert.equal(config.capturePushPeriodSeconds, 4);
+  assert.equal(config.captureBase64EmbedLimit, 3072);
+  assert.equal(config.capturePeriodicUploadPeriodSeconds, 3600);
+  assert.equal(config.capturePeriodicUpload, false);
+  assert.equal(config.rootCertsPath, "/opt/edge/agent/certificates/root");
+  assert.equal(config.captureDiskPath, "/opt/edge/agent/capture");
+  assert.deepEqual(resolvedPaths, {
+    sagemaker_edge_core_root_certs_path: "/opt/edge/agent/certificates/root",
+    sagemaker_edge_core_capture_data_disk_path: "/opt/edge/agent/capture",
+  });
+  for (const key of NOT_USED) assert.ok(ignoredKeys.includes(key), key);
+  for (const key of ["sagemaker_edge_core_device_uuid", "sagemaker_edge_core_iot_thing_name"]) {
+    assert.ok(!ignoredKeys.includes(key), `${key} is acted on`);
+  }
+});
+
+Deno.test("the IoT thing name defaults to the device name, from either of its keys", () => {
+  assert.equal(parseConfig({ sagemaker_edge_core_device_name: "d1" }).config.iotThingName, "d1");
+  assert.equal(parseConfig({ sagemaker_edge_core_device_uuid: "d2" }).config.iotThingName, "d2");
+  const both = parseConfig({ sagemaker_edge_core_device_name: "d3", sagemaker_edge_core_device_uuid: "d3" }).config;
+  assert.equal(both.deviceName, "d3");
+  for (const [name, uuid] of [["", "d4"], ["d4", ""]]) {
+    const { config } = parseConfig({ sagemaker_edge_core_device_name: name, sagemaker_edge_core_device_uuid: uuid });
+    assert.equal(config.deviceName, "d4", "a blank key does not override the other");
+  }
+});
+
+Deno.test("device_name and device_uuid that differ stop start-up naming both", () => {
+  const [problem] = problems({ sagemaker_edge_core_device_name: "a", sagemaker_edge_core_device_uuid: "b" });
+  assert.match(
+    problem,
+    /keys "sagemaker_edge_core_device_name" \("a"\) and "sagemaker_edge_core_device_uuid" \("b"\) name the same setting/,
+  );
+});
+
+Deno.test("strings that are not numbers or booleans are still refused, naming the key", () => {
+  const found = problems({
+    sagemaker_edge_core_capture_data_buffer_size: "thirty",
+    sagemaker_edge_core_capture_data_batch_size: "10.5",
+    sagemaker_edge_core_capture_data_push_period_seconds: "",
+    sagemaker_edge_core_capture_data_base64_embed_limit: "4000",
+    sagemaker_edge_core_capture_data_periodic_upload: "yes",
+    sagemaker_edge_model_deployment_poll_interval: "daily",
+    sagemaker_edge_core_iot_thing_name: 7,
+  });
+  assert.equal(found.length, 7, found.join("\n"));
+  assert.match(found[0], /key "sagemaker_edge_core_capture_data_buffer_size" must be a whole number, got "thirty"/);
+  assert.match(found[1], /"sagemaker_edge_core_capture_data_batch_size" must be a whole number, got "10.5"/);
+  assert.match(found[2], /"sagemaker_edge_core_capture_data_push_period_seconds" must be a whole number, got ""/);
+  assert.match(found[3], /"sagemaker_edge_core_capture_data_base64_embed_limit" must be at most 3072, got "4000"/);
+  assert.match(found[4], /"sagemaker_edge_core_capture_data_periodic_upload" must be true or false, got "yes"/);
+  assert.match(found[5], /"sagemaker_edge_model_deployment_poll_interval" must be a whole number, got "daily"/);
+  assert.match(found[6], /"sagemaker_edge_core_iot_thing_name" must be a string, got 7/);
+  assert.equal(parseConfig({ sagemaker_edge_log_verbose: "TRUE" }).config.logVerbose, true);
+});
+
+Deno.test("relative paths of this agent's keys resolve against the working folder too", () => {
+  const { config, resolvedPaths } = parseConfig(
+    { edge_agent_model_roots: ["models", "/abs/models"], edge_agent_state_dir: "../state" },
+    "config",
+    "/srv/agent",
+  );
+  assert.deepEqual(config.modelRoots, ["/srv/agent/models", "/abs/models"]);
+  assert.equal(config.stateDir, "/srv/state");
+  assert.deepEqual(Object.keys(resolvedPaths).sort(), ["edge_agent_model_roots", "edge_agent_state_dir"]);
+  assert.equal(parseConfig({ edge_agent_state_dir: "/abs" }).resolvedPaths.edge_agent_state_dir, undefined);
+});
+
+Deno.test("-m is checked as edge_agent_max_message_bytes is", () => {
+  assert.equal(parseMessageLimit("8388608"), 8388608);
+  for (const bad of ["8MB", "100", "", "-5", "99999999999"]) {
+    const result = parseMessageLimit(bad);
+    assert.ok(typeof result === "object", bad);
+    assert.match(result.problem, /^-m must be/);
+  }
 });

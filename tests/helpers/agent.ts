@@ -36,6 +36,12 @@ export interface StartOptions {
   compiled?: boolean;
   /** Environment variables added for the agent (e.g. S3 credentials). */
   env?: Record<string, string>;
+  /** The agent's working folder (relative config paths resolve against it); default: the tests'. */
+  cwd?: string;
+  /** Where the agent serves (default <dir>/agent.sock). */
+  socket?: string;
+  /** Arguments after `serve -a <socket> -c <config>`, e.g. ["-f", "-m", "1048576"]. */
+  serveArgs?: string[];
 }
 
 /**
@@ -46,11 +52,12 @@ export interface StartOptions {
 export async function agentDeployment(
   dir: string,
   raw: Record<string, unknown>,
+  { socket = join(dir, "agent.sock"), cwd = Deno.cwd() }: { socket?: string; cwd?: string } = {},
 ): Promise<{ socket: string; configPath: string; args: string[] }> {
-  const socket = join(dir, "agent.sock");
   const configPath = join(dir, "config.json");
   await Deno.writeTextFile(configPath, JSON.stringify(raw));
-  const flags = agentPermissionFlags({ socketPath: socket, configPath, config: parseConfig(raw).config });
+  const config = parseConfig(raw, "config", cwd).config;
+  const flags = agentPermissionFlags({ socketPath: socket, configPath, config });
   return {
     socket,
     configPath,
@@ -67,14 +74,15 @@ export async function startAgent(options: StartOptions = {}): Promise<AgentProce
     edge_agent_state_dir: join(dir, "state"),
     sagemaker_edge_core_root_certs_path: (await testTrust()).rootFile,
     ...options.config,
-  });
+  }, { socket: options.socket, cwd: options.cwd });
   const { socket } = deployment;
   // A compiled agent has its permissions and entry point built in; it takes the serve arguments only.
   const args = options.compiled ? deployment.args.slice(deployment.args.indexOf(MAIN) + 1) : deployment.args;
   const [command, ...prefix] = [...(options.wrapper ?? []), options.deno ?? Deno.execPath()];
   const process = new Deno.Command(command, {
-    args: [...prefix, ...args],
+    args: [...prefix, ...args, ...(options.serveArgs ?? [])],
     env: options.env,
+    cwd: options.cwd,
     stdin: "null",
     stdout: "piped",
     stderr: "piped",
