@@ -163,7 +163,7 @@ Deno.test("packages that fail verification are refused with the reason, and the 
     });
     await t.step("a sigstore keyless bundle, which needs an online transparency log", async () => {
       const folder = await writeModelFolder(modelsDir, "keyless", addSubModel(), { signed: false });
-      const vector = new URL("../../shared/oms/test-vectors/v1.0/valid/sigstore.bundle.json", import.meta.url);
+      const vector = new URL("./testdata/oms/test-vectors/v1.0/valid/sigstore.bundle.json", import.meta.url);
       await Deno.copyFile(vector, join(folder, "model.sig"));
       await refuse(folder, /sigstore/i);
     });
