@@ -81,7 +81,8 @@ export async function plan(args: string[], where: Environment): Promise<Plan> {
     configPath,
     userConfig,
     flags,
-    args: ["run", ...flags, MAIN, "serve", "-a", socket, ...(configPath ? ["-c", configPath] : [])],
+    // --quiet: a first run installs node_modules silently, as the tasks do.
+    args: ["run", "--quiet", ...flags, MAIN, "serve", "-a", socket, ...(configPath ? ["-c", configPath] : [])],
   };
 }
 

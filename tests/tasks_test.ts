@@ -29,7 +29,7 @@ Deno.test("deno task start derives the agent's permissions from its config, as t
       root.flags,
       agentPermissionFlags({ socketPath: DEFAULT_SOCKET_PATH, configPath: null, config: DEFAULTS }),
     );
-    assert.deepEqual(root.args, ["run", ...root.flags, MAIN, "serve", "-a", DEFAULT_SOCKET_PATH]);
+    assert.deepEqual(root.args, ["run", "--quiet", ...root.flags, MAIN, "serve", "-a", DEFAULT_SOCKET_PATH]);
 
     // Any other user without -c: folders of their own (XDG base directories).
     const user = await plan([], { uid: 1000, cwd: dir, env: { HOME: "/home/u" } });
@@ -79,10 +79,15 @@ interface Started {
 /** Runs `deno task -q start <args>` (under `wrapper`), returning once the agent serves. */
 async function taskStart(args: string[], options: { cwd: string; env?: Record<string, string>; wrapper?: string[] }) {
   const [command, ...prefix] = [...(options.wrapper ?? []), options.env?.DENO_BIN ?? Deno.execPath()];
+  // deno task names the caller's folder in INIT_CWD only when it is not set yet: under `deno task test`
+  // the outer one must not reach the task started here.
+  const env = { ...Deno.env.toObject(), ...options.env };
+  delete env.INIT_CWD;
   const child = new Deno.Command(command, {
     args: [...prefix, "task", "-q", "start", ...args],
     cwd: options.cwd,
-    env: options.env,
+    env,
+    clearEnv: true,
     stdin: "null",
     stdout: "null",
     stderr: "piped",
@@ -134,7 +139,7 @@ Deno.test("deno task start -c <config> -a <socket>: from a subfolder, the config
         config: parseConfig(raw).config,
       });
       assert.ok(
-        started.seen.includes(`edge-agent start: deno run ${flags.join(" ")} ${MAIN} serve -a ${socket} -c `),
+        started.seen.includes(`edge-agent start: deno run --quiet ${flags.join(" ")} ${MAIN} serve -a ${socket} -c `),
         started.seen,
       );
       assert.deepEqual((await client.listModels()).models, []);
