@@ -81,8 +81,7 @@ export async function plan(args: string[], where: Environment): Promise<Plan> {
     configPath,
     userConfig,
     flags,
-    // --quiet: a first run installs node_modules silently, as the tasks do.
-    args: ["run", "--quiet", ...flags, MAIN, "serve", "-a", socket, ...(configPath ? ["-c", configPath] : [])],
+    args: ["run", ...flags, MAIN, "serve", "-a", socket, ...(configPath ? ["-c", configPath] : [])],
   };
 }
 

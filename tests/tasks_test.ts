@@ -29,7 +29,7 @@ Deno.test("deno task start derives the agent's permissions from its config, as t
       root.flags,
       agentPermissionFlags({ socketPath: DEFAULT_SOCKET_PATH, configPath: null, config: DEFAULTS }),
     );
-    assert.deepEqual(root.args, ["run", "--quiet", ...root.flags, MAIN, "serve", "-a", DEFAULT_SOCKET_PATH]);
+    assert.deepEqual(root.args, ["run", ...root.flags, MAIN, "serve", "-a", DEFAULT_SOCKET_PATH]);
 
     // Any other user without -c: folders of their own (XDG base directories).
     const user = await plan([], { uid: 1000, cwd: dir, env: { HOME: "/home/u" } });
@@ -139,7 +139,7 @@ Deno.test("deno task start -c <config> -a <socket>: from a subfolder, the config
         config: parseConfig(raw).config,
       });
       assert.ok(
-        started.seen.includes(`edge-agent start: deno run --quiet ${flags.join(" ")} ${MAIN} serve -a ${socket} -c `),
+        started.seen.includes(`edge-agent start: deno run ${flags.join(" ")} ${MAIN} serve -a ${socket} -c `),
         started.seen,
       );
       assert.deepEqual((await client.listModels()).models, []);
@@ -208,4 +208,36 @@ Deno.test({
       await Deno.remove(home, { recursive: true });
     }
   },
+});
+
+Deno.test("first run: no approve-scripts warning; after `deno install --quiet` a task prints only its own line", async () => {
+  // A copy of the project without node_modules; packages come from the Deno cache these tests use.
+  const dir = await Deno.makeTempDir({ prefix: "edge-agent-first-run-" });
+  const env = Deno.env.toObject();
+  delete env.INIT_CWD;
+  const deno = async (...args: string[]) => {
+    const out = await new Deno.Command(Deno.execPath(), { args, cwd: dir, env, clearEnv: true }).output();
+    const [stdout, stderr] = [out.stdout, out.stderr].map((b) => new TextDecoder().decode(b));
+    assert.equal(out.code, 0, stderr);
+    return { stdout, stderr };
+  };
+  try {
+    for (const entry of ["deno.json", "deno.lock", "main.ts", "scripts", "src", "ffi", "proto", "deploy"]) {
+      const copied = await new Deno.Command("cp", { args: ["-r", join(PROJECT_ROOT, entry), dir] }).output();
+      assert.ok(copied.success, entry);
+    }
+    // The first task sets up node_modules itself (listing the packages); the install scripts it skips
+    // are denied in deno.json, so Deno does not ask to approve them. Without -q, as the README has it.
+    const first = await deno("task", "trust", "init", "--out", "./a");
+    assert.doesNotMatch(first.stderr, /approve-scripts|Ignored build scripts/);
+    assert.match(first.stdout, /^Development trust written to \.\/a/);
+
+    await Deno.remove(join(dir, "node_modules"), { recursive: true });
+    assert.deepEqual(await deno("install", "--quiet"), { stdout: "", stderr: "" });
+    const quiet = await deno("task", "trust", "init", "--out", "./b");
+    assert.match(quiet.stderr, /^Task trust deno run [^\n]*\n$/, "the task's own line is all");
+    assert.match(quiet.stdout, /^Development trust written to \.\/b/);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });
