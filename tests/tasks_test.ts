@@ -213,7 +213,7 @@ Deno.test({
 Deno.test("first run: no approve-scripts warning; after `deno install --quiet` a task prints only its own line", async () => {
   // A copy of the project without node_modules; packages come from the Deno cache these tests use.
   const dir = await Deno.makeTempDir({ prefix: "edge-agent-first-run-" });
-  const env = Deno.env.toObject();
+  const env: Record<string, string> = { ...Deno.env.toObject(), NO_COLOR: "1" };
   delete env.INIT_CWD;
   const deno = async (...args: string[]) => {
     const out = await new Deno.Command(Deno.execPath(), { args, cwd: dir, env, clearEnv: true }).output();
