@@ -1,6 +1,7 @@
 // `edge-agent client ...`: try a device's agent by hand. Each command returns the text to print; a
 // failed call becomes a ClientCommandError carrying the gRPC status name and message.
 
+import { isAbsolute, resolve } from "node:path";
 import { AgentClient } from "./client.ts";
 import { dataTypeName, elementSize } from "./tensors.ts";
 import { Status } from "./errors.ts";
@@ -48,7 +49,17 @@ export async function describe(client: AgentClient, name: string): Promise<strin
 }
 
 export async function load(client: AgentClient, url: string, name: string): Promise<string> {
-  return `loaded\n${describeModel((await client.loadModel(url, name)).model)}`;
+  return `loaded\n${describeModel((await client.loadModel(absoluteUrl(url), name)).model)}`;
+}
+
+/** The agent takes absolute paths and file:// URLs only; a relative path means the user's working folder. */
+function absoluteUrl(url: string): string {
+  if (isAbsolute(url) || /^[a-z][a-z0-9+.-]*:/i.test(url)) return url;
+  try {
+    return resolve(url);
+  } catch {
+    return url; // the working folder is not readable here: the agent names the problem
+  }
 }
 
 export async function unload(client: AgentClient, name: string): Promise<string> {
@@ -222,9 +233,14 @@ function summarize(tensor: Tensor): string {
     const top = numbers.map((v, i) => [i, v]).sort((a, b) => b[1] - a[1]).slice(0, 5);
     return `${head}\n${top.map(([i, v]) => `  #${i}: ${v.toPrecision(6)}`).join("\n")}`;
   }
-  const min = Math.min(...numbers);
-  const max = Math.max(...numbers);
-  const mean = numbers.reduce((a, b) => a + b, 0) / numbers.length;
+  // One pass, no spread: an image-sized output has far more values than call arguments may hold.
+  let [min, max, sum] = [Infinity, -Infinity, 0];
+  for (const v of numbers) {
+    if (v < min) min = v;
+    if (v > max) max = v;
+    sum += v;
+  }
+  const mean = sum / numbers.length;
   return `${head}: min ${min.toPrecision(6)}, max ${max.toPrecision(6)}, mean ${mean.toPrecision(6)}`;
 }
 

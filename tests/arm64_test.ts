@@ -1,5 +1,5 @@
 // The agent on aarch64 for real: the aarch64 Deno from npm and ONNX Runtime's arm64 library under
-// qemu-user (shared/arm64/run-aarch64), driven from here over its Unix socket. Its outputs must
+// qemu-user (tests/arm64/run-aarch64), driven from here over its Unix socket. Its outputs must
 // match x86_64's. Slow under emulation (about half a minute), so one start serves every check.
 
 import assert from "node:assert/strict";
@@ -9,8 +9,9 @@ import { enumValues } from "../src/wire.ts";
 import { PROJECT_ROOT, startAgent } from "./helpers/agent.ts";
 import { floats, pseudoRandomFloats, tensor } from "./helpers/assertions.ts";
 import { PADDLE_CLS, writeModelFolder } from "./helpers/onnx_models.ts";
+import { installed } from "./helpers/tools.ts";
 
-const RUN_AARCH64 = join(PROJECT_ROOT, "..", "shared", "arm64", "run-aarch64");
+const RUN_AARCH64 = join(PROJECT_ROOT, "tests", "arm64", "run-aarch64");
 /** .ci/run unpacks npm's @deno/linux-arm64-glibc here; EDGE_AGENT_ARM64_DENO overrides it. */
 const ARM64_DENO = Deno.env.get("EDGE_AGENT_ARM64_DENO") ?? join(PROJECT_ROOT, ".cache", "deno-arm64", "deno");
 
@@ -20,9 +21,7 @@ async function missing(): Promise<string | null> {
   for (const path of [RUN_AARCH64, ARM64_DENO]) {
     if (!await Deno.stat(path).then(() => true, () => false)) return `${path} is missing`;
   }
-  const qemu = await new Deno.Command("qemu-aarch64", { args: ["--version"], stdout: "null", stderr: "null" })
-    .output().then((r) => r.success, () => false);
-  return qemu ? null : "qemu-aarch64 is not installed (Debian qemu-user)";
+  return await installed("qemu-aarch64") ? null : "qemu-aarch64 is not installed (Debian qemu-user)";
 }
 
 const skip = await missing();

@@ -342,16 +342,40 @@ Deno.test("an outage only delays: transient errors never exhaust the attempts", 
   const dirs = await tempDirs();
   try {
     const flaky = new Flaky(new DiskDestination(dirs.diskPath));
-    const service = await open(dirs, { maxAttempts: 1, destinationImpl: flaky, pushPeriodSeconds: 0 });
+    // One upload at a time and pauses of 200-400 ms, so every attempt can be counted against the pause.
+    const service = await open(dirs, {
+      maxAttempts: 1,
+      destinationImpl: flaky,
+      pushPeriodSeconds: 0,
+      uploadConcurrency: 1,
+      retryBaseMs: 400,
+      retryMaxMs: 400,
+    });
+    const sleep = (ms: number) => new Promise((r) => setTimeout(r, Math.max(0, ms)));
     for (let i = 0; i < 6; i++) await service.capture(makeRecord(`o${i}`));
-    while (flaky.refused < 5) await new Promise((r) => setTimeout(r, 10));
-    assert.ok(service.stats().pausedUntil !== null || flaky.refused >= 5);
+    let checked = 0;
+    for (let pauses = 0; pauses < 3; pauses++) {
+      let pausedUntil: number | null;
+      while ((pausedUntil = service.stats().pausedUntil) === null) await sleep(5);
+      const refused = flaky.refused;
+      assert.ok(pausedUntil - Date.now() <= 400, "a pause is at most retryMaxMs");
+      // While paused, nothing is attempted; after it, the upload is tried again and pauses anew.
+      await sleep(pausedUntil - Date.now() - 100);
+      // Read in one synchronous step: if the pause has not ended yet, no attempt can have started.
+      if (Date.now() < pausedUntil) {
+        assert.equal(flaky.refused, refused, `no attempt during pause ${pauses + 1}`);
+        checked++;
+      }
+      while (flaky.refused === refused) await sleep(5);
+      assert.ok(Date.now() >= pausedUntil, "the next attempt waits for the pause to end");
+    }
+    assert.ok(checked > 0, "at least one pause was observed before it ended");
     assert.equal(service.status("o0"), "IN_PROGRESS");
     flaky.down = false;
     assert.ok(await service.flush(10_000));
     for (let i = 0; i < 6; i++) assert.equal(service.status(`o${i}`), "SUCCESS");
     assert.equal(service.stats().failed, 0);
-    assert.ok(service.stats().retries >= 5);
+    assert.ok(service.stats().retries >= 3);
     await service.close();
   } finally {
     await Deno.remove(dirs.base, { recursive: true });

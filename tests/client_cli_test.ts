@@ -3,14 +3,34 @@
 
 import assert from "node:assert/strict";
 import { join } from "node:path";
+import * as ort from "onnxruntime-node";
 import { readNpy, writeNpy } from "../src/npy.ts";
 import { COMPILE_CONFIG, MAIN, withAgent } from "./helpers/agent.ts";
 import { entryPath, writeEntry } from "../build.ts";
 import { parseConfig } from "../src/config.ts";
 import { profileFlags, profileFor } from "../src/permissions.ts";
 import { floats, pseudoRandomFloats, tensor } from "./helpers/assertions.ts";
-import { identityModel, OnnxType, PADDLE_CLS, writeModelFolder } from "./helpers/onnx_models.ts";
+import { identityModel, OnnxType, PADDLE_CLS, PADDLE_DET, writeModelFolder } from "./helpers/onnx_models.ts";
 import { PYTHON, pythonGrpcMissing } from "./helpers/python.ts";
+
+/** The independent reference: onnxruntime-node in this process, on the same model file and input. */
+async function reference(model: string, input: Float32Array, shape: number[]): Promise<Float32Array> {
+  const session = await ort.InferenceSession.create(model);
+  try {
+    const outputs = await session.run({ [session.inputNames[0]]: new ort.Tensor("float32", input, shape) });
+    return outputs[session.outputNames[0]].data as Float32Array;
+  } finally {
+    await session.release();
+  }
+}
+
+/** Equal to within ONNX Runtime's run-to-run differences (thread splits change float sums slightly). */
+function assertClose(actual: Float32Array, expected: Float32Array, tolerance = 1e-5) {
+  assert.equal(actual.length, expected.length);
+  let worst = 0;
+  for (let i = 0; i < actual.length; i++) worst = Math.max(worst, Math.abs(actual[i] - expected[i]));
+  assert.ok(worst <= tolerance, `largest difference ${worst}`);
+}
 
 async function client(socket: string, ...args: string[]) {
   const out = await new Deno.Command(Deno.execPath(), {
@@ -41,9 +61,7 @@ Deno.test("client: list, load, describe, predict (.npy and .bin, --out), capture
     assert.match((await client(s, "list")).stdout, /^cls /m);
 
     const input = pseudoRandomFloats(3 * 48 * 192, 5);
-    const expected = floats(
-      (await agent.client.predict("cls", [tensor("x", 5, [1, 3, 48, 192], input)])).tensors[0].byte_data,
-    );
+    const expected = await reference(PADDLE_CLS, input, [1, 3, 48, 192]);
     const npy = join(agent.dir, "x.npy");
     await Deno.writeFile(
       npy,
@@ -55,7 +73,7 @@ Deno.test("client: list, load, describe, predict (.npy and .bin, --out), capture
     assert.match(predicted.stdout, /softmax_0\.tmp_0 FLOAT32 \[1,2\]\n {2}#[01]: [\d.]+\n {2}#[01]: [\d.]+/);
     const saved = readNpy(await Deno.readFile(out));
     assert.deepEqual([saved.dataType, saved.shape], ["FLOAT32", [1, 2]]);
-    assert.deepEqual(floats(saved.data), expected);
+    assertClose(floats(saved.data), expected);
 
     const bin = join(agent.dir, "x.bin");
     await Deno.writeFile(bin, new Uint8Array(input.buffer));
@@ -327,10 +345,9 @@ Deno.test("the executable's client: its deployment's socket by default, its perm
         // Through standard input and output: .npy recognised by its contents, summary on stderr.
         const piped = await executable(["client", "predict", "cls", "--input", "x=-", "--out", "-"], npyBytes);
         assert.equal(piped.code, 0, piped.stderr);
-        const expected = (await agent.client.predict("cls", [tensor("x", 5, [1, 3, 48, 192], input)])).tensors[0];
         const saved = readNpy(piped.stdout);
         assert.deepEqual(saved.shape, [1, 2]);
-        assert.deepEqual(floats(saved.data), floats(expected.byte_data));
+        assertClose(floats(saved.data), await reference(PADDLE_CLS, input, [1, 3, 48, 192]));
         assert.match(piped.stderr, /saved softmax_0\.tmp_0 FLOAT32 \[1,2\] to standard output/);
 
         const raw = await executable(
@@ -348,6 +365,61 @@ Deno.test("the executable's client: its deployment's socket by default, its perm
       assert.match(elsewhere.stderr, /may connect only to the socket its deployment profile names/);
     } finally {
       await Deno.remove(entry);
+    }
+  });
+});
+
+Deno.test("client predict summarises a large image-shaped output (PP-OCR det, [1,1,640,640]) from .npy and image inputs", async () => {
+  const { PNG } = await import("pngjs");
+  await withAgent({}, async (agent) => {
+    const folder = await writeModelFolder(agent.modelsDir, "det", await Deno.readFile(PADDLE_DET));
+    await agent.client.loadModel(folder, "det");
+    const shape = [1, 3, 640, 640];
+    // A 320x320 PNG of bands and blocks; the client scales it to 640x640 (each pixel a 2x2 block).
+    const side = 320;
+    const png = new PNG({ width: side, height: side });
+    for (let y = 0; y < side; y++) {
+      for (let x = 0; x < side; x++) {
+        const ink = (y % 40 < 12 && x % 24 < 16) ? 20 : 235;
+        png.data.set([ink, ink, (x + y) % 256, 255], (y * side + x) * 4);
+      }
+    }
+    const image = join(agent.dir, "page.png");
+    await Deno.writeFile(image, PNG.sync.write(png));
+    const fromImage = new Float32Array(3 * 640 * 640);
+    for (let c = 0; c < 3; c++) {
+      for (let y = 0; y < 640; y++) {
+        for (let x = 0; x < 640; x++) {
+          fromImage[(c * 640 + y) * 640 + x] = png.data[((y >> 1) * side + (x >> 1)) * 4 + c] / 255;
+        }
+      }
+    }
+    const npy = join(agent.dir, "page.npy");
+    const fromNpy = pseudoRandomFloats(3 * 640 * 640, 21);
+    await Deno.writeFile(npy, writeNpy({ dataType: "FLOAT32", shape, data: new Uint8Array(fromNpy.buffer) }));
+
+    for (const [argument, input] of [[`x=${npy}`, fromNpy], [`x=${image}:1,3,640,640`, fromImage]] as const) {
+      const out = join(agent.dir, "map.npy");
+      const predicted = await client(agent.socket, "predict", "det", "--input", argument, "--out", out);
+      assert.equal(predicted.code, 0, predicted.stderr);
+      const expected = await reference(PADDLE_DET, input, shape);
+      const saved = readNpy(await Deno.readFile(out));
+      assert.deepEqual([saved.dataType, saved.shape], ["FLOAT32", [1, 1, 640, 640]]);
+      assertClose(floats(saved.data), expected, 1e-4);
+      let [min, max, sum] = [Infinity, -Infinity, 0];
+      for (const v of expected) [min, max, sum] = [Math.min(min, v), Math.max(max, v), sum + v];
+      const summary = /sigmoid_0\.tmp_0 FLOAT32 \[1,1,640,640\]: min (\S+), max (\S+), mean (\S+)/.exec(
+        predicted.stdout,
+      );
+      assert.ok(summary, predicted.stdout);
+      assert.ok(max > min, "a map with text and background");
+      const shownValues: [string, number][] = [[summary[1], min], [summary[2], max], [
+        summary[3],
+        sum / expected.length,
+      ]];
+      for (const [shown, value] of shownValues) {
+        assert.ok(Math.abs(Number(shown) - value) < 1e-4, `${shown} vs ${value}`);
+      }
     }
   });
 });

@@ -12,8 +12,8 @@ import {
   signModel,
 } from "../src/packages/oms/mod.ts";
 
-// The OMS spec folder sits beside the repository (shared/), wherever the repository is cloned.
-const OMS_DIR = new URL("../../shared/oms", import.meta.url).pathname;
+// The OMS spec's test vectors and schemas, kept in the repository (see testdata/oms/PROVENANCE.md).
+const OMS_DIR = new URL("./testdata/oms", import.meta.url).pathname;
 
 const VECTORS = `${OMS_DIR}/test-vectors/v1.0`;
 

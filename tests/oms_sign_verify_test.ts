@@ -21,8 +21,8 @@ import { pemEncode } from "../src/packages/oms/encoding.ts";
 import { importSigningKey, signEcdsa } from "../src/packages/oms/keys.ts";
 import { preAuthEncoding } from "../src/packages/oms/bundle.ts";
 
-// The OMS spec folder sits beside the repository (shared/), wherever the repository is cloned.
-const OMS_DIR = new URL("../../shared/oms", import.meta.url).pathname;
+// The OMS spec's test vectors and schemas, kept in the repository (see testdata/oms/PROVENANCE.md).
+const OMS_DIR = new URL("./testdata/oms", import.meta.url).pathname;
 
 const DAY = 86_400_000;
 

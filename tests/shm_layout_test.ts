@@ -5,6 +5,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { SHMID_DS } from "../ffi/libc.ts";
 import { NATTCH_OFFSET } from "./helpers/shm_segments.ts";
+import { installed } from "./helpers/tools.ts";
 
 const PROGRAM = `#include <stdio.h>
 #include <stddef.h>
@@ -16,12 +17,7 @@ int main(void) {
   return 0;
 }
 `;
-const RUN_AARCH64 = new URL("../../shared/arm64/run-aarch64", import.meta.url).pathname;
-
-async function available(command: string): Promise<boolean> {
-  return await new Deno.Command(command, { args: ["--version"], stdout: "null", stderr: "null" }).output()
-    .then((r) => r.success, () => false);
-}
+const RUN_AARCH64 = new URL("./arm64/run-aarch64", import.meta.url).pathname;
 
 async function layout(compiler: string, runner: string[]): Promise<unknown> {
   const dir = await Deno.makeTempDir({ prefix: "edge-agent-layout-" });
@@ -39,13 +35,19 @@ async function layout(compiler: string, runner: string[]): Promise<unknown> {
   }
 }
 
-const haveCc = await available("cc");
+const haveCc = await installed("cc");
 if (!haveCc) console.log("skipping the x86_64 shmid_ds layout check: no C compiler (cc)");
-const haveCross = await available("aarch64-linux-gnu-gcc") && await available("qemu-aarch64") &&
-  await Deno.stat(RUN_AARCH64).then(() => true, () => false);
-if (!haveCross) {
-  console.log("skipping the aarch64 shmid_ds layout check: needs aarch64-linux-gnu-gcc, qemu-user and run-aarch64");
+/** Why the aarch64 check cannot run here, or null. */
+async function crossMissing(): Promise<string | null> {
+  if (!await installed("aarch64-linux-gnu-gcc")) {
+    return "aarch64-linux-gnu-gcc is not installed (gcc-aarch64-linux-gnu)";
+  }
+  if (!await installed("qemu-aarch64")) return "qemu-aarch64 is not installed (qemu-user)";
+  if (Deno.uid() !== 0) return "tests/arm64/run-aarch64 needs root (a private mount namespace)";
+  return null;
 }
+const crossSkip = await crossMissing();
+if (crossSkip) console.log(`skipping the aarch64 shmid_ds layout check: ${crossSkip}`);
 
 Deno.test({
   name: `struct shmid_ds offsets match glibc on ${Deno.build.arch}`,
@@ -57,7 +59,7 @@ Deno.test({
 
 Deno.test({
   name: "struct shmid_ds offsets match glibc on aarch64",
-  ignore: !haveCross,
+  ignore: crossSkip !== null,
   async fn() {
     assert.deepEqual(await layout("aarch64-linux-gnu-gcc", [RUN_AARCH64]), {
       ...SHMID_DS,

@@ -105,11 +105,31 @@ Deno.test("signed packages load: folders, archives, P-384 leaves under an RSA in
 });
 
 Deno.test("packages that fail verification are refused with the reason, and the agent keeps serving", async (t) => {
-  await withAgent({ config: {} }, async (agent) => {
+  // The device trusts the test root, a root whose signing certificate has expired, and one publisher key.
+  const past = new Date(Date.now() - 3 * 365 * 86_400_000);
+  const old = await generateDevelopmentTrust({ now: past, leafValidityDays: 30, nameSuffix: " old" });
+  const publisher = await generateDevelopmentKeyPair("P-256");
+  const rootsDir = await Deno.makeTempDir({ prefix: "edge-agent-roots-" });
+  const keysDir = await Deno.makeTempDir({ prefix: "edge-agent-keys-" });
+  await Deno.writeTextFile(join(rootsDir, "test.pem"), (await testTrust()).root.certificatePem);
+  await Deno.writeTextFile(join(rootsDir, "old.pem"), old.root.certificatePem);
+  await Deno.writeTextFile(join(keysDir, "publisher.pem"), publisher.publicKeyPem);
+  const config = { sagemaker_edge_core_root_certs_path: rootsDir, edge_agent_trusted_model_keys: keysDir };
+  await withAgent({ config }, async (agent) => {
     const { client, modelsDir } = agent;
+    let refusals = 0;
+    // A name per load: a package wrongly accepted fails its own step only.
     const refuse = async (url: string, message: RegExp) => {
-      await rejectsWith(client.loadModel(url, "refused"), Status.FAILED_PRECONDITION, message);
+      await rejectsWith(client.loadModel(url, `refused-${++refusals}`), Status.FAILED_PRECONDITION, message);
     };
+    await t.step("the trust above accepts what it should: a publisher-key package and a fresh chain", async () => {
+      const keyed = await writeModelFolder(modelsDir, "publisher", addSubModel(), { signed: false });
+      await signModel({ modelPath: keyed, privateKeyPem: publisher.privateKeyPem });
+      await client.loadModel(keyed, "publisher");
+      await client.loadModel(await writeModelFolder(modelsDir, "fresh", addSubModel()), "fresh");
+      await client.unloadModel("publisher");
+      await client.unloadModel("fresh");
+    });
     await t.step("one byte of the model flipped after signing", async () => {
       const folder = await writeModelFolder(modelsDir, "flipped", addSubModel());
       const model = await Deno.readFile(join(folder, "model.onnx"));
@@ -132,11 +152,7 @@ Deno.test("packages that fail verification are refused with the reason, and the 
       });
       await refuse(folder, /failed verification: .*(trusted|root)/i);
     });
-    await t.step("an expired signing certificate", async () => {
-      const past = new Date(Date.now() - 3 * 365 * 86_400_000);
-      const old = await generateDevelopmentTrust({ now: past, leafValidityDays: 30, nameSuffix: " expired" });
-      const root = join(agent.dir, "expired-root.pem");
-      await Deno.writeTextFile(root, old.root.certificatePem);
+    await t.step("an expired signing certificate under a trusted root", async () => {
       const folder = await writeModelFolder(modelsDir, "expired", addSubModel(), { signed: false });
       await signModel({
         modelPath: folder,
@@ -144,7 +160,40 @@ Deno.test("packages that fail verification are refused with the reason, and the 
         certificateChainPem: old.chainPem,
         now: new Date(past.getTime() + 86_400_000),
       });
-      await refuse(folder, /failed verification: .*(expired|valid)/i);
+      const leafEnd = new Date(past.getTime() + 30 * 86_400_000).toISOString().slice(0, 10);
+      await refuse(
+        folder,
+        new RegExp(`failed verification: leaf certificate "[^"]*" \\(bundle certificate #0\\) expired on ${leafEnd}`),
+      );
+    });
+    await t.step("a package signed by a key the device does not trust", async () => {
+      const stranger = await generateDevelopmentKeyPair("P-256");
+      const folder = await writeModelFolder(modelsDir, "untrusted-key", addSubModel(), { signed: false });
+      await signModel({ modelPath: folder, privateKeyPem: stranger.privateKeyPem });
+      await refuse(folder, /failed verification: DSSE signature does not verify with any of the 1 trusted key\(s\)/);
+    });
+    await t.step("a forged signature: another key's signature under the trusted certificate chain", async () => {
+      const folder = await writeModelFolder(modelsDir, "forged", addSubModel());
+      const genuine = JSON.parse(await Deno.readTextFile(join(folder, "model.sig")));
+      // The forger signs the same statement with a key of their own, and keeps the trusted chain.
+      const forger = await generateDevelopmentKeyPair("P-256");
+      await signModel({ modelPath: folder, privateKeyPem: forger.privateKeyPem });
+      const forged = JSON.parse(await Deno.readTextFile(join(folder, "model.sig")));
+      assert.equal(forged.dsseEnvelope.payload, genuine.dsseEnvelope.payload);
+      await Deno.writeTextFile(
+        join(folder, "model.sig"),
+        JSON.stringify({ ...genuine, dsseEnvelope: forged.dsseEnvelope }),
+      );
+      await refuse(folder, /failed verification: DSSE signature does not verify with the key of leaf certificate/);
+    });
+    await t.step("a forged signature: the trusted signer's signature with one bit changed", async () => {
+      const folder = await writeModelFolder(modelsDir, "bit-flipped", addSubModel());
+      const bundle = JSON.parse(await Deno.readTextFile(join(folder, "model.sig")));
+      const signature = Uint8Array.from(atob(bundle.dsseEnvelope.signatures[0].sig), (c) => c.charCodeAt(0));
+      signature[signature.length - 5] ^= 0x01;
+      bundle.dsseEnvelope.signatures[0].sig = btoa(String.fromCharCode(...signature));
+      await Deno.writeTextFile(join(folder, "model.sig"), JSON.stringify(bundle));
+      await refuse(folder, /failed verification: DSSE signature does not verify with the key of leaf certificate/);
     });
     await t.step("a package for another architecture", async () => {
       const folder = await writeModelFolder(modelsDir, "other-arch", addSubModel(), { signed: false });
@@ -163,7 +212,7 @@ Deno.test("packages that fail verification are refused with the reason, and the 
     });
     await t.step("a sigstore keyless bundle, which needs an online transparency log", async () => {
       const folder = await writeModelFolder(modelsDir, "keyless", addSubModel(), { signed: false });
-      const vector = new URL("../../shared/oms/test-vectors/v1.0/valid/sigstore.bundle.json", import.meta.url);
+      const vector = new URL("./testdata/oms/test-vectors/v1.0/valid/sigstore.bundle.json", import.meta.url);
       await Deno.copyFile(vector, join(folder, "model.sig"));
       await refuse(folder, /sigstore/i);
     });
@@ -189,6 +238,8 @@ Deno.test("packages that fail verification are refused with the reason, and the 
     await client.loadModel(await writeModelFolder(modelsDir, "fine", addSubModel()), "fine");
     assert.deepEqual((await client.listModels()).models.map((m) => m.name), ["fine"]);
   });
+  await Deno.remove(rootsDir, { recursive: true });
+  await Deno.remove(keysDir, { recursive: true });
 });
 
 Deno.test("with edge_agent_allow_unsigned_models, plain .onnx files load, with a warning each time", async () => {

@@ -67,7 +67,8 @@ export async function packageSign(args: SignArguments): Promise<string> {
       version: args.version ?? "1",
       framework: "onnx",
       model: models[0].name,
-      target_arch: args.arch ?? "any",
+      // Built for this machine unless told otherwise: a package is signed for where it was tested.
+      target_arch: args.arch ?? Deno.build.arch,
     };
     await Deno.writeTextFile(join(args.folder, "edge-model.json"), JSON.stringify(manifest, null, 2) + "\n");
   }
