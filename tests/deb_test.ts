@@ -8,7 +8,7 @@
 
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { DEBIAN_ARCHITECTURES, type DebianArchitecture, debPackage } from "../src/deb.ts";
+import { DebError, DEBIAN_ARCHITECTURES, type DebianArchitecture, debPackage, packagedUnit } from "../src/deb.ts";
 import { PROJECT_ROOT } from "./helpers/agent.ts";
 
 const decoder = new TextDecoder();
@@ -94,6 +94,14 @@ Deno.test("one package per architecture: its files, owners and modes, conffile, 
     assert.equal(lintian.code, 0, lintian.stdout + lintian.stderr);
   } finally {
     await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a unit whose ExecStart is not the tarball's /usr/local/bin/edge-agent is refused, not packaged", () => {
+  const unit = "[Service]\nExecStart=/usr/local/bin/edge-agent serve\n";
+  assert.equal(packagedUnit(unit), "[Service]\nExecStart=/usr/bin/edge-agent serve\n");
+  for (const wrong of ["[Service]\nExecStart=/opt/edge-agent serve\n", "[Service]\n", unit + unit]) {
+    assert.throws(() => packagedUnit(wrong), (e: Error) => e instanceof DebError && /ExecStart=/.test(e.message));
   }
 });
 
