@@ -32,11 +32,11 @@ export interface DebOptions {
   architecture: DebianArchitecture;
   /** Debian version, e.g. 0.1.0 (built by the project itself, so a native version). */
   version: string;
-  /** Folder the .deb is written to; its staging tree goes under <out>/deb/. */
+  /** Folder the .deb is written to. */
   out: string;
   /** Default: "$DEBFULLNAME <$DEBEMAIL>" (Debian's convention) when DEBEMAIL is set, else DEFAULT_MAINTAINER. */
   maintainer?: string;
-  /** The changelog's date and every file's time: SOURCE_DATE_EPOCH when set, else now. */
+  /** The changelog's date and the latest file time: SOURCE_DATE_EPOCH when set, else now. */
   date?: Date;
 }
 
@@ -60,10 +60,9 @@ function rfc2822(date: Date): string {
   const days = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
   const months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
   const two = (n: number) => String(n).padStart(2, "0");
-  return `${days[date.getUTCDay()]}, ${two(date.getUTCDate())} ${
-    months[date.getUTCMonth()]
-  } ${date.getUTCFullYear()} ` +
-    `${two(date.getUTCHours())}:${two(date.getUTCMinutes())}:${two(date.getUTCSeconds())} +0000`;
+  const day = `${days[date.getUTCDay()]}, ${two(date.getUTCDate())} ${months[date.getUTCMonth()]}`;
+  const time = `${two(date.getUTCHours())}:${two(date.getUTCMinutes())}:${two(date.getUTCSeconds())}`;
+  return `${day} ${date.getUTCFullYear()} ${time} +0000`;
 }
 
 /** `<out>/edge-agent_<version>_<architecture>.deb`, built with `dpkg-deb --build --root-owner-group`. */
@@ -76,16 +75,30 @@ export async function debPackage(options: DebOptions): Promise<string> {
   const epoch = Deno.env.get("SOURCE_DATE_EPOCH");
   const date = options.date ?? (epoch ? new Date(Number(epoch) * 1000) : new Date());
   const name = `edge-agent_${version}_${architecture}`;
-  const root = join(out, "deb", name);
-  await Deno.remove(root, { recursive: true }).catch(() => {});
+  await Deno.mkdir(out, { recursive: true });
+  // The package's tree, staged beside it (a copy of the executable) and removed once built.
+  const staging = await Deno.makeTempDir({ dir: out, prefix: `.${name}-` });
+  try {
+    return await build(join(staging, "root"), join(out, `${name}.deb`), options, maintainer, date);
+  } finally {
+    await Deno.remove(staging, { recursive: true });
+  }
+}
 
+async function build(
+  root: string,
+  deb: string,
+  { executable, architecture, version }: DebOptions,
+  maintainer: string,
+  date: Date,
+): Promise<string> {
   const template = (file: string) => Deno.readFile(join(TEMPLATES, file));
   const text = (s: string) => new TextEncoder().encode(s);
   const gzip = (bytes: Uint8Array) => gzipSync(bytes, { level: 9 }); // no name or time in the header
   const doc = "usr/share/doc/edge-agent";
   // [path in the package, contents, mode]
   const files: [string, Uint8Array, number][] = [
-    ["usr/bin/edge-agent", await Deno.readFile(options.executable), 0o755],
+    ["usr/bin/edge-agent", await Deno.readFile(executable), 0o755],
     [
       "usr/lib/systemd/system/edge-agent.service",
       text(packagedUnit(await Deno.readTextFile(join(DEPLOY, "edge-agent.service")))),
@@ -145,12 +158,10 @@ export async function debPackage(options: DebOptions): Promise<string> {
     await Deno.writeFile(join(control, file), contents);
     await Deno.chmod(join(control, file), mode);
   }
-  for await (const path of walk(root)) await Deno.utime(path, date, date);
-  await Deno.utime(root, date, date);
 
-  const deb = join(out, `${name}.deb`);
   const built = await new Deno.Command("dpkg-deb", {
     args: ["--build", "--root-owner-group", root, deb],
+    // dpkg-deb sets the archive's times from it, and clamps every file's time to it.
     env: { SOURCE_DATE_EPOCH: String(Math.floor(date.getTime() / 1000)) },
     stdout: "piped",
     stderr: "piped",
@@ -159,12 +170,4 @@ export async function debPackage(options: DebOptions): Promise<string> {
   });
   if (!built.success) throw new DebError(`dpkg-deb --build failed: ${new TextDecoder().decode(built.stderr)}`);
   return deb;
-}
-
-async function* walk(dir: string): AsyncGenerator<string> {
-  for await (const entry of Deno.readDir(dir)) {
-    const path = join(dir, entry.name);
-    if (entry.isDirectory) yield* walk(path);
-    yield path;
-  }
 }

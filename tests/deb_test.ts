@@ -26,6 +26,7 @@ async function run(command: string, args: string[], env: Record<string, string> 
 
 /** A stand-in for the compiled agent that names its version, to see which one is installed. */
 async function build(dir: string, architecture: DebianArchitecture, version: string): Promise<string> {
+  await Deno.mkdir(dir, { recursive: true });
   const executable = join(dir, `edge-agent-${version}-${architecture}`);
   await Deno.writeTextFile(executable, `#!/bin/sh\necho "edge-agent ${version} (stand-in)"\n`);
   return await debPackage({ executable, architecture, version, out: dir, date: new Date("2026-01-02T03:04:05Z") });
@@ -84,6 +85,14 @@ Deno.test("one package per architecture: its files, owners and modes, conffile, 
       assert.match(unit, /^ExecStart=\/usr\/bin\/edge-agent serve /m);
       assert.equal(unit.replace("ExecStart=/usr/bin/", "ExecStart=/usr/local/bin/"), source);
     }
+
+    // The same inputs and date give the same bytes, so a fleet can pin a package by its digest.
+    const again = await build(join(dir, "again"), "amd64", "0.1.0");
+    assert.deepEqual(await Deno.readFile(again), await Deno.readFile(debs[0]), "a reproducible package");
+    assert.deepEqual((await Array.fromAsync(Deno.readDir(join(dir, "again")))).map((e) => e.name).sort(), [
+      "edge-agent-0.1.0-amd64",
+      "edge-agent_0.1.0_amd64.deb",
+    ], "no staging tree left behind");
 
     // Errors and warnings fail; informational hints (e.g. overrides that only a compiled executable
     // uses) are listed.
