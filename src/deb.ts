@@ -40,13 +40,13 @@ export interface DebOptions {
   date?: Date;
 }
 
-/** The unit with ExecStart pointing at the packaged executable. */
+/** The unit with the packaged executable's path wherever it names the tarball's (ExecStart at least). */
 export function packagedUnit(unit: string): string {
   const execStart = unit.split("\n").filter((line) => line.startsWith("ExecStart="));
   if (execStart.length !== 1 || !execStart[0].startsWith(`ExecStart=${TARBALL_EXECUTABLE} `)) {
     throw new DebError(`deploy/edge-agent.service: expected one "ExecStart=${TARBALL_EXECUTABLE} ..." line`);
   }
-  return unit.replace(`ExecStart=${TARBALL_EXECUTABLE} `, `ExecStart=${PACKAGE_EXECUTABLE} `);
+  return unit.replaceAll(`${TARBALL_EXECUTABLE} `, `${PACKAGE_EXECUTABLE} `);
 }
 
 /** A Debian changelog with one entry for `version` (the package is built from the project's release). */

@@ -83,7 +83,7 @@ Deno.test("one package per architecture: its files, owners and modes, conffile, 
       const unit = await Deno.readTextFile(join(root, "usr/lib/systemd/system/edge-agent.service"));
       const source = await Deno.readTextFile(join(PROJECT_ROOT, "deploy/edge-agent.service"));
       assert.match(unit, /^ExecStart=\/usr\/bin\/edge-agent serve /m);
-      assert.equal(unit.replace("ExecStart=/usr/bin/", "ExecStart=/usr/local/bin/"), source);
+      assert.equal(unit.replaceAll("/usr/bin/edge-agent ", "/usr/local/bin/edge-agent "), source);
     }
 
     // Errors and warnings fail; informational hints (e.g. overrides that only a compiled executable
@@ -108,8 +108,11 @@ Deno.test("one package per architecture: its files, owners and modes, conffile, 
 });
 
 Deno.test("a unit whose ExecStart is not the tarball's /usr/local/bin/edge-agent is refused, not packaged", () => {
-  const unit = "[Service]\nExecStart=/usr/local/bin/edge-agent serve\n";
-  assert.equal(packagedUnit(unit), "[Service]\nExecStart=/usr/bin/edge-agent serve\n");
+  const unit = "[Service]\nExecStartPre=/usr/local/bin/edge-agent check\nExecStart=/usr/local/bin/edge-agent serve\n";
+  assert.equal(
+    packagedUnit(unit),
+    "[Service]\nExecStartPre=/usr/bin/edge-agent check\nExecStart=/usr/bin/edge-agent serve\n",
+  );
   for (const wrong of ["[Service]\nExecStart=/opt/edge-agent serve\n", "[Service]\n", unit + unit]) {
     assert.throws(() => packagedUnit(wrong), (e: Error) => e instanceof DebError && /ExecStart=/.test(e.message));
   }
