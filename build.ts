@@ -1,7 +1,7 @@
 // Builds one self-contained executable per architecture with `deno compile`, ONNX Runtime's
 // library embedded and the permission flags of a deployment profile baked in; with --release, a
 // tarball per target with the executable, a systemd unit, an example config, the profile and
-// SHA256SUMS.
+// SHA256SUMS, and a Debian package per target (src/deb.ts).
 //
 //   deno task build [--target x86_64-unknown-linux-gnu|aarch64-unknown-linux-gnu|all]
 //                   [--profile deploy/profile.json] [--out dist] [--release] [--dry-run]
@@ -15,6 +15,7 @@
 import { createHash } from "node:crypto";
 import { basename, dirname, join, relative, resolve } from "node:path";
 import { parseArgs } from "node:util";
+import { DebError, DEBIAN_ARCHITECTURES, debPackage } from "./src/deb.ts";
 import { StartupError } from "./src/errors.ts";
 import { parseProfile, type Profile, profileFlags } from "./src/permissions.ts";
 import { npmLibraryPath } from "./src/runtime.ts";
@@ -244,7 +245,11 @@ async function main(args: string[]): Promise<void> {
     if (!compiled.success) throw new BuildError(`deno compile for ${plan.target} failed (exit ${compiled.code})`);
     const size = (await Deno.stat(plan.output)).size;
     console.log(`${basename(plan.output)}: ${(size / 2 ** 20).toFixed(1)} MiB`);
-    if (values.release) console.log(`release: ${await release(plan, values.profile, version, values.out)}`);
+    if (values.release) {
+      console.log(`release: ${await release(plan, values.profile, version, values.out)}`);
+      const architecture = DEBIAN_ARCHITECTURES[plan.target];
+      console.log(`release: ${await debPackage({ executable: plan.output, architecture, version, out: values.out })}`);
+    }
   }
 }
 
@@ -252,7 +257,10 @@ if (import.meta.main) {
   try {
     await main(Deno.args);
   } catch (error) {
-    if (error instanceof BuildError || error instanceof StartupError || error instanceof TypeError) {
+    if (
+      error instanceof BuildError || error instanceof DebError || error instanceof StartupError ||
+      error instanceof TypeError
+    ) {
       console.error(`build: ${error.message}`);
       Deno.exit(2);
     }
