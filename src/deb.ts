@@ -105,6 +105,8 @@ async function build(
       0o644,
     ],
     ["usr/lib/sysusers.d/edge-agent.conf", await template("edge-agent.sysusers"), 0o644],
+    // Edge Manager's clients' socket path, linked to the agent's (see the file's comment).
+    ["usr/lib/tmpfiles.d/edge-agent.conf", await Deno.readFile(join(DEPLOY, "edge-agent.tmpfiles.conf")), 0o644],
     ["etc/edge-agent/config.json", await Deno.readFile(join(DEPLOY, "config.example.json")), 0o644],
     [`${doc}/copyright`, await template("copyright"), 0o644],
     [`${doc}/changelog.gz`, gzip(text(changelog(version, maintainer, date))), 0o644],

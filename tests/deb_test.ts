@@ -62,6 +62,7 @@ Deno.test("one package per architecture: its files, owners and modes, conffile, 
         "/usr/bin/edge-agent": "-rwxr-xr-x",
         "/usr/lib/systemd/system/edge-agent.service": "-rw-r--r--",
         "/usr/lib/sysusers.d/edge-agent.conf": "-rw-r--r--",
+        "/usr/lib/tmpfiles.d/edge-agent.conf": "-rw-r--r--",
         "/usr/share/doc/edge-agent/changelog.gz": "-rw-r--r--",
         "/usr/share/doc/edge-agent/copyright": "-rw-r--r--",
         "/usr/share/lintian/overrides/edge-agent": "-rw-r--r--",
@@ -255,6 +256,7 @@ Deno.test("install, upgrade, remove, purge and reinstall into a throwaway root",
         "usr/bin/edge-agent",
         "usr/lib/systemd/system/edge-agent.service",
         "usr/lib/sysusers.d/edge-agent.conf",
+        "usr/lib/tmpfiles.d/edge-agent.conf",
       ]
     ) {
       assert.equal(await exists(path), false, path);
