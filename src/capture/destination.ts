@@ -9,11 +9,16 @@ export interface Destination {
   /** "Disk" or "Cloud", for logs and stats. */
   readonly kind: "Disk" | "Cloud";
   put(key: string, data: Uint8Array, contentType: string, signal?: AbortSignal): Promise<void>;
+  /** Throws DestinationError when uploads cannot proceed now (e.g. no credentials); absent: nothing to check. */
+  probe?(): Promise<void>;
 }
 
-/** A put that failed. `transient`: an outage (retried without limit); otherwise counts towards max attempts. */
+/**
+ * A put that failed. `transient`: an outage (retried without limit); otherwise counts towards max attempts.
+ * `credentials`: the credentials are missing or refused.
+ */
 export class DestinationError extends Error {
-  constructor(message: string, readonly transient: boolean) {
+  constructor(message: string, readonly transient: boolean, readonly credentials = false) {
     super(message);
     this.name = "DestinationError";
   }
@@ -58,8 +63,16 @@ export class S3Destination implements Destination {
     try {
       await this.client.putObject(key, data, contentType, signal);
     } catch (e) {
-      if (e instanceof S3Error) throw new DestinationError(e.message, e.transient);
+      if (e instanceof S3Error) throw new DestinationError(e.message, e.transient, e.credentials);
       throw new DestinationError(String(e), true);
+    }
+  }
+
+  async probe(): Promise<void> {
+    try {
+      await this.client.credentials.get();
+    } catch (e) {
+      throw new DestinationError((e as Error).message, true, true);
     }
   }
 }

@@ -11,5 +11,12 @@ export {
 } from "./record.ts";
 export { type Destination, DestinationError, DiskDestination, S3Destination } from "./destination.ts";
 export { S3Client, type S3Credentials, S3Error, type S3Options } from "./s3.ts";
+export {
+  CredentialsError,
+  type CredentialSource,
+  EnvironmentCredentials,
+  IotCredentials,
+  StaticCredentials,
+} from "./credentials.ts";
 export { batchFolder, encodeComponent, manifestKey, MAX_BASE64_EMBED_LIMIT, tensorKey } from "./layout.ts";
 export { benchCaptureAppends, type CaptureBenchOptions, type CaptureBenchResult } from "./bench.ts";

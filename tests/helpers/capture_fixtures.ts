@@ -49,8 +49,9 @@ export class TestS3 {
   private server: S3rver | null = null;
   private constructor(readonly port: number, readonly directory: string) {}
 
-  static async start(directory: string): Promise<TestS3> {
-    const s3 = new TestS3(freePort(), directory);
+  /** Starts on `port` (default: a free one), e.g. one an agent was told about before. */
+  static async start(directory: string, port = freePort()): Promise<TestS3> {
+    const s3 = new TestS3(port, directory);
     await s3.resume();
     return s3;
   }

@@ -1,0 +1,402 @@
+// S3 credentials: the AWS IoT credentials provider over mutual TLS with real certificates (openssl), a
+// local endpoint that requires the client certificate (Python's ssl), real s3rver; and capture that
+// never stops inference: an agent without credentials or without S3 starts, serves, keeps captures,
+// reports `capture` NOT_SERVING in health, and uploads once credentials or S3 come back.
+
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { CaptureService, IotCredentials, S3Client } from "../src/capture/mod.ts";
+import { iotCredentialsUrl, keyFileProblems } from "../src/capture/credentials.ts";
+import { enumValues, health } from "../src/wire.ts";
+import { type AgentProcess, parseLogs, startAgent } from "./helpers/agent.ts";
+import { tensor } from "./helpers/assertions.ts";
+import { BUCKET, freePort, makeRecord, quiet, TestS3 } from "./helpers/capture_fixtures.ts";
+import { CredentialsEndpoint, makePki, type Pki } from "./helpers/iot_credentials.ts";
+import { identityModel, OnnxType, writeModelFolder } from "./helpers/onnx_models.ts";
+
+const DataType = enumValues("DataType");
+const CaptureStatus = enumValues("CaptureDataStatus");
+const { SERVING, NOT_SERVING } = health.status;
+
+/** A PKI made once for the file (openssl takes a moment). */
+let pkiPromise: Promise<Pki> | null = null;
+function pki(): Promise<Pki> {
+  pkiPromise ??= Deno.makeTempDir({ prefix: "edge-agent-pki-" }).then((dir) => makePki(dir));
+  return pkiPromise;
+}
+
+async function until(check: () => Promise<boolean> | boolean, what: string, ms = 30_000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!await check()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting until ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+function iot(p: Pki, endpoint: string, extra: Partial<ConstructorParameters<typeof IotCredentials>[0]> = {}) {
+  return new IotCredentials({
+    endpoint,
+    deviceFleetName: "fleet-1",
+    thingName: "thing-1",
+    certFile: p.deviceCert,
+    keyFile: p.deviceKey,
+    caFile: p.caFile,
+    logger: quiet,
+    retryBaseMs: 50,
+    retryMaxMs: 200,
+    ...extra,
+  });
+}
+
+Deno.test("credentials endpoint: a whole URL is used as it is; a bare host gets the fleet's role alias", () => {
+  const whole = "https://abc.credentials.iot.eu-west-1.amazonaws.com/role-aliases/my-alias/credentials";
+  assert.equal(iotCredentialsUrl(whole, "f").href, whole);
+  assert.equal(
+    iotCredentialsUrl("abc.credentials.iot.eu-west-1.amazonaws.com", "fleet 1").href,
+    "https://abc.credentials.iot.eu-west-1.amazonaws.com/role-aliases/SageMakerEdge-fleet%201/credentials",
+  );
+  assert.equal(
+    iotCredentialsUrl("https://127.0.0.1:8443", "f").href,
+    "https://127.0.0.1:8443/role-aliases/SageMakerEdge-f/credentials",
+  );
+});
+
+Deno.test("IoT credentials over mutual TLS: fetched with the thing name, cached, refreshed before expiry, accepted by S3", async () => {
+  const p = await pki();
+  const endpoint = await CredentialsEndpoint.start(p, { lifetime: 2 });
+  const s3 = await TestS3.start(await Deno.makeTempDir({ prefix: "edge-agent-s3rver-" }));
+  try {
+    const source = iot(p, endpoint.url);
+    const first = await source.get();
+    assert.equal(first.accessKeyId, "S3RVER");
+    assert.equal(first.sessionToken, "token-1");
+    assert.ok(first.expiresAt! > Date.now());
+    assert.deepEqual(endpoint.fetches, [
+      { path: "/role-aliases/SageMakerEdge-fleet-1/credentials", thing: "thing-1", subject: "thing-1" },
+    ]);
+    assert.equal(await source.get(), first, "cached while fresh");
+    assert.equal(endpoint.fetches.length, 1);
+    // At 80% of the lifetime a refresh starts; until it lands, the old credentials still serve.
+    await until(async () => (await source.get()).sessionToken !== "token-1", "new credentials arrive", 10_000);
+    assert.equal(endpoint.fetches.length, 2);
+    // S3 accepts the session token's requests (s3rver checks the signature, which covers the token).
+    const client = new S3Client({ ...s3.options, credentials: source });
+    await client.putObject("k", new Uint8Array([1, 2, 3]), "application/octet-stream");
+    assert.deepEqual(await client.getObject("k"), new Uint8Array([1, 2, 3]));
+    assert.equal(source.stats().fetches, 2);
+  } finally {
+    await endpoint.stop();
+    await s3.stop();
+    await Deno.remove(s3.directory, { recursive: true });
+  }
+});
+
+Deno.test("credentials S3 refuses (InvalidAccessKeyId) are replaced at once, and the capture goes through", async () => {
+  const p = await pki();
+  // The first credentials are unknown to s3rver; the next ones work. Lifetimes are long: only the
+  // refusal can cause the second fetch.
+  const endpoint = await CredentialsEndpoint.start(p, { keys: ["REVOKED", "S3RVER"] });
+  const base = await Deno.makeTempDir({ prefix: "edge-agent-creds-" });
+  const s3 = await TestS3.start(`${base}/s3`);
+  try {
+    const service = await CaptureService.open({
+      stateDir: `${base}/state`,
+      deviceFleetName: "fleet-1",
+      deviceName: "device-1",
+      destination: "Cloud",
+      s3: { ...s3.options, credentials: iot(p, endpoint.url) },
+      batchSize: 1,
+      pushPeriodSeconds: 0,
+      maxAttempts: 1, // a refusal counted as permanent would dead-letter at once
+      retryBaseMs: 20,
+      retryMaxMs: 200,
+      logger: quiet,
+    });
+    await service.capture(makeRecord("r1"));
+    assert.ok(await service.flush(10_000));
+    assert.equal(service.status("r1"), "SUCCESS");
+    assert.equal(endpoint.fetches.length, 2);
+    assert.equal(service.stats().failed, 0);
+    await service.close();
+  } finally {
+    await endpoint.stop();
+    await s3.stop();
+    await Deno.remove(base, { recursive: true });
+  }
+});
+
+Deno.test("a client certificate from another CA: a clear error, no retry storm; a key readable by others is refused", async () => {
+  const p = await pki();
+  const endpoint = await CredentialsEndpoint.start(p);
+  try {
+    const source = iot(p, endpoint.url, { certFile: p.rogueCert, keyFile: p.rogueKey, retryBaseMs: 60_000 });
+    const error = await source.get().then(() => null, (e) => e as Error);
+    assert.ok(error, "refused");
+    assert.equal(error.name, "CredentialsError");
+    assert.match(error.message, new RegExp(`credentials provider ${endpoint.url}/role-aliases/.*: `));
+    assert.match(
+      error.message,
+      /is the device certificate .*rogue\.pem registered and signed by a CA the endpoint trusts/,
+    );
+    await until(() => endpoint.stderr().includes("handshake refused"), "the endpoint refused the handshake", 5000);
+    // Backing off: the next asks within the delay do not reach the endpoint.
+    const refusals = endpoint.stderr().split("handshake refused").length;
+    await assert.rejects(source.get(), /credentials provider/);
+    await new Promise((r) => setTimeout(r, 200));
+    assert.equal(endpoint.stderr().split("handshake refused").length, refusals);
+    assert.equal(endpoint.fetches.length, 0);
+
+    const loose = join(p.dir, "loose.key");
+    await Deno.copyFile(p.deviceKey, loose);
+    await Deno.chmod(loose, 0o640);
+    assert.deepEqual(await keyFileProblems(loose), [
+      `sagemaker_edge_provider_aws_cert_pk_file ${loose} is readable by group or others (mode 0640): run chmod 600 ${loose}`,
+    ]);
+    assert.deepEqual(await keyFileProblems(p.deviceKey), []);
+  } finally {
+    await endpoint.stop();
+  }
+});
+
+// --- the agent ----------------------------------------------------------------------------------------
+
+const QUICK = {
+  sagemaker_edge_core_capture_data_batch_size: 1,
+  sagemaker_edge_core_capture_data_push_period_seconds: 1,
+};
+
+function cloudConfig(s3Port: number) {
+  return {
+    ...QUICK,
+    sagemaker_edge_core_capture_data_destination: "Cloud",
+    sagemaker_edge_provider_s3_bucket_name: BUCKET,
+    sagemaker_edge_core_region: "us-east-1",
+    sagemaker_edge_core_device_fleet_name: "fleet-7",
+    sagemaker_edge_core_device_name: "camera-3",
+    edge_agent_s3_endpoint: `http://127.0.0.1:${s3Port}`,
+    edge_agent_s3_force_path_style: true,
+  };
+}
+
+function iotConfig(p: Pki, endpointPort: number, files = { cert: p.deviceCert, key: p.deviceKey }) {
+  return {
+    sagemaker_edge_provider_provider: "Aws",
+    sagemaker_edge_provider_aws_cert_file: files.cert,
+    sagemaker_edge_provider_aws_cert_pk_file: files.key,
+    sagemaker_edge_provider_aws_ca_cert_file: p.caFile,
+    sagemaker_edge_provider_aws_iot_cred_endpoint: `https://127.0.0.1:${endpointPort}`,
+    sagemaker_edge_core_iot_thing_name: "thing-1",
+  };
+}
+
+async function loadModel(agent: AgentProcess): Promise<void> {
+  const folder = await writeModelFolder(agent.modelsDir, "id", identityModel(OnnxType.FLOAT, ["n", 3]));
+  await agent.client.loadModel(folder, "id");
+}
+
+const x = () => tensor("x", DataType.FLOAT32, [1, 3], new Float32Array([1, 2, 3]));
+
+async function predictWorks(agent: AgentProcess): Promise<void> {
+  const answer = await agent.client.call<{ tensors: unknown[] }>("Predict", { name: "id", tensors: [x()] });
+  assert.equal(answer.tensors.length, 1);
+}
+
+function capture(agent: AgentProcess, id: string): Promise<unknown> {
+  return agent.client.call("CaptureData", {
+    model_name: "id",
+    capture_id: id,
+    input_tensors: [x()],
+    output_tensors: [tensor("y", DataType.FLOAT32, [1, 3], new Float32Array([1, 2, 3]))],
+  });
+}
+
+async function status(agent: AgentProcess, id: string): Promise<number> {
+  return (await agent.client.call<{ status: number }>("GetCaptureDataStatus", { capture_id: id })).status;
+}
+
+async function stored(agent: AgentProcess, ...ids: string[]): Promise<void> {
+  for (const id of ids) {
+    await until(async () => await status(agent, id) === CaptureStatus.SUCCESS, `${id} is stored`, 60_000);
+  }
+}
+
+async function s3Keys(port: number): Promise<string[]> {
+  const listing = await (await fetch(`http://127.0.0.1:${port}/${BUCKET}?prefix=`)).text();
+  return [...listing.matchAll(/<Key>([^<]+)<\/Key>/g)].map((m) => m[1]);
+}
+
+function warnings(agent: AgentProcess, pattern: RegExp): Record<string, unknown>[] {
+  return parseLogs(agent.logs()).filter((l) => l.level === "warn" && pattern.test(String(l.msg)));
+}
+
+async function stopAgent(agent: AgentProcess): Promise<void> {
+  const { code } = await agent.stop();
+  assert.equal(code, 0, agent.logs());
+}
+
+Deno.test("agent without credentials and without S3: starts, serves Predict, keeps captures, capture NOT_SERVING; uploads once both come", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "edge-agent-offline-" });
+  const s3Port = freePort();
+  let s3: TestS3 | null = null;
+  try {
+    // No AWS_* variables and S3 not running (the agent gets no environment but what is named here).
+    let agent = await startAgent({ dir, config: cloudConfig(s3Port) });
+    try {
+      await loadModel(agent);
+      await predictWorks(agent);
+      await until(async () => await agent.client.health("capture") === NOT_SERVING, "capture is NOT_SERVING", 10_000);
+      assert.equal(await agent.client.health(""), SERVING, "the agent itself serves");
+      await capture(agent, "offline-1");
+      await capture(agent, "offline-2");
+      await new Promise((r) => setTimeout(r, 2500));
+      assert.equal(await status(agent, "offline-1"), CaptureStatus.IN_PROGRESS);
+      await predictWorks(agent);
+      const said = warnings(agent, /^capture: uploads (cannot|still cannot) proceed/);
+      assert.ok(said.length >= 1, agent.logs());
+      assert.match(String(said[0].reason), /no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY/);
+      assert.ok(said.length <= 2, `rate-limited: ${said.length} warnings in 3 s`);
+    } finally {
+      await stopAgent(agent);
+    }
+
+    // With credentials now, but S3 still down: still NOT_SERVING, the reason is the network.
+    const env = { AWS_ACCESS_KEY_ID: "S3RVER", AWS_SECRET_ACCESS_KEY: "S3RVER" };
+    agent = await startAgent({ dir, config: cloudConfig(s3Port), env });
+    try {
+      await loadModel(agent);
+      await until(
+        () => warnings(agent, /^capture: uploads/).some((l) => !/credentials/.test(String(l.reason))),
+        "the agent reports S3 unreachable",
+      );
+      assert.equal(await agent.client.health("capture"), NOT_SERVING);
+      assert.equal(await status(agent, "offline-2"), CaptureStatus.IN_PROGRESS);
+      await predictWorks(agent);
+
+      s3 = await TestS3.start(join(dir, "s3"), s3Port);
+      await stored(agent, "offline-1", "offline-2");
+      await until(async () => await agent.client.health("capture") === SERVING, "capture is SERVING again");
+      await capture(agent, "online-1");
+      await stored(agent, "online-1");
+      assert.equal((await s3Keys(s3Port)).filter((k) => k.endsWith(".jsonl")).length, 3);
+      assert.ok(parseLogs(agent.logs()).some((l) => l.msg === "capture: uploads proceed again"));
+    } finally {
+      await stopAgent(agent);
+    }
+  } finally {
+    await s3?.stop();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("agent with the AWS IoT credentials provider: waits for the endpoint, then captures flow across credential rotations", async () => {
+  const p = await pki();
+  const dir = await Deno.makeTempDir({ prefix: "edge-agent-iot-" });
+  const s3 = await TestS3.start(join(dir, "s3"));
+  const endpointPort = freePort();
+  let endpoint: CredentialsEndpoint | null = null;
+  try {
+    const agent = await startAgent({ dir, config: { ...cloudConfig(s3.port), ...iotConfig(p, endpointPort) } });
+    try {
+      await loadModel(agent);
+      // The endpoint is not up yet: inference goes on, captures wait.
+      await until(async () => await agent.client.health("capture") === NOT_SERVING, "capture is NOT_SERVING", 10_000);
+      await capture(agent, "early-1");
+      await predictWorks(agent);
+      assert.equal(await status(agent, "early-1"), CaptureStatus.IN_PROGRESS);
+
+      endpoint = await CredentialsEndpoint.start(p, { port: endpointPort, lifetime: 4 });
+      await stored(agent, "early-1");
+      await until(async () => await agent.client.health("capture") === SERVING, "capture is SERVING");
+      await capture(agent, "before-rotation");
+      await stored(agent, "before-rotation");
+      const fetched = endpoint.fetches.length;
+      // Credentials live 4 s and are renewed at 80%: keep capturing across two renewals.
+      const ids: string[] = [];
+      for (let i = 0; endpoint.fetches.length < fetched + 2; i++) {
+        assert.ok(i < 100, "renewed within 10 s");
+        ids.push(`rotating-${i}`);
+        await capture(agent, ids[ids.length - 1]);
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      await capture(agent, "after-rotation");
+      await stored(agent, ...ids, "after-rotation");
+      assert.ok(endpoint.fetches.length >= 3);
+      for (const f of endpoint.fetches) {
+        assert.deepEqual(f, {
+          path: "/role-aliases/SageMakerEdge-fleet-7/credentials",
+          thing: "thing-1",
+          subject: "thing-1",
+        });
+      }
+      const keys = await s3Keys(s3.port);
+      assert.equal(keys.filter((k) => k.endsWith(".jsonl")).length, ids.length + 3);
+      assert.equal(await agent.client.health("capture"), SERVING);
+    } finally {
+      await stopAgent(agent);
+    }
+  } finally {
+    await endpoint?.stop();
+    await s3.stop();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("agent with a device certificate the endpoint does not trust: a clear log line, captures kept, uploaded once the certificate is replaced", async () => {
+  const p = await pki();
+  const dir = await Deno.makeTempDir({ prefix: "edge-agent-rogue-" });
+  const s3 = await TestS3.start(join(dir, "s3"));
+  const endpoint = await CredentialsEndpoint.start(p);
+  try {
+    // The files the config names hold a certificate of another CA.
+    const cert = join(dir, "device.pem");
+    const key = join(dir, "device.key");
+    await Deno.copyFile(p.rogueCert, cert);
+    await Deno.copyFile(p.rogueKey, key);
+    await Deno.chmod(key, 0o600);
+    const agent = await startAgent({
+      dir,
+      config: { ...cloudConfig(s3.port), ...iotConfig(p, endpoint.port, { cert, key }) },
+    });
+    try {
+      await loadModel(agent);
+      await capture(agent, "kept-1");
+      await until(async () => await agent.client.health("capture") === NOT_SERVING, "capture is NOT_SERVING", 10_000);
+      await predictWorks(agent);
+      assert.equal(await status(agent, "kept-1"), CaptureStatus.IN_PROGRESS);
+      const line = parseLogs(agent.logs()).find((l) => l.msg === "capture: cannot get credentials");
+      assert.ok(line, agent.logs());
+      assert.match(String(line.reason), new RegExp(`^credentials provider ${endpoint.url}/role-aliases/`));
+      assert.match(String(line.reason), /is the device certificate .*device\.pem registered and signed by a CA/);
+      assert.equal(endpoint.fetches.length, 0);
+
+      // The right certificate and key arrive on disk; no restart.
+      await Deno.copyFile(p.deviceCert, cert);
+      await Deno.copyFile(p.deviceKey, key);
+      await stored(agent, "kept-1");
+      assert.equal(await agent.client.health("capture"), SERVING);
+    } finally {
+      await stopAgent(agent);
+    }
+  } finally {
+    await endpoint.stop();
+    await s3.stop();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("agent refuses to start with a private key readable by others, naming the fix", async () => {
+  const p = await pki();
+  const dir = await Deno.makeTempDir({ prefix: "edge-agent-loose-key-" });
+  try {
+    const key = join(dir, "device.key");
+    await Deno.copyFile(p.deviceKey, key);
+    await Deno.chmod(key, 0o644);
+    const config = { ...cloudConfig(freePort()), ...iotConfig(p, freePort(), { cert: p.deviceCert, key }) };
+    const error = await startAgent({ dir, config }).then(() => null, (e) => e as Error);
+    assert.ok(error, "the agent must not start");
+    assert.match(error.message, /agent exited \(2\)/);
+    assert.match(error.message, new RegExp(`readable by group or others \\(mode 0644\\): run chmod 600 ${key}`));
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
