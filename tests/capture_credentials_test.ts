@@ -21,7 +21,10 @@ const { SERVING, NOT_SERVING } = health.status;
 /** A PKI made once for the file (openssl takes a moment). */
 let pkiPromise: Promise<Pki> | null = null;
 function pki(): Promise<Pki> {
-  pkiPromise ??= Deno.makeTempDir({ prefix: "edge-agent-pki-" }).then((dir) => makePki(dir));
+  pkiPromise ??= Deno.makeTempDir({ prefix: "edge-agent-pki-" }).then((dir) => {
+    globalThis.addEventListener("unload", () => Deno.removeSync(dir, { recursive: true }));
+    return makePki(dir);
+  });
   return pkiPromise;
 }
 
@@ -61,29 +64,45 @@ Deno.test("credentials endpoint: a whole URL is used as it is; a bare host gets 
   );
 });
 
-Deno.test("IoT credentials over mutual TLS: fetched with the thing name, cached, refreshed before expiry, accepted by S3", async () => {
+Deno.test("IoT credentials over mutual TLS: fetched with the thing name, cached, refreshed at 80% of their life, accepted by S3", async () => {
   const p = await pki();
-  const endpoint = await CredentialsEndpoint.start(p, { lifetime: 2 });
+  const endpoint = await CredentialsEndpoint.start(p, { lifetime: 100 });
   const s3 = await TestS3.start(await Deno.makeTempDir({ prefix: "edge-agent-s3rver-" }));
   try {
-    const source = iot(p, endpoint.url);
+    let offset = 0; // the source's clock runs ahead by this much
+    const source = iot(p, endpoint.url, { now: () => Date.now() + offset });
     const first = await source.get();
     assert.equal(first.accessKeyId, "S3RVER");
     assert.equal(first.sessionToken, "token-1");
-    assert.ok(first.expiresAt! > Date.now());
+    assert.ok(Math.abs(first.expiresAt! - (Date.now() + 100_000)) < 5000, "expiration parsed");
     assert.deepEqual(endpoint.fetches, [
       { path: "/role-aliases/SageMakerEdge-fleet-1/credentials", thing: "thing-1", subject: "thing-1" },
     ]);
+    offset = 75_000;
     assert.equal(await source.get(), first, "cached while fresh");
     assert.equal(endpoint.fetches.length, 1);
-    // At 80% of the lifetime a refresh starts; until it lands, the old credentials still serve.
-    await until(async () => (await source.get()).sessionToken !== "token-1", "new credentials arrive", 10_000);
-    assert.equal(endpoint.fetches.length, 2);
+    // Past 80% of the lifetime a refresh starts; until it lands, the old credentials still serve.
+    offset = 85_000;
+    assert.equal(await source.get(), first);
+    await until(() => endpoint.fetches.length === 2, "a refresh before expiry", 10_000);
+    await until(async () => (await source.get()).sessionToken === "token-2", "the new credentials serve", 10_000);
+    // Expired credentials are never used: with the endpoint gone, there are none.
+    await endpoint.stop();
+    offset = 500_000;
+    await assert.rejects(source.get(), { name: "CredentialsError" });
     // S3 accepts the session token's requests (s3rver checks the signature, which covers the token).
-    const client = new S3Client({ ...s3.options, credentials: source });
-    await client.putObject("k", new Uint8Array([1, 2, 3]), "application/octet-stream");
-    assert.deepEqual(await client.getObject("k"), new Uint8Array([1, 2, 3]));
-    assert.equal(source.stats().fetches, 2);
+    offset = 0;
+    const fresh = iot(p, endpoint.url);
+    await assert.rejects(fresh.get(), /credentials provider/, "the endpoint is stopped");
+    const restarted = await CredentialsEndpoint.start(p, { port: endpoint.port });
+    try {
+      const client = new S3Client({ ...s3.options, credentials: iot(p, restarted.url) });
+      await client.putObject("k", new Uint8Array([1, 2, 3]), "application/octet-stream");
+      assert.deepEqual(await client.getObject("k"), new Uint8Array([1, 2, 3]));
+      assert.equal(restarted.fetches.length, 1);
+    } finally {
+      await restarted.stop();
+    }
   } finally {
     await endpoint.stop();
     await s3.stop();
@@ -136,7 +155,7 @@ Deno.test("a client certificate from another CA: a clear error, no retry storm; 
     assert.match(error.message, new RegExp(`credentials provider ${endpoint.url}/role-aliases/.*: `));
     assert.match(
       error.message,
-      /is the device certificate .*rogue\.pem registered and signed by a CA the endpoint trusts/,
+      /the endpoint refused the device certificate .*rogue\.pem: is it registered and active in AWS IoT/,
     );
     await until(() => endpoint.stderr().includes("handshake refused"), "the endpoint refused the handshake", 5000);
     // Backing off: the next asks within the delay do not reach the endpoint.
@@ -366,7 +385,10 @@ Deno.test("agent with a device certificate the endpoint does not trust: a clear 
       const line = parseLogs(agent.logs()).find((l) => l.msg === "capture: cannot get credentials");
       assert.ok(line, agent.logs());
       assert.match(String(line.reason), new RegExp(`^credentials provider ${endpoint.url}/role-aliases/`));
-      assert.match(String(line.reason), /is the device certificate .*device\.pem registered and signed by a CA/);
+      assert.match(
+        String(line.reason),
+        /fatal alert: UnknownCA \(the endpoint refused the device certificate .*device\.pem/,
+      );
       assert.equal(endpoint.fetches.length, 0);
 
       // The right certificate and key arrive on disk; no restart.

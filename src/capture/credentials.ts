@@ -252,7 +252,11 @@ export class IotCredentials implements CredentialSource {
     try {
       client = Deno.createHttpClient({ cert, key, ...(ca ? { caCerts: [ca] } : {}) });
     } catch (e) {
-      throw new CredentialsError(`the device certificate or key cannot be used: ${describe(e)}`);
+      throw new CredentialsError(
+        `the device certificate ${o.certFile} or its key ${o.keyFile} cannot be used (are they a pair?): ${
+          describe(e)
+        }`,
+      );
     }
     try {
       const response = await fetch(this.url, {
@@ -269,17 +273,29 @@ export class IotCredentials implements CredentialSource {
       return parseCredentials(text, this.url.href);
     } catch (e) {
       if (e instanceof CredentialsError) throw e;
-      // A refused client certificate shows as a failed handshake or a reset connection.
+      const detail = describe(e);
       throw new CredentialsError(
-        `credentials provider ${this.url.href}: ${describe(e)} (is the device certificate ${o.certFile} ` +
-          `registered and signed by a CA the endpoint trusts, and does ${
-            o.caFile ?? "the system store"
-          } hold the endpoint's CA?)`,
+        `credentials provider ${this.url.href}: ${detail}${connectionHint(detail, o.certFile, o.caFile)}`,
       );
     } finally {
       client.close();
     }
   }
+}
+
+/** What to check for a failed connection to the credentials endpoint. */
+function connectionHint(detail: string, certFile: string, caFile: string | null | undefined): string {
+  // The endpoint sent a TLS alert: it does not accept the device certificate.
+  if (/fatal alert|CertificateRequired|BadCertificate|UnknownCA/i.test(detail)) {
+    return ` (the endpoint refused the device certificate ${certFile}: is it registered and active in AWS IoT, ` +
+      `and issued by a CA the endpoint trusts?)`;
+  }
+  if (/invalid peer certificate|UnknownIssuer|NotValidForName|certificate/i.test(detail)) {
+    return ` (the endpoint's certificate is not trusted: does ${
+      caFile ?? "the system's CA store"
+    } (sagemaker_edge_provider_aws_ca_cert_file) hold its CA, and is the endpoint name right?)`;
+  }
+  return " (is the endpoint reachable from this device?)";
 }
 
 function parseCredentials(text: string, from: string): S3Credentials {
