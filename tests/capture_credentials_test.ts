@@ -7,12 +7,15 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { CaptureService, IotCredentials, S3Client } from "../src/capture/mod.ts";
 import { iotCredentialsUrl, keyFileProblems } from "../src/capture/credentials.ts";
+import { parseConfig } from "../src/config.ts";
+import { parseProfile, profileFlags, profileFor } from "../src/permissions.ts";
 import { enumValues, health } from "../src/wire.ts";
 import { type AgentProcess, parseLogs, startAgent } from "./helpers/agent.ts";
 import { tensor } from "./helpers/assertions.ts";
 import { BUCKET, freePort, makeRecord, quiet, TestS3 } from "./helpers/capture_fixtures.ts";
 import { CredentialsEndpoint, makePki, type Pki } from "./helpers/iot_credentials.ts";
 import { identityModel, OnnxType, writeModelFolder } from "./helpers/onnx_models.ts";
+import { watch } from "./helpers/health_watch.ts";
 
 const DataType = enumValues("DataType");
 const CaptureStatus = enumValues("CaptureDataStatus");
@@ -177,6 +180,51 @@ Deno.test("a client certificate from another CA: a clear error, no retry storm; 
   }
 });
 
+Deno.test("the deployment profile of a config with the IoT provider names the endpoint and the certificate files", () => {
+  const { config } = parseConfig({
+    sagemaker_edge_core_capture_data_destination: "Cloud",
+    sagemaker_edge_provider_s3_bucket_name: "b",
+    sagemaker_edge_core_region: "eu-west-1",
+    sagemaker_edge_core_device_fleet_name: "f",
+    sagemaker_edge_provider_aws_cert_file: "/etc/edge-agent/iot/device.pem",
+    sagemaker_edge_provider_aws_cert_pk_file: "/etc/edge-agent/iot/device.key",
+    sagemaker_edge_provider_aws_ca_cert_file: "/etc/edge-agent/iot/AmazonRootCA1.pem",
+    sagemaker_edge_provider_aws_iot_cred_endpoint: "abc.credentials.iot.eu-west-1.amazonaws.com",
+  });
+  const profile = profileFor("/run/edge-agent/agent.sock", null, config);
+  assert.deepEqual(profile.credential_hosts, ["abc.credentials.iot.eu-west-1.amazonaws.com:443"]);
+  assert.deepEqual(profile.credential_files, [
+    "/etc/edge-agent/iot/device.pem",
+    "/etc/edge-agent/iot/device.key",
+    "/etc/edge-agent/iot/AmazonRootCA1.pem",
+  ]);
+  assert.deepEqual(profile.env, [], "the environment is not a source when the provider is configured");
+  const flags = profileFlags(parseProfile(JSON.parse(JSON.stringify(profile))));
+  assert.ok(
+    flags.includes(
+      "--allow-net=unix:/run/edge-agent/agent.sock,b.s3.eu-west-1.amazonaws.com," +
+        "abc.credentials.iot.eu-west-1.amazonaws.com:443",
+    ),
+    flags.join(" "),
+  );
+  assert.match(
+    flags.find((f) => f.startsWith("--allow-read="))!,
+    /,\/etc\/edge-agent\/iot\/device\.pem,\/etc\/edge-agent\/iot\/device\.key,\/etc\/edge-agent\/iot\/AmazonRootCA1\.pem$/,
+  );
+  assert.ok(!flags.some((f) => f.startsWith("--allow-write=") && f.includes("/iot/")), "certificates are read only");
+  // Half a provider is a config error.
+  assert.throws(
+    () =>
+      parseConfig({
+        sagemaker_edge_core_capture_data_destination: "Cloud",
+        sagemaker_edge_provider_s3_bucket_name: "b",
+        sagemaker_edge_core_region: "eu-west-1",
+        sagemaker_edge_provider_aws_iot_cred_endpoint: "abc.credentials.iot.eu-west-1.amazonaws.com",
+      }),
+    /the AWS IoT credentials provider needs "sagemaker_edge_provider_aws_cert_file"/,
+  );
+});
+
 // --- the agent ----------------------------------------------------------------------------------------
 
 const QUICK = {
@@ -248,6 +296,17 @@ function warnings(agent: AgentProcess, pattern: RegExp): Record<string, unknown>
   return parseLogs(agent.logs()).filter((l) => l.level === "warn" && pattern.test(String(l.msg)));
 }
 
+/** The capture upload gauge from the agent's metrics socket. */
+async function blockedGauge(socket: string): Promise<number> {
+  const client = Deno.createHttpClient({ proxy: { transport: "unix", path: socket } });
+  try {
+    const text = await (await fetch("http://localhost/metrics", { client })).text();
+    return Number(/^edge_agent_capture_uploads_blocked (\d+)$/m.exec(text)?.[1]);
+  } finally {
+    client.close();
+  }
+}
+
 async function stopAgent(agent: AgentProcess): Promise<void> {
   const { code } = await agent.stop();
   assert.equal(code, 0, agent.logs());
@@ -280,7 +339,9 @@ Deno.test("agent without credentials and without S3: starts, serves Predict, kee
 
     // With credentials now, but S3 still down: still NOT_SERVING, the reason is the network.
     const env = { AWS_ACCESS_KEY_ID: "S3RVER", AWS_SECRET_ACCESS_KEY: "S3RVER" };
-    agent = await startAgent({ dir, config: cloudConfig(s3Port), env });
+    const metrics = join(dir, "metrics.sock");
+    agent = await startAgent({ dir, config: { ...cloudConfig(s3Port), edge_agent_metrics: `unix:${metrics}` }, env });
+    const watcher = watch(agent.socket, "capture");
     try {
       await loadModel(agent);
       await until(
@@ -288,6 +349,7 @@ Deno.test("agent without credentials and without S3: starts, serves Predict, kee
         "the agent reports S3 unreachable",
       );
       assert.equal(await agent.client.health("capture"), NOT_SERVING);
+      assert.equal(await blockedGauge(metrics), 1);
       assert.equal(await status(agent, "offline-2"), CaptureStatus.IN_PROGRESS);
       await predictWorks(agent);
 
@@ -298,7 +360,13 @@ Deno.test("agent without credentials and without S3: starts, serves Predict, kee
       await stored(agent, "online-1");
       assert.equal((await s3Keys(s3Port)).filter((k) => k.endsWith(".jsonl")).length, 3);
       assert.ok(parseLogs(agent.logs()).some((l) => l.msg === "capture: uploads proceed again"));
+      assert.equal(await blockedGauge(metrics), 0);
+      // A watcher heard the change both ways (the first status may predate the first failed upload).
+      const heard = watcher.statuses;
+      await until(() => heard.at(-1) === SERVING && heard.includes(NOT_SERVING), `Watch hears both (${heard})`, 5000);
+      assert.ok(heard.every((v, i) => i === 0 || v !== heard[i - 1]), `each status once per change: ${heard}`);
     } finally {
+      watcher.close();
       await stopAgent(agent);
     }
   } finally {
