@@ -103,6 +103,12 @@ Deno.test("IoT credentials over mutual TLS: fetched with the thing name, cached,
       await client.putObject("k", new Uint8Array([1, 2, 3]), "application/octet-stream");
       assert.deepEqual(await client.getObject("k"), new Uint8Array([1, 2, 3]));
       assert.equal(restarted.fetches.length, 1);
+      // A device clock an hour ahead: the lifetime counts by the endpoint's clock, so the credentials
+      // are fresh, not expired on arrival (which would cost a fetch per upload).
+      const skewed = iot(p, restarted.url, { now: () => Date.now() + 3_600_000 });
+      const got = await skewed.get();
+      assert.equal(await skewed.get(), got);
+      assert.equal(restarted.fetches.length, 2);
     } finally {
       await restarted.stop();
     }
