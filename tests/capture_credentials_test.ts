@@ -7,6 +7,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { CaptureService, IotCredentials, S3Client } from "../src/capture/mod.ts";
 import { iotCredentialsUrl, keyFileProblems } from "../src/capture/credentials.ts";
+import { signRequest } from "../src/capture/s3.ts";
 import { parseConfig } from "../src/config.ts";
 import { parseProfile, profileFlags, profileFor } from "../src/permissions.ts";
 import { enumValues, health } from "../src/wire.ts";
@@ -54,6 +55,33 @@ function iot(p: Pki, endpoint: string, extra: Partial<ConstructorParameters<type
   });
 }
 
+Deno.test("SigV4 by AWS's signer matches AWS's documented ListObjects example (query canonicalisation)", async () => {
+  const headers = await signRequest({
+    method: "GET",
+    url: new URL("https://examplebucket.s3.amazonaws.com/?max-keys=2&prefix=J"),
+    payloadHash: "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+    credentials: { accessKeyId: "AKIAIOSFODNN7EXAMPLE", secretAccessKey: "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY" },
+    region: "us-east-1",
+    date: new Date("2013-05-24T00:00:00Z"),
+  });
+  assert.equal(
+    headers.authorization,
+    "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request, " +
+      "SignedHeaders=host;x-amz-content-sha256;x-amz-date, " +
+      "Signature=34b48302e7b5fa45bde8084f4b7868a86f0a534bc59db6670ed5711ef69dc6f7",
+  );
+  // A session token is sent and signed.
+  const withToken = await signRequest({
+    method: "PUT",
+    url: new URL("http://127.0.0.1:4568/b/k"),
+    payloadHash: "UNSIGNED-PAYLOAD",
+    credentials: { accessKeyId: "A", secretAccessKey: "S", sessionToken: "T" },
+    region: "us-east-1",
+  });
+  assert.equal(withToken["x-amz-security-token"], "T");
+  assert.match(withToken.authorization, /SignedHeaders=host;x-amz-content-sha256;x-amz-date;x-amz-security-token,/);
+});
+
 Deno.test("credentials endpoint: a whole URL is used as it is; a bare host gets the fleet's role alias", () => {
   const whole = "https://abc.credentials.iot.eu-west-1.amazonaws.com/role-aliases/my-alias/credentials";
   assert.equal(iotCredentialsUrl(whole, "f").href, whole);
@@ -93,7 +121,7 @@ Deno.test("IoT credentials over mutual TLS: fetched with the thing name, cached,
     await endpoint.stop();
     offset = 500_000;
     await assert.rejects(source.get(), { name: "CredentialsError" });
-    // S3 accepts the session token's requests (s3rver checks the signature, which covers the token).
+    // S3 takes requests with the session token (s3rver checks the key id and ignores the token).
     offset = 0;
     const fresh = iot(p, endpoint.url);
     await assert.rejects(fresh.get(), /credentials provider/, "the endpoint is stopped");
@@ -148,6 +176,43 @@ Deno.test("credentials S3 refuses (InvalidAccessKeyId) are replaced at once, and
     await service.close();
   } finally {
     await endpoint.stop();
+    await s3.stop();
+    await Deno.remove(base, { recursive: true });
+  }
+});
+
+Deno.test("credentials S3 refuses are never given up: captures wait, uploads report why, and go once the credentials are right", async () => {
+  const base = await Deno.makeTempDir({ prefix: "edge-agent-creds-" });
+  const s3 = await TestS3.start(`${base}/s3`);
+  try {
+    // s3rver checks the access key id (not SigV4 signatures): an unknown one is refused.
+    const credentials = { accessKeyId: "NOT-KNOWN", secretAccessKey: "S3RVER" };
+    const service = await CaptureService.open({
+      stateDir: `${base}/state`,
+      deviceFleetName: "fleet-1",
+      deviceName: "device-1",
+      destination: "Cloud",
+      s3: { ...s3.options, credentials },
+      batchSize: 1,
+      pushPeriodSeconds: 0,
+      maxAttempts: 1,
+      retryBaseMs: 50,
+      retryMaxMs: 200,
+      logger: quiet,
+    });
+    assert.deepEqual(service.uploadState(), { ok: true, reason: null, since: null });
+    await service.capture(makeRecord("w1"));
+    await until(() => !service.uploadState().ok, "uploads report the refusal", 10_000);
+    assert.match(service.uploadState().reason!, /403 InvalidAccessKeyId/);
+    await new Promise((r) => setTimeout(r, 500));
+    assert.equal(service.status("w1"), "IN_PROGRESS");
+    assert.equal(service.stats().failed, 0);
+    credentials.accessKeyId = "S3RVER"; // the operator fixes the credentials
+    assert.ok(await service.flush(10_000));
+    assert.equal(service.status("w1"), "SUCCESS");
+    assert.equal(service.uploadState().ok, true);
+    await service.close();
+  } finally {
     await s3.stop();
     await Deno.remove(base, { recursive: true });
   }

@@ -270,7 +270,14 @@ export class IotCredentials implements CredentialSource {
           `credentials provider ${this.url.href} answered ${response.status}: ${text.slice(0, 200)}`,
         );
       }
-      return parseCredentials(text, this.url.href);
+      const credentials = parseCredentials(text, this.url.href);
+      // Lifetime by the endpoint's clock (its Date header): a device clock that is off neither makes
+      // fresh credentials look expired (a fetch per upload) nor keeps expired ones.
+      const served = Date.parse(response.headers.get("date") ?? "");
+      if (credentials.expiresAt !== undefined && Number.isFinite(served)) {
+        credentials.expiresAt = this.now() + (credentials.expiresAt - served);
+      }
+      return credentials;
     } catch (e) {
       if (e instanceof CredentialsError) throw e;
       const detail = describe(e);

@@ -3,7 +3,7 @@
 
 import { dirname } from "node:path";
 import { ensureDirDurable, writeFileDurable } from "./fsutil.ts";
-import { S3Client, S3Error, type S3Options } from "./s3.ts";
+import { CREDENTIALS_UNAVAILABLE, S3Client, S3Error, type S3Options } from "./s3.ts";
 
 export interface Destination {
   /** "Disk" or "Cloud", for logs and stats. */
@@ -15,7 +15,7 @@ export interface Destination {
 
 /**
  * A put that failed. `transient`: an outage (retried without limit); otherwise counts towards max attempts.
- * `credentials`: the credentials are missing or refused.
+ * `credentials`: no credentials could be had (none configured, the credentials provider fails).
  */
 export class DestinationError extends Error {
   constructor(message: string, readonly transient: boolean, readonly credentials = false) {
@@ -63,7 +63,9 @@ export class S3Destination implements Destination {
     try {
       await this.client.putObject(key, data, contentType, signal);
     } catch (e) {
-      if (e instanceof S3Error) throw new DestinationError(e.message, e.transient, e.credentials);
+      if (e instanceof S3Error) {
+        throw new DestinationError(e.message, e.transient, e.code === CREDENTIALS_UNAVAILABLE);
+      }
       throw new DestinationError(String(e), true);
     }
   }

@@ -109,6 +109,9 @@ export async function signRequest(input: SignInput): Promise<Record<string, stri
   return headers;
 }
 
+/** The S3Error code when the credential source has none to give (no request was sent). */
+export const CREDENTIALS_UNAVAILABLE = "CredentialsUnavailable";
+
 /** Codes of S3 answers that refuse the credentials: fetch new ones and retry, never give the capture up. */
 const CREDENTIAL_CODES = new Set([
   "ExpiredToken",
@@ -164,7 +167,7 @@ export class S3Client {
       credentials = await this.credentials.get();
     } catch (e) {
       const message = e instanceof CredentialsError ? e.message : String(e);
-      throw new S3Error(message, null, "CredentialsUnavailable", true, true);
+      throw new S3Error(message, null, CREDENTIALS_UNAVAILABLE, true, true);
     }
     const signed = await signRequest({
       method,

@@ -545,7 +545,8 @@ export class CaptureService {
           if (!this.stopped && this.runs.size === 0) this.setBlocked((e as Error).message, true);
         }
       } else if (this.blocked?.credentials && this.outageUntil > this.now()) {
-        // Uploads are paused for missing credentials: resume them as soon as credentials come.
+        // Uploads are paused for want of credentials: resume as soon as some come. (Credentials S3
+        // refused are not this case: retrying those keeps the outage backoff.)
         try {
           await probe();
           this.outageUntil = 0;
