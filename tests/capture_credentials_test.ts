@@ -446,6 +446,41 @@ Deno.test("agent without credentials and without S3: starts, serves Predict, kee
   }
 });
 
+Deno.test("agent writing to Disk with periodic upload and no credentials: starts, stores on disk, capture NOT_SERVING until the mirror works", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "edge-agent-periodic-" });
+  const s3 = await TestS3.start(join(dir, "s3"));
+  const config = {
+    ...cloudConfig(s3.port),
+    sagemaker_edge_core_capture_data_destination: "Disk",
+    sagemaker_edge_core_capture_data_periodic_upload: true,
+    sagemaker_edge_core_capture_data_periodic_upload_period_seconds: 1,
+  };
+  try {
+    let agent = await startAgent({ dir, config });
+    try {
+      await loadModel(agent);
+      await capture(agent, "disk-1");
+      await stored(agent, "disk-1"); // SUCCESS: it is on disk
+      await until(async () => await agent.client.health("capture") === NOT_SERVING, "the mirror reports", 10_000);
+      assert.ok(parseLogs(agent.logs()).some((l) => /no S3 credentials/.test(String(l.error))), agent.logs());
+      await predictWorks(agent);
+    } finally {
+      await stopAgent(agent);
+    }
+    const env = { AWS_ACCESS_KEY_ID: "S3RVER", AWS_SECRET_ACCESS_KEY: "S3RVER" };
+    agent = await startAgent({ dir, config, env });
+    try {
+      await until(async () => (await s3Keys(s3.port)).some((k) => k.endsWith(".jsonl")), "the mirror uploads", 10_000);
+      await until(async () => await agent.client.health("capture") === SERVING, "capture is SERVING");
+    } finally {
+      await stopAgent(agent);
+    }
+  } finally {
+    await s3.stop();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("agent with the AWS IoT credentials provider: waits for the endpoint, then captures flow across credential rotations", async () => {
   const p = await pki();
   const dir = await Deno.makeTempDir({ prefix: "edge-agent-iot-" });

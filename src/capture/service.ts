@@ -271,6 +271,9 @@ export class CaptureService {
   private periodicDone = new Set<string>();
   private periodicLog: Deno.FsFile | null = null;
   private periodicS3: S3Client | null = null;
+  /** Why the last periodic upload round failed, or null. */
+  private periodicBlocked: string | null = null;
+  private periodicBlockedSince: number | null = null;
 
   private constructor(options: CaptureOptions) {
     const defined = Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined));
@@ -482,17 +485,28 @@ export class CaptureService {
       lastUploadAt: this.counters.lastUploadAt,
       pausedUntil: this.outageUntil > this.now() ? this.outageUntil : null,
       periodicUploaded: this.counters.periodic,
-      blockedReason: this.blocked?.reason ?? null,
-      blockedSince: this.blocked?.since ?? null,
+      blockedReason: this.uploadState().reason,
+      blockedSince: this.uploadState().since,
       credentialsExpireAt: credentials?.expiresAt ?? null,
       credentialsFetches: credentials?.fetches ?? 0,
       credentialsFetchFailures: credentials?.fetchFailures ?? 0,
     };
   }
 
-  /** Whether uploads proceed (false while the destination is unreachable or the credentials fail). */
+  /** Whether uploads proceed (false while the destination or the periodic upload's S3 fails). */
   uploadState(): UploadState {
-    return { ok: this.blocked === null, reason: this.blocked?.reason ?? null, since: this.blocked?.since ?? null };
+    const reason = this.blocked?.reason ?? this.periodicBlocked;
+    return { ok: reason === null, reason, since: this.blocked?.since ?? this.periodicBlockedSince };
+  }
+
+  /** The periodic upload's state; its failures are logged by its loop, once a period. */
+  private setPeriodicBlocked(reason: string | null): void {
+    const changed = (reason === null) !== (this.periodicBlocked === null);
+    this.periodicBlocked = reason;
+    if (!changed) return;
+    this.periodicBlockedSince = reason === null ? null : this.now();
+    if (reason === null) this.log.info("capture: periodic upload proceeds again");
+    this.changes.dispatchEvent(new Event("change"));
   }
 
   private setBlocked(reason: string, credentials: boolean): void {
@@ -897,8 +911,12 @@ export class CaptureService {
       if (this.stopped) break;
       try {
         await this.periodicRound(s3);
+        this.setPeriodicBlocked(null);
       } catch (e) {
-        if (!this.stopped) this.log.warn("capture: periodic upload round failed", { error: String(e) });
+        if (!this.stopped) {
+          this.log.warn("capture: periodic upload round failed", { error: String(e) });
+          this.setPeriodicBlocked(`periodic upload: ${(e as Error).message}`);
+        }
       }
     }
   }
