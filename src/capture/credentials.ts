@@ -219,6 +219,7 @@ export class IotCredentials implements CredentialSource {
       if (this.failures > 0) this.o.logger.info("capture: credentials provider answers again", { url: this.url.href });
       this.failures = 0;
       this.retryAt = 0;
+      this.lastError = ""; // the same failure later is news again
       return credentials;
     } catch (e) {
       this.counts.fetchFailures++;

@@ -80,8 +80,13 @@ export class TestS3 {
   }
 
   async stop(): Promise<void> {
-    await this.server?.close();
+    const server = this.server;
     this.server = null;
+    if (!server) return;
+    const closed = server.close();
+    // close() alone waits for clients' idle keep-alive connections (minutes, now and then).
+    (server as unknown as { httpServer?: { closeAllConnections?(): void } }).httpServer?.closeAllConnections?.();
+    await closed;
   }
 }
 
