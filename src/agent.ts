@@ -52,12 +52,8 @@ async function prepareStateDir(stateDir: string): Promise<void> {
 async function credentialSource(config: AgentConfig, log: Logger): Promise<CredentialSource> {
   if (!iotCredentials(config)) {
     if (config.credentialsProvider && !/^(aws|none)$/i.test(config.credentialsProvider)) {
-      log.warn(
-        "sagemaker_edge_provider_provider is not supported by this agent: S3 credentials come from the environment",
-        {
-          provider: config.credentialsProvider,
-        },
-      );
+      const provider = config.credentialsProvider;
+      log.warn("this credentials provider is not supported: S3 credentials come from the environment", { provider });
     }
     return new EnvironmentCredentials();
   }
