@@ -367,16 +367,20 @@ function warnings(agent: AgentProcess, pattern: RegExp): Record<string, unknown>
   return parseLogs(agent.logs()).filter((l) => l.level === "warn" && pattern.test(String(l.msg)));
 }
 
-/** The capture upload gauge from the agent's metrics socket. */
-async function blockedGauge(socket: string): Promise<number> {
+/** A sample from the agent's metrics socket (`series` as written, labels included). */
+async function sample(socket: string, series: string): Promise<number> {
   const client = Deno.createHttpClient({ proxy: { transport: "unix", path: socket } });
   try {
     const text = await (await fetch("http://localhost/metrics", { client })).text();
-    return Number(/^edge_agent_capture_uploads_blocked (\d+)$/m.exec(text)?.[1]);
+    const line = text.split("\n").find((l) => l.startsWith(`${series} `));
+    assert.ok(line, `${series} in ${text}`);
+    return Number(line.slice(series.length + 1));
   } finally {
     client.close();
   }
 }
+
+const blockedGauge = (socket: string) => sample(socket, "edge_agent_capture_uploads_blocked");
 
 async function stopAgent(agent: AgentProcess): Promise<void> {
   const { code } = await agent.stop();
@@ -488,7 +492,12 @@ Deno.test("agent with the AWS IoT credentials provider: waits for the endpoint, 
   const endpointPort = freePort();
   let endpoint: CredentialsEndpoint | null = null;
   try {
-    const agent = await startAgent({ dir, config: { ...cloudConfig(s3.port), ...iotConfig(p, endpointPort) } });
+    const metrics = join(dir, "metrics.sock");
+    const startedAt = Date.now();
+    const agent = await startAgent({
+      dir,
+      config: { ...cloudConfig(s3.port), ...iotConfig(p, endpointPort), edge_agent_metrics: `unix:${metrics}` },
+    });
     try {
       await loadModel(agent);
       // The endpoint is not up yet: inference goes on, captures wait.
@@ -524,6 +533,11 @@ Deno.test("agent with the AWS IoT credentials provider: waits for the endpoint, 
       const keys = await s3Keys(s3.port);
       assert.equal(keys.filter((k) => k.endsWith(".jsonl")).length, ids.length + 3);
       assert.equal(await agent.client.health("capture"), SERVING);
+      const fetches = 'edge_agent_capture_credentials_fetches_total{result="ok"}';
+      assert.equal(await sample(metrics, fetches), endpoint.fetches.length);
+      assert.ok(await sample(metrics, 'edge_agent_capture_credentials_fetches_total{result="error"}') >= 1);
+      const expiry = await sample(metrics, "edge_agent_capture_credentials_expiry_timestamp_seconds");
+      assert.ok(expiry > startedAt / 1000 && expiry < Date.now() / 1000 + 5, `expiry ${expiry}`);
     } finally {
       await stopAgent(agent);
     }
