@@ -1,8 +1,21 @@
 // The agent's lifecycle: configuration, ONNX Runtime, the model registry and the server, started in
 // order and stopped in reverse on SIGTERM, SIGINT or SIGHUP.
 
-import { type AgentConfig, captureDiskPath, DEFAULTS, loadConfigFile, type LoadedConfig } from "./config.ts";
+import {
+  type AgentConfig,
+  captureDiskPath,
+  DEFAULTS,
+  iotCredentials,
+  loadConfigFile,
+  type LoadedConfig,
+} from "./config.ts";
 import { CaptureService } from "./capture/service.ts";
+import {
+  type CredentialSource,
+  EnvironmentCredentials,
+  IotCredentials,
+  keyFileProblems,
+} from "./capture/credentials.ts";
 import { StartupError } from "./errors.ts";
 import { createLogger, type Logger } from "./log.ts";
 import { Metrics, parseMetricsAddress, serveMetrics } from "./metrics.ts";
@@ -36,8 +49,36 @@ async function prepareStateDir(stateDir: string): Promise<void> {
   }
 }
 
+/**
+ * Where S3 credentials come from: the AWS IoT credentials provider when its keys are set (and the
+ * provider is "Aws"), else the environment. A private key readable by others stops start-up.
+ */
+async function credentialSource(config: AgentConfig, log: Logger): Promise<CredentialSource> {
+  if (!iotCredentials(config)) {
+    if (config.credentialsProvider && !/^(aws|none)$/i.test(config.credentialsProvider)) {
+      const provider = config.credentialsProvider;
+      log.warn("this credentials provider is not supported: S3 credentials come from the environment", { provider });
+    }
+    return new EnvironmentCredentials();
+  }
+  const problems = await keyFileProblems(config.iotKeyFile!);
+  if (problems.length) throw new StartupError(problems);
+  const source = new IotCredentials({
+    endpoint: config.iotCredentialsEndpoint!,
+    deviceFleetName: config.deviceFleetName || "unnamed-fleet",
+    thingName: config.iotThingName || config.deviceName || "unnamed-device",
+    certFile: config.iotCertFile!,
+    keyFile: config.iotKeyFile!,
+    caFile: config.iotCaFile,
+    logger: log,
+  });
+  log.info("S3 credentials come from the AWS IoT credentials provider", { url: source.url.href });
+  return source;
+}
+
 async function openCapture(config: AgentConfig, log: Logger): Promise<CaptureService> {
   const s3 = config.captureDestination === "Cloud" || config.capturePeriodicUpload;
+  const credentials = s3 ? await credentialSource(config, log) : null;
   return await CaptureService.open({
     stateDir: config.stateDir,
     // Capture object keys name the fleet and device; a config without them still captures.
@@ -52,6 +93,7 @@ async function openCapture(config: AgentConfig, log: Logger): Promise<CaptureSer
         region: config.region || "us-east-1",
         endpoint: config.s3Endpoint ?? undefined,
         forcePathStyle: config.s3ForcePathStyle,
+        credentials: credentials!,
       }
       : undefined,
     bufferSize: config.captureBufferSize,

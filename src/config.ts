@@ -55,7 +55,14 @@ export interface AgentConfig {
   captureStatusRetentionCount: number;
   /** "unix:<path>" or "<loopback host>:<port>"; null: no metrics. */
   metrics: string | null;
-  /** The AWS IoT thing the device is (credentials provider header); the device name unless set. */
+  /** sagemaker_edge_provider_provider: "Aws" (or unset) uses the AWS IoT credentials provider when configured. */
+  credentialsProvider: string | null;
+  /** The AWS IoT credentials provider: device certificate, its private key, the endpoint's CA, the endpoint. */
+  iotCertFile: string | null;
+  iotKeyFile: string | null;
+  iotCaFile: string | null;
+  iotCredentialsEndpoint: string | null;
+  /** sagemaker_edge_core_iot_thing_name; "": the device name. */
   iotThingName: string;
 }
 
@@ -116,6 +123,11 @@ export const DEFAULTS: AgentConfig = {
   captureStatusRetentionSeconds: 86400,
   captureStatusRetentionCount: 100000,
   metrics: null,
+  credentialsProvider: null,
+  iotCertFile: null,
+  iotKeyFile: null,
+  iotCaFile: null,
+  iotCredentialsEndpoint: null,
   iotThingName: "",
 };
 
@@ -126,12 +138,16 @@ const EDGE_MANAGER_KEYS: Record<string, KeySpec> = {
   sagemaker_edge_core_region: { kind: "string", field: "region" },
   sagemaker_edge_core_root_certs_path: { kind: "path", field: "rootCertsPath" },
   sagemaker_edge_log_verbose: { kind: "boolean", field: "logVerbose" },
-  sagemaker_edge_provider_provider: { kind: "string" },
+  sagemaker_edge_provider_provider: { kind: "string", field: "credentialsProvider" },
   sagemaker_edge_provider_provider_path: { kind: "string" },
-  sagemaker_edge_provider_aws_ca_cert_file: { kind: "string" },
-  sagemaker_edge_provider_aws_cert_file: { kind: "string" },
-  sagemaker_edge_provider_aws_cert_pk_file: { kind: "string" },
-  sagemaker_edge_provider_aws_iot_cred_endpoint: { kind: "string" },
+  sagemaker_edge_provider_aws_ca_cert_file: { kind: "path", field: "iotCaFile" },
+  sagemaker_edge_provider_aws_cert_file: { kind: "path", field: "iotCertFile" },
+  sagemaker_edge_provider_aws_cert_pk_file: { kind: "path", field: "iotKeyFile" },
+  sagemaker_edge_provider_aws_iot_cred_endpoint: {
+    kind: "string",
+    field: "iotCredentialsEndpoint",
+    pattern: /^(https:\/\/)?[A-Za-z0-9.-]+(:\d{1,5})?(\/[^\s]*)?$/,
+  },
   sagemaker_edge_provider_s3_bucket_name: { kind: "string", field: "s3Bucket" },
   sagemaker_edge_core_capture_data_destination: {
     kind: "string",
@@ -295,7 +311,20 @@ function crossChecks(config: AgentConfig, source: string): string[] {
   if (s3 && !config.region && !config.s3Endpoint) {
     problems.push(`${source}: uploading captures to S3 needs "sagemaker_edge_core_region" or "edge_agent_s3_endpoint"`);
   }
+  if (s3 && iotCredentials(config)) {
+    for (const [key, value] of [["cert_file", config.iotCertFile], ["cert_pk_file", config.iotKeyFile]] as const) {
+      if (!value) {
+        problems.push(`${source}: the AWS IoT credentials provider needs "sagemaker_edge_provider_aws_${key}"`);
+      }
+    }
+  }
   return problems;
+}
+
+/** Whether S3 credentials come from the AWS IoT credentials provider (else from the environment). */
+export function iotCredentials(config: AgentConfig): boolean {
+  const provider = (config.credentialsProvider ?? "Aws").toLowerCase();
+  return provider === "aws" && config.iotCredentialsEndpoint !== null && config.iotCredentialsEndpoint !== "";
 }
 
 /** Where Disk captures go. */

@@ -148,6 +148,30 @@ export class Metrics {
         "When the destination last confirmed a batch (0: never).",
         [["", (capture.lastUploadAt ?? 0) / 1000]],
       );
+      metric(
+        "edge_agent_capture_uploads_blocked",
+        "gauge",
+        "1 while uploads cannot proceed (destination unreachable, credentials missing or refused; the log says why).",
+        [["", capture.blockedReason === null ? 0 : 1]],
+      );
+      metric(
+        "edge_agent_capture_uploads_blocked_since_timestamp_seconds",
+        "gauge",
+        "Since when uploads cannot proceed (0: they do).",
+        [["", (capture.blockedSince ?? 0) / 1000]],
+      );
+      metric(
+        "edge_agent_capture_credentials_expiry_timestamp_seconds",
+        "gauge",
+        "When the temporary S3 credentials in use expire (0: none, or they do not expire).",
+        [["", (capture.credentialsExpireAt ?? 0) / 1000]],
+      );
+      metric(
+        "edge_agent_capture_credentials_fetches_total",
+        "counter",
+        "Fetches from the AWS IoT credentials provider, by result.",
+        [['result="ok"', capture.credentialsFetches], ['result="error"', capture.credentialsFetchFailures]],
+      );
     }
     metric(
       "edge_agent_shm_sysv_segments_attached",

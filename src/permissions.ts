@@ -5,7 +5,8 @@
 // sandbox anyway, which is why the FFI surface (ffi/) is kept small.
 
 import { isAbsolute } from "node:path";
-import { type AgentConfig, captureDiskPath, s3Host } from "./config.ts";
+import { type AgentConfig, captureDiskPath, iotCredentials, s3Host } from "./config.ts";
+import { AWS_CREDENTIAL_VARIABLES, iotCredentialsHost } from "./capture/credentials.ts";
 import { StartupError } from "./errors.ts";
 import { parseMetricsAddress } from "./metrics.ts";
 
@@ -29,9 +30,13 @@ export interface Profile {
   s3_hosts: string[];
   /** Environment variables the agent may read (AWS credentials). */
   env: string[];
+  /** The AWS IoT credentials endpoint ("host:port") S3 credentials are fetched from. */
+  credential_hosts: string[];
+  /** The device certificate, its key and the endpoint's CA file (read only). */
+  credential_files: string[];
 }
 
-const PROFILE_KEYS: Record<keyof Profile, "path" | "path?" | "paths" | "hosts" | "names" | "metrics?"> = {
+const PROFILE_KEYS: Record<keyof Profile, "path" | "path?" | "paths" | "paths?" | "hosts" | "names" | "metrics?"> = {
   socket: "path",
   config: "path?",
   model_roots: "paths",
@@ -42,10 +47,9 @@ const PROFILE_KEYS: Record<keyof Profile, "path" | "path?" | "paths" | "hosts" |
   metrics: "metrics?",
   s3_hosts: "hosts",
   env: "names",
+  credential_hosts: "hosts",
+  credential_files: "paths?",
 };
-
-/** The environment variables S3 credentials come from. */
-export const AWS_CREDENTIAL_VARIABLES = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"] as const;
 
 function isInside(path: string, folder: string): boolean {
   const f = folder.replace(/\/+$/, "");
@@ -70,6 +74,7 @@ export function parseProfile(raw: unknown, source = "profile"): Profile {
       "path": () => path(value),
       "path?": () => value === undefined || value === null || path(value),
       "paths": () => Array.isArray(value) && value.every(path),
+      "paths?": () => value === undefined || (Array.isArray(value) && value.every(path)),
       "hosts": () =>
         value === undefined ||
         (Array.isArray(value) && value.every((h) => typeof h === "string" && /^[A-Za-z0-9.-]+(:\d{1,5})?$/.test(h))),
@@ -83,6 +88,7 @@ export function parseProfile(raw: unknown, source = "profile"): Profile {
         "path": "an absolute path (without commas)",
         "path?": "an absolute path or null",
         "paths": "a list of absolute paths",
+        "paths?": "a list of absolute paths",
         "hosts": 'a list of host names, optionally with ":port"',
         "names": "a list of environment variable names",
         "metrics?": 'null, "unix:<path>" or "<loopback host>:<port>"',
@@ -102,6 +108,8 @@ export function parseProfile(raw: unknown, source = "profile"): Profile {
     metrics: (record.metrics as string | null | undefined) ?? null,
     s3_hosts: (record.s3_hosts as string[] | undefined) ?? [],
     env: (record.env as string[] | undefined) ?? [],
+    credential_hosts: (record.credential_hosts as string[] | undefined) ?? [],
+    credential_files: (record.credential_files as string[] | undefined) ?? [],
   };
 }
 
@@ -115,9 +123,10 @@ export function profileFlags(profile: Profile): string[] {
     ...(profile.trusted_roots ? [profile.trusted_roots] : []),
     ...(profile.trusted_keys ? [profile.trusted_keys] : []),
     ...(profile.capture_dir ? [profile.capture_dir] : []),
+    ...profile.credential_files,
   ];
   const writable = [profile.socket, profile.state_dir, ...(profile.capture_dir ? [profile.capture_dir] : [])];
-  const reachable = [`unix:${profile.socket}`, ...profile.s3_hosts];
+  const reachable = [`unix:${profile.socket}`, ...profile.s3_hosts, ...profile.credential_hosts];
   const metrics = profile.metrics ? parseMetricsAddress(profile.metrics) : null;
   if (metrics && "path" in metrics) {
     readable.push(metrics.path);
@@ -149,8 +158,19 @@ export function profileFor(socketPath: string, configPath: string | null, config
     capture_dir: isInside(captureDiskPath(config), config.stateDir) ? null : captureDiskPath(config),
     metrics: config.metrics,
     s3_hosts: s3 ? [s3] : [],
-    env: s3 ? [...AWS_CREDENTIAL_VARIABLES] : [],
+    // With the AWS IoT credentials provider the environment is not a source (README: Credentials).
+    env: s3 && !iotCredentials(config) ? [...AWS_CREDENTIAL_VARIABLES] : [],
+    credential_hosts: s3 && iotCredentials(config) ? [credentialsHost(config)] : [],
+    credential_files: s3 && iotCredentials(config) ? credentialFiles(config) : [],
   };
+}
+
+function credentialsHost(config: AgentConfig): string {
+  return iotCredentialsHost(config.iotCredentialsEndpoint!, config.deviceFleetName || "unnamed-fleet");
+}
+
+function credentialFiles(config: AgentConfig): string[] {
+  return [config.iotCertFile, config.iotKeyFile, config.iotCaFile].filter((f): f is string => !!f);
 }
 
 export interface Deployment {
@@ -207,6 +227,21 @@ export async function permissionProblems(socketPath: string, config: AgentConfig
   const s3 = s3Host(config);
   if (s3 && !await granted({ name: "net", host: s3 })) {
     problems.push(`config uploads captures to ${s3}, but this agent may not reach it${rebuild("s3_hosts")}`);
+  }
+  if (s3 && iotCredentials(config)) {
+    const host = credentialsHost(config);
+    if (!await granted({ name: "net", host })) {
+      problems.push(
+        `config fetches S3 credentials from ${host}, but this agent may not reach it${rebuild("credential_hosts")}`,
+      );
+    }
+    for (const file of credentialFiles(config)) {
+      if (!await granted({ name: "read", path: file })) {
+        problems.push(
+          `config names credentials file ${file}, but this agent may not read it${rebuild("credential_files")}`,
+        );
+      }
+    }
   }
   if (config.trustedModelKeys && !await granted({ name: "read", path: config.trustedModelKeys })) {
     problems.push(

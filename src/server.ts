@@ -237,7 +237,7 @@ export async function startServer(options: {
   for (const [rpc, handler] of Object.entries(handlers(options.services)) as [RpcName, Handler][]) {
     methods.set(`/${SERVICE_NAME}/${rpc}`, unary(rpc, RPC_TYPES[rpc], handler, log, options.metrics, isLoaded));
   }
-  const healthService = new HealthService(options.services.registry);
+  const healthService = new HealthService(options.services.registry, options.services.capture);
   methods.set(
     `/${HEALTH_SERVICE_NAME}/Check`,
     unary("Health.Check", health, healthService.check, log, options.metrics, isLoaded),

@@ -49,7 +49,8 @@ Deno.test("Edge Manager's sample config is accepted as it is", () => {
   assert.equal(config.region, "us-west-2");
   assert.equal(config.rootCertsPath, "/etc/edge-agent/certificates");
   assert.equal(config.logVerbose, false);
-  assert.ok(ignoredKeys.includes("sagemaker_edge_provider_aws_iot_cred_endpoint"));
+  assert.equal(config.iotCredentialsEndpoint, "https://example.credentials.iot.us-west-2.amazonaws.com");
+  assert.ok(ignoredKeys.includes("sagemaker_edge_provider_provider_path"));
   assert.equal(config.captureDestination, "Cloud");
   assert.equal(config.s3Bucket, "sagemaker-bucket");
   assert.equal(config.captureBufferSize, 30);

@@ -5,9 +5,8 @@ import assert from "node:assert/strict";
 import { Status } from "../src/errors.ts";
 import { health, SERVICE_NAME } from "../src/wire.ts";
 import * as grpc from "@grpc/grpc-js";
-import type { Buffer } from "node:buffer";
-import { asBuffer, HEALTH_SERVICE_NAME } from "../src/wire.ts";
 import { startAgent, withAgent } from "./helpers/agent.ts";
+import { watch } from "./helpers/health_watch.ts";
 import { rejectsWith } from "./helpers/assertions.ts";
 import { addSubModel, writeModelFolder } from "./helpers/onnx_models.ts";
 
@@ -16,6 +15,7 @@ Deno.test("health: the agent and each loaded model report SERVING; unknown servi
     const check = (service: string) => agent.client.health(service);
     assert.equal(await check(""), health.status.SERVING);
     assert.equal(await check(SERVICE_NAME), health.status.SERVING);
+    assert.equal(await check("capture"), health.status.SERVING, "captures reach their (Disk) destination");
     await rejectsWith(check("model/addsub"), Status.NOT_FOUND, /unknown service "model\/addsub"/);
     await agent.client.loadModel(await writeModelFolder(agent.modelsDir, "addsub", addSubModel()), "addsub");
     assert.equal(await check("model/addsub"), health.status.SERVING);
@@ -24,39 +24,6 @@ Deno.test("health: the agent and each loaded model report SERVING; unknown servi
     await rejectsWith(check("some.Other"), Status.NOT_FOUND);
   });
 });
-
-/** A grpc-js Watch of `service`: the statuses received so far, and how the call ended. */
-function watch(socket: string, service: string) {
-  const client = new grpc.Client(`unix:${socket}`, grpc.credentials.createInsecure());
-  const statuses: number[] = [];
-  const changed = new EventTarget();
-  const call = client.makeServerStreamRequest(
-    `/${HEALTH_SERVICE_NAME}/Watch`,
-    (m: { service: string }) => asBuffer(health.request.encode(m).finish()),
-    (b: Buffer) => (health.response.decode(b) as unknown as { status: number }).status,
-    { service },
-  );
-  call.on("data", (status: number) => {
-    statuses.push(status);
-    changed.dispatchEvent(new Event("status"));
-  });
-  const ended = new Promise<grpc.StatusObject>((resolve) => call.on("status", resolve));
-  call.on("error", () => {}); // The status event carries it.
-  return {
-    statuses,
-    ended,
-    cancel: () => call.cancel(),
-    close: () => client.close(),
-    /** Resolves once `count` statuses have arrived. */
-    until(count: number): Promise<number[]> {
-      return new Promise((resolve) => {
-        const check = () => statuses.length >= count && resolve(statuses.slice());
-        changed.addEventListener("status", check);
-        check();
-      });
-    },
-  };
-}
 
 Deno.test("health Watch: the status at once, then each change; NOT_SERVING and the end of the call when the agent stops", async () => {
   const agent = await startAgent({ config: { edge_agent_shutdown_grace_seconds: 20 } });

@@ -178,7 +178,7 @@ Deno.test("Edge Manager keys the agent does not use are logged as ignored; debug
     sagemaker_edge_core_device_name: "device-1",
     sagemaker_edge_core_device_fleet_name: "fleet-1",
     sagemaker_edge_core_region: "us-west-2",
-    sagemaker_edge_provider_provider: "Aws",
+    sagemaker_edge_provider_provider_path: "/opt/edge/lib/libprovider_aws.so",
     sagemaker_edge_provider_s3_bucket_name: "bucket",
     sagemaker_edge_core_capture_data_buffer_size: 30,
   };
@@ -192,7 +192,7 @@ Deno.test("Edge Manager keys the agent does not use are logged as ignored; debug
     }
     const logs = parseLogs(agent.logs());
     const ignored = logs.find((l) => l.msg === "config keys accepted but not used by this agent");
-    assert.deepEqual(ignored?.keys, ["sagemaker_edge_provider_provider"]);
+    assert.deepEqual(ignored?.keys, ["sagemaker_edge_provider_provider_path"]);
     const serving = logs.find((l) => l.msg === "serving")!;
     assert.equal(serving.device, "device-1");
     assert.equal(serving.fleet, "fleet-1");

@@ -3,7 +3,7 @@
 
 import { dirname, resolve } from "node:path";
 import { ensureDirDurable, writeFileDurable } from "./fsutil.ts";
-import { S3Client, S3Error, type S3Options } from "./s3.ts";
+import { CREDENTIALS_UNAVAILABLE, S3Client, S3Error, type S3Options } from "./s3.ts";
 
 export interface Destination {
   /** "Disk" or "Cloud", for logs and stats. */
@@ -11,11 +11,16 @@ export interface Destination {
   put(key: string, data: Uint8Array, contentType: string, signal?: AbortSignal): Promise<void>;
   /** Where the object at `key` is, as capture records reference it (s3://bucket/key, file:///path). */
   dataRef?(key: string): string;
+  /** Throws DestinationError when uploads cannot proceed now (e.g. no credentials); absent: nothing to check. */
+  probe?(): Promise<void>;
 }
 
-/** A put that failed. `transient`: an outage (retried without limit); otherwise counts towards max attempts. */
+/**
+ * A put that failed. `transient`: an outage (retried without limit); otherwise counts towards max attempts.
+ * `credentials`: no credentials could be had (none configured, the credentials provider fails).
+ */
 export class DestinationError extends Error {
-  constructor(message: string, readonly transient: boolean) {
+  constructor(message: string, readonly transient: boolean, readonly credentials = false) {
     super(message);
     this.name = "DestinationError";
   }
@@ -69,8 +74,18 @@ export class S3Destination implements Destination {
     try {
       await this.client.putObject(key, data, contentType, signal);
     } catch (e) {
-      if (e instanceof S3Error) throw new DestinationError(e.message, e.transient);
+      if (e instanceof S3Error) {
+        throw new DestinationError(e.message, e.transient, e.code === CREDENTIALS_UNAVAILABLE);
+      }
       throw new DestinationError(String(e), true);
+    }
+  }
+
+  async probe(): Promise<void> {
+    try {
+      await this.client.credentials.get();
+    } catch (e) {
+      throw new DestinationError((e as Error).message, true, true);
     }
   }
 }

@@ -21,4 +21,10 @@ export {
   MAX_BASE64_EMBED_LIMIT,
   tensorKey,
 } from "./layout.ts";
+  CredentialsError,
+  type CredentialSource,
+  EnvironmentCredentials,
+  IotCredentials,
+  StaticCredentials,
+} from "./credentials.ts";
 export { benchCaptureAppends, type CaptureBenchOptions, type CaptureBenchResult } from "./bench.ts";

@@ -1,16 +1,17 @@
-// A small S3 client: PutObject, GetObject and ListObjectsV2 signed with AWS Signature Version 4, on fetch.
+// A small S3 client: PutObject, GetObject and ListObjects on fetch, signed by AWS's own SigV4 signer
+// (@smithy/signature-v4, the one inside @aws-sdk/client-s3).
 //
-// Why not @aws-sdk/client-s3: it runs under Deno with -A, but the agent runs with scoped permissions
-// (permissions.ts: named hosts, named AWS_* variables, named folders). Loading the SDK reads many other
-// environment variables (AWS_LAMBDA_*, AWS_PROFILE, AWS_*_CHECKSUM_*, ...) and os.release(), so it fails
-// with NotCapable unless the agent gets unscoped --allow-env and --allow-sys; it would also search
-// ~/.aws and, without explicit credentials, the instance metadata address. Three calls need ~150 lines.
+// Why not @aws-sdk/client-s3 itself: the agent runs with scoped permissions (permissions.ts: named hosts,
+// named AWS_* variables, named folders). Loading the SDK reads many other environment variables
+// (AWS_LAMBDA_*, AWS_PROFILE, AWS_*_CHECKSUM_*, ...) and os.release(), so it fails with NotCapable unless
+// the agent gets unscoped --allow-env and --allow-sys; it would also search ~/.aws and, without explicit
+// credentials, the instance metadata address. The signer alone needs no permission at all.
 
-export interface S3Credentials {
-  accessKeyId: string;
-  secretAccessKey: string;
-  sessionToken?: string;
-}
+import { Hash } from "@smithy/hash-node";
+import { SignatureV4 } from "@smithy/signature-v4";
+import { CredentialsError, type CredentialSource, type S3Credentials, StaticCredentials } from "./credentials.ts";
+
+export type { S3Credentials } from "./credentials.ts";
 
 export interface S3Options {
   bucket: string;
@@ -19,19 +20,23 @@ export interface S3Options {
   endpoint?: string;
   /** Bucket in the path (http://host/bucket/key) instead of the host name (needed by MinIO and s3rver). */
   forcePathStyle?: boolean;
-  /** Default: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN from the environment. */
-  credentials?: S3Credentials;
+  /** Fixed credentials or a source asked before each request (credentials.ts). */
+  credentials: S3Credentials | CredentialSource;
   /** Per request; default 30 s. */
   requestTimeoutMs?: number;
 }
 
-/** An S3 request that failed; `transient` when retrying may help (network, 5xx, throttling, clock skew). */
+/**
+ * An S3 request that failed; `transient` when retrying may help (network, 5xx, throttling, clock skew,
+ * credentials missing or refused); `credentials` when the credentials are the problem.
+ */
 export class S3Error extends Error {
   constructor(
     message: string,
     readonly status: number | null,
     readonly code: string | null,
     readonly transient: boolean,
+    readonly credentials = false,
   ) {
     super(message);
     this.name = "S3Error";
@@ -44,13 +49,6 @@ const hex = (bytes: ArrayBuffer) => Array.from(new Uint8Array(bytes), (b) => b.t
 export async function sha256Hex(data: Uint8Array | string): Promise<string> {
   const bytes = typeof data === "string" ? encoder.encode(data) : data;
   return hex(await crypto.subtle.digest("SHA-256", bytes as Uint8Array<ArrayBuffer>));
-}
-
-async function hmac(key: Uint8Array | ArrayBuffer, data: string): Promise<ArrayBuffer> {
-  const k = await crypto.subtle.importKey("raw", key as ArrayBuffer, { name: "HMAC", hash: "SHA-256" }, false, [
-    "sign",
-  ]);
-  return crypto.subtle.sign("HMAC", k, encoder.encode(data));
 }
 
 /** RFC 3986 percent-encoding as SigV4 wants it: everything but A-Z a-z 0-9 - _ . ~ (and "/" when asked). */
@@ -78,75 +76,66 @@ export interface SignInput {
 
 /**
  * Signs a request (SigV4, header form). `url.pathname` must already be URI-encoded as S3 wants (each
- * segment once); query parameters are canonicalised here. Returns the headers to send.
+ * segment once); query parameters are canonicalised by the signer. Returns the headers to send.
  */
 export async function signRequest(input: SignInput): Promise<Record<string, string>> {
-  const service = input.service ?? "s3";
-  const amzDate = (input.date ?? new Date()).toISOString().replace(/[-:]/g, "").replace(/\.\d{3}/, "");
-  const day = amzDate.slice(0, 8);
-  const headers: Record<string, string> = {
-    ...Object.fromEntries(Object.entries(input.headers ?? {}).map(([k, v]) => [k.toLowerCase(), v.trim()])),
-    host: input.url.host,
-    "x-amz-content-sha256": input.payloadHash,
-    "x-amz-date": amzDate,
-  };
-  if (input.credentials.sessionToken) headers["x-amz-security-token"] = input.credentials.sessionToken;
-  const names = Object.keys(headers).sort();
-  const query = [...input.url.searchParams]
-    .map(([k, v]) => [uriEncode(k, false), uriEncode(v, false)])
-    .sort(([a, x], [b, y]) => (a < b ? -1 : a > b ? 1 : x < y ? -1 : x > y ? 1 : 0))
-    .map(([k, v]) => `${k}=${v}`)
-    .join("&");
-  const canonical = [
-    input.method,
-    input.url.pathname,
-    query,
-    names.map((n) => `${n}:${headers[n]}\n`).join(""),
-    names.join(";"),
-    input.payloadHash,
-  ].join("\n");
-  const scope = `${day}/${input.region}/${service}/aws4_request`;
-  const stringToSign = ["AWS4-HMAC-SHA256", amzDate, scope, await sha256Hex(canonical)].join("\n");
-  let key = await hmac(encoder.encode(`AWS4${input.credentials.secretAccessKey}`), day);
-  for (const part of [input.region, service, "aws4_request"]) key = await hmac(key, part);
-  const signature = hex(await hmac(key, stringToSign));
+  const { credentials, url } = input;
+  const signer = new SignatureV4({
+    service: input.service ?? "s3",
+    region: input.region,
+    credentials: {
+      accessKeyId: credentials.accessKeyId,
+      secretAccessKey: credentials.secretAccessKey,
+      sessionToken: credentials.sessionToken,
+    },
+    sha256: Hash.bind(null, "sha256"),
+    uriEscapePath: false, // S3 signs the path as sent
+  });
+  const signed = await signer.sign({
+    method: input.method,
+    protocol: url.protocol,
+    hostname: url.hostname,
+    port: url.port ? Number(url.port) : undefined,
+    path: url.pathname,
+    query: Object.fromEntries(url.searchParams),
+    headers: {
+      ...Object.fromEntries(Object.entries(input.headers ?? {}).map(([k, v]) => [k.toLowerCase(), v.trim()])),
+      host: url.host,
+      "x-amz-content-sha256": input.payloadHash,
+    },
+  }, { signingDate: input.date });
+  const headers = { ...signed.headers };
   delete headers.host; // fetch sets it from the URL
-  headers.authorization =
-    `AWS4-HMAC-SHA256 Credential=${input.credentials.accessKeyId}/${scope}, SignedHeaders=${names.join(";")}, ` +
-    `Signature=${signature}`;
   return headers;
 }
 
-export function credentialsFromEnv(): S3Credentials {
-  const get = (name: string) => {
-    try {
-      return Deno.env.get(name);
-    } catch {
-      return undefined; // not granted: same as unset
-    }
-  };
-  const accessKeyId = get("AWS_ACCESS_KEY_ID");
-  const secretAccessKey = get("AWS_SECRET_ACCESS_KEY");
-  if (!accessKeyId || !secretAccessKey) {
-    throw new Error("S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or pass credentials");
-  }
-  return { accessKeyId, secretAccessKey, sessionToken: get("AWS_SESSION_TOKEN") || undefined };
-}
+/** The S3Error code when the credential source has none to give (no request was sent). */
+export const CREDENTIALS_UNAVAILABLE = "CredentialsUnavailable";
+
+/** Codes of S3 answers that refuse the credentials: fetch new ones and retry, never give the capture up. */
+const CREDENTIAL_CODES = new Set([
+  "ExpiredToken",
+  "InvalidToken",
+  "TokenRefreshRequired",
+  "InvalidAccessKeyId",
+  "SignatureDoesNotMatch",
+  "AccessDenied",
+]);
 
 /** Retrying may succeed: server errors, throttling, timeouts, and errors fixed by time (clock, token). */
 function transientStatus(status: number, code: string | null): boolean {
-  return status >= 500 || status === 429 || status === 408 ||
-    code === "RequestTimeTooSkewed" || code === "ExpiredToken" || code === "RequestTimeout" ||
-    code === "SlowDown" || code === "OperationAborted";
+  return status >= 500 || status === 429 || status === 408 || (code !== null && CREDENTIAL_CODES.has(code)) ||
+    code === "RequestTimeTooSkewed" || code === "RequestTimeout" || code === "SlowDown" || code === "OperationAborted";
 }
 
 export class S3Client {
-  private readonly credentials: S3Credentials;
+  readonly credentials: CredentialSource;
   private readonly base: URL;
   private readonly pathStyle: boolean;
 
   constructor(private readonly options: S3Options) {
-    this.credentials = options.credentials ?? credentialsFromEnv();
+    const c = options.credentials;
+    this.credentials = "get" in c ? c : new StaticCredentials(c);
     this.base = new URL(options.endpoint ?? `https://s3.${options.region}.amazonaws.com`);
     // Dotted bucket names do not match the wildcard certificate of virtual-hosted style.
     this.pathStyle = options.forcePathStyle ?? options.bucket.includes(".");
@@ -173,12 +162,19 @@ export class S3Client {
     signal?: AbortSignal,
   ): Promise<Response> {
     const payloadHash = await sha256Hex(body ?? new Uint8Array());
+    let credentials: S3Credentials;
+    try {
+      credentials = await this.credentials.get();
+    } catch (e) {
+      const message = e instanceof CredentialsError ? e.message : String(e);
+      throw new S3Error(message, null, CREDENTIALS_UNAVAILABLE, true, true);
+    }
     const signed = await signRequest({
       method,
       url,
       headers,
       payloadHash,
-      credentials: this.credentials,
+      credentials,
       region: this.options.region,
     });
     const timeout = AbortSignal.timeout(this.options.requestTimeoutMs ?? 30_000);
@@ -197,11 +193,15 @@ export class S3Client {
     const text = await response.text().catch(() => "");
     const code = /<Code>([^<]*)<\/Code>/.exec(text)?.[1] ?? null;
     const message = /<Message>([^<]*)<\/Message>/.exec(text)?.[1] ?? text.slice(0, 200);
+    const refused = code !== null && CREDENTIAL_CODES.has(code);
+    // Expired or revoked temporary credentials: the next request fetches new ones.
+    if (refused) this.credentials.invalidate(credentials);
     throw new S3Error(
       `S3 ${method} ${url.pathname}: ${response.status} ${code ?? ""} ${message}`.trim(),
       response.status,
       code,
       transientStatus(response.status, code),
+      refused,
     );
   }
 

@@ -6,8 +6,10 @@
 // composition and object keys across crashes. Upload workers write each batch's large tensors, then its
 // manifest (layout.ts), then log the batch as done; only then are its spool records released.
 //
-// Failures: transient ones (network, 5xx, throttling, full disk) pause all uploads with exponential
-// backoff and jitter and never give up, so an outage only delays. Permanent ones (4xx, bad paths) split a
+// Failures: transient ones (network, 5xx, throttling, full disk, credentials missing or refused) pause all
+// uploads with exponential backoff and jitter and never give up, so an outage only delays. While they
+// last, uploadState() says why (the `capture` health entry, metrics), logged when it starts, when the
+// reason changes and at most once a minute otherwise. Permanent ones (4xx, bad paths) split a
 // batch into one batch per capture, so one bad capture cannot sink the others; a capture failing
 // max_attempts times goes to <stateDir>/capture/dead-letter/ with the reason, and its status is FAILURE.
 //
@@ -124,6 +126,22 @@ export interface CaptureStats {
   pausedUntil: number | null;
   /** Files mirrored to S3 by periodic upload since open. */
   periodicUploaded: number;
+  /** Why uploads cannot proceed now, or null when they can. */
+  blockedReason: string | null;
+  /** Since when uploads cannot proceed (ms since the epoch), or null. */
+  blockedSince: number | null;
+  /** Temporary S3 credentials in use expire then (ms since the epoch), or null. */
+  credentialsExpireAt: number | null;
+  /** Fetches from the credentials provider since open: successful and failed. */
+  credentialsFetches: number;
+  credentialsFetchFailures: number;
+}
+
+/** Whether uploads proceed; `reason` says why not. */
+export interface UploadState {
+  ok: boolean;
+  reason: string | null;
+  since: number | null;
 }
 
 interface Pending {
@@ -163,6 +181,8 @@ const DEFAULTS = {
   statusRetentionCount: 100_000,
 };
 const TENSOR_PUTS_AT_ONCE = 4;
+/** A lasting upload failure is logged again at most this often (the reason changing logs at once). */
+const BLOCKED_LOG_EVERY_MS = 60_000;
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
 
@@ -241,6 +261,9 @@ export class CaptureService {
   private readonly counters = { uploaded: 0, failed: 0, retries: 0, lastUploadAt: null as number | null, periodic: 0 };
   private outageUntil = 0;
   private outageCount = 0;
+  private blocked: { reason: string; since: number; loggedAt: number; credentials: boolean } | null = null;
+  /** "change" when uploads stop or start proceeding. */
+  readonly changes = new EventTarget();
   private sealTimer: ReturnType<typeof setTimeout> | null = null;
   private sealTimerAt = Infinity;
   private wakers: Array<() => void> = [];
@@ -252,6 +275,9 @@ export class CaptureService {
   private periodicDone = new Set<string>();
   private periodicLog: Deno.FsFile | null = null;
   private periodicS3: S3Client | null = null;
+  /** Why the last periodic upload round failed, or null. */
+  private periodicBlocked: string | null = null;
+  private periodicBlockedSince: number | null = null;
 
   private constructor(options: CaptureOptions) {
     const defined = Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined));
@@ -291,13 +317,10 @@ export class CaptureService {
       throw failedPrecondition(`${this.root} is in use by another agent process`);
     }
     try {
-      try {
-        this.destination = o.destinationImpl ??
-          (o.destination === "Disk" ? new DiskDestination(o.diskPath!, o.fsync) : new S3Destination(o.s3!));
-        if (o.periodicUpload && o.destination === "Disk" && o.s3) this.periodicS3 = new S3Client(o.s3);
-      } catch (e) {
-        throw new StartupError([`capture: ${(e as Error).message}`]); // e.g. no S3 credentials
-      }
+      // Credentials are asked for at each upload, not here: without them the agent still starts and spools.
+      this.destination = o.destinationImpl ??
+        (o.destination === "Disk" ? new DiskDestination(o.diskPath!, o.fsync) : new S3Destination(o.s3!));
+      if (o.periodicUpload && o.destination === "Disk" && o.s3) this.periodicS3 = new S3Client(o.s3);
       this.index = await StatusIndex.open({
         path: `${this.root}/status.log`,
         fsync: o.fsync,
@@ -328,6 +351,7 @@ export class CaptureService {
     if (recovered) this.log.info("capture: recovered pending captures", { count: recovered, batches: this.runs.size });
     for (let i = 0; i < o.uploadConcurrency; i++) this.loops.push(this.worker());
     if (this.periodicLog) this.loops.push(this.periodicLoop());
+    if (this.destination.probe) this.loops.push(this.probeLoop(this.destination.probe.bind(this.destination)));
     this.sealDue();
   }
 
@@ -450,6 +474,10 @@ export class CaptureService {
   }
 
   stats(): CaptureStats {
+    const source = this.destination instanceof S3Destination
+      ? this.destination.client.credentials
+      : this.periodicS3?.credentials;
+    const credentials = source?.stats();
     return {
       pending: this.pending.size,
       appending: this.appending.size,
@@ -463,7 +491,93 @@ export class CaptureService {
       lastUploadAt: this.counters.lastUploadAt,
       pausedUntil: this.outageUntil > this.now() ? this.outageUntil : null,
       periodicUploaded: this.counters.periodic,
+      blockedReason: this.uploadState().reason,
+      blockedSince: this.uploadState().since,
+      credentialsExpireAt: credentials?.expiresAt ?? null,
+      credentialsFetches: credentials?.fetches ?? 0,
+      credentialsFetchFailures: credentials?.fetchFailures ?? 0,
     };
+  }
+
+  /** Whether uploads proceed (false while the destination or the periodic upload's S3 fails). */
+  uploadState(): UploadState {
+    const reason = this.blocked?.reason ?? this.periodicBlocked;
+    return { ok: reason === null, reason, since: this.blocked?.since ?? this.periodicBlockedSince };
+  }
+
+  /** The periodic upload's state; its failures are logged by its loop, once a period. */
+  private setPeriodicBlocked(reason: string | null): void {
+    const changed = (reason === null) !== (this.periodicBlocked === null);
+    this.periodicBlocked = reason;
+    if (!changed) return;
+    this.periodicBlockedSince = reason === null ? null : this.now();
+    if (reason === null) this.log.info("capture: periodic upload proceeds again");
+    this.changes.dispatchEvent(new Event("change"));
+  }
+
+  private setBlocked(reason: string, credentials: boolean): void {
+    const now = this.now();
+    const fields = { destination: this.destination.kind, reason };
+    if (!this.blocked) {
+      this.blocked = { reason, since: now, loggedAt: now, credentials };
+      this.log.warn("capture: uploads cannot proceed; captures are kept and retried", fields);
+      this.changes.dispatchEvent(new Event("change"));
+      return;
+    }
+    // The same failure on another object is no news: compare without the request's path.
+    const gist = (r: string) => r.replace(/^(S3 \w+|disk write) \S+: /, "");
+    const changed = gist(this.blocked.reason) !== gist(reason);
+    this.blocked.reason = reason;
+    this.blocked.credentials = credentials;
+    if (changed || now - this.blocked.loggedAt >= BLOCKED_LOG_EVERY_MS) {
+      this.blocked.loggedAt = now;
+      this.log.warn("capture: uploads still cannot proceed", {
+        ...fields,
+        forSeconds: Math.round((now - this.blocked.since) / 1000),
+      });
+    } else this.log.debug("capture: uploads still cannot proceed", fields);
+  }
+
+  private setUnblocked(): void {
+    if (!this.blocked) return;
+    this.log.info("capture: uploads proceed again", {
+      destination: this.destination.kind,
+      afterSeconds: Math.round((this.now() - this.blocked.since) / 1000),
+    });
+    this.blocked = null;
+    this.changes.dispatchEvent(new Event("change"));
+  }
+
+  /**
+   * Checks the credentials while no batch is waiting (uploads check them otherwise): at start, so that
+   * missing credentials show before the first capture, then every retryMaxMs, sooner while they fail.
+   */
+  private async probeLoop(probe: () => Promise<void>): Promise<void> {
+    let failures = 0;
+    while (!this.stopped) {
+      if (this.runs.size === 0 && (!this.blocked || this.blocked.credentials)) {
+        try {
+          await probe();
+          failures = 0;
+          if (this.blocked?.credentials && this.runs.size === 0) this.setUnblocked();
+        } catch (e) {
+          failures++;
+          if (!this.stopped && this.runs.size === 0) this.setBlocked((e as Error).message, true);
+        }
+      } else if (this.blocked?.credentials && this.outageUntil > this.now()) {
+        // Uploads are paused for want of credentials: resume as soon as some come. (Credentials S3
+        // refused are not this case: retrying those keeps the outage backoff.)
+        try {
+          await probe();
+          this.outageUntil = 0;
+          this.wake();
+        } catch { /* still none: the pause stands */ }
+      }
+      const wait = failures > 0
+        ? backoff(this.o.retryBaseMs, this.o.retryMaxMs, failures)
+        : (this.blocked ? this.o.retryBaseMs : this.o.retryMaxMs);
+      await sleep(wait, this.abort.signal);
+    }
   }
 
   /**
@@ -662,6 +776,7 @@ export class CaptureService {
     await this.index.done(batch.id);
     this.runs.delete(batch.id);
     this.outageCount = 0;
+    this.setUnblocked();
     this.counters.lastUploadAt = this.now();
     for (const id of batch.ids) {
       const p = this.pending.get(id);
@@ -684,9 +799,8 @@ export class CaptureService {
       this.outageCount++;
       const delay = backoff(this.o.retryBaseMs, this.o.retryMaxMs, this.outageCount);
       this.outageUntil = this.now() + delay;
-      const fields = { reason, retryInMs: Math.round(delay) };
-      if (this.outageCount === 1) this.log.warn("capture: destination unavailable, uploads paused", fields);
-      else this.log.debug("capture: destination still unavailable", fields);
+      this.setBlocked(reason, error instanceof DestinationError && error.credentials);
+      this.log.debug("capture: uploads paused", { reason, retryInMs: Math.round(delay) });
       return;
     }
     run.attempts++;
@@ -799,8 +913,12 @@ export class CaptureService {
       if (this.stopped) break;
       try {
         await this.periodicRound(s3);
+        this.setPeriodicBlocked(null);
       } catch (e) {
-        if (!this.stopped) this.log.warn("capture: periodic upload round failed", { error: String(e) });
+        if (!this.stopped) {
+          this.log.warn("capture: periodic upload round failed", { error: String(e) });
+          this.setPeriodicBlocked(`periodic upload: ${(e as Error).message}`);
+        }
       }
     }
   }

@@ -49,8 +49,9 @@ export class TestS3 {
   private server: S3rver | null = null;
   private constructor(readonly port: number, readonly directory: string) {}
 
-  static async start(directory: string): Promise<TestS3> {
-    const s3 = new TestS3(freePort(), directory);
+  /** Starts on `port` (default: a free one), e.g. one an agent was told about before. */
+  static async start(directory: string, port = freePort()): Promise<TestS3> {
+    const s3 = new TestS3(port, directory);
     await s3.resume();
     return s3;
   }
@@ -79,11 +80,13 @@ export class TestS3 {
   }
 
   async stop(): Promise<void> {
-    // close() alone waits for every open connection to end: a kept-alive one held it for 90 s at times.
-    (this.server as unknown as { httpServer?: { closeAllConnections?: () => void } } | null)?.httpServer
-      ?.closeAllConnections?.();
-    await this.server?.close();
+    const server = this.server;
     this.server = null;
+    if (!server) return;
+    const closed = server.close();
+    // close() alone waits for clients' idle keep-alive connections (minutes, now and then).
+    (server as unknown as { httpServer?: { closeAllConnections?(): void } }).httpServer?.closeAllConnections?.();
+    await closed;
   }
 }
 
