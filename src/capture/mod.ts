@@ -21,6 +21,7 @@ export {
   MAX_BASE64_EMBED_LIMIT,
   tensorKey,
 } from "./layout.ts";
+export {
   CredentialsError,
   type CredentialSource,
   EnvironmentCredentials,
