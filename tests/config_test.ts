@@ -129,9 +129,20 @@ Deno.test("an Edge Manager-style config: older names, numbers and booleans as st
   assert.deepEqual(resolvedPaths, {
     sagemaker_edge_core_root_certs_path: "/opt/edge/agent/certificates/root",
     sagemaker_edge_core_capture_data_disk_path: "/opt/edge/agent/capture",
+    sagemaker_edge_provider_aws_ca_cert_file: "/opt/edge/agent/iot-credentials/AmazonRootCA1.pem",
+    sagemaker_edge_provider_aws_cert_file: "/opt/edge/agent/iot-credentials/device.pem.crt",
+    sagemaker_edge_provider_aws_cert_pk_file: "/opt/edge/agent/iot-credentials/private.pem.key",
   });
   for (const key of NOT_USED) assert.ok(ignoredKeys.includes(key), key);
-  for (const key of ["sagemaker_edge_core_device_uuid", "sagemaker_edge_core_iot_thing_name"]) {
+  for (
+    const key of [
+      "sagemaker_edge_core_device_uuid",
+      "sagemaker_edge_core_iot_thing_name",
+      "sagemaker_edge_provider_provider",
+      "sagemaker_edge_provider_aws_cert_file",
+      "sagemaker_edge_provider_aws_iot_cred_endpoint",
+    ]
+  ) {
     assert.ok(!ignoredKeys.includes(key), `${key} is acted on`);
   }
 });

@@ -190,7 +190,6 @@ Deno.test("an Edge Manager device switches over: its config, -f, -m, its Python 
         "sagemaker_edge_dlr_backend_options",
         "sagemaker_edge_local_data_root_path",
         "sagemaker_edge_model_deployment_poll_interval",
-        "sagemaker_edge_provider_provider",
         "sagemaker_edge_provider_provider_path",
         "sagemaker_edge_telemetry_libsystemd_path",
       ]);
