@@ -118,8 +118,8 @@ interface Stream {
   dataReceived: number;
 }
 
-/** One client connection. */
-class Connection {
+/** One client connection (exported so tests can drive it over an in-memory Deno.Conn). */
+export class Connection {
   readonly #conn: Deno.Conn;
   readonly #writer: WritableStreamDefaultWriter<Uint8Array>;
   readonly #decoder = new HpackDecoder(4096, MAX_HEADER_LIST);
