@@ -11,6 +11,9 @@ import assert from "node:assert/strict";
 import { Status } from "../../src/errors.ts";
 import {
   ConnectionError,
+  DEFAULT_MAX_FRAME,
+  DEFAULT_WINDOW,
+  FLAG_ACK,
   FLAG_END_HEADERS,
   FLAG_END_STREAM,
   FLAG_PADDED,
@@ -20,6 +23,8 @@ import {
   Incoming,
   MessageReader,
   PREFACE,
+  SETTINGS_INITIAL_WINDOW_SIZE,
+  SETTINGS_MAX_FRAME_SIZE,
   settingsFrame,
   u32Payload,
 } from "../../src/transport/frames.ts";
@@ -317,10 +322,11 @@ function connectionInput(rng: Rng): Uint8Array {
 
 // --- The connection, driven in memory ---
 
-/** A Deno.Conn whose reads return the given chunks, then end; writes are counted and dropped. */
-function memoryConn(chunks: Uint8Array[]): { conn: Deno.Conn; written: () => number } {
-  let written = 0;
+/** A Deno.Conn whose reads return the given chunks, then end; what is written is kept. */
+function memoryConn(chunks: Uint8Array[]): { conn: Deno.Conn; output: () => Uint8Array; closed: Promise<void> } {
+  const written: Uint8Array[] = [];
   const queue = [...chunks];
+  const closed = Promise.withResolvers<void>();
   const conn = {
     read(buffer: Uint8Array): Promise<number | null> {
       const next = queue.shift();
@@ -332,12 +338,97 @@ function memoryConn(chunks: Uint8Array[]): { conn: Deno.Conn; written: () => num
     },
     writable: new WritableStream<Uint8Array>({
       write(chunk) {
-        written += chunk.length;
+        written.push(chunk);
+      },
+      close() {
+        closed.resolve();
       },
     }),
     close() {},
   };
-  return { conn: conn as unknown as Deno.Conn, written: () => written };
+  return { conn: conn as unknown as Deno.Conn, output: () => concatAll(written), closed: closed.promise };
+}
+
+interface ParsedFrame {
+  type: number;
+  flags: number;
+  stream: number;
+  payload: Uint8Array;
+}
+
+/** The whole frames in `bytes`, up to the first that is too large or cut short. */
+function framesOf(bytes: Uint8Array): ParsedFrame[] {
+  const frames: ParsedFrame[] = [];
+  const incoming = new Incoming();
+  incoming.push(bytes);
+  try {
+    incoming.takeFrames(2 ** 24 - 1, (type, flags, stream, payload) => frames.push({ type, flags, stream, payload }));
+  } catch { /* the frames before the fault */ }
+  return frames;
+}
+
+const u32At = (payload: Uint8Array, at: number) => new DataView(payload.buffer, payload.byteOffset).getUint32(at);
+
+/**
+ * Whatever the client sent, what the server sent back is valid HTTP/2 towards it: frames only on
+ * streams the client opened, nothing on a stream after the server ended or reset it, nothing after
+ * GOAWAY, frames within the client's frame size, DATA within the windows the client gave. Returns
+ * the first breach, or null.
+ */
+function outputProblem(input: Uint8Array, output: Uint8Array): string | null {
+  // Upper bounds over everything the client sent (the server may have stopped reading earlier):
+  // a stream's window is at most the largest initial window in force while it was open, plus
+  // every increment the client gave it.
+  const windowBound = new Map<number, number>();
+  const opened = windowBound;
+  const credit = new Map<number, number>();
+  let initialWindow = DEFAULT_WINDOW;
+  let maxFrame = DEFAULT_MAX_FRAME;
+  for (const f of framesOf(input.subarray(PREFACE.length))) {
+    if (f.type === FrameType.HEADERS && f.stream % 2 === 1 && !opened.has(f.stream)) {
+      windowBound.set(f.stream, initialWindow);
+    }
+    if (f.type === FrameType.WINDOW_UPDATE && f.payload.length === 4) {
+      credit.set(f.stream, (credit.get(f.stream) ?? 0) + (u32At(f.payload, 0) & 0x7fffffff));
+    }
+    if (f.type === FrameType.SETTINGS && !(f.flags & FLAG_ACK)) {
+      for (let at = 0; at + 6 <= f.payload.length; at += 6) {
+        const id = (f.payload[at] << 8) | f.payload[at + 1];
+        if (id === SETTINGS_INITIAL_WINDOW_SIZE) {
+          initialWindow = u32At(f.payload, at + 2);
+          for (const [stream, bound] of windowBound) windowBound.set(stream, Math.max(bound, initialWindow));
+        }
+        if (id === SETTINGS_MAX_FRAME_SIZE) maxFrame = Math.max(maxFrame, u32At(f.payload, at + 2));
+      }
+    }
+  }
+  const sent = new Map<number, number>();
+  const ended = new Set<number>();
+  const reset = new Set<number>();
+  let goaway = false;
+  for (const f of framesOf(output)) {
+    const what = `server frame type ${f.type} on stream ${f.stream}`;
+    if (goaway) return `${what} after its GOAWAY`;
+    if (f.payload.length > maxFrame) return `${what} of ${f.payload.length} bytes`;
+    if (f.type === FrameType.GOAWAY) goaway = true;
+    if (f.stream === 0) continue;
+    if (!opened.has(f.stream)) return `${what}, a stream the client never opened`;
+    if (reset.has(f.stream)) return `${what} after the server reset it`;
+    if (f.type === FrameType.RST_STREAM) reset.add(f.stream);
+    if (f.type === FrameType.HEADERS || f.type === FrameType.DATA) {
+      if (ended.has(f.stream)) return `${what} after the server ended it`;
+      if (f.flags & FLAG_END_STREAM) ended.add(f.stream);
+    }
+    if (f.type === FrameType.DATA) {
+      sent.set(f.stream, (sent.get(f.stream) ?? 0) + f.payload.length);
+      sent.set(0, (sent.get(0) ?? 0) + f.payload.length);
+    }
+  }
+  for (const [stream, bytes] of sent) {
+    const window = (stream === 0 ? DEFAULT_WINDOW : windowBound.get(stream)!) + (credit.get(stream) ?? 0);
+    if (bytes > window) return `${bytes} bytes of DATA on stream ${stream}, beyond its window of ${window}`;
+  }
+  return null;
 }
 
 function fuzzServer(reports: string[]): GrpcServer {
@@ -370,13 +461,17 @@ export async function connections(count: number, at: Int32Array): Promise<string
     Atomics.store(at, 0, i);
     const rng = rngFor(0, i);
     input = connectionInput(rng);
-    const { conn, written } = memoryConn(chunked(rng, input));
+    const { conn, output, closed } = memoryConn(chunked(rng, input));
     reports.length = 0;
     await new Connection(conn, server).serve();
+    await closed;
     const bug = reports.find((r) => UNEXPECTED.test(r));
     if (bug) assert.fail(`${bug}\ninput ${i} ${replay()}`);
     if (reports.length > 0) reported++;
-    if (written() > 1024 * 1024) assert.fail(`wrote ${written()} bytes for input ${i} ${replay()}`);
+    const written = output();
+    if (written.length > 1024 * 1024) assert.fail(`wrote ${written.length} bytes for input ${i} ${replay()}`);
+    const problem = outputProblem(input, written);
+    if (problem) assert.fail(`${problem}\ninput ${i} ${replay()}`);
   }
   // Let handlers started by the last inputs settle, then every call must have left the count.
   await new Promise((resolve) => setTimeout(resolve, 50));
