@@ -83,15 +83,19 @@ class Raw:
         self.encoder = hpack.Encoder()
         self.decoder = hpack.Decoder()
         self.closed = False
+        self.write_failed = False
         self.block = {}
         if preface:
             self.send(PREFACE + raw_frame(SETTINGS, 0, 0))
 
     def send(self, data):
+        # Once the agent has closed, sends fail; what it sent before closing is still read.
+        if self.write_failed:
+            return
         try:
             self.sock.sendall(data)
         except (BrokenPipeError, ConnectionResetError):
-            self.closed = True
+            self.write_failed = True
 
     def headers(self, stream, headers, end_stream=True, flags=END_HEADERS, prefix=b""):
         block = self.encoder.encode(headers)
@@ -182,9 +186,9 @@ class Raw:
                 raise Outcome(f"{frame.__class__.__name__} before the Watch answered")
         raise Outcome("the Watch call did not answer")
 
-    def call_ok(self, stream):
+    def call_ok(self, stream, extra=()):
         """A ListModels call on this connection ends with grpc-status 0."""
-        self.call(stream)
+        self.call(stream, extra=extra)
         headers, trailers, _ = self.response(stream)
         if headers.get(":status") != "200" or trailers.get("grpc-status") != "0":
             raise Outcome(f"call answered {headers} {trailers}")
@@ -433,7 +437,8 @@ def frames_in_flight_after_our_RST_STREAM_are_ignored():
         # What the client had sent meanwhile: DATA, then trailers that add to the HPACK table.
         conn.send(raw_frame(DATA, 0, 1, b"body"))
         conn.headers(1, [("x-late-trailer", "indexed")], end_stream=True)
-        conn.call_ok(3)
+        # This call names that field by its table index: it decodes right only if the trailers were decoded.
+        conn.call_ok(3, extra=[("x-late-trailer", "indexed")])
         return "ignored, the connection served a call", True
     finally:
         conn.close()
@@ -484,6 +489,19 @@ def DATA_padding_longer_than_payload():
         conn.headers(1, grpc_request(), end_stream=False)
 
     return connection_error("PROTOCOL_ERROR", raw_frame(DATA, PADDED, 1, b"\x06abc"), setup=setup)
+
+
+@case("4.2", "GOAWAY FRAME_SIZE_ERROR")
+def DATA_padded_without_a_Pad_Length_field():
+    def setup(conn):
+        conn.headers(1, grpc_request(), end_stream=False)
+
+    return connection_error("FRAME_SIZE_ERROR", raw_frame(DATA, PADDED, 1, b""), setup=setup)
+
+
+@case("4.2", "GOAWAY FRAME_SIZE_ERROR")
+def HEADERS_too_short_for_its_priority_fields():
+    return connection_error("FRAME_SIZE_ERROR", raw_frame(HEADERS, END_HEADERS | END_STREAM | PRIORITY_FLAG, 1, b"\0\0"))
 
 
 @case("6.2", "GOAWAY PROTOCOL_ERROR")
