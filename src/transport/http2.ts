@@ -611,13 +611,15 @@ export class Connection {
   }
 
   /**
-   * Answers a well-formed request that is not gRPC with an HTTP error and a short text body (when
-   * the request may have one and the windows have room for it).
+   * Answers a well-formed request that is not gRPC with an HTTP error and a short text body (none
+   * for HEAD). A request still sending is then reset, so its body must fit the windows at once;
+   * a whole request's answer waits for window like any response.
    */
   #respondHttp(stream: Stream, httpStatus: string, withBody: boolean): void {
     stream.dispatched = true;
     const body = NOT_GRPC_BODY;
-    const sendBody = withBody && body.length <= Math.min(this.#sendWindow, stream.sendWindow);
+    const fits = body.length <= Math.min(this.#sendWindow, stream.sendWindow);
+    const sendBody = withBody && (fits || stream.remoteClosed);
     this.#sendHeaderBlock(
       stream.id,
       encodeHeaders([
@@ -627,13 +629,21 @@ export class Connection {
       ]),
       !sendBody,
     );
-    if (sendBody) {
+    if (!sendBody) {
+      this.#closeLocal(stream);
+      if (!stream.remoteClosed) this.#reset(stream, ErrorCode.NO_ERROR);
+    } else if (fits) {
       this.#sendWindow -= body.length;
       stream.sendWindow -= body.length;
       this.#send(frame(FrameType.DATA, FLAG_END_STREAM, stream.id, body));
+      this.#closeLocal(stream);
+      if (!stream.remoteClosed) this.#reset(stream, ErrorCode.NO_ERROR);
+    } else {
+      // Sent as the windows open, then an empty trailer section ends the stream.
+      stream.headersSent = true;
+      stream.pending = { chunks: [body], trailers: new Uint8Array(0) };
+      this.#flushPending();
     }
-    this.#closeLocal(stream);
-    if (!stream.remoteClosed) this.#reset(stream, ErrorCode.NO_ERROR);
   }
 
   #sendHeaderBlock(streamId: number, block: Uint8Array, endStream: boolean): void {

@@ -695,6 +695,54 @@ def SETTINGS_INITIAL_WINDOW_SIZE_overflows_a_stream_window():
     return connection_error("FLOW_CONTROL_ERROR", raw_frame(SETTINGS, 0, 0, settings_payload((4, 65535 + 1000))), setup=setup)
 
 
+def data_within(conn, stream, seconds):
+    """(DATA bytes received on `stream` within `seconds`, whether the stream ended, any GOAWAY)."""
+    deadline = time.monotonic() + seconds
+    received, ended = 0, False
+    while (frame := conn.next_frame(deadline)) is not None:
+        if frame.type == GOAWAY:
+            raise Outcome(f"GOAWAY {CODES.get(frame.error_code)}")
+        if frame.stream_id == stream and frame.type == DATA:
+            received += len(frame.data)
+        if frame.stream_id == stream and "END_STREAM" in frame.flags:
+            ended = True
+            break
+    return received, ended
+
+
+GET = [(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "localhost")]
+
+
+@case("6.9.1", "1 byte of DATA, the rest after WINDOW_UPDATE")
+def response_DATA_stays_within_a_1_byte_window():
+    conn = Raw()
+    try:
+        conn.send(raw_frame(SETTINGS, 0, 0, settings_payload((4, 1))))
+        conn.headers(1, GET)
+        first, ended = data_within(conn, 1, 0.5)
+        if first != 1 or ended:
+            return f"{first} bytes of DATA in a 1-byte window (ended: {ended})", False
+        conn.send(raw_frame(WINDOW_UPDATE, 0, 1, u32(1000)))
+        rest, ended = data_within(conn, 1, WAIT)
+        return f"1 byte, then {rest} more after WINDOW_UPDATE (ended: {ended})", rest > 0 and ended
+    finally:
+        conn.close()
+
+
+@case("6.9.2", "no DATA in a 0 window, 1 byte once it is 1")
+def INITIAL_WINDOW_SIZE_change_applies_to_open_streams():
+    conn = Raw()
+    try:
+        conn.send(raw_frame(SETTINGS, 0, 0, settings_payload((4, 0))))
+        conn.headers(1, GET)
+        first, _ = data_within(conn, 1, 0.5)
+        conn.send(raw_frame(SETTINGS, 0, 0, settings_payload((4, 1))))
+        second, ended = data_within(conn, 1, 0.5)
+        return f"{first} bytes at window 0, {second} at window 1", first == 0 and second == 1 and not ended
+    finally:
+        conn.close()
+
+
 @case("6.10", "GOAWAY PROTOCOL_ERROR")
 def CONTINUATION_on_another_stream():
     def setup(conn):
@@ -721,8 +769,6 @@ def CONTINUATION_completes_a_header_block():
 
 
 # --- Section 8: HTTP semantics (requests) ---
-
-GET = [(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "localhost")]
 
 
 @case("8.2", "RST_STREAM PROTOCOL_ERROR")
