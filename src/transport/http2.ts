@@ -116,6 +116,8 @@ interface Stream {
   /** The request's content-length, checked against the DATA received (RFC 9113 section 8.1.1). */
   contentLength: number | null;
   dataReceived: number;
+  /** A well-formed request that is not gRPC: the HTTP answer it gets once received whole. */
+  notGrpc: { status: string; body: boolean } | null;
 }
 
 /** One client connection (exported so tests can drive it over an in-memory Deno.Conn). */
@@ -356,6 +358,7 @@ export class Connection {
         blockFault: null,
         contentLength: null,
         dataReceived: 0,
+        notGrpc: null,
       };
       if (fault !== "drop") this.#streams.set(streamId, stream);
     }
@@ -380,6 +383,7 @@ export class Connection {
       // Client trailers: only END_STREAM matters, once they and the body are well-formed.
       const problem = trailersProblem(headers) ?? this.#lengthProblem(stream);
       if (problem) return this.#streamError(stream.id, ErrorCode.PROTOCOL_ERROR, problem);
+      if (stream.notGrpc) return this.#answerNotGrpc(stream);
       if (stream.incoming && stream.remoteClosed) {
         stream.incoming.ended = true;
         stream.incoming.wake?.();
@@ -399,7 +403,8 @@ export class Connection {
       return this.#reset(stream, ErrorCode.REFUSED_STREAM);
     }
     if (head.method !== "POST" || !(get("content-type") ?? "").startsWith("application/grpc")) {
-      return this.#respondHttp(stream, head.method !== "POST" ? "405" : "415", head.method !== "HEAD");
+      stream.notGrpc = { status: head.method !== "POST" ? "405" : "415", body: head.method !== "HEAD" };
+      return this.#answerNotGrpc(stream);
     }
     if (this.server.stopping) {
       return this.#respondStatus(stream, Status.UNAVAILABLE, "the agent is stopping");
@@ -511,6 +516,7 @@ export class Connection {
       this.#send(frame(FrameType.WINDOW_UPDATE, 0, stream.id, u32Payload(stream.receivedSinceUpdate)));
       stream.receivedSinceUpdate = 0;
     }
+    if (stream.notGrpc) return this.#answerNotGrpc(stream); // Its body is checked, not kept.
     if (stream.incoming) {
       this.#onStreamData(stream, data);
       if (stream.remoteClosed && stream.incoming) {
@@ -612,38 +618,33 @@ export class Connection {
 
   /**
    * Answers a well-formed request that is not gRPC with an HTTP error and a short text body (none
-   * for HEAD). A request still sending is then reset, so its body must fit the windows at once;
-   * a whole request's answer waits for window like any response.
+   * for HEAD), once the request has been received whole: until then its trailers and length are
+   * still checked like any request's. The body waits for window like any response.
    */
-  #respondHttp(stream: Stream, httpStatus: string, withBody: boolean): void {
+  #answerNotGrpc(stream: Stream): void {
+    if (!stream.remoteClosed || stream.dispatched || !stream.notGrpc) return;
     stream.dispatched = true;
-    const body = NOT_GRPC_BODY;
-    const fits = body.length <= Math.min(this.#sendWindow, stream.sendWindow);
-    const sendBody = withBody && (fits || stream.remoteClosed);
+    const body = stream.notGrpc.body ? NOT_GRPC_BODY : new Uint8Array(0);
     this.#sendHeaderBlock(
       stream.id,
       encodeHeaders([
-        [":status", httpStatus],
+        [":status", stream.notGrpc.status],
         ["content-type", "text/plain; charset=utf-8"],
         ["grpc-status", String(Status.UNIMPLEMENTED)],
       ]),
-      !sendBody,
+      body.length === 0,
     );
-    if (!sendBody) {
-      this.#closeLocal(stream);
-      if (!stream.remoteClosed) this.#reset(stream, ErrorCode.NO_ERROR);
-    } else if (fits) {
+    if (body.length === 0) return this.#closeLocal(stream);
+    if (body.length <= Math.min(this.#sendWindow, stream.sendWindow)) {
       this.#sendWindow -= body.length;
       stream.sendWindow -= body.length;
       this.#send(frame(FrameType.DATA, FLAG_END_STREAM, stream.id, body));
-      this.#closeLocal(stream);
-      if (!stream.remoteClosed) this.#reset(stream, ErrorCode.NO_ERROR);
-    } else {
-      // Sent as the windows open, then an empty trailer section ends the stream.
-      stream.headersSent = true;
-      stream.pending = { chunks: [body], trailers: new Uint8Array(0) };
-      this.#flushPending();
+      return this.#closeLocal(stream);
     }
+    // Sent as the windows open, then an empty trailer section ends the stream.
+    stream.headersSent = true;
+    stream.pending = { chunks: [body], trailers: new Uint8Array(0) };
+    this.#flushPending();
   }
 
   #sendHeaderBlock(streamId: number, block: Uint8Array, endStream: boolean): void {

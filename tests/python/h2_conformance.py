@@ -426,11 +426,12 @@ def closed_stream_WINDOW_UPDATE_RST_STREAM_PRIORITY_allowed():
 def frames_in_flight_after_our_RST_STREAM_are_ignored():
     conn = Raw()
     try:
-        # A GET with a body still to come: answered 405 and reset (NO_ERROR) by the agent.
-        conn.headers(1, [(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "x")], False)
-        headers, _, _ = conn.response(1)
-        if headers.get(":status") != "405":
-            return f"GET answered {headers}", False
+        # A call declaring a message beyond any limit, still sending: answered and reset (NO_ERROR).
+        conn.headers(1, grpc_request(), end_stream=False)
+        conn.send(raw_frame(DATA, 0, 1, b"\0\xff\xff\xff\xff"))
+        _, trailers, _ = conn.response(1)
+        if trailers.get("grpc-status") != "8":
+            return f"the call answered {trailers}", False
         got, ok = conn.expect_rst(1, "NO_ERROR")
         if not ok:
             return got, False
@@ -921,6 +922,37 @@ def valid_trailers_end_the_request():
         conn.close()
 
 
+@case("8.1", "RST_STREAM PROTOCOL_ERROR")
+def GET_second_HEADERS_without_END_STREAM():
+    def send(conn):
+        conn.headers(1, GET, end_stream=False)
+        conn.headers(1, [("x-more", "1")], end_stream=False)
+
+    return stream_error("PROTOCOL_ERROR", send)
+
+
+@case("8.1", "RST_STREAM PROTOCOL_ERROR")
+def GET_pseudo_header_in_trailers():
+    return malformed(GET, data=b"body", trailers=[(":method", "GET")])
+
+
+@case("8.1.1", "RST_STREAM PROTOCOL_ERROR")
+def GET_content_length_smaller_than_DATA():
+    return malformed([*GET, ("content-length", "1")], data=b"test")
+
+
+@case("4.2", "405 once the request is whole")
+def GET_with_a_16384_byte_DATA_frame():
+    conn = Raw()
+    try:
+        conn.headers(1, GET, end_stream=False)
+        conn.send(raw_frame(DATA, END_STREAM, 1, b"x" * 16384))
+        headers, _, body = conn.response(1)
+        return f":status {headers.get(':status')}, {len(body)}-byte body", headers.get(":status") == "405" and len(body) > 0
+    finally:
+        conn.close()
+
+
 @case("8.3", "405 with a body")
 def GET_is_answered_with_an_HTTP_error_and_a_body():
     headers, _, body = h2_call(headers=GET, body=None)
@@ -959,7 +991,7 @@ def main():
                 still_serves()
             except (Outcome, OSError) as error:
                 got, ok = f"{got}; afterwards: {error}", False
-        results.append({"name": name, "rfc": rfc, "expected": expected, "got": got, "ok": ok})
+        results.append({"name": name, "rfc": rfc, "expected": expected, "got": got, "ok": bool(ok)})
     print(json.dumps(results))
 
 
