@@ -52,6 +52,8 @@ const RECEIVE_WINDOW = 16 * 1024 * 1024;
  * reached it are ignored (RFC 9113 section 5.1), while frames on other closed streams are errors.
  */
 const RESET_STREAMS_REMEMBERED = 1024;
+/** How many ranges of skipped stream ids are remembered (clients that skip ids are rare). */
+const SKIPPED_RANGES_REMEMBERED = 64;
 /** The body of an HTTP error answer to a request that is not gRPC, for people and tools that look. */
 const NOT_GRPC_BODY = new TextEncoder().encode(
   "This is a gRPC server: calls are POST requests with content-type application/grpc.\n",
@@ -136,6 +138,8 @@ export class Connection {
   #closed = false;
   /** Streams we reset, oldest first, up to RESET_STREAMS_REMEMBERED. */
   readonly #resetByUs = new Set<number>();
+  /** Ranges of stream ids the client skipped (never opened), the newest SKIPPED_RANGES_REMEMBERED. */
+  readonly #skipped: [from: number, to: number][] = [];
 
   constructor(conn: Deno.Conn, private readonly server: GrpcServer) {
     this.#conn = conn;
@@ -318,11 +322,20 @@ export class Connection {
       else if (!(flags & FLAG_END_STREAM)) fault = { code: ErrorCode.PROTOCOL_ERROR, reason: "second HEADERS" };
     } else {
       if (streamId <= this.#lastStreamId) {
+        if (this.#skipped.some(([from, to]) => streamId >= from && streamId <= to)) {
+          // Never opened, and now below the newest stream: an unexpected identifier (section 5.1.1).
+          throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "HEADERS with a stream id below one already opened");
+        }
         if (!this.#resetByUs.has(streamId)) {
           throw new ConnectionError(ErrorCode.STREAM_CLOSED, "HEADERS on a closed stream");
         }
         // Sent before our RST_STREAM reached the client: decoded only to keep HPACK state in step.
         fault = "drop";
+      }
+      const firstSkipped = this.#lastStreamId === 0 ? 1 : this.#lastStreamId + 2;
+      if (streamId > firstSkipped) {
+        this.#skipped.push([firstSkipped, streamId - 2]);
+        if (this.#skipped.length > SKIPPED_RANGES_REMEMBERED) this.#skipped.shift();
       }
       this.#lastStreamId = Math.max(this.#lastStreamId, streamId);
       stream = {

@@ -450,6 +450,15 @@ def even_stream_id_from_client():
     return connection_error("PROTOCOL_ERROR", setup=lambda c: c.headers(2, grpc_request()))
 
 
+@case("5.1.1", "GOAWAY PROTOCOL_ERROR")
+def stream_id_lower_than_one_already_opened():
+    def setup(conn):
+        conn.call_ok(5)
+        conn.headers(3, grpc_request())
+
+    return connection_error("PROTOCOL_ERROR", setup=setup)
+
+
 # --- Section 5.3.1: dependencies ---
 
 
