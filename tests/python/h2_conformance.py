@@ -85,6 +85,7 @@ class Raw:
         self.closed = False
         self.write_failed = False
         self.block = {}
+        self.settings = {}
         if preface:
             self.send(PREFACE + raw_frame(SETTINGS, 0, 0))
 
@@ -114,6 +115,7 @@ class Raw:
                     frame.parse_body(memoryview(self.buffer[9:9 + length]))
                     self.buffer = self.buffer[9 + length:]
                     if frame.type == SETTINGS and "ACK" not in frame.flags:
+                        self.settings.update(frame.settings)
                         self.send(raw_frame(SETTINGS, ACK, 0))
                     if frame.type in (HEADERS, CONTINUATION):
                         self.block.setdefault(frame.stream_id, b"")
@@ -242,7 +244,7 @@ def still_serves():
 CASES = []
 
 
-TOKENS = ["RST_STREAM", "WINDOW_UPDATE", "END_STREAM", "ENABLE_PUSH", "INITIAL_WINDOW_SIZE", "MAX_FRAME_SIZE",
+TOKENS = ["SETTINGS_MAX_CONCURRENT_STREAMS", "RST_STREAM", "WINDOW_UPDATE", "END_STREAM", "ENABLE_PUSH", "INITIAL_WINDOW_SIZE", "MAX_FRAME_SIZE",
           "PUSH_PROMISE"]
 
 
@@ -457,6 +459,26 @@ def stream_id_lower_than_one_already_opened():
         conn.headers(3, grpc_request())
 
     return connection_error("PROTOCOL_ERROR", setup=setup)
+
+
+@case("5.1.2", "RST_STREAM REFUSED_STREAM")
+def streams_beyond_SETTINGS_MAX_CONCURRENT_STREAMS():
+    conn = Raw()
+    try:
+        deadline = time.monotonic() + WAIT
+        while 3 not in conn.settings and conn.next_frame(deadline) is not None:
+            pass
+        limit = conn.settings.get(3)
+        if limit is None:
+            return "no SETTINGS_MAX_CONCURRENT_STREAMS advertised", False
+        # A zero window keeps every answered stream open (its body waits), as h2spec does.
+        conn.send(raw_frame(SETTINGS, 0, 0, settings_payload((4, 0))))
+        last = 2 * limit + 1
+        for stream in range(1, last + 1, 2):
+            conn.headers(stream, GET)
+        return conn.expect_rst(last, "REFUSED_STREAM")
+    finally:
+        conn.close()
 
 
 # --- Section 5.3.1: dependencies ---
