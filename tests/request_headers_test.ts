@@ -29,6 +29,7 @@ Deno.test("a gRPC request's headers give the method, path, fields and declared l
   assert.equal(head.authority, "localhost");
   assert.equal(head.contentLength, 5);
   assert.equal(head.fields.get("grpc-timeout"), "1S");
+  assert.ok(!("malformed" in parseRequestHeaders([...GRPC.filter(([n]) => n !== "te"), ["te", "Trailers"]])));
   const connect = parseRequestHeaders([[":method", "CONNECT"], [":authority", "example:443"]]);
   assert.ok(!("malformed" in connect) && connect.path === "" && connect.scheme === "");
 });

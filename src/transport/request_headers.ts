@@ -67,7 +67,8 @@ export function parseRequestHeaders(headers: Header[]): RequestHead | MalformedR
     }
     regularSeen = true;
     if (CONNECTION_SPECIFIC.has(name)) return { malformed: `connection-specific field ${name}` };
-    if (name === "te" && value !== "trailers") return { malformed: `te other than "trailers"` };
+    // Tokens are case-insensitive (RFC 9110 section 10.1.4).
+    if (name === "te" && value.toLowerCase() !== "trailers") return { malformed: `te other than "trailers"` };
     if (name === "content-length") {
       // Repeated identical values are one length (RFC 9110 section 8.6); anything else is malformed.
       if (!/^[0-9]{1,15}$/.test(value) || (contentLength !== null && contentLength !== Number(value))) {
