@@ -109,6 +109,9 @@ export function parseSettings(payload: Uint8Array): [id: number, value: number][
     if (id === SETTINGS_INITIAL_WINDOW_SIZE && value > MAX_WINDOW) {
       throw new ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "initial window too large");
     }
+    if (id === SETTINGS_ENABLE_PUSH && value > 1) {
+      throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "ENABLE_PUSH other than 0 or 1");
+    }
     if (id === SETTINGS_MAX_FRAME_SIZE && (value < DEFAULT_MAX_FRAME || value > 16777215)) {
       throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "max frame size out of range");
     }
@@ -119,7 +122,8 @@ export function parseSettings(payload: Uint8Array): [id: number, value: number][
 
 /** The answer to a PING (null for a PING that is itself an answer); a malformed one ends the connection. */
 export function pingReply(flags: number, streamId: number, payload: Uint8Array): Uint8Array | null {
-  if (streamId !== 0 || payload.length !== 8) throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad PING");
+  if (streamId !== 0) throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "PING on a stream");
+  if (payload.length !== 8) throw new ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "PING length");
   return flags & FLAG_ACK ? null : frame(FrameType.PING, FLAG_ACK, 0, payload.slice());
 }
 
@@ -150,14 +154,24 @@ export function windowIncrement(payload: Uint8Array): number {
 
 /** The data of a DATA or HEADERS payload without its padding (and, for HEADERS, priority fields). */
 export function unpad(flags: number, payload: Uint8Array, priority = false): Uint8Array {
-  let data = payload;
-  if (flags & FLAG_PADDED) {
-    const padding = data[0];
-    if (padding >= data.length) throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad padding");
-    data = data.subarray(1, data.length - padding);
-  }
-  if (priority && flags & FLAG_PRIORITY) data = data.subarray(5);
-  return data;
+  const padded = (flags & FLAG_PADDED) !== 0;
+  const fixed = (padded ? 1 : 0) + (priority && flags & FLAG_PRIORITY ? 5 : 0);
+  // Too short for its own Pad Length or priority fields (section 4.2).
+  if (payload.length < fixed) throw new ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "frame too short for its fields");
+  const padding = padded ? payload[0] : 0;
+  // Padding that leaves no room for the fields before it (sections 6.1, 6.2).
+  if (padding > payload.length - fixed) throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad padding");
+  return payload.subarray(fixed, payload.length - padding);
+}
+
+/**
+ * The stream a HEADERS (with FLAG_PRIORITY) or PRIORITY frame makes its stream depend on, or null
+ * when it carries no priority fields. The payload's length must have been checked.
+ */
+export function streamDependency(type: FrameType, flags: number, payload: Uint8Array): number | null {
+  if (type === FrameType.HEADERS && !(flags & FLAG_PRIORITY)) return null;
+  const at = type === FrameType.HEADERS && flags & FLAG_PADDED ? 1 : 0;
+  return ((payload[at] << 24) | (payload[at + 1] << 16) | (payload[at + 2] << 8) | payload[at + 3]) & 0x7fffffff;
 }
 
 export function concat(parts: Uint8Array[]): Uint8Array {

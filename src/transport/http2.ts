@@ -7,6 +7,7 @@
 
 import { AgentError, CallCancelled, type CancelReason, Status } from "../errors.ts";
 import { encodeHeaders, type Header, HpackDecoder } from "./hpack.ts";
+import { parseRequestHeaders, trailersProblem } from "./request_headers.ts";
 
 import {
   closeAfterWrites,
@@ -36,6 +37,7 @@ import {
   SETTINGS_MAX_FRAME_SIZE,
   SETTINGS_MAX_HEADER_LIST_SIZE,
   settingsFrame,
+  streamDependency,
   u32Payload,
   unpad,
   windowIncrement,
@@ -45,6 +47,17 @@ const MAX_CONCURRENT_STREAMS = 1000;
 const MAX_HEADER_LIST = 65536;
 /** Our receive window: large, so a client can send a whole tensor without waiting for us. */
 const RECEIVE_WINDOW = 16 * 1024 * 1024;
+/**
+ * How many streams we reset are remembered: frames the client sent on them before our RST_STREAM
+ * reached it are ignored (RFC 9113 section 5.1), while frames on other closed streams are errors.
+ */
+const RESET_STREAMS_REMEMBERED = 1024;
+/** How many ranges of skipped stream ids are remembered (clients that skip ids are rare). */
+const SKIPPED_RANGES_REMEMBERED = 64;
+/** The body of an HTTP error answer to a request that is not gRPC, for people and tools that look. */
+const NOT_GRPC_BODY = new TextEncoder().encode(
+  "This is a gRPC server: calls are POST requests with content-type application/grpc.\n",
+);
 
 /** What a unary handler answers. */
 export type UnaryResult = { message: Uint8Array } | { status: number; details: string };
@@ -121,10 +134,20 @@ interface Stream {
   /** The client's deadline (performance.now() clock) and the timer that enforces it. */
   deadline: number | null;
   deadlineTimer: ReturnType<typeof setTimeout> | null;
+  /**
+   * What to do with the header block being received once it is decoded (it always is, to keep
+   * HPACK state in step): reset the stream with a stream error, or drop it (a stream we reset).
+   */
+  blockFault: { code: ErrorCode; reason: string } | "drop" | null;
+  /** The request's content-length, checked against the DATA received (RFC 9113 section 8.1.1). */
+  contentLength: number | null;
+  dataReceived: number;
+  /** A well-formed request that is not gRPC: the HTTP answer it gets once received whole. */
+  notGrpc: { status: string; body: boolean } | null;
 }
 
-/** One client connection. */
-class Connection {
+/** One client connection (exported so tests can drive it over an in-memory Deno.Conn). */
+export class Connection {
   readonly #conn: Deno.Conn;
   readonly #writer: WritableStreamDefaultWriter<Uint8Array>;
   readonly #decoder = new HpackDecoder(4096, MAX_HEADER_LIST);
@@ -137,6 +160,10 @@ class Connection {
   #receivedSinceUpdate = 0;
   #reservedBytes = 0;
   #closed = false;
+  /** Streams we reset, oldest first, up to RESET_STREAMS_REMEMBERED. */
+  readonly #resetByUs = new Set<number>();
+  /** Ranges of stream ids the client skipped (never opened), the newest SKIPPED_RANGES_REMEMBERED. */
+  readonly #skipped: [from: number, to: number][] = [];
 
   constructor(conn: Deno.Conn, private readonly server: GrpcServer) {
     this.#conn = conn;
@@ -228,9 +255,9 @@ class Connection {
       case FrameType.DATA:
         return this.#onData(flags, streamId, payload);
       case FrameType.RST_STREAM: {
-        if (streamId === 0 || payload.length !== 4) {
-          throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad RST_STREAM");
-        }
+        if (streamId === 0) throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "RST_STREAM on stream 0");
+        if (payload.length !== 4) throw new ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "RST_STREAM length");
+        if (this.#isIdle(streamId)) throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "RST_STREAM on an idle stream");
         const stream = this.#streams.get(streamId);
         if (stream) {
           this.#uncount(stream);
@@ -242,10 +269,17 @@ class Connection {
         return;
       }
       case FrameType.GOAWAY:
+        if (streamId !== 0) throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "GOAWAY on a stream");
+        if (payload.length < 8) throw new ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "GOAWAY length");
         // The client will open no more streams; answers to open ones still go out.
         return;
       case FrameType.PRIORITY:
+        // Priorities are advisory and ignored, but a malformed one is still an error (section 6.3).
         if (streamId === 0) throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "PRIORITY on stream 0");
+        if (payload.length !== 5) return this.#streamError(streamId, ErrorCode.FRAME_SIZE_ERROR, "PRIORITY length");
+        if (streamDependency(type, flags, payload) === streamId) {
+          return this.#streamError(streamId, ErrorCode.PROTOCOL_ERROR, "stream depends on itself");
+        }
         return;
       case FrameType.PUSH_PROMISE:
         throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "PUSH_PROMISE from a client");
@@ -256,12 +290,20 @@ class Connection {
 
   #onSettings(flags: number, streamId: number, payload: Uint8Array): void {
     if (streamId !== 0) throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "SETTINGS on a stream");
-    if (flags & FLAG_ACK) return;
+    if (flags & FLAG_ACK) {
+      if (payload.length !== 0) throw new ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS ACK with a payload");
+      return;
+    }
     for (const [id, value] of parseSettings(payload)) {
       if (id === SETTINGS_INITIAL_WINDOW_SIZE) {
         const delta = value - this.#peerInitialWindow;
         this.#peerInitialWindow = value;
-        for (const stream of this.#streams.values()) stream.sendWindow += delta;
+        for (const stream of this.#streams.values()) {
+          stream.sendWindow += delta;
+          if (stream.sendWindow > MAX_WINDOW) {
+            throw new ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "initial window overflows a stream window");
+          }
+        }
       } else if (id === SETTINGS_MAX_FRAME_SIZE) {
         this.#peerMaxFrame = value;
       }
@@ -278,8 +320,17 @@ class Connection {
       if (this.#sendWindow > MAX_WINDOW) throw new ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "window overflow");
     } else {
       const stream = this.#streams.get(streamId);
-      if (!stream) return;
+      if (!stream) {
+        if (this.#isIdle(streamId)) {
+          throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream");
+        }
+        return; // A closed stream: allowed for a while after it closed (section 5.1).
+      }
+      if (increment === 0) return this.#streamError(streamId, ErrorCode.PROTOCOL_ERROR, "zero window increment");
       stream.sendWindow += increment;
+      if (stream.sendWindow > MAX_WINDOW) {
+        return this.#streamError(streamId, ErrorCode.FLOW_CONTROL_ERROR, "stream window overflow");
+      }
     }
     this.#flushPending();
   }
@@ -288,12 +339,29 @@ class Connection {
     if (streamId === 0 || streamId % 2 === 0) throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad stream id");
     const block = unpad(flags, payload, true);
     let stream = this.#streams.get(streamId);
+    let fault: Stream["blockFault"] = null;
     if (stream) {
       // Trailers from the client end its side; gRPC clients send none on unary calls.
-      if (!(flags & FLAG_END_STREAM)) throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "second HEADERS");
+      if (stream.remoteClosed) fault = { code: ErrorCode.STREAM_CLOSED, reason: "HEADERS after END_STREAM" };
+      else if (!(flags & FLAG_END_STREAM)) fault = { code: ErrorCode.PROTOCOL_ERROR, reason: "second HEADERS" };
     } else {
-      if (streamId <= this.#lastStreamId) throw new ConnectionError(ErrorCode.STREAM_CLOSED, "reused stream id");
-      this.#lastStreamId = streamId;
+      if (streamId <= this.#lastStreamId) {
+        if (this.#skipped.some(([from, to]) => streamId >= from && streamId <= to)) {
+          // Never opened, and now below the newest stream: an unexpected identifier (section 5.1.1).
+          throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "HEADERS with a stream id below one already opened");
+        }
+        if (!this.#resetByUs.has(streamId)) {
+          throw new ConnectionError(ErrorCode.STREAM_CLOSED, "HEADERS on a closed stream");
+        }
+        // Sent before our RST_STREAM reached the client: decoded only to keep HPACK state in step.
+        fault = "drop";
+      }
+      const firstSkipped = this.#lastStreamId === 0 ? 1 : this.#lastStreamId + 2;
+      if (streamId > firstSkipped) {
+        this.#skipped.push([firstSkipped, streamId - 2]);
+        if (this.#skipped.length > SKIPPED_RANGES_REMEMBERED) this.#skipped.shift();
+      }
+      this.#lastStreamId = Math.max(this.#lastStreamId, streamId);
       stream = {
         id: streamId,
         headerBlock: [],
@@ -327,9 +395,17 @@ class Connection {
         cancel: new AbortController(),
         deadline: null,
         deadlineTimer: null,
+        blockFault: null,
+        contentLength: null,
+        dataReceived: 0,
+        notGrpc: null,
       };
-      this.#streams.set(streamId, stream);
+      if (fault !== "drop") this.#streams.set(streamId, stream);
     }
+    if (!fault && streamDependency(FrameType.HEADERS, flags, payload) === streamId) {
+      fault = { code: ErrorCode.PROTOCOL_ERROR, reason: "stream depends on itself" };
+    }
+    stream.blockFault = fault;
     stream.headerBlock.push(block.slice());
     if (flags & FLAG_END_STREAM) stream.remoteClosed = true;
     if (flags & FLAG_END_HEADERS) this.#onHeaderBlock(stream);
@@ -339,8 +415,15 @@ class Connection {
   #onHeaderBlock(stream: Stream): void {
     const headers = decodeHeaderBlock(this.#decoder, stream.headerBlock);
     stream.headerBlock = [];
+    const fault = stream.blockFault;
+    stream.blockFault = null;
+    if (fault === "drop") return;
+    if (fault) return this.#streamError(stream.id, fault.code, fault.reason);
     if (stream.path !== "") {
-      // Client trailers: only END_STREAM matters.
+      // Client trailers: only END_STREAM matters, once they and the body are well-formed.
+      const problem = trailersProblem(headers) ?? this.#lengthProblem(stream);
+      if (problem) return this.#streamError(stream.id, ErrorCode.PROTOCOL_ERROR, problem);
+      if (stream.notGrpc) return this.#answerNotGrpc(stream);
       if (stream.incoming && stream.remoteClosed) {
         stream.incoming.ended = true;
         stream.incoming.wake?.();
@@ -348,15 +431,24 @@ class Connection {
       this.#maybeDispatch(stream);
       return;
     }
-    const get = (name: string) => headers.find(([n]) => n === name)?.[1];
-    stream.path = get(":path") ?? "/";
+    // A malformed request is a stream error, never a call (RFC 9113 section 8.1.1).
+    const head = parseRequestHeaders(headers);
+    if ("malformed" in head) return this.#streamError(stream.id, ErrorCode.PROTOCOL_ERROR, head.malformed);
+    stream.contentLength = head.contentLength;
+    const lengthProblem = this.#lengthProblem(stream);
+    if (lengthProblem) return this.#streamError(stream.id, ErrorCode.PROTOCOL_ERROR, lengthProblem);
+    const get = (name: string) => head.fields.get(name);
+    stream.path = head.path || "/";
     if (this.#streams.size > MAX_CONCURRENT_STREAMS) {
       return this.#reset(stream, ErrorCode.REFUSED_STREAM);
     }
-    if (get(":method") !== "POST" || !(get("content-type") ?? "").startsWith("application/grpc")) {
-      return this.#respondHttp(stream, get(":method") !== "POST" ? "405" : "415");
+    if (head.method !== "POST" || !(get("content-type") ?? "").startsWith("application/grpc")) {
+      stream.notGrpc = { status: head.method !== "POST" ? "405" : "415", body: head.method !== "HEAD" };
+      return this.#answerNotGrpc(stream);
     }
     if (this.server.stopping) {
+      // Answered: DATA still arriving for it must not start its handler during the stop.
+      stream.dispatched = true;
       return this.#respondStatus(stream, Status.UNAVAILABLE, "the agent is stopping");
     }
     // A call counts as in flight from its headers until its last frame is queued (or the stream or
@@ -462,19 +554,24 @@ class Connection {
     }
     const stream = this.#streams.get(streamId);
     if (!stream) {
-      if (streamId === 0 || streamId > this.#lastStreamId) {
+      if (streamId === 0 || this.#isIdle(streamId)) {
         throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "DATA on an idle stream");
       }
-      return; // A stream we already answered or reset.
+      if (this.#resetByUs.has(streamId)) return; // Sent before our RST_STREAM reached the client.
+      // The client ended or reset this stream: a stream error we may (and do) treat as a connection error.
+      throw new ConnectionError(ErrorCode.STREAM_CLOSED, "DATA on a closed stream");
     }
     if (stream.remoteClosed) return this.#reset(stream, ErrorCode.STREAM_CLOSED);
     stream.receivedSinceUpdate += payload.length;
-    if (flags & FLAG_END_STREAM) {
-      stream.remoteClosed = true;
-    } else if (stream.receivedSinceUpdate >= RECEIVE_WINDOW / 2) {
+    stream.dataReceived += data.length;
+    if (flags & FLAG_END_STREAM) stream.remoteClosed = true;
+    const lengthProblem = this.#lengthProblem(stream);
+    if (lengthProblem) return this.#streamError(stream.id, ErrorCode.PROTOCOL_ERROR, lengthProblem);
+    if (!stream.remoteClosed && stream.receivedSinceUpdate >= RECEIVE_WINDOW / 2) {
       this.#send(frame(FrameType.WINDOW_UPDATE, 0, stream.id, u32Payload(stream.receivedSinceUpdate)));
       stream.receivedSinceUpdate = 0;
     }
+    if (stream.notGrpc) return this.#answerNotGrpc(stream); // Its body is checked, not kept.
     if (stream.incoming) {
       this.#onStreamData(stream, data);
       if (stream.remoteClosed && stream.incoming) {
@@ -590,15 +687,35 @@ class Connection {
     this.#closeLocal(stream);
   }
 
-  #respondHttp(stream: Stream, httpStatus: string): void {
+  /**
+   * Answers a well-formed request that is not gRPC with an HTTP error and a short text body (none
+   * for HEAD), once the request has been received whole: until then its trailers and length are
+   * still checked like any request's. The body waits for window like any response.
+   */
+  #answerNotGrpc(stream: Stream): void {
+    if (!stream.remoteClosed || stream.dispatched || !stream.notGrpc) return;
     stream.dispatched = true;
+    const body = stream.notGrpc.body ? NOT_GRPC_BODY : new Uint8Array(0);
     this.#sendHeaderBlock(
       stream.id,
-      encodeHeaders([[":status", httpStatus], ["grpc-status", String(Status.UNIMPLEMENTED)]]),
-      true,
+      encodeHeaders([
+        [":status", stream.notGrpc.status],
+        ["content-type", "text/plain; charset=utf-8"],
+        ["grpc-status", String(Status.UNIMPLEMENTED)],
+      ]),
+      body.length === 0,
     );
-    this.#closeLocal(stream);
-    if (!stream.remoteClosed) this.#reset(stream, ErrorCode.NO_ERROR);
+    if (body.length === 0) return this.#closeLocal(stream);
+    if (body.length <= Math.min(this.#sendWindow, stream.sendWindow)) {
+      this.#sendWindow -= body.length;
+      stream.sendWindow -= body.length;
+      this.#send(frame(FrameType.DATA, FLAG_END_STREAM, stream.id, body));
+      return this.#closeLocal(stream);
+    }
+    // Sent as the windows open, then an empty trailer section ends the stream.
+    stream.headersSent = true;
+    stream.pending = { chunks: [body], trailers: new Uint8Array(0) };
+    this.#flushPending();
   }
 
   #sendHeaderBlock(streamId: number, block: Uint8Array, endStream: boolean): void {
@@ -682,8 +799,39 @@ class Connection {
     stream.incoming.wake?.();
   }
 
+  /** Client-initiated ids above the last one opened, and every even id (we open none), are idle. */
+  #isIdle(streamId: number): boolean {
+    return streamId % 2 === 0 || streamId > this.#lastStreamId;
+  }
+
+  /**
+   * A stream error (RFC 9113 section 5.4.2): an open stream is reset with `code`; on a stream that
+   * is not open (where RST_STREAM may not be sent), it ends the connection with that code.
+   */
+  #streamError(streamId: number, code: ErrorCode, reason: string): void {
+    const stream = this.#streams.get(streamId);
+    if (!stream) throw new ConnectionError(code, reason);
+    this.server.reportConnectionError(`stream ${streamId} reset: ${reason}`);
+    this.#reset(stream, code);
+  }
+
+  /** The body received breaks the request's content-length, or null. */
+  #lengthProblem(stream: Stream): string | null {
+    const declared = stream.contentLength;
+    if (declared === null) return null;
+    const received = stream.dataReceived;
+    if (received > declared || (stream.remoteClosed && received !== declared)) {
+      return `content-length ${declared} but ${stream.remoteClosed ? "" : "at least "}${received} bytes of DATA`;
+    }
+    return null;
+  }
+
   #reset(stream: Stream, code: ErrorCode): void {
     this.#send(frame(FrameType.RST_STREAM, 0, stream.id, u32Payload(code)));
+    this.#resetByUs.add(stream.id);
+    if (this.#resetByUs.size > RESET_STREAMS_REMEMBERED) {
+      this.#resetByUs.delete(this.#resetByUs.values().next().value!);
+    }
     this.#cancelHandler(stream, "reset");
     this.#uncount(stream);
     stream.localClosed = true;
