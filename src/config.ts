@@ -53,6 +53,14 @@ export interface AgentConfig {
   captureStatusRetentionCount: number;
   /** "unix:<path>" or "<loopback host>:<port>"; null: no metrics. */
   metrics: string | null;
+  // The gRPC server's bounds (README "Limits and hardening").
+  maxConnections: number;
+  idleConnectionSeconds: number;
+  maxConcurrentStreams: number;
+  maxHeaderListBytes: number;
+  controlFramesPerSecond: number;
+  maxPendingWriteBytes: number;
+  maxBufferedMessageBytes: number;
 }
 
 type Kind = "string" | "boolean" | "integer" | "path" | "paths" | "mode";
@@ -111,6 +119,13 @@ export const DEFAULTS: AgentConfig = {
   captureStatusRetentionSeconds: 86400,
   captureStatusRetentionCount: 100000,
   metrics: null,
+  maxConnections: 256,
+  idleConnectionSeconds: 300,
+  maxConcurrentStreams: 100,
+  maxHeaderListBytes: 65536,
+  controlFramesPerSecond: 1000,
+  maxPendingWriteBytes: 16 * MiB,
+  maxBufferedMessageBytes: 256 * MiB,
 };
 
 /** Edge Manager's documented keys. Those without `field` are accepted and logged as ignored. */
@@ -203,6 +218,13 @@ const AGENT_KEYS: Record<string, KeySpec> = {
     pattern: /^(unix:\/[^,]+|(127\.0\.0\.1|localhost|\[::1\]):\d{1,5})$/,
   },
   edge_agent_shutdown_grace_seconds: { kind: "integer", field: "shutdownGraceSeconds", min: 0, max: 3600 },
+  edge_agent_max_connections: { kind: "integer", field: "maxConnections", min: 1, max: 65536 },
+  edge_agent_idle_connection_seconds: { kind: "integer", field: "idleConnectionSeconds", min: 1, max: 86400 },
+  edge_agent_max_concurrent_streams: { kind: "integer", field: "maxConcurrentStreams", min: 1, max: 10000 },
+  edge_agent_max_header_list_bytes: { kind: "integer", field: "maxHeaderListBytes", min: 1024, max: 16 * MiB },
+  edge_agent_control_frames_per_second: { kind: "integer", field: "controlFramesPerSecond", min: 10, max: 1_000_000 },
+  edge_agent_max_pending_write_bytes: { kind: "integer", field: "maxPendingWriteBytes", min: 65536, max: 2 ** 31 - 1 },
+  edge_agent_max_buffered_message_bytes: { kind: "integer", field: "maxBufferedMessageBytes", min: 4096 },
 };
 
 export interface LoadedConfig {
@@ -248,6 +270,11 @@ function crossChecks(config: AgentConfig, source: string): string[] {
   }
   if (s3 && !config.region && !config.s3Endpoint) {
     problems.push(`${source}: uploading captures to S3 needs "sagemaker_edge_core_region" or "edge_agent_s3_endpoint"`);
+  }
+  if (config.maxBufferedMessageBytes < config.maxMessageBytes) {
+    problems.push(
+      `${source}: "edge_agent_max_buffered_message_bytes" (${config.maxBufferedMessageBytes}) must be at least "edge_agent_max_message_bytes" (${config.maxMessageBytes})`,
+    );
   }
   return problems;
 }
