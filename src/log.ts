@@ -20,10 +20,11 @@ export const REPEAT_WINDOW_MS = 10_000;
 export function createLogger(
   verbose: boolean,
   write = (line: string) => Deno.stderr.writeSync(encoder.encode(line)),
+  repeatWindowMs = REPEAT_WINDOW_MS,
 ): Logger {
   const emit = (level: string, message: string, fields: Fields = {}) =>
     write(JSON.stringify({ time: new Date().toISOString(), level, msg: message, ...fields }) + "\n");
-  const limited = rateLimited(emit);
+  const limited = rateLimited(emit, repeatWindowMs);
   return {
     verbose,
     debug: (message, fields) => verbose && emit("debug", message, fields),
@@ -38,7 +39,7 @@ export function createLogger(
  * reported by one "suppressed" line when the window ends (from an unref'd timer: it never keeps the
  * process alive).
  */
-function rateLimited(emit: (level: string, message: string, fields?: Fields) => void) {
+function rateLimited(emit: (level: string, message: string, fields?: Fields) => void, windowMs: number) {
   const windows = new Map<string, { count: number; suppressed: number }>();
   return (level: string, message: string, fields?: Fields) => {
     const key = `${level}\0${message}`;
@@ -49,7 +50,7 @@ function rateLimited(emit: (level: string, message: string, fields?: Fields) => 
         if (window!.suppressed > 0) {
           emit(level, "repeated log lines suppressed", { message, suppressed: window!.suppressed });
         }
-      }, REPEAT_WINDOW_MS);
+      }, windowMs);
       Deno.unrefTimer(timer);
       window = { count: 0, suppressed: 0 };
       windows.set(key, window);
