@@ -391,3 +391,32 @@ Deno.test("repeated warnings are rate-limited and summarised with the number lef
   const summary = lines.find((l) => l.msg === "repeated log lines suppressed");
   assert.deepEqual([summary?.message, summary?.suppressed], ["client connection error", 4990]);
 });
+
+Deno.test("out of descriptors: failed accepts are logged (rate-limited) and retried; new clients are served again", async () => {
+  const probe = await startAgent({});
+  const baseline = [...Deno.readDirSync(`/proc/${probe.process.pid}/fd`)].length;
+  await probe.stop();
+  await Deno.remove(probe.dir, { recursive: true });
+  // Room for about ten connections.
+  const limit = baseline + 10;
+  const agent = await startAgent({ wrapper: ["prlimit", `--nofile=${limit}:${limit}`, "--"] });
+  try {
+    const peers = await Promise.all(Array.from({ length: 40 }, () => RawPeer.open(agent.socket)));
+    await new Promise((resolve) => setTimeout(resolve, 1500));
+    const failures = parseLogs(agent.logs()).filter((l) => l.msg === "accept failed; retrying");
+    assert.ok(failures.length >= 1, "accept failures are logged");
+    assert.ok(failures.length <= 10, `${failures.length} lines: rate-limited`);
+    assert.match(String(failures[0].error), /open files|descriptor/i);
+    for (const peer of peers) peer.close();
+    // Served again: a new connection gets an answer.
+    const fresh = await RawPeer.open(agent.socket);
+    await fresh.write(unaryCall(1));
+    await fresh.waitFor(() => fresh.frames.some((f) => f.type === T.HEADERS && f.flags & 0x1), 5000, "an answer");
+    fresh.close();
+    await agent.client.listModels();
+  } finally {
+    const status = await agent.stop();
+    await Deno.remove(agent.dir, { recursive: true });
+    assert.equal(status.code, 0, agent.logs());
+  }
+});
