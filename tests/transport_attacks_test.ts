@@ -4,7 +4,9 @@
 // GOAWAY code (or is closed, for the connection cap and the idle timeout).
 
 import assert from "node:assert/strict";
+import { Buffer } from "node:buffer";
 import { join } from "node:path";
+import * as grpc from "@grpc/grpc-js";
 import { type AgentProcess, parseLogs, startAgent } from "./helpers/agent.ts";
 import { generateStubs, PYTHON, pythonGrpcMissing } from "./helpers/python.ts";
 import {
@@ -414,6 +416,55 @@ Deno.test("out of descriptors: failed accepts are logged (rate-limited) and retr
     await fresh.waitFor(() => fresh.frames.some((f) => f.type === T.HEADERS && f.flags & 0x1), 5000, "an answer");
     fresh.close();
     await agent.client.listModels();
+  } finally {
+    const status = await agent.stop();
+    await Deno.remove(agent.dir, { recursive: true });
+    assert.equal(status.code, 0, agent.logs());
+  }
+});
+
+Deno.test("legitimate traffic stays within the bounds: h2load with 100 calls in flight, grpc-js cancelling calls quickly", async () => {
+  const agent = await startAgent({});
+  try {
+    const body = join(agent.dir, "empty.msg");
+    await Deno.writeFile(body, new Uint8Array(5));
+    const h2load = await new Deno.Command("h2load", {
+      args: [
+        ...["-n", "20000", "-c", "4", "-m", "100", "--base-uri", `unix:${agent.socket}`, "-d", body],
+        ...["-H", "content-type: application/grpc", "-H", "te: trailers", `http://localhost${LIST_MODELS}`],
+      ],
+    }).output();
+    const report = new TextDecoder().decode(h2load.stdout);
+    assert.match(report, /20000 succeeded, 0 failed, 0 errored/, report);
+    // 3000 calls, each cancelled as soon as it is sent, in bursts of 500: RST_STREAM is not a flood here.
+    const client = new grpc.Client(`unix:${agent.socket}`, grpc.credentials.createInsecure());
+    for (let burst = 0; burst < 6; burst++) {
+      const calls = Array.from({ length: 500 }, () =>
+        new Promise<number>((resolve) => {
+          const call = client.makeUnaryRequest(
+            LIST_MODELS,
+            (b: Uint8Array) => Buffer.from(b),
+            (b: Buffer) => b,
+            new Uint8Array(0),
+            (error) => resolve(error?.code ?? 0),
+          );
+          setTimeout(() => call.cancel(), 0);
+        }));
+      const codes = await Promise.all(calls);
+      assert.ok(codes.every((c) => c === grpc.status.CANCELLED || c === grpc.status.OK), String(codes));
+    }
+    const answer = await new Promise<unknown>((resolve, reject) =>
+      client.makeUnaryRequest(
+        LIST_MODELS,
+        (b: Uint8Array) => Buffer.from(b),
+        (b: Buffer) => b,
+        new Uint8Array(0),
+        (error, value) => error ? reject(error) : resolve(value),
+      )
+    );
+    assert.ok(answer);
+    client.close();
+    assert.ok(!parseLogs(agent.logs()).some((l) => l.msg === "client connection error"), agent.logs());
   } finally {
     const status = await agent.stop();
     await Deno.remove(agent.dir, { recursive: true });
