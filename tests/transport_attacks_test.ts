@@ -319,12 +319,15 @@ test("streaming calls: a Watch drops extra requests, reflection waits for its re
     await watcher.waitFor(() => watcher.frames.some((f) => f.type === T.DATA && f.stream === 1), 3000, "status");
     watcher.close();
 
-    // Reflection whose client sends requests and reads no answer: the handler waits, memory stays.
-    const silent = await RawPeer.open(socket, { read: false, preface: false });
-    await silent.write(concat([PREFACE, settingsOf([[4, 0]])]));
-    await silent.write(frameOf(T.HEADERS, 0x4, 1, requestHeaders(REFLECTION)));
-    await silent.flood(dataFrames(1, times(grpcMessage(reflectionRequest(0)), 2000)), 2000, () => false);
-    silent.close();
+    // Reflection whose client sends requests and gives no window for the answers: the handler waits
+    // for each answer to leave before it takes the next request, so the requests queue up to their
+    // bound and the call is refused (RST_STREAM), instead of the answers piling up in the agent.
+    const stuck = await RawPeer.open(socket, { preface: false });
+    await stuck.write(concat([PREFACE, settingsOf([[4, 0]])]));
+    await stuck.write(frameOf(T.HEADERS, 0x4, 1, requestHeaders(REFLECTION)));
+    await stuck.write(dataFrames(1, times(grpcMessage(reflectionRequest(0)), 100)));
+    await stuck.waitFor(() => stuck.frames.some((f) => f.type === T.RST_STREAM && f.stream === 1), 3000, "RST_STREAM");
+    stuck.close();
 
     // 16 MiB in 1024 DATA frames on a streaming call: answered in seconds (copies are not redone per frame).
     const large = await RawPeer.open(socket);
