@@ -325,7 +325,10 @@ test("streaming calls: a Watch drops extra requests, reflection waits for its re
     const stuck = await RawPeer.open(socket, { preface: false });
     await stuck.write(concat([PREFACE, settingsOf([[4, 0]])]));
     await stuck.write(frameOf(T.HEADERS, 0x4, 1, requestHeaders(REFLECTION)));
-    await stuck.write(dataFrames(1, times(grpcMessage(reflectionRequest(0)), 100)));
+    for (let i = 0; i < 40 && !stuck.frames.some((f) => f.type === T.RST_STREAM); i++) {
+      await stuck.write(frameOf(T.DATA, 0, 1, grpcMessage(reflectionRequest(0))));
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
     await stuck.waitFor(() => stuck.frames.some((f) => f.type === T.RST_STREAM && f.stream === 1), 3000, "RST_STREAM");
     stuck.close();
 
