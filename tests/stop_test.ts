@@ -58,7 +58,17 @@ for (const signal of ["SIGTERM", "SIGINT", "SIGHUP"] as const) {
       await closedWindow.waitFor(() => closedWindow.frames.some((f) => f.type === T.HEADERS), 3000, "answer headers");
 
       const started = performance.now();
-      const status = await agent.stop(signal);
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const status = await Promise.race([
+        agent.stop(signal),
+        new Promise<never>((_, reject) =>
+          timer = setTimeout(() => {
+            agent.process.kill("SIGKILL");
+            reject(new Error(`the agent was still running ${STOP_BOUND_MS * 5} ms after ${signal}:\n${agent.logs()}`));
+          }, STOP_BOUND_MS * 5)
+        ),
+      ]);
+      clearTimeout(timer);
       const elapsed = performance.now() - started;
       assert.equal(status.code, 0, agent.logs());
       assert.ok(elapsed < STOP_BOUND_MS, `the stop took ${elapsed.toFixed(0)} ms`);
