@@ -146,8 +146,7 @@ class Connection {
   /** When a byte last went either way, and when the writer last made progress (ms, performance.now()). */
   #lastActivity = performance.now();
   #lastWrite = performance.now();
-  /** Unary handlers of this connection still running, those of calls the client reset included. */
-  #handlersRunning = 0;
+
   #lastStreamId = 0;
   #continuationOf: Stream | null = null;
   #sendWindow = DEFAULT_WINDOW;
@@ -452,10 +451,6 @@ class Connection {
     }
     const get = (name: string) => headers.find(([n]) => n === name)?.[1];
     stream.path = get(":path") ?? "/";
-    if (this.#handlersRunning >= 2 * this.#limits.maxConcurrentStreams) {
-      // Calls reset by the client whose handlers still run: a rapid-reset flood.
-      throw new ConnectionError(ErrorCode.ENHANCE_YOUR_CALM, "too many calls still running on this connection");
-    }
     if (this.#streams.size > this.#limits.maxConcurrentStreams) {
       return this.#reset(stream, ErrorCode.REFUSED_STREAM);
     }
@@ -617,14 +612,13 @@ class Connection {
     if (reader.compressed) {
       return this.#respondStatus(stream, Status.UNIMPLEMENTED, "compressed messages are not supported");
     }
-    this.#handlersRunning++;
     handler(reader.message).then(
       (result) => {
         if ("message" in result) this.#respondMessage(stream, result.message);
         else this.#respondStatus(stream, result.status, result.details);
       },
       (error) => this.#respondStatus(stream, Status.INTERNAL, String((error as Error)?.message ?? error)),
-    ).finally(() => this.#handlersRunning--);
+    );
   }
 
   #responseHeaders(): Uint8Array {
