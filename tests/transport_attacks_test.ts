@@ -25,6 +25,7 @@ import {
   unaryCall,
 } from "./helpers/raw_h2.ts";
 import { createLogger } from "../src/log.ts";
+import { SendHeap } from "../src/transport/limits.ts";
 import { HEALTH_SERVICE_NAME, SERVICE_NAME } from "../src/wire.ts";
 
 const missing = await pythonGrpcMissing();
@@ -474,4 +475,21 @@ Deno.test("legitimate traffic stays within the bounds: h2load with 100 calls in 
     await Deno.remove(agent.dir, { recursive: true });
     assert.equal(status.code, 0, agent.logs());
   }
+});
+
+Deno.test("a raised initial window pops exactly the parked streams it unblocks", () => {
+  const heap = new SendHeap<{ id: number; sendCredit: number; parked: boolean }>();
+  const items = Array.from({ length: 1000 }, (_, id) => ({ id, sendCredit: -100 - (id % 10), parked: false }));
+  for (const item of items) heap.park(item);
+  assert.deepEqual(heap.popAbove(-100), []);
+  const popped = heap.popAbove(-105);
+  assert.equal(popped.length, 500);
+  assert.ok(popped.every((item) => item.sendCredit > -105 && !item.parked));
+  // A stream's own WINDOW_UPDATE re-keys it; its old entry is skipped.
+  const item = items[9];
+  heap.unpark(item);
+  item.sendCredit = -50;
+  heap.park(item);
+  assert.deepEqual(heap.popAbove(-60).map((i) => i.id), [9]);
+  assert.equal(heap.size, 499);
 });
