@@ -240,9 +240,9 @@ test("parked streams: WINDOW_UPDATE and SETTINGS floods do no work per stream an
   });
 });
 
-test("connection cap: connections past it are closed at once, the others keep working; idle ones are closed", async () => {
+test("connection cap: connections past it are closed at once, the others keep working; idle and deaf ones are closed", async () => {
   const config = { edge_agent_max_connections: 12, edge_agent_idle_connection_seconds: 1 };
-  const agent = await underAttack(config, async ({ socket }) => {
+  const agent = await underAttack(config, async ({ socket, logs }) => {
     // The steady client holds one connection; 11 more fit.
     const kept = await Promise.all(Array.from({ length: 11 }, () => RawPeer.open(socket)));
     await Promise.all(kept.map((p) => p.waitFor(() => p.frames.some((f) => f.type === T.SETTINGS), 3000, "SETTINGS")));
@@ -270,6 +270,15 @@ test("connection cap: connections past it are closed at once, the others keep wo
     await new Promise((resolve) => setTimeout(resolve, 2500));
     assert.equal(open.closed, false, "a connection with an open Watch is not idle");
     open.close();
+    // A client that stops reading while answers wait for it is cut off after the idle time.
+    const deaf = await RawPeer.open(socket, { read: false });
+    await floodCalls(deaf, LIST_MODELS, 500);
+    const cutAt = performance.now() + 4000;
+    while (!logs().includes("has read nothing") && performance.now() < cutAt) {
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+    assert.ok(logs().includes("has read nothing"), "a client that reads nothing is cut off");
+    deaf.close();
   });
   const refusals = parseLogs(agent.logs()).filter((l) => String(l.msg).startsWith("connection refused"));
   assert.ok(refusals.length >= 1);
