@@ -40,7 +40,10 @@ let stubs: Promise<string> | null = null;
 
 /** The grpcio client calling ListModels until stopped. */
 async function steadyClient(socket: string) {
-  stubs ??= Deno.makeTempDir({ prefix: "attack-stubs-" }).then((dir) => generateStubs(dir));
+  stubs ??= Deno.makeTempDir({ prefix: "attack-stubs-" }).then((dir) => {
+    globalThis.addEventListener("unload", () => Deno.removeSync(dir, { recursive: true }));
+    return generateStubs(dir);
+  });
   const child = new Deno.Command(PYTHON, {
     args: [join(import.meta.dirname!, "python", "steady_client.py"), "--stubs", await stubs, "--socket", socket],
     stdin: "piped",
