@@ -27,6 +27,8 @@ import { SharedMemoryReader } from "./shm.ts";
 import { startServer } from "./server.ts";
 
 const STOP_SIGNALS: Deno.Signal[] = ["SIGTERM", "SIGINT", "SIGHUP"];
+/** How far past the grace period a stop may run before the process exits anyway. */
+const STOP_OVERRUN_MS = 700;
 
 export interface ServeOptions {
   socketPath: string;
@@ -136,7 +138,11 @@ export async function serve(options: ServeOptions): Promise<void> {
   const { config, ignoredKeys, resolvedPaths }: LoadedConfig = options.configPath
     ? await loadConfigFile(options.configPath)
     : { config: structuredClone(DEFAULTS), ignoredKeys: [], resolvedPaths: {} };
-  if (options.maxMessageBytes !== undefined) config.maxMessageBytes = options.maxMessageBytes;
+  if (options.maxMessageBytes !== undefined) {
+    config.maxMessageBytes = options.maxMessageBytes;
+    // -m may raise the limit past the default total budget: one message of that size must still fit.
+    config.maxBufferedMessageBytes = Math.max(config.maxBufferedMessageBytes, options.maxMessageBytes);
+  }
   const problems = await permissionProblems(options.socketPath, config);
   if (problems.length > 0) throw new StartupError(problems);
   const log = createLogger(config.logVerbose);
@@ -175,6 +181,15 @@ export async function serve(options: ServeOptions): Promise<void> {
       removeExistingSocket: options.removeExistingSocket ?? false,
       socketMode: config.socketMode,
       maxMessageBytes: config.maxMessageBytes,
+      limits: {
+        maxConnections: config.maxConnections,
+        idleConnectionMs: config.idleConnectionSeconds * 1000,
+        maxConcurrentStreams: config.maxConcurrentStreams,
+        maxHeaderListBytes: config.maxHeaderListBytes,
+        controlFramesPerSecond: config.controlFramesPerSecond,
+        maxPendingWriteBytes: config.maxPendingWriteBytes,
+        maxBufferedMessageBytes: config.maxBufferedMessageBytes,
+      },
       services: { registry, capture, shm, clockSkewSeconds: config.captureClockSkewSeconds },
       metrics,
       log,
@@ -212,11 +227,20 @@ export async function serve(options: ServeOptions): Promise<void> {
 
   const signal = await stopRequested.promise;
   log.info("stopping", { signal });
+  const graceMs = config.shutdownGraceSeconds * 1000;
+  const deadline = performance.now() + graceMs;
+  // The stop ends within the grace period plus a little, whatever clients or a long model run do:
+  // past it the process exits anyway. Unref'd, so it never delays an exit that happens by itself.
+  const watchdog = setTimeout(() => {
+    log.warn("stop took longer than the grace period; exiting now", { graceSeconds: config.shutdownGraceSeconds });
+    Deno.exit(0);
+  }, graceMs + STOP_OVERRUN_MS);
+  Deno.unrefTimer(watchdog as unknown as number);
   for (const [s, listener] of listeners) Deno.removeSignalListener(s, listener);
   await stopMetrics();
   await server.stop(config.shutdownGraceSeconds);
-  // Acknowledged captures are already durable; the grace period only lets queued uploads finish.
-  await capture.close({ drainMs: config.shutdownGraceSeconds * 1000 });
+  // Acknowledged captures are already durable; the rest of the grace period lets queued uploads finish.
+  await capture.close({ drainMs: Math.max(0, deadline - performance.now()) });
   await registry.closeAll();
   ort.close();
   // After closeAll: no Run reads a segment any more, so every kept one detaches now.

@@ -64,6 +64,14 @@ export interface AgentConfig {
   iotCredentialsEndpoint: string | null;
   /** sagemaker_edge_core_iot_thing_name; "": the device name. */
   iotThingName: string;
+  // The gRPC server's bounds (README "Limits and hardening").
+  maxConnections: number;
+  idleConnectionSeconds: number;
+  maxConcurrentStreams: number;
+  maxHeaderListBytes: number;
+  controlFramesPerSecond: number;
+  maxPendingWriteBytes: number;
+  maxBufferedMessageBytes: number;
 }
 
 type Kind = "string" | "boolean" | "integer" | "path" | "paths" | "mode";
@@ -129,6 +137,13 @@ export const DEFAULTS: AgentConfig = {
   iotCaFile: null,
   iotCredentialsEndpoint: null,
   iotThingName: "",
+  maxConnections: 256,
+  idleConnectionSeconds: 300,
+  maxConcurrentStreams: 100,
+  maxHeaderListBytes: 65536,
+  controlFramesPerSecond: 1000,
+  maxPendingWriteBytes: 16 * MiB,
+  maxBufferedMessageBytes: 256 * MiB,
 };
 
 /** Edge Manager's documented keys. Those without `field` are accepted and logged as ignored. */
@@ -237,6 +252,13 @@ const AGENT_KEYS: Record<string, KeySpec> = {
     pattern: /^(unix:\/[^,]+|(127\.0\.0\.1|localhost|\[::1\]):\d{1,5})$/,
   },
   edge_agent_shutdown_grace_seconds: { kind: "integer", field: "shutdownGraceSeconds", min: 0, max: 3600 },
+  edge_agent_max_connections: { kind: "integer", field: "maxConnections", min: 1, max: 65536 },
+  edge_agent_idle_connection_seconds: { kind: "integer", field: "idleConnectionSeconds", min: 1, max: 86400 },
+  edge_agent_max_concurrent_streams: { kind: "integer", field: "maxConcurrentStreams", min: 1, max: 10000 },
+  edge_agent_max_header_list_bytes: { kind: "integer", field: "maxHeaderListBytes", min: 1024, max: 16 * MiB },
+  edge_agent_control_frames_per_second: { kind: "integer", field: "controlFramesPerSecond", min: 10, max: 1_000_000 },
+  edge_agent_max_pending_write_bytes: { kind: "integer", field: "maxPendingWriteBytes", min: 65536, max: 2 ** 31 - 1 },
+  edge_agent_max_buffered_message_bytes: { kind: "integer", field: "maxBufferedMessageBytes", min: 4096 },
 };
 
 export interface LoadedConfig {
@@ -317,6 +339,11 @@ function crossChecks(config: AgentConfig, source: string): string[] {
         problems.push(`${source}: the AWS IoT credentials provider needs "sagemaker_edge_provider_aws_${key}"`);
       }
     }
+  }
+  if (config.maxBufferedMessageBytes < config.maxMessageBytes) {
+    problems.push(
+      `${source}: "edge_agent_max_buffered_message_bytes" (${config.maxBufferedMessageBytes}) must be at least "edge_agent_max_message_bytes" (${config.maxMessageBytes})`,
+    );
   }
   return problems;
 }

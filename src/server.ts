@@ -6,6 +6,7 @@ import type { Logger } from "./log.ts";
 import type { ModelInfo, ModelRegistry, PredictTiming } from "./models.ts";
 import { metadataOf } from "./tensors.ts";
 import { GrpcServer, type StreamHandler, type UnaryHandler } from "./transport/http2.ts";
+import type { ServerLimits } from "./transport/limits.ts";
 import { HealthService } from "./health.ts";
 import type { CaptureService } from "./capture/service.ts";
 import { captureRecord } from "./capture/request.ts";
@@ -226,6 +227,7 @@ export async function startServer(options: {
   removeExistingSocket?: boolean;
   socketMode: number;
   maxMessageBytes: number;
+  limits?: Partial<ServerLimits>;
   services: Services;
   metrics: Metrics;
   log: Logger;
@@ -249,7 +251,9 @@ export async function startServer(options: {
       [`/${HEALTH_SERVICE_NAME}/Watch`, healthService.watch],
     ]),
     maxMessageBytes: options.maxMessageBytes,
+    limits: options.limits,
     onConnectionError: (message) => log.warn("client connection error", { error: message }),
+    onWarning: (message, fields) => log.warn(message, fields),
   });
   try {
     server.listen(socketPath);
@@ -261,7 +265,13 @@ export async function startServer(options: {
     async stop(graceSeconds: number) {
       healthService.stop();
       const unfinished = await server.stop(graceSeconds * 1000);
-      if (unfinished > 0) log.warn("in-flight calls did not finish in time", { graceSeconds, unfinished });
+      if (unfinished.length > 0) {
+        log.warn("in-flight calls did not finish in time", {
+          graceSeconds,
+          unfinished: unfinished.length,
+          calls: unfinished,
+        });
+      }
       await Deno.remove(socketPath).catch(() => {});
     },
   };

@@ -207,3 +207,27 @@ Deno.test("-m is checked as edge_agent_max_message_bytes is", () => {
     assert.match(result.problem, /^-m must be/);
   }
 });
+
+Deno.test("the gRPC server's bounds are typed keys; the total message budget must hold one message", () => {
+  const { config } = parseConfig({
+    edge_agent_max_connections: 8,
+    edge_agent_idle_connection_seconds: 5,
+    edge_agent_max_concurrent_streams: 10,
+    edge_agent_max_header_list_bytes: 8192,
+    edge_agent_control_frames_per_second: 100,
+    edge_agent_max_pending_write_bytes: 65536,
+    edge_agent_max_buffered_message_bytes: 128 * 1024 * 1024,
+  });
+  assert.deepEqual(
+    [config.maxConnections, config.idleConnectionSeconds, config.maxConcurrentStreams, config.maxHeaderListBytes],
+    [8, 5, 10, 8192],
+  );
+  assert.deepEqual([config.controlFramesPerSecond, config.maxPendingWriteBytes], [100, 65536]);
+  assert.deepEqual(problems({ edge_agent_max_connections: 0 }), [
+    'config: key "edge_agent_max_connections" must be at least 1, got 0',
+  ]);
+  assert.match(
+    problems({ edge_agent_max_message_bytes: 8192, edge_agent_max_buffered_message_bytes: 4096 })[0],
+    /"edge_agent_max_buffered_message_bytes" \(4096\) must be at least "edge_agent_max_message_bytes" \(8192\)/,
+  );
+});

@@ -364,3 +364,64 @@ export class MessageReader {
     }
   }
 }
+
+/**
+ * A streaming call's request messages, split from DATA as it arrives: each message is copied once
+ * into a buffer of its declared size (no re-copy of a partial message per frame). `reserve` may
+ * refuse room for a declared length; `onMessage` receives each whole message.
+ */
+export class MessageSplitter {
+  #prefix = new Uint8Array(5);
+  #prefixFilled = 0;
+  #message: Uint8Array | null = null;
+  #filled = 0;
+  problem: MessageProblem | null = null;
+
+  constructor(
+    private readonly maxBytes: number,
+    private readonly reserve: (bytes: number) => MessageProblem | null,
+    private readonly onMessage: (message: Uint8Array) => void,
+  ) {}
+
+  /** A message has begun and not ended: a call whose requests end now was cut short. */
+  get partial(): boolean {
+    return this.#prefixFilled > 0;
+  }
+
+  push(data: Uint8Array): void {
+    let pos = 0;
+    while (!this.problem) {
+      if (this.#message === null) {
+        if (pos >= data.length) return;
+        const take = Math.min(5 - this.#prefixFilled, data.length - pos);
+        this.#prefix.set(data.subarray(pos, pos + take), this.#prefixFilled);
+        this.#prefixFilled += take;
+        pos += take;
+        if (this.#prefixFilled < 5) return;
+        const length = new DataView(this.#prefix.buffer).getUint32(1);
+        if (this.#prefix[0] !== 0) {
+          this.problem = { status: Status.UNIMPLEMENTED, details: "compressed messages are not supported" };
+        } else if (length > this.maxBytes) {
+          this.problem = {
+            status: Status.RESOURCE_EXHAUSTED,
+            details: `Received message larger than max (${length} vs. ${this.maxBytes})`,
+          };
+        } else {
+          this.problem = this.reserve(length);
+        }
+        if (this.problem) return;
+        this.#message = new Uint8Array(length);
+        this.#filled = 0;
+      }
+      const take = Math.min(this.#message.length - this.#filled, data.length - pos);
+      this.#message.set(data.subarray(pos, pos + take), this.#filled);
+      this.#filled += take;
+      pos += take;
+      if (this.#filled < this.#message.length) return;
+      const message = this.#message;
+      this.#message = null;
+      this.#prefixFilled = 0;
+      this.onMessage(message);
+    }
+  }
+}

@@ -10,7 +10,6 @@ import { encodeHeaders, type Header, HpackDecoder } from "./hpack.ts";
 import { parseRequestHeaders, trailersProblem } from "./request_headers.ts";
 
 import {
-  closeAfterWrites,
   concat,
   ConnectionError,
   decodeHeaderBlock,
@@ -27,6 +26,7 @@ import {
   Incoming,
   MAX_WINDOW,
   MessageReader,
+  MessageSplitter,
   parseSettings,
   pingReply,
   PREFACE,
@@ -42,9 +42,24 @@ import {
   unpad,
   windowIncrement,
 } from "./frames.ts";
+import {
+  Backoff,
+  ByteBudget,
+  CONTROL_BURST_SECONDS,
+  DEFAULT_LIMITS,
+  SendHeap,
+  type ServerLimits,
+  TokenBucket,
+} from "./limits.ts";
 
-const MAX_CONCURRENT_STREAMS = 1000;
-const MAX_HEADER_LIST = 65536;
+/** Request messages a streaming call may hold before its handler takes them. */
+const MAX_QUEUED_MESSAGES = 16;
+/** A connection's first read buffer; it grows with the data that flows (idle ones stay small). */
+const MIN_READ_BYTES = 1024;
+/** How long a closing connection may take to flush its last frames before its socket is closed anyway. */
+const CLOSE_FLUSH_MS = 1000;
+/** After the stop's grace period, connections get this long to flush GOAWAY before they are cut. */
+const STOP_FLUSH_MS = 200;
 /** Our receive window: large, so a client can send a whole tensor without waiting for us. */
 const RECEIVE_WINDOW = 16 * 1024 * 1024;
 /**
@@ -98,20 +113,31 @@ export interface GrpcServerOptions {
   /** Streaming handlers by path. */
   streams?: Map<string, StreamHandler>;
   maxMessageBytes: number;
+  /** Resource bounds; missing ones take DEFAULT_LIMITS. */
+  limits?: Partial<ServerLimits>;
   /** Reports a misbehaving connection (protocol errors); the server keeps running. */
   onConnectionError?: (message: string) => void;
+  /** Reports a problem of the server itself (failed accept, refused connection). */
+  onWarning?: (message: string, fields: Record<string, unknown>) => void;
 }
 
 interface Stream {
   id: number;
   headerBlock: Uint8Array[];
+  /** Bytes of the header block being received, 9 per frame included (empty CONTINUATIONs count). */
+  headerBytes: number;
   path: string;
   reader: MessageReader;
   /** The client finished sending (END_STREAM seen). */
   remoteClosed: boolean;
   /** We sent END_STREAM or RST_STREAM. */
   localClosed: boolean;
-  sendWindow: number;
+  /** Send window beyond the peer's initial window: the window is sendCredit + #peerInitialWindow. */
+  sendCredit: number;
+  /** Waiting in #parked for its own send window. */
+  parked: boolean;
+  /** Resolves a streaming handler waiting for its last response to leave (see #runStream). */
+  onDrained: (() => void) | null;
   /** Response messages waiting for send window, then the trailers once the call has ended. */
   pending: { chunks: Uint8Array[]; trailers: Uint8Array | null } | null;
   /** Response headers went out (a later error needs trailers, not a trailers-only answer). */
@@ -119,7 +145,9 @@ interface Stream {
   /** A streaming call's request messages not yet taken by its handler. */
   incoming: {
     queue: Uint8Array[];
-    buffer: Uint8Array;
+    splitter: MessageSplitter;
+    /** The handler stopped reading requests: later ones are dropped unread. */
+    discard: boolean;
     ended: boolean;
     wake: (() => void) | null;
   } | null;
@@ -150,8 +178,22 @@ interface Stream {
 export class Connection {
   readonly #conn: Deno.Conn;
   readonly #writer: WritableStreamDefaultWriter<Uint8Array>;
-  readonly #decoder = new HpackDecoder(4096, MAX_HEADER_LIST);
+  readonly #limits: ServerLimits;
+  readonly #decoder: HpackDecoder;
   readonly #streams = new Map<number, Stream>();
+  /** Streams with response bytes or trailers to send and send window of their own (in turn). */
+  readonly #ready = new Set<Stream>();
+  /** Streams whose response waits for their own send window. */
+  readonly #parked = new SendHeap<Stream>();
+  readonly #control: TokenBucket;
+  /** Bytes handed to the socket's writer that have not gone out yet. */
+  #queuedBytes = 0;
+  /** Resolves the read loop, paused while #queuedBytes is over the bound. */
+  #writable: PromiseWithResolvers<void> | null = null;
+  /** When a byte last went either way, and when the writer last made progress (ms, performance.now()). */
+  #lastActivity = performance.now();
+  #lastWrite = performance.now();
+
   #lastStreamId = 0;
   #continuationOf: Stream | null = null;
   #sendWindow = DEFAULT_WINDOW;
@@ -168,6 +210,10 @@ export class Connection {
   constructor(conn: Deno.Conn, private readonly server: GrpcServer) {
     this.#conn = conn;
     this.#writer = conn.writable.getWriter();
+    this.#limits = server.limits;
+    this.#decoder = new HpackDecoder(4096, this.#limits.maxHeaderListBytes);
+    const rate = this.#limits.controlFramesPerSecond;
+    this.#control = new TokenBucket(rate, rate * CONTROL_BURST_SECONDS);
   }
 
   async serve(): Promise<void> {
@@ -175,13 +221,23 @@ export class Connection {
     let prefaceSeen = false;
     this.#send(this.#settingsFrame());
     this.#send(frame(FrameType.WINDOW_UPDATE, 0, 0, u32Payload(RECEIVE_WINDOW - DEFAULT_WINDOW)));
+    let readSize = MIN_READ_BYTES;
     try {
       for (;;) {
+        // A peer that does not read what we write is not read either, until the writes drain.
+        if (this.#queuedBytes > this.#limits.maxPendingWriteBytes) {
+          this.#writable = Promise.withResolvers();
+          await this.#writable.promise;
+        }
+        if (this.#closed) break;
         // A fresh buffer per read: frames keep views into it. (Iterating conn.readable would close
-        // the socket on an exception, before the GOAWAY that explains it is written.)
-        const buffer = new Uint8Array(READ_BUFFER_BYTES);
+        // the socket on an exception, before the GOAWAY that explains it is written.) Its size
+        // follows the last read, so an idle connection holds a small one.
+        const buffer = new Uint8Array(readSize);
         const count = await this.#conn.read(buffer);
         if (count === null) break;
+        this.#lastActivity = performance.now();
+        readSize = Math.min(READ_BUFFER_BYTES, Math.max(MIN_READ_BYTES, count * 2));
         incoming.push(buffer.subarray(0, count));
         if (!prefaceSeen) {
           if (incoming.length < PREFACE.length) continue;
@@ -192,13 +248,14 @@ export class Connection {
           prefaceSeen = true;
         }
         incoming.takeFrames(DEFAULT_MAX_FRAME, (type, flags, streamId, payload) => {
+          this.#checkFlood(type, flags, payload);
           this.#onFrame(type, flags, streamId, payload);
         });
       }
     } catch (error) {
       if (error instanceof ConnectionError) {
         this.server.reportConnectionError(error.message);
-        this.#send(frame(FrameType.GOAWAY, 0, 0, u32Payload(this.#lastStreamId, error.code)));
+        this.goAway(error.code);
       } else if (
         !this.#closed &&
         !(error instanceof Deno.errors.BadResource || error instanceof Deno.errors.ConnectionReset ||
@@ -214,11 +271,42 @@ export class Connection {
   #settingsFrame(): Uint8Array {
     return settingsFrame([
       [SETTINGS_HEADER_TABLE_SIZE, 4096],
-      [SETTINGS_MAX_CONCURRENT_STREAMS, MAX_CONCURRENT_STREAMS],
+      [SETTINGS_MAX_CONCURRENT_STREAMS, this.#limits.maxConcurrentStreams],
       [SETTINGS_INITIAL_WINDOW_SIZE, RECEIVE_WINDOW],
       [SETTINGS_MAX_FRAME_SIZE, DEFAULT_MAX_FRAME],
-      [SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST],
+      [SETTINGS_MAX_HEADER_LIST_SIZE, this.#limits.maxHeaderListBytes],
     ]);
+  }
+
+  /**
+   * Frames that carry no request data cost a token each; a peer sending them faster than
+   * controlFramesPerSecond (beyond the burst) is cut off. Legitimate clients send a handful per call.
+   */
+  #checkFlood(type: number, flags: number, payload: Uint8Array): void {
+    const empty = payload.length === 0 && (
+      (type === FrameType.DATA && !(flags & FLAG_END_STREAM)) ||
+      ((type === FrameType.HEADERS || type === FrameType.CONTINUATION) && !(flags & FLAG_END_HEADERS))
+    );
+    const control = type === FrameType.PING || type === FrameType.SETTINGS || type === FrameType.RST_STREAM ||
+      type === FrameType.WINDOW_UPDATE || type === FrameType.PRIORITY;
+    if ((control || empty) && !this.#control.take()) {
+      throw new ConnectionError(
+        ErrorCode.ENHANCE_YOUR_CALM,
+        `more than ${this.#limits.controlFramesPerSecond} control or empty frames a second (edge_agent_control_frames_per_second)`,
+      );
+    }
+  }
+
+  /** Adds a HEADERS or CONTINUATION fragment to the stream's header block, within the size bound. */
+  #addHeaderFragment(stream: Stream, fragment: Uint8Array): void {
+    stream.headerBytes += 9 + fragment.length;
+    if (stream.headerBytes > this.#limits.maxHeaderListBytes) {
+      throw new ConnectionError(
+        ErrorCode.ENHANCE_YOUR_CALM,
+        `header block over ${this.#limits.maxHeaderListBytes} bytes (edge_agent_max_header_list_bytes)`,
+      );
+    }
+    if (fragment.length > 0) stream.headerBlock.push(fragment.slice());
   }
 
   #onFrame(type: number, flags: number, streamId: number, payload: Uint8Array): void {
@@ -242,10 +330,7 @@ export class Connection {
         if (!stream || stream.id !== streamId) {
           throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "stray CONTINUATION");
         }
-        stream.headerBlock.push(payload.slice());
-        if (stream.headerBlock.reduce((n, b) => n + b.length, 0) > MAX_HEADER_LIST) {
-          throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "header block too large");
-        }
+        this.#addHeaderFragment(stream, payload);
         if (flags & FLAG_END_HEADERS) {
           this.#continuationOf = null;
           this.#onHeaderBlock(stream);
@@ -296,14 +381,16 @@ export class Connection {
     }
     for (const [id, value] of parseSettings(payload)) {
       if (id === SETTINGS_INITIAL_WINDOW_SIZE) {
-        const delta = value - this.#peerInitialWindow;
-        this.#peerInitialWindow = value;
-        for (const stream of this.#streams.values()) {
-          stream.sendWindow += delta;
-          if (stream.sendWindow > MAX_WINDOW) {
-            throw new ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "initial window overflows a stream window");
+        if (value > this.#peerInitialWindow) {
+          // Only a raise can overflow; streams are bounded by edge_agent_max_concurrent_streams and
+          // SETTINGS by the control-frame rate.
+          for (const stream of this.#streams.values()) {
+            if (stream.sendCredit + value > MAX_WINDOW) {
+              throw new ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "initial window overflows a stream window");
+            }
           }
         }
+        this.#setPeerInitialWindow(value);
       } else if (id === SETTINGS_MAX_FRAME_SIZE) {
         this.#peerMaxFrame = value;
       }
@@ -327,12 +414,32 @@ export class Connection {
         return; // A closed stream: allowed for a while after it closed (section 5.1).
       }
       if (increment === 0) return this.#streamError(streamId, ErrorCode.PROTOCOL_ERROR, "zero window increment");
-      stream.sendWindow += increment;
-      if (stream.sendWindow > MAX_WINDOW) {
+      stream.sendCredit += increment;
+      if (this.#streamWindow(stream) > MAX_WINDOW) {
         return this.#streamError(streamId, ErrorCode.FLOW_CONTROL_ERROR, "stream window overflow");
       }
+      this.#windowChanged(stream);
     }
     this.#flushPending();
+  }
+
+  #streamWindow(stream: Stream): number {
+    return stream.sendCredit + this.#peerInitialWindow;
+  }
+
+  /** Windows are kept relative to the initial one, so a change touches only the streams it unblocks. */
+  #setPeerInitialWindow(value: number): void {
+    const raised = value > this.#peerInitialWindow;
+    this.#peerInitialWindow = value;
+    if (raised) { for (const stream of this.#parked.popAbove(-value)) this.#ready.add(stream); }
+  }
+
+  /** A parked stream got window: it sends again (or waits under its new credit). */
+  #windowChanged(stream: Stream): void {
+    if (!stream.parked) return;
+    this.#parked.unpark(stream);
+    if (this.#streamWindow(stream) > 0) this.#ready.add(stream);
+    else this.#parked.park(stream);
   }
 
   #onHeaders(flags: number, streamId: number, payload: Uint8Array): void {
@@ -365,26 +472,17 @@ export class Connection {
       stream = {
         id: streamId,
         headerBlock: [],
+        headerBytes: 0,
         path: "",
         reader: new MessageReader(this.server.maxMessageBytes, {
-          reserve: (bytes) => {
-            // Requests declare their size up front; without a cap, a client could make us allocate
-            // max-size buffers for a thousand streams it never fills.
-            if (this.#reservedBytes + bytes > 2 * this.server.maxMessageBytes) {
-              return {
-                status: Status.RESOURCE_EXHAUSTED,
-                details: `too many large requests at once on this connection (a ${bytes}-byte message did not fit)`,
-              };
-            }
-            this.#reservedBytes += bytes;
-            stream!.reservedBytes = bytes;
-            return null;
-          },
+          reserve: (bytes) => this.#reserve(stream!, bytes),
           secondMessage: { status: Status.UNIMPLEMENTED, details: "more than one request message on a unary call" },
         }),
         remoteClosed: false,
         localClosed: false,
-        sendWindow: this.#peerInitialWindow,
+        sendCredit: 0,
+        parked: false,
+        onDrained: null,
         pending: null,
         headersSent: false,
         incoming: null,
@@ -406,15 +504,49 @@ export class Connection {
       fault = { code: ErrorCode.PROTOCOL_ERROR, reason: "stream depends on itself" };
     }
     stream.blockFault = fault;
-    stream.headerBlock.push(block.slice());
+    this.#addHeaderFragment(stream, block);
     if (flags & FLAG_END_STREAM) stream.remoteClosed = true;
     if (flags & FLAG_END_HEADERS) this.#onHeaderBlock(stream);
     else this.#continuationOf = stream;
   }
 
+  /**
+   * Room for a request message of `bytes`: requests declare their size up front; without a cap, a
+   * client could make us allocate max-size buffers for a thousand streams it never fills. The
+   * connection may hold two maximal messages, all connections together maxBufferedMessageBytes.
+   */
+  #reserve(stream: Stream, bytes: number): { status: number; details: string } | null {
+    // A call already answered holds nothing more (its budget was given back once).
+    if (stream.localClosed) return { status: Status.CANCELLED, details: "the call has ended" };
+    if (this.#reservedBytes + bytes > 2 * this.server.maxMessageBytes) {
+      return {
+        status: Status.RESOURCE_EXHAUSTED,
+        details: `too many large requests at once on this connection (a ${bytes}-byte message did not fit)`,
+      };
+    }
+    if (!this.server.budget.reserve(bytes)) {
+      return {
+        status: Status.RESOURCE_EXHAUSTED,
+        details:
+          `the agent holds too many request messages (a ${bytes}-byte message did not fit in ${this.server.budget.limit} bytes, edge_agent_max_buffered_message_bytes)`,
+      };
+    }
+    this.#reservedBytes += bytes;
+    stream.reservedBytes += bytes;
+    return null;
+  }
+
+  #release(stream: Stream, bytes: number): void {
+    bytes = Math.min(bytes, stream.reservedBytes);
+    this.#reservedBytes -= bytes;
+    stream.reservedBytes -= bytes;
+    this.server.budget.release(bytes);
+  }
+
   #onHeaderBlock(stream: Stream): void {
     const headers = decodeHeaderBlock(this.#decoder, stream.headerBlock);
     stream.headerBlock = [];
+    stream.headerBytes = 0;
     const fault = stream.blockFault;
     stream.blockFault = null;
     if (fault === "drop") return;
@@ -439,7 +571,7 @@ export class Connection {
     if (lengthProblem) return this.#streamError(stream.id, ErrorCode.PROTOCOL_ERROR, lengthProblem);
     const get = (name: string) => head.fields.get(name);
     stream.path = head.path || "/";
-    if (this.#streams.size > MAX_CONCURRENT_STREAMS) {
+    if (this.#streams.size > this.#limits.maxConcurrentStreams) {
       return this.#reset(stream, ErrorCode.REFUSED_STREAM);
     }
     if (head.method !== "POST" || !(get("content-type") ?? "").startsWith("application/grpc")) {
@@ -455,7 +587,7 @@ export class Connection {
     // connection ends): a stop waits for requests still arriving and for large responses still
     // waiting for window.
     stream.counted = true;
-    this.server.callStarted();
+    this.server.callStarted(stream);
     const encoding = get("grpc-encoding");
     if (encoding && encoding !== "identity") {
       // We advertise identity only; a client that compresses anyway gets UNIMPLEMENTED.
@@ -478,9 +610,18 @@ export class Connection {
     const streaming = this.server.streams.get(stream.path);
     if (streaming && !stream.reader.problem) {
       stream.dispatched = true;
+      const queue: Uint8Array[] = [];
+      const reserve = (bytes: number) =>
+        queue.length >= MAX_QUEUED_MESSAGES
+          ? {
+            status: Status.RESOURCE_EXHAUSTED,
+            details: `more than ${MAX_QUEUED_MESSAGES} request messages wait for the handler`,
+          }
+          : this.#reserve(stream, bytes);
       stream.incoming = {
-        queue: [],
-        buffer: new Uint8Array(0),
+        queue,
+        splitter: new MessageSplitter(this.server.maxMessageBytes, reserve, (message) => queue.push(message)),
+        discard: false,
         ended: stream.remoteClosed,
         wake: null,
       };
@@ -493,17 +634,33 @@ export class Connection {
   /** Runs a streaming handler, feeding it the stream's messages and sending what it yields. */
   async #runStream(stream: Stream, handler: StreamHandler): Promise<void> {
     const incoming = stream.incoming!;
+    const release = (bytes: number) => this.#release(stream, bytes);
     async function* requests(): AsyncIterable<Uint8Array> {
-      for (;;) {
-        if (incoming.queue.length > 0) yield incoming.queue.shift()!;
-        else if (incoming.ended) return;
-        else await new Promise<void>((resolve) => incoming.wake = resolve);
+      try {
+        for (;;) {
+          if (incoming.queue.length > 0) {
+            const message = incoming.queue.shift()!;
+            release(message.length);
+            yield message;
+          } else if (incoming.ended) return;
+          else await new Promise<void>((resolve) => incoming.wake = resolve);
+        }
+      } finally {
+        // The handler reads no more (a Watch takes one request): what else comes is dropped.
+        incoming.discard = true;
+        for (const message of incoming.queue.splice(0)) release(message.length);
       }
     }
     try {
       for await (const response of handler(requests(), stream.cancel.signal)) {
         if (stream.localClosed || this.#closed) return;
         this.#queueMessage(stream, response);
+        // The next response is asked for only once this one has left: a client that does not read
+        // makes the handler wait, instead of making us hold its answers.
+        if (stream.pending && stream.pending.chunks.length > 0) {
+          await new Promise<void>((resolve) => stream.onDrained = resolve);
+          if (stream.localClosed || this.#closed) return;
+        }
       }
       this.#finish(stream, Status.OK, "");
     } catch (error) {
@@ -515,25 +672,10 @@ export class Connection {
   /** Splits a streaming call's DATA into messages for its handler. */
   #onStreamData(stream: Stream, data: Uint8Array): void {
     const incoming = stream.incoming!;
-    let buffer = incoming.buffer.length === 0 ? data : concat([incoming.buffer, data]);
-    while (buffer.length >= 5) {
-      const view = new DataView(buffer.buffer, buffer.byteOffset, buffer.byteLength);
-      const length = view.getUint32(1);
-      if (buffer[0] !== 0) {
-        return this.#abortStream(stream, Status.UNIMPLEMENTED, "compressed messages are not supported");
-      }
-      if (length > this.server.maxMessageBytes) {
-        return this.#abortStream(
-          stream,
-          Status.RESOURCE_EXHAUSTED,
-          `Received message larger than max (${length} vs. ${this.server.maxMessageBytes})`,
-        );
-      }
-      if (buffer.length < 5 + length) break;
-      incoming.queue.push(buffer.slice(5, 5 + length));
-      buffer = buffer.subarray(5 + length);
-    }
-    incoming.buffer = buffer.slice();
+    if (incoming.discard) return;
+    incoming.splitter.push(data);
+    const problem = incoming.splitter.problem;
+    if (problem) return this.#abortStream(stream, problem.status, problem.details);
     incoming.wake?.();
   }
 
@@ -661,6 +803,7 @@ export class Connection {
     }
     stream.pending ??= { chunks: [], trailers: null };
     stream.pending.chunks.push(prefix, message);
+    if (!stream.parked) this.#ready.add(stream);
     this.#flushPending();
   }
 
@@ -672,6 +815,7 @@ export class Connection {
     if (details) trailers.push(["grpc-message", encodeGrpcMessage(details)]);
     stream.pending ??= { chunks: [], trailers: null };
     stream.pending.trailers = encodeHeaders(trailers);
+    if (!stream.parked) this.#ready.add(stream);
     this.#flushPending();
   }
 
@@ -706,15 +850,16 @@ export class Connection {
       body.length === 0,
     );
     if (body.length === 0) return this.#closeLocal(stream);
-    if (body.length <= Math.min(this.#sendWindow, stream.sendWindow)) {
+    if (body.length <= Math.min(this.#sendWindow, this.#streamWindow(stream))) {
       this.#sendWindow -= body.length;
-      stream.sendWindow -= body.length;
+      stream.sendCredit -= body.length;
       this.#send(frame(FrameType.DATA, FLAG_END_STREAM, stream.id, body));
       return this.#closeLocal(stream);
     }
     // Sent as the windows open, then an empty trailer section ends the stream.
     stream.headersSent = true;
     stream.pending = { chunks: [body], trailers: new Uint8Array(0) };
+    this.#ready.add(stream);
     this.#flushPending();
   }
 
@@ -737,23 +882,42 @@ export class Connection {
     this.#send(concat(parts));
   }
 
-  /** Sends as much pending response data as the windows allow; trailers follow the last byte. */
+  /**
+   * Sends as much pending response data as the windows and the write bound allow; trailers follow
+   * the last byte. Only streams that can send are visited: those waiting for their own window are
+   * parked, and a full connection window or write buffer ends the round at once.
+   */
   #flushPending(): void {
-    for (const stream of this.#streams.values()) {
+    const limit = this.#limits.maxPendingWriteBytes;
+    for (const stream of this.#ready) {
+      if (this.#queuedBytes >= limit || this.#closed) return;
       const pending = stream.pending;
-      if (!pending || stream.localClosed) continue;
+      if (!pending || stream.localClosed) {
+        this.#ready.delete(stream);
+        continue;
+      }
       const parts: Uint8Array[] = [];
+      let bytes = 0;
       while (pending.chunks.length > 0) {
         const chunk = pending.chunks[0];
         let offset = 0;
         while (offset < chunk.length) {
-          const size = Math.min(chunk.length - offset, this.#peerMaxFrame, this.#sendWindow, stream.sendWindow);
+          const size = Math.min(
+            chunk.length - offset,
+            this.#peerMaxFrame,
+            this.#sendWindow,
+            this.#streamWindow(stream),
+            limit - this.#queuedBytes - bytes,
+          );
           if (size <= 0) break;
           // Header and a view of the payload: concat() below is the one copy into the write buffer.
           parts.push(frameHeader(size, FrameType.DATA, 0, stream.id), chunk.subarray(offset, offset + size));
           offset += size;
+          bytes += 9 + size;
           this.#sendWindow -= size;
-          stream.sendWindow -= size;
+          stream.sendCredit -= size;
+          // The peer may answer each DATA frame with a WINDOW_UPDATE: that one is not a flood.
+          this.#control.give();
         }
         if (offset < chunk.length) {
           pending.chunks[0] = chunk.subarray(offset);
@@ -768,6 +932,20 @@ export class Connection {
       }
       if (parts.length > 0) this.#send(concat(parts));
       if (done) this.#closeLocal(stream);
+      if (!stream.pending || stream.pending.chunks.length === 0) {
+        // Sent all it had (a streaming call may queue more later).
+        this.#ready.delete(stream);
+        stream.onDrained?.();
+        stream.onDrained = null;
+      } else if (this.#streamWindow(stream) <= 0) {
+        this.#ready.delete(stream);
+        this.#parked.park(stream);
+      } else if (this.#sendWindow <= 0) {
+        // Its turn ends: it goes last for the next WINDOW_UPDATE of the connection.
+        this.#ready.delete(stream);
+        this.#ready.add(stream);
+        return;
+      }
     }
   }
 
@@ -781,11 +959,14 @@ export class Connection {
   #uncount(stream: Stream): void {
     if (stream.deadlineTimer !== null) clearTimeout(stream.deadlineTimer);
     stream.deadlineTimer = null;
-    this.#reservedBytes -= stream.reservedBytes;
-    stream.reservedBytes = 0;
+    this.#release(stream, stream.reservedBytes);
+    this.#ready.delete(stream);
+    this.#parked.unpark(stream);
+    stream.onDrained?.();
+    stream.onDrained = null;
     if (!stream.counted) return;
     stream.counted = false;
-    this.server.callFinished();
+    this.server.callFinished(stream);
   }
 
   /**
@@ -840,56 +1021,144 @@ export class Connection {
     this.#streams.delete(stream.id);
   }
 
+  /** Queues bytes on the socket; #queuedBytes counts them until they have gone out. */
   #send(bytes: Uint8Array): void {
     if (this.#closed || bytes.length === 0) return;
-    this.#writer.write(bytes).catch(() => this.close());
+    const length = bytes.length;
+    if (this.#queuedBytes === 0) this.#lastWrite = performance.now();
+    this.#queuedBytes += length;
+    this.#writer.write(bytes).then(() => this.#wrote(length), () => this.close());
   }
 
-  close(): void {
+  #wrote(length: number): void {
+    this.#queuedBytes -= length;
+    this.#lastActivity = this.#lastWrite = performance.now();
+    if (this.#queuedBytes > this.#limits.maxPendingWriteBytes / 2) return;
+    this.#writable?.resolve();
+    this.#writable = null;
+    if (this.#ready.size > 0) this.#flushPending();
+  }
+
+  /**
+   * Housekeeping (about once a second): a connection idle for idleConnectionMs gets GOAWAY and is
+   * closed; one whose peer has taken none of our bytes for that long is cut.
+   */
+  tick(now: number): void {
+    const idleMs = this.#limits.idleConnectionMs;
+    if (this.#queuedBytes > 0 && now - this.#lastWrite > idleMs) {
+      this.server.reportConnectionError(`the client has read nothing for ${idleMs / 1000} s; connection closed`);
+      this.close(0);
+    } else if (this.#streams.size === 0 && now - this.#lastActivity > idleMs) {
+      this.goAway(ErrorCode.NO_ERROR);
+    }
+  }
+
+  /** Says GOAWAY and closes, giving the frame `flushMs` to go out. */
+  goAway(code: ErrorCode, flushMs = CLOSE_FLUSH_MS): void {
+    this.#send(frame(FrameType.GOAWAY, 0, 0, u32Payload(this.#lastStreamId, code)));
+    this.close(flushMs);
+  }
+
+  /** Ends the connection: what is queued may go out for `flushMs`, then the socket is closed anyway. */
+  close(flushMs = CLOSE_FLUSH_MS): void {
     if (this.#closed) return;
     this.#closed = true;
     for (const stream of this.#streams.values()) {
       this.#uncount(stream);
       this.#cancelHandler(stream, "disconnect");
     }
-    closeAfterWrites(this.#writer, this.#conn);
+    this.#writable?.resolve();
+    const closeSocket = () => {
+      clearTimeout(timer);
+      try {
+        this.#conn.close();
+      } catch { /* already closed */ }
+    };
+    // A peer that does not read would hold writer.close() (and the process) forever.
+    const timer = setTimeout(closeSocket, flushMs);
+    this.#writer.close().catch(() => {}).finally(closeSocket);
     this.server.connectionClosed(this);
   }
 }
 
-/** Serves unary gRPC methods on a Unix socket. */
+/** Serves gRPC methods on a Unix socket. */
 export class GrpcServer {
   readonly methods: Map<string, UnaryHandler>;
   readonly streams: Map<string, StreamHandler>;
   readonly maxMessageBytes: number;
+  readonly limits: ServerLimits;
+  /** Request message bytes held by all connections. */
+  readonly budget: ByteBudget;
   stopping = false;
   readonly #connections = new Set<Connection>();
   #listener: Deno.UnixListener | null = null;
-  #inFlight = 0;
+  /** Calls in progress (from their headers until their last frame is queued). */
+  readonly #calls = new Set<{ path: string }>();
   #drained: PromiseWithResolvers<void> | null = null;
+  #housekeeping: ReturnType<typeof setInterval> | undefined;
+  /** Wakes the accept loop from its back-off when the server stops. */
+  #wakeAccept: (() => void) | null = null;
   readonly #onConnectionError: (message: string) => void;
+  readonly #onWarning: (message: string, fields: Record<string, unknown>) => void;
 
   constructor(options: GrpcServerOptions) {
     this.methods = options.methods;
     this.streams = options.streams ?? new Map();
     this.maxMessageBytes = options.maxMessageBytes;
+    this.limits = { ...DEFAULT_LIMITS, ...options.limits };
+    this.budget = new ByteBudget(this.limits.maxBufferedMessageBytes);
     this.#onConnectionError = options.onConnectionError ?? (() => {});
+    this.#onWarning = options.onWarning ?? (() => {});
   }
 
   listen(path: string): void {
     this.#listener = Deno.listen({ transport: "unix", path });
     this.#accept(this.#listener);
+    const period = Math.min(1000, Math.max(50, this.limits.idleConnectionMs / 4));
+    this.#housekeeping = setInterval(() => {
+      const now = performance.now();
+      for (const connection of [...this.#connections]) connection.tick(now);
+    }, period);
   }
 
+  /**
+   * Accepts until the server stops. A failed accept (out of descriptors: EMFILE, ENFILE; a client
+   * gone before it was accepted: ECONNABORTED) is logged and retried after a growing pause: the
+   * listener never dies of it. Past maxConnections a new connection is closed at once.
+   */
   async #accept(listener: Deno.UnixListener): Promise<void> {
-    try {
-      for await (const conn of listener) {
-        const connection = new Connection(conn, this);
-        this.#connections.add(connection);
-        connection.serve();
+    const backoff = new Backoff();
+    while (!this.stopping) {
+      let conn: Deno.UnixConn;
+      try {
+        conn = await listener.accept();
+        backoff.reset();
+      } catch (error) {
+        if (this.stopping || error instanceof Deno.errors.BadResource) return;
+        const delayMs = backoff.nextDelay();
+        this.#onWarning("accept failed; retrying", { error: (error as Error).message, retryMs: delayMs });
+        await new Promise<void>((resolve) => {
+          const timer = setTimeout(resolve, delayMs);
+          this.#wakeAccept = () => {
+            clearTimeout(timer);
+            resolve();
+          };
+        });
+        this.#wakeAccept = null;
+        continue;
       }
-    } catch (error) {
-      if (!this.stopping) this.#onConnectionError(`accept failed: ${(error as Error).message}`);
+      if (this.#connections.size >= this.limits.maxConnections) {
+        this.#onWarning("connection refused: too many connections (edge_agent_max_connections)", {
+          maxConnections: this.limits.maxConnections,
+        });
+        try {
+          conn.close();
+        } catch { /* already closed */ }
+        continue;
+      }
+      const connection = new Connection(conn, this);
+      this.#connections.add(connection);
+      connection.serve();
     }
   }
 
@@ -897,12 +1166,13 @@ export class GrpcServer {
     this.#onConnectionError(message);
   }
 
-  callStarted(): void {
-    this.#inFlight++;
+  callStarted(call: { path: string }): void {
+    this.#calls.add(call);
   }
 
-  callFinished(): void {
-    if (--this.#inFlight === 0) this.#drained?.resolve();
+  callFinished(call: { path: string }): void {
+    this.#calls.delete(call);
+    if (this.#calls.size === 0) this.#drained?.resolve();
   }
 
   connectionClosed(connection: Connection): void {
@@ -911,19 +1181,25 @@ export class GrpcServer {
 
   /**
    * Stops accepting connections and calls (new calls get UNAVAILABLE), waits up to `graceMs` for
-   * calls in progress, then closes every connection. Returns the number of calls still running.
+   * calls in progress, then closes every connection whatever its client does. Returns the paths of
+   * the calls cut off.
    */
-  async stop(graceMs: number): Promise<number> {
+  async stop(graceMs: number): Promise<string[]> {
     this.stopping = true;
-    this.#listener?.close();
-    if (this.#inFlight > 0) {
+    try {
+      this.#listener?.close();
+    } catch { /* already closed */ }
+    this.#wakeAccept?.();
+    clearInterval(this.#housekeeping);
+    if (this.#calls.size > 0) {
       this.#drained = Promise.withResolvers();
       let timer: ReturnType<typeof setTimeout> | undefined;
       const timeout = new Promise<void>((resolve) => timer = setTimeout(resolve, graceMs));
       await Promise.race([this.#drained.promise, timeout]);
       clearTimeout(timer);
     }
-    for (const connection of [...this.#connections]) connection.close();
-    return this.#inFlight;
+    const unfinished = [...this.#calls].map((call) => call.path);
+    for (const connection of [...this.#connections]) connection.goAway(ErrorCode.NO_ERROR, STOP_FLUSH_MS);
+    return unfinished;
   }
 }

@@ -1,0 +1,51 @@
+#!/usr/bin/env python3
+"""A well-behaved grpcio client that keeps calling ListModels while an attack test runs.
+
+Run by tests/transport_attacks_test.ts. It calls until its standard input closes, then prints one
+JSON object: how many calls it made, which failed (with their status), and the slowest one in ms.
+"""
+
+import argparse
+import json
+import sys
+import threading
+import time
+
+import grpc
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--stubs", required=True, help="directory holding agent_pb2*.py")
+    parser.add_argument("--socket", required=True)
+    args = parser.parse_args()
+    sys.path.insert(0, args.stubs)
+    import agent_pb2 as pb2
+    import agent_pb2_grpc as pb2_grpc
+
+    stop = threading.Event()
+
+    def wait_for_eof():
+        sys.stdin.read()
+        stop.set()
+
+    threading.Thread(target=wait_for_eof, daemon=True).start()
+    calls, failures, slowest = 0, [], 0.0
+    with grpc.insecure_channel(f"unix:{args.socket}") as channel:
+        grpc.channel_ready_future(channel).result(timeout=30)
+        stub = pb2_grpc.AgentStub(channel)
+        print("ready", flush=True)
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                stub.ListModels(pb2.ListModelsRequest(), timeout=5)
+            except grpc.RpcError as error:
+                failures.append(f"{error.code().name}: {error.details()}")
+            slowest = max(slowest, (time.monotonic() - started) * 1000)
+            calls += 1
+            time.sleep(0.01)
+    print(json.dumps({"calls": calls, "failures": failures[:10], "slowest_ms": round(slowest, 1)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
