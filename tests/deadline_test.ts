@@ -13,6 +13,7 @@ import { type AgentProcess, parseLogs, startAgent } from "./helpers/agent.ts";
 import { pseudoRandomFloats, rejectsWith, tensor } from "./helpers/assertions.ts";
 import { GrpcJsAgentClient } from "./helpers/grpcjs_client.ts";
 import { PADDLE_DET } from "./helpers/onnx_models.ts";
+import { concat, frameOf, PREFACE } from "./helpers/raw_h2.ts";
 import { signPackage } from "./helpers/signing.ts";
 
 const FLOAT32 = enumValues("DataType").FLOAT32;
@@ -28,24 +29,6 @@ function detRequest(side = 640, name = "det"): Uint8Array {
     name,
     tensors: [tensor("x", FLOAT32, shape, pseudoRandomFloats(3 * side * side, 5))],
   }).finish();
-}
-
-function frameOf(type: number, flags: number, stream: number, payload: Uint8Array = new Uint8Array(0)): Uint8Array {
-  const out = new Uint8Array(9 + payload.length);
-  out.set([payload.length >> 16, (payload.length >> 8) & 0xff, payload.length & 0xff, type, flags]);
-  new DataView(out.buffer).setUint32(5, stream);
-  out.set(payload, 9);
-  return out;
-}
-
-function concatBytes(parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let offset = 0;
-  for (const part of parts) {
-    out.set(part, offset);
-    offset += part.length;
-  }
-  return out;
 }
 
 /**
@@ -71,8 +54,7 @@ class RawClient {
 
   static async open(socket: string): Promise<RawClient> {
     const client = new RawClient(await Deno.connect({ transport: "unix", path: socket }));
-    const preface = new TextEncoder().encode("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
-    await client.#conn.write(concatBytes([preface, frameOf(SETTINGS, 0, 0)]));
+    await client.#conn.write(concat([PREFACE, frameOf(SETTINGS, 0, 0)]));
     let settingsSeen = false;
     client.#read((type, flags) => {
       if (type === SETTINGS && !(flags & ACK)) settingsSeen = true;
@@ -87,7 +69,7 @@ class RawClient {
       for (;;) {
         const n = await this.#conn.read(chunk);
         if (n === null) break;
-        this.#buffer = concatBytes([this.#buffer, chunk.subarray(0, n)]);
+        this.#buffer = concat([this.#buffer, chunk.subarray(0, n)]);
         while (this.#buffer.length >= 9) {
           const b = this.#buffer;
           const length = (b[0] << 16) | (b[1] << 8) | b[2];
@@ -153,7 +135,7 @@ class RawClient {
       const last = offset + 16384 >= body.length && (options.endStream ?? true);
       frames.push(frameOf(DATA, last ? END_STREAM : 0, stream, body.subarray(offset, offset + 16384)));
     }
-    return { stream, frames, bytes: concatBytes(frames) };
+    return { stream, frames, bytes: concat(frames) };
   }
 
   reset(stream: number): Uint8Array {
@@ -288,7 +270,7 @@ Deno.test("deadlines and cancellation reach ONNX Runtime (det)", async (t) => {
       try {
         // Half a request that never ends: answered at the deadline, and the client told to stop.
         const half = raw.call(request, { timeout: "50m", endStream: false });
-        await raw.send(concatBytes(half.frames.slice(0, 6)));
+        await raw.send(concat(half.frames.slice(0, 6)));
         const started = performance.now();
         const status = await raw.status(half.stream);
         assert.equal(status.get("grpc-status"), String(Status.DEADLINE_EXCEEDED));
@@ -374,7 +356,7 @@ Deno.test("deadlines and cancellation reach ONNX Runtime (det)", async (t) => {
           .finish(),
         { path: `/${SERVICE_NAME}/LoadModel` },
       );
-      await load.send(concatBytes([loadCall.bytes, load.reset(loadCall.stream)]));
+      await load.send(concat([loadCall.bytes, load.reset(loadCall.stream)]));
       await load.sync();
       load.close();
 
@@ -386,7 +368,7 @@ Deno.test("deadlines and cancellation reach ONNX Runtime (det)", async (t) => {
         try {
           const calls = Array.from({ length: Math.min(3, 100 - connection * 3) }, () => raw.call(request));
           // HEADERS, DATA... END_STREAM and RST_STREAM in one write per call.
-          for (const { stream, bytes } of calls) await raw.send(concatBytes([bytes, raw.reset(stream)]));
+          for (const { stream, bytes } of calls) await raw.send(concat([bytes, raw.reset(stream)]));
           await raw.sync();
           for (const { stream } of calls) assert.equal(raw.headers.get(stream), undefined, "no answer to a reset call");
         } finally {

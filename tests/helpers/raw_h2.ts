@@ -2,9 +2,11 @@
 // reads what the agent answers (in particular the GOAWAY code), or deliberately reads nothing.
 
 import { encodeHeaders } from "../../src/transport/hpack.ts";
+import { concat, frame, PREFACE } from "../../src/transport/frames.ts";
 import { SERVICE_NAME } from "../../src/wire.ts";
 
-export const PREFACE = new TextEncoder().encode("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+// Encoding a frame is plain byte layout; what the attacks test is the agent's reading of them.
+export { concat, PREFACE } from "../../src/transport/frames.ts";
 
 export const enum T {
   DATA = 0,
@@ -21,17 +23,9 @@ export const enum T {
 export const ENHANCE_YOUR_CALM = 11;
 export const NO_ERROR = 0;
 
-export function frameOf(
-  type: number,
-  flags: number,
-  stream: number,
-  payload: Uint8Array = new Uint8Array(0),
-): Uint8Array {
-  const out = new Uint8Array(9 + payload.length);
-  out.set([payload.length >> 16, (payload.length >> 8) & 0xff, payload.length & 0xff, type, flags]);
-  new DataView(out.buffer).setUint32(5, stream);
-  out.set(payload, 9);
-  return out;
+/** A frame of any type, flags and stream: also ones the agent must refuse. */
+export function frameOf(type: number, flags: number, stream: number, payload?: Uint8Array): Uint8Array {
+  return frame(type, flags, stream, payload);
 }
 
 export function u32(...values: number[]): Uint8Array {
@@ -75,16 +69,6 @@ export function unaryCall(stream: number, path?: string): Uint8Array {
     frameOf(T.HEADERS, 0x4, stream, requestHeaders(path)),
     frameOf(T.DATA, 0x1, stream, grpcMessage(new Uint8Array(0))),
   ]);
-}
-
-export function concat(parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let offset = 0;
-  for (const part of parts) {
-    out.set(part, offset);
-    offset += part.length;
-  }
-  return out;
 }
 
 export interface Frame {

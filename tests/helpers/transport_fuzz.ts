@@ -10,6 +10,7 @@
 import assert from "node:assert/strict";
 import { Status } from "../../src/errors.ts";
 import {
+  concat,
   ConnectionError,
   DEFAULT_MAX_FRAME,
   DEFAULT_WINDOW,
@@ -98,20 +99,20 @@ function mutate(rng: Rng, input: Uint8Array, others: readonly Uint8Array[]): Uin
         if (bytes.length > 0) bytes[Math.min(at, bytes.length - 1)] = rng.pick(INTERESTING);
         break;
       case 2:
-        bytes = concatAll([bytes.subarray(0, at), rng.bytes(1 + rng.int(8)), bytes.subarray(at)]);
+        bytes = concat([bytes.subarray(0, at), rng.bytes(1 + rng.int(8)), bytes.subarray(at)]);
         break;
       case 3:
-        bytes = concatAll([bytes.subarray(0, at), bytes.subarray(at + 1 + rng.int(8))]);
+        bytes = concat([bytes.subarray(0, at), bytes.subarray(at + 1 + rng.int(8))]);
         break;
       case 4: {
         const end = Math.min(bytes.length, at + 1 + rng.int(32));
-        bytes = concatAll([bytes.subarray(0, end), bytes.subarray(at, end), bytes.subarray(end)]);
+        bytes = concat([bytes.subarray(0, end), bytes.subarray(at, end), bytes.subarray(end)]);
         break;
       }
       case 5: {
         const other = rng.pick(others);
         const from = rng.int(other.length + 1);
-        bytes = concatAll([bytes.subarray(0, at), other.subarray(from, from + 1 + rng.int(64))]);
+        bytes = concat([bytes.subarray(0, at), other.subarray(from, from + 1 + rng.int(64))]);
         break;
       }
       case 6:
@@ -130,16 +131,6 @@ function mutate(rng: Rng, input: Uint8Array, others: readonly Uint8Array[]): Uin
 
 function equalBytes(a: Uint8Array, b: Uint8Array): boolean {
   return a.length === b.length && a.every((x, i) => x === b[i]);
-}
-
-function concatAll(parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let offset = 0;
-  for (const part of parts) {
-    out.set(part, offset);
-    offset += part.length;
-  }
-  return out;
 }
 
 /** Splits bytes into 1..6 chunks at random places (socket reads arrive in any sizes). */
@@ -240,17 +231,17 @@ function anyFrame(rng: Rng, script = new Script()): Uint8Array {
       let block = encodeHeaders(stream === script.last && rng.chance(0.3) ? trailers : requestHeaders(rng));
       if (rng.chance(0.15)) {
         flags |= FLAG_PRIORITY;
-        block = concatAll([u32Payload(rng.pick([0, stream, 3])), Uint8Array.of(rng.int(256)), block]);
+        block = concat([u32Payload(rng.pick([0, stream, 3])), Uint8Array.of(rng.int(256)), block]);
       }
       if (rng.chance(0.1)) {
         flags |= FLAG_PADDED;
         const pad = rng.int(8);
-        block = concatAll([Uint8Array.of(pad), block, new Uint8Array(pad)]);
+        block = concat([Uint8Array.of(pad), block, new Uint8Array(pad)]);
       }
       if (rng.chance(0.2)) {
         // Split into HEADERS + CONTINUATION.
         const cut = rng.int(block.length + 1);
-        return concatAll([
+        return concat([
           frame(FrameType.HEADERS, flags & ~FLAG_END_HEADERS, stream, block.subarray(0, cut)),
           frame(FrameType.CONTINUATION, FLAG_END_HEADERS, stream, block.subarray(cut)),
         ]);
@@ -271,7 +262,7 @@ function anyFrame(rng: Rng, script = new Script()): Uint8Array {
     case 7:
       return frame(FrameType.PING, rng.int(2), 0, rng.bytes(8));
     case 8:
-      return frame(FrameType.PRIORITY, 0, stream, concatAll([u32Payload(rng.pick([0, 1, stream])), rng.bytes(1)]));
+      return frame(FrameType.PRIORITY, 0, stream, concat([u32Payload(rng.pick([0, 1, stream])), rng.bytes(1)]));
     case 9:
       return frame(FrameType.GOAWAY, 0, 0, u32Payload(rng.int(10), rng.int(12)));
     case 10:
@@ -299,7 +290,7 @@ function validConnection(rng: Rng): Uint8Array {
     ),
     frame(FrameType.DATA, FLAG_END_STREAM, stream, grpcMessage(rng)),
   ];
-  return concatAll([
+  return concat([
     settingsFrame([[4, 65535], [2, 0]]),
     ...call(1, PATHS[0]),
     frame(FrameType.WINDOW_UPDATE, 0, 0, u32Payload(1000)),
@@ -312,12 +303,12 @@ const VALID_CONNECTIONS = Array.from({ length: 16 }, (_, i) => validConnection(n
 
 function connectionInput(rng: Rng): Uint8Array {
   const kind = rng.int(10);
-  if (kind === 0) return concatAll([PREFACE, rng.bytes(rng.int(256))]);
-  if (kind === 1) return mutate(rng, concatAll([PREFACE, rng.pick(VALID_CONNECTIONS)]), VALID_CONNECTIONS);
+  if (kind === 0) return concat([PREFACE, rng.bytes(rng.int(256))]);
+  if (kind === 1) return mutate(rng, concat([PREFACE, rng.pick(VALID_CONNECTIONS)]), VALID_CONNECTIONS);
   const script = new Script();
-  const frames = concatAll(Array.from({ length: 1 + rng.int(10) }, () => anyFrame(rng, script)));
+  const frames = concat(Array.from({ length: 1 + rng.int(10) }, () => anyFrame(rng, script)));
   const body = kind < 6 ? frames : mutate(rng, frames, VALID_CONNECTIONS);
-  return concatAll([PREFACE, body]);
+  return concat([PREFACE, body]);
 }
 
 // --- The connection, driven in memory ---
@@ -346,7 +337,7 @@ function memoryConn(chunks: Uint8Array[]): { conn: Deno.Conn; output: () => Uint
     }),
     close() {},
   };
-  return { conn: conn as unknown as Deno.Conn, output: () => concatAll(written), closed: closed.promise };
+  return { conn: conn as unknown as Deno.Conn, output: () => concat(written), closed: closed.promise };
 }
 
 interface ParsedFrame {
@@ -491,14 +482,14 @@ export function incoming(count: number, at: Int32Array): string {
     const rng = rngFor(1, i);
     const frames = Array.from({ length: 1 + rng.int(6) }, () => anyFrame(rng));
     const mutated = rng.chance(0.3);
-    const bytes = mutated ? mutate(rng, concatAll(frames), VALID_CONNECTIONS) : concatAll(frames);
+    const bytes = mutated ? mutate(rng, concat(frames), VALID_CONNECTIONS) : concat(frames);
     const incoming = new Incoming();
     const seen: Uint8Array[] = [];
     try {
       for (const chunk of chunked(rng, bytes)) {
         incoming.push(chunk);
         incoming.takeFrames(16384, (type, flags, stream, payload) => {
-          seen.push(concatAll([frame(type, flags, stream, payload)]));
+          seen.push(concat([frame(type, flags, stream, payload)]));
         });
       }
     } catch (error) {
@@ -507,7 +498,7 @@ export function incoming(count: number, at: Int32Array): string {
     }
     if (!mutated) {
       // Reserved bit of stream ids aside, the frames come out exactly as they went in.
-      if (!equalBytes(concatAll(seen), bytes) || incoming.length !== 0) {
+      if (!equalBytes(concat(seen), bytes) || incoming.length !== 0) {
         assert.fail(`frames came out differently: input ${i} (FUZZ_SEED=${SEED}): ${toHex(bytes)}`);
       }
       whole++;
