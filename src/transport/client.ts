@@ -22,6 +22,7 @@ import {
   frame,
   frameHeader,
   FrameType,
+  grpcRequestHeaders,
   Incoming,
   MAX_WINDOW,
   MessageReader,
@@ -177,15 +178,7 @@ class ClientConnection {
       },
     };
     this.#calls.set(id, call);
-    const headers: Header[] = [
-      [":method", "POST"],
-      [":scheme", "http"],
-      [":path", path],
-      [":authority", "localhost"],
-      ["content-type", "application/grpc"],
-      ["te", "trailers"],
-      ["user-agent", this.options.userAgent],
-    ];
+    const headers: Header[] = [...grpcRequestHeaders(path), ["user-agent", this.options.userAgent]];
     if (deadline !== null) {
       const remaining = deadline - Date.now();
       if (remaining <= 0) {

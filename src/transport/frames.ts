@@ -174,6 +174,18 @@ export function streamDependency(type: FrameType, flags: number, payload: Uint8A
   return ((payload[at] << 24) | (payload[at + 1] << 16) | (payload[at + 2] << 8) | payload[at + 3]) & 0x7fffffff;
 }
 
+/** The request headers of a gRPC call to `path`, as a client sends them. */
+export function grpcRequestHeaders(path: string): Header[] {
+  return [
+    [":method", "POST"],
+    [":scheme", "http"],
+    [":path", path],
+    [":authority", "localhost"],
+    ["content-type", "application/grpc"],
+    ["te", "trailers"],
+  ];
+}
+
 export function concat(parts: Uint8Array[]): Uint8Array {
   const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
   let offset = 0;

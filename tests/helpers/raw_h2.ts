@@ -2,7 +2,7 @@
 // reads what the agent answers (in particular the GOAWAY code), or deliberately reads nothing.
 
 import { encodeHeaders } from "../../src/transport/hpack.ts";
-import { concat, frame, PREFACE } from "../../src/transport/frames.ts";
+import { concat, frame, grpcRequestHeaders, PREFACE } from "../../src/transport/frames.ts";
 import { SERVICE_NAME } from "../../src/wire.ts";
 
 // Encoding a frame is plain byte layout; what the attacks test is the agent's reading of them.
@@ -45,14 +45,7 @@ export function settingsOf(settings: [number, number][] = []): Uint8Array {
 
 /** A request's header block for `path` (default: the Agent's ListModels). */
 export function requestHeaders(path = `/${SERVICE_NAME}/ListModels`): Uint8Array {
-  return encodeHeaders([
-    [":method", "POST"],
-    [":scheme", "http"],
-    [":path", path],
-    [":authority", "localhost"],
-    ["content-type", "application/grpc"],
-    ["te", "trailers"],
-  ]);
+  return encodeHeaders(grpcRequestHeaders(path));
 }
 
 /** One gRPC message (length-prefixed). */

@@ -21,6 +21,7 @@ import {
   FLAG_PRIORITY,
   frame,
   FrameType,
+  grpcRequestHeaders,
   Incoming,
   MessageReader,
   PREFACE,
@@ -279,14 +280,7 @@ function validConnection(rng: Rng): Uint8Array {
       FrameType.HEADERS,
       FLAG_END_HEADERS,
       stream,
-      encodeHeaders([
-        [":method", "POST"],
-        [":scheme", "http"],
-        [":path", path],
-        [":authority", "localhost"],
-        ["content-type", "application/grpc"],
-        ["te", "trailers"],
-      ]),
+      encodeHeaders(grpcRequestHeaders(path)),
     ),
     frame(FrameType.DATA, FLAG_END_STREAM, stream, grpcMessage(rng)),
   ];
