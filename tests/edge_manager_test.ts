@@ -75,9 +75,15 @@ function clientCommand(
   command: string[],
 ): { command: string[]; env: Record<string, string> } {
   if (!privateTmp) return { command, env: { EM_EXAMPLE_SOCKET: join(socketFolder, "agent.sock") } };
-  const script = 'mount --make-rprivate / && mount --bind "$1" /tmp && mount -t tmpfs tmpfs /run && ' +
-    'mkdir /run/edge-agent && mount --bind "$2" /run/edge-agent && shift 2 && exec "$@"';
-  return { command: ["unshare", "-m", "sh", "-c", script, "sh", fakeTmp, socketFolder, ...command], env: {} };
+  // A checkout under /tmp (the client programs) stays visible at its path inside the private /tmp.
+  const script = "mount --make-rprivate / && " +
+    'case "$3" in /tmp/*) mkdir -p "$1${3#/tmp}" && mount --bind "$3" "$1${3#/tmp}";; esac && ' +
+    'mount --rbind "$1" /tmp && mount -t tmpfs tmpfs /run && ' +
+    'mkdir /run/edge-agent && mount --bind "$2" /run/edge-agent && shift 3 && exec "$@"';
+  return {
+    command: ["unshare", "-m", "sh", "-c", script, "sh", fakeTmp, socketFolder, PROJECT_ROOT, ...command],
+    env: {},
+  };
 }
 
 /** Makes the shipped tmpfiles lines' link under `root` (with systemd-tmpfiles where it is installed). */

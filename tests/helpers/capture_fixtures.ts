@@ -2,6 +2,7 @@
 // stopped and started again on the same port and folder (an outage).
 
 import assert from "node:assert/strict";
+import { join, relative } from "node:path";
 import S3rver from "s3rver";
 import { createLogger } from "../../src/log.ts";
 import { AuxEncoding, type CaptureRecord } from "../../src/capture/mod.ts";
@@ -77,6 +78,25 @@ export class TestS3 {
       configureBuckets: [{ name: BUCKET }],
     });
     await this.server.run();
+  }
+
+  /**
+   * Every key under `prefix`, read from s3rver's folder: its ListObjects pages in directory order, not
+   * key order, so paging past 1000 keys can skip or repeat keys (S3 lists in key order).
+   */
+  async keys(prefix: string): Promise<string[]> {
+    const root = join(this.directory, BUCKET);
+    const suffix = "._S3rver_object";
+    const keys: string[] = [];
+    const walk = async (dir: string): Promise<void> => {
+      for await (const entry of Deno.readDir(dir)) {
+        const path = join(dir, entry.name);
+        if (entry.isDirectory) await walk(path);
+        else if (entry.name.endsWith(suffix)) keys.push(relative(root, path).slice(0, -suffix.length));
+      }
+    };
+    await walk(root);
+    return keys.filter((key) => key.startsWith(prefix)).sort();
   }
 
   async stop(): Promise<void> {
