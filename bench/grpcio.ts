@@ -102,7 +102,7 @@ export class GrpcioClient {
   }
 }
 
-async function* lines(stream: ReadableStream<Uint8Array>): AsyncGenerator<string> {
+export async function* lines(stream: ReadableStream<Uint8Array>): AsyncGenerator<string> {
   let partial = "";
   for await (const text of stream.pipeThrough(new TextDecoderStream())) {
     const parts = (partial + text).split("\n");

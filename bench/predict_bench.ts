@@ -40,6 +40,15 @@ import {
   type Runner,
 } from "./runners.ts";
 import { BenchSegments, mappingCosts } from "./shared_memory.ts";
+import {
+  compareTransport,
+  type ListModelsFigures,
+  listModelsRoundTrips,
+  MinimalPeer,
+  printTransport,
+  RawExchange,
+  type TransportFigures,
+} from "./transport.ts";
 import { median, ms, percentile, ratio, signedMs, table, us } from "./stats.ts";
 
 const RESULTS_DIR = new URL("./results/", import.meta.url).pathname;
@@ -91,6 +100,8 @@ interface Plan {
   blocks: Record<string, BlockPlan>;
   /** Iterations of each shared memory mapping loop (default mode). */
   mappingIterations: number;
+  /** Rounds of the transport comparison (det from grpcio, raw exchange, minimal peer; 5 calls each). */
+  transportRounds: number;
 }
 
 // Plans give whole rotations, so every path holds every position equally however many paths run (7 in
@@ -104,6 +115,7 @@ const PLANS: Record<string, Plan> = {
       det: { warmup: 3, rotations: 4, blockSize: 5, blockWarmup: 1 },
     },
     mappingIterations: 1000,
+    transportRounds: 8,
   },
   defaultQuick: {
     starts: 3,
@@ -112,6 +124,7 @@ const PLANS: Record<string, Plan> = {
       det: { warmup: 2, rotations: 1, blockSize: 4, blockWarmup: 1 },
     },
     mappingIterations: 200,
+    transportRounds: 3,
   },
   sweep: {
     starts: 0,
@@ -120,6 +133,7 @@ const PLANS: Record<string, Plan> = {
       det: { warmup: 2, rotations: 2, blockSize: 8, blockWarmup: 2 },
     },
     mappingIterations: 0,
+    transportRounds: 0,
   },
   sweepQuick: {
     starts: 0,
@@ -128,6 +142,7 @@ const PLANS: Record<string, Plan> = {
       det: { warmup: 1, rotations: 1, blockSize: 5, blockWarmup: 1 },
     },
     mappingIterations: 0,
+    transportRounds: 0,
   },
 };
 
@@ -304,7 +319,7 @@ async function defaultMode(workspace: Workspace, plan: Plan) {
 
 async function measureDefault(
   workspace: Workspace,
-  { starts, blocks, mappingIterations }: Plan,
+  { starts, blocks, mappingIterations, transportRounds }: Plan,
   segments: BenchSegments,
 ) {
   // One agent serves every path: bytes, SysV ids, and POSIX objects under a prefix unique to this run.
@@ -334,6 +349,7 @@ async function measureDefault(
     grpcio = await startGrpcio(workspace, agent);
 
     const models = [];
+    let detViaGrpcio: GrpcioRunner | null = null;
     for (const [i, model] of workspace.models.entries()) {
       const segment = segments.add(model.key, model.input);
       const reference = await ReferenceRunner.create(model, DEFAULT_CHOICE);
@@ -351,6 +367,7 @@ async function measureDefault(
           await GrpcioRunner.create(grpcio, agents[i], workspace.dir, segment.sysvId),
         ]
         : [];
+      if (model.key === "det" && viaGrpcio.length > 0) detViaGrpcio = viaGrpcio[0];
       const ownClient = agents[i].viaOwnClient();
       const runners: Runner[] = [reference, ...grpcJs, ownClient, ...viaGrpcio, ffi];
       const expected = await reference.output();
@@ -393,11 +410,32 @@ async function measureDefault(
     listModelsMs.agent = await roundTrip(agent.client);
     listModelsMs.ownClient = await roundTrip(agent.ownClient);
     if (grpcio) listModelsMs.grpcio = median(await grpcio.listModels(LIST_MODELS_CALLS));
+    // The transport's share of a det Predict against the same bytes over a bare socket, and grpcio's own cost.
+    let transport: TransportFigures | null = null;
+    let listModels: ListModelsFigures | null = null;
+    if (grpcio && detViaGrpcio && workspace.grpcioStubs) {
+      console.log(`transport: ${transportRounds} rounds of det from grpcio, raw exchange and minimal peer`);
+      const requestBytes = detViaGrpcio.model.input.byteLength;
+      const responseBytes = (await detViaGrpcio.output()).byteLength;
+      const raw = await RawExchange.start(workspace.dir, requestBytes, responseBytes);
+      let peer: MinimalPeer | null = null;
+      try {
+        peer = await MinimalPeer.start(workspace.dir, workspace.grpcioStubs, responseBytes / 4);
+        const figures = await compareTransport(agent, detViaGrpcio, raw, peer, transportRounds, 5);
+        transport = { ...figures, requestBytes, responseBytes };
+        listModels = await listModelsRoundTrips(grpcio, peer, 500);
+      } finally {
+        await peer?.stop();
+        await raw.stop();
+      }
+    }
     console.log(`shared memory mapping: ${mappingIterations} iterations per loop`);
     const mapping = mappingCosts(segments, mappingIterations);
     return {
       readyMs,
       listModelsMs,
+      transport,
+      listModels,
       memory: { idle, modelsLoaded: loaded, afterInference: agent.memory() },
       models,
       mappingIterations,
@@ -537,6 +575,7 @@ function printDefault(report: Awaited<ReturnType<typeof defaultMode>>): void {
   }
   const listModels = Object.entries(report.listModelsMs).map(([path, t]) => `${ms(t)} ms from ${CLIENTS[path]}`);
   console.log(`  for scale: a ListModels round trip (no tensors) takes ${listModels.join(", ")} (medians)`);
+  if (report.transport) printTransport(report.transport, report.listModels ?? undefined);
   for (const m of report.models) {
     const bytes = m.splits.agent!;
     const deltas = (["agentSysv", "agentPosix"] as const).map((path) => {

@@ -335,6 +335,12 @@ export class GrpcioRunner implements Runner {
     return this.#predict(count);
   }
 
+  /** The same calls from another grpcio client (e.g. on another server's socket); the agent sees none of them. */
+  timeCallsOn(client: GrpcioClient, count: number): Promise<number[]> {
+    const { key: name, shape } = this.model;
+    return client.predict({ name, input: this.#inputFile, inputName: this.#inputName, shape, count });
+  }
+
   cpuMs(): number {
     return this.#agent.cpuMs();
   }
