@@ -290,6 +290,116 @@ export class Incoming {
   }
 }
 
+/**
+ * A server connection's receive buffer, one buffer reused across reads (no allocation per read).
+ * Frames are handed out as views into it, valid only until the next `space()`: whoever keeps
+ * payload bytes copies them (header fragments, messages and PING payloads all do).
+ *
+ * Its size follows the traffic: `minBytes` while reads are small (an idle connection holds little),
+ * `maxBytes` as soon as a read fills it (a large message then takes few reads), and back to
+ * `minBytes` once a small read leaves nothing buffered. It always grows to hold one whole frame.
+ */
+export class FrameBuffer {
+  #buffer: Uint8Array;
+  #start = 0;
+  #end = 0;
+  /** The last read filled the room it was given: more was waiting. */
+  #full = false;
+  /** The last read was small, and not for lack of room. */
+  #quiet = false;
+  /** Bytes the frame begun needs in all, once takeFrames has seen (and checked) its header. */
+  #need = 9;
+
+  constructor(private readonly minBytes: number, private readonly maxBytes: number) {
+    this.#buffer = new Uint8Array(minBytes);
+  }
+
+  get length(): number {
+    return this.#end - this.#start;
+  }
+
+  /** The buffer's size now (for memory bounds). */
+  get capacity(): number {
+    return this.#buffer.length;
+  }
+
+  /** Room for the next read; bytes read into it are announced with `filled`. */
+  space(): Uint8Array {
+    const pending = this.#end - this.#start;
+    if (pending === 0) this.#start = this.#end = 0;
+    const b = this.#buffer;
+    // Room for at least the whole frame begun (its length was checked against maxFrame when seen).
+    const need = pending > 0 ? this.#need : 9;
+    let size = b.length;
+    if (this.#full) size = Math.max(size, this.maxBytes);
+    else if (this.#quiet && pending === 0) size = this.minBytes;
+    size = Math.max(size, need);
+    if (size !== b.length) {
+      const next = new Uint8Array(size);
+      next.set(b.subarray(this.#start, this.#end));
+      this.#buffer = next;
+      this.#start = 0;
+      this.#end = pending;
+    } else if (this.#start > 0 && (b.length - this.#end < b.length / 4 || b.length - this.#start < need)) {
+      // What is left is at most one partial frame: moved to the front for a larger read.
+      b.copyWithin(0, this.#start, this.#end);
+      this.#start = 0;
+      this.#end = pending;
+    }
+    this.#full = this.#quiet = false;
+    return this.#buffer.subarray(this.#end);
+  }
+
+  /** `count` bytes were read into the last `space()`. */
+  filled(count: number): void {
+    this.#full = this.#end + count === this.#buffer.length;
+    this.#end += count;
+    this.#quiet = !this.#full && count < this.minBytes / 2;
+  }
+
+  /** Copies `bytes` in (for data that was not read into `space()`). */
+  push(bytes: Uint8Array): void {
+    for (let offset = 0; offset < bytes.length;) {
+      const room = this.space();
+      const count = Math.min(room.length, bytes.length - offset);
+      room.set(bytes.subarray(offset, offset + count));
+      this.filled(count);
+      offset += count;
+    }
+  }
+
+  /** The next `count` bytes (a view; `count` must be buffered). */
+  take(count: number): Uint8Array {
+    const out = this.#buffer.subarray(this.#start, this.#start + count);
+    this.#start += count;
+    return out;
+  }
+
+  /**
+   * Calls `onFrame` for every whole frame buffered, its payload a view into the buffer. A frame
+   * longer than `maxFrame` (what we advertised) ends the connection.
+   */
+  takeFrames(
+    maxFrame: number,
+    onFrame: (type: number, flags: number, streamId: number, payload: Uint8Array) => void,
+  ): void {
+    const b = this.#buffer;
+    this.#need = 9;
+    while (this.#end - this.#start >= 9) {
+      const at = this.#start;
+      const length = (b[at] << 16) | (b[at + 1] << 8) | b[at + 2];
+      if (length > maxFrame) throw new ConnectionError(ErrorCode.FRAME_SIZE_ERROR, `frame of ${length} bytes`);
+      if (this.#end - at < 9 + length) {
+        this.#need = 9 + length;
+        return;
+      }
+      this.#start = at + 9 + length;
+      const streamId = ((b[at + 5] << 24) | (b[at + 6] << 16) | (b[at + 7] << 8) | b[at + 8]) & 0x7fffffff;
+      onFrame(b[at + 3], b[at + 4], streamId, b.subarray(at + 9, at + 9 + length));
+    }
+  }
+}
+
 /** What went wrong with a call's message stream: the status to end it with. */
 export interface MessageProblem {
   status: number;

@@ -19,6 +19,7 @@ import {
   FLAG_PADDED,
   FLAG_PRIORITY,
   frame,
+  FrameBuffer,
   FrameType,
   Incoming,
   MessageReader,
@@ -514,6 +515,70 @@ export function incoming(count: number, at: Int32Array): string {
     }
   }
   return `${count} byte streams, ${whole} reassembled exactly`;
+}
+
+/** Bytes (header included) of the largest frame whose header lies within the first `end` bytes. */
+function largestFrame(bytes: Uint8Array, end: number): number {
+  let largest = 0;
+  for (let at = 0; at + 9 <= end; at += 9 + ((bytes[at] << 16) | (bytes[at + 1] << 8) | bytes[at + 2])) {
+    largest = Math.max(largest, 9 + ((bytes[at] << 16) | (bytes[at + 1] << 8) | bytes[at + 2]));
+  }
+  return largest;
+}
+
+/**
+ * The server's FrameBuffer, read into as a socket would fill it (any room, any read size), gives the
+ * same frames as the bytes sent, refuses oversized ones, and never holds more than its bound or the
+ * largest frame begun, and goes back to its small size when reads are small.
+ */
+export function frameBuffer(count: number, at: Int32Array): string {
+  let whole = 0;
+  for (let i = 0; i < count; i++) {
+    Atomics.store(at, 0, i);
+    const rng = rngFor(5, i);
+    const frames = Array.from({ length: 1 + rng.int(6) }, () => anyFrame(rng));
+    const mutated = rng.chance(0.3);
+    const bytes = mutated ? mutate(rng, concatAll(frames), VALID_CONNECTIONS) : concatAll(frames);
+    // Small bounds, so growing, moving and shrinking all happen within a few frames.
+    const minBytes = 16 + rng.int(64);
+    const maxBytes = minBytes + rng.int(1024);
+    const maxFrame = 16384;
+    const buffer = new FrameBuffer(minBytes, maxBytes);
+    const seen: Uint8Array[] = [];
+    let offset = 0;
+    let quiet = false;
+    try {
+      while (offset < bytes.length) {
+        const room = buffer.space();
+        if (room.length === 0) assert.fail(`no room to read: input ${i} (FUZZ_SEED=${SEED})`);
+        // A small read (not for lack of room) that left nothing buffered: back to the small size (what an idle connection holds).
+        if (quiet && buffer.capacity !== minBytes) {
+          assert.fail(`${buffer.capacity} bytes held after a quiet read: input ${i} (FUZZ_SEED=${SEED})`);
+        }
+        const count = Math.min(room.length, bytes.length - offset, 1 + rng.int(4096));
+        room.set(bytes.subarray(offset, offset + count));
+        buffer.filled(count);
+        offset += count;
+        if (buffer.capacity > Math.max(maxBytes, largestFrame(bytes, offset))) {
+          assert.fail(`buffer of ${buffer.capacity} bytes: input ${i} (FUZZ_SEED=${SEED})`);
+        }
+        buffer.takeFrames(maxFrame, (type, flags, stream, payload) => {
+          seen.push(concatAll([frame(type, flags, stream, payload)]));
+        });
+        quiet = count < minBytes / 2 && count < room.length && buffer.length === 0;
+      }
+    } catch (error) {
+      if (!(error instanceof ConnectionError)) throw new Error(`input ${i} (FUZZ_SEED=${SEED}): ${error}`);
+      continue;
+    }
+    if (!mutated) {
+      if (!equalBytes(concatAll(seen), bytes) || buffer.length !== 0) {
+        assert.fail(`frames came out differently: input ${i} (FUZZ_SEED=${SEED}): ${toHex(bytes)}`);
+      }
+      whole++;
+    }
+  }
+  return `${count} byte streams, ${whole} read back exactly`;
 }
 
 const RFC7541_BLOCKS = [
