@@ -925,8 +925,9 @@ export class Connection {
           bytes += 9 + size;
           this.#sendWindow -= size;
           stream.sendCredit -= size;
-          // The peer may answer each DATA frame with a WINDOW_UPDATE: that one is not a flood.
-          this.#control.give();
+          // The peer may answer each DATA frame with a WINDOW_UPDATE for the stream and one for the
+          // connection (grpcio does, on every call): those are not a flood.
+          this.#control.give(2);
         }
         if (offset < chunk.length) {
           pending.chunks[0] = chunk.subarray(offset);
