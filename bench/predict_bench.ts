@@ -290,6 +290,7 @@ function grpcioSplitSummary(splits: AgentSplit[]) {
     agentBindMs: of((s) => s.bindMs),
     agentRunMs: of((s) => s.runMs),
     outsideHandlerMs: of((s) => s.totalMs - s.ms),
+    callsWithCopiedInputs: splits.filter((s) => s.copiedInputs > 0).length,
     callsWithShmInputs: splits.filter((s) => s.sharedMemoryInputs > 0).length,
   };
 }
@@ -568,8 +569,8 @@ function printDefault(report: Awaited<ReturnType<typeof defaultMode>>): void {
       console.log(
         `  grpcio client, ${m.model}, ${INPUT_LABELS[path as PathName]}: total ${ms(g.clientTotalMs)} ms, ` +
           `agent handler ${ms(g.agentHandlerMs)} ms (bind ${ms(g.agentBindMs)}, run ${ms(g.agentRunMs)}), ` +
-          `the rest (grpcio, codecs, transport) ${ms(g.outsideHandlerMs)} ms (medians; shm inputs ` +
-          `${g.callsWithShmInputs}/${g.n})`,
+          `the rest (grpcio, codecs, transport) ${ms(g.outsideHandlerMs)} ms (medians; copied inputs ` +
+          `${g.callsWithCopiedInputs}/${g.n}, shm inputs ${g.callsWithShmInputs}/${g.n})`,
       );
     }
   }
