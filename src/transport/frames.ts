@@ -407,14 +407,32 @@ export interface MessageProblem {
 }
 
 /**
+ * Where a method wants its request message placed: `offsetOf` reads the message's first bytes (up
+ * to ALIGN_HEAD_BYTES) and names an offset in it that should fall on an 8-byte boundary of memory
+ * (e.g. where a tensor's bytes begin), or null. Messages under `minBytes` are not worth it.
+ */
+export interface MessageAlignment {
+  minBytes: number;
+  offsetOf: (head: Uint8Array) => number | null;
+}
+
+/** How much of a message MessageAlignment.offsetOf sees. */
+export const ALIGN_HEAD_BYTES = 256;
+
+/**
  * A unary call's single gRPC message, assembled from DATA frames into one buffer (one copy).
- * `reserve` may refuse room for a declared length (the server's per-connection budget).
+ * `reserve` may refuse room for a declared length (the server's per-connection budget). With an
+ * `alignment`, the message's first bytes are held until it can say where to place the buffer.
  */
 export class MessageReader {
   #prefix = new Uint8Array(5);
   #prefixFilled = 0;
   #message: Uint8Array | null = null;
   #filled = 0;
+  /** The message's first bytes, while the alignment waits for them. */
+  #head: Uint8Array | null = null;
+  #headFilled = 0;
+  alignment: MessageAlignment | null = null;
   compressed = false;
   /** Set once the declared length exceeds the limit, the budget refuses it, or a second message starts. */
   problem: MessageProblem | null = null;
@@ -461,7 +479,19 @@ export class MessageReader {
         }
         this.problem = this.limits.reserve(length);
         if (this.problem) return;
-        this.#message = new Uint8Array(length);
+        if (this.alignment && length > 0 && length >= this.alignment.minBytes) {
+          this.#head = new Uint8Array(Math.min(length, ALIGN_HEAD_BYTES));
+          this.#headFilled = 0;
+          this.#message = this.#head; // a placeholder until the head is whole
+        } else {
+          this.#message = new Uint8Array(length);
+        }
+      } else if (this.#head) {
+        const take = Math.min(this.#head.length - this.#headFilled, data.length - pos);
+        this.#head.set(data.subarray(pos, pos + take), this.#headFilled);
+        this.#headFilled += take;
+        pos += take;
+        if (this.#headFilled === this.#head.length) this.#placeMessage(this.#head);
       } else if (this.#filled === this.#message.length) {
         this.problem = this.limits.secondMessage;
         return;
@@ -472,6 +502,18 @@ export class MessageReader {
         pos += take;
       }
     }
+  }
+
+  /** Allocates the message so that the offset its head names lies on an 8-byte boundary. */
+  #placeMessage(head: Uint8Array): void {
+    const length = new DataView(this.#prefix.buffer).getUint32(1);
+    const offset = this.alignment!.offsetOf(head);
+    const pad = offset === null || offset < 0 || offset > length ? 0 : (8 - (offset % 8)) % 8;
+    // Backing stores start 8-aligned (or better), so pad bytes in moves the offset onto a boundary.
+    this.#message = new Uint8Array(length + pad).subarray(pad);
+    this.#message.set(head);
+    this.#filled = head.length;
+    this.#head = null;
   }
 }
 

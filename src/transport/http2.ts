@@ -25,6 +25,7 @@ import {
   frameHeader,
   FrameType,
   MAX_WINDOW,
+  type MessageAlignment,
   MessageReader,
   MessageSplitter,
   parseSettings,
@@ -126,6 +127,8 @@ export interface GrpcServerOptions {
   maxMessageBytes: number;
   /** Resource bounds; missing ones take DEFAULT_LIMITS. */
   limits?: Partial<ServerLimits>;
+  /** Where unary methods want their large request messages placed in memory (see MessageAlignment). */
+  alignments?: Map<string, MessageAlignment>;
   /** Reports a misbehaving connection (protocol errors); the server keeps running. */
   onConnectionError?: (message: string) => void;
   /** Reports a problem of the server itself (failed accept, refused connection). */
@@ -580,6 +583,7 @@ export class Connection {
     if (lengthProblem) return this.#streamError(stream.id, ErrorCode.PROTOCOL_ERROR, lengthProblem);
     const get = (name: string) => head.fields.get(name);
     stream.path = head.path || "/";
+    stream.reader.alignment = this.server.alignments.get(stream.path) ?? null;
     if (this.#streams.size > this.#limits.maxConcurrentStreams) {
       return this.#reset(stream, ErrorCode.REFUSED_STREAM);
     }
@@ -1121,6 +1125,7 @@ export class GrpcServer {
   readonly streams: Map<string, StreamHandler>;
   readonly maxMessageBytes: number;
   readonly limits: ServerLimits;
+  readonly alignments: Map<string, MessageAlignment>;
   /** Request message bytes held by all connections. */
   readonly budget: ByteBudget;
   stopping = false;
@@ -1140,6 +1145,7 @@ export class GrpcServer {
     this.streams = options.streams ?? new Map();
     this.maxMessageBytes = options.maxMessageBytes;
     this.limits = { ...DEFAULT_LIMITS, ...options.limits };
+    this.alignments = options.alignments ?? new Map();
     this.budget = new ByteBudget(this.limits.maxBufferedMessageBytes);
     this.#onConnectionError = options.onConnectionError ?? (() => {});
     this.#onWarning = options.onWarning ?? (() => {});

@@ -10,6 +10,7 @@
 import assert from "node:assert/strict";
 import { Status } from "../../src/errors.ts";
 import {
+  ALIGN_HEAD_BYTES,
   ConnectionError,
   DEFAULT_MAX_FRAME,
   DEFAULT_WINDOW,
@@ -670,6 +671,20 @@ export function messages(count: number, at: Int32Array): string {
       },
       secondMessage: second,
     });
+    // Half the readers place the message for an offset named from its first bytes.
+    let asked: { head: Uint8Array; offset: number | null } | null = null;
+    if (rng.chance(0.5)) {
+      const minBytes = rng.int(64);
+      const pick = rng.int(4);
+      reader.alignment = {
+        minBytes,
+        offsetOf: (head) => {
+          const offset = pick === 0 ? null : pick === 1 ? -1 : rng.int(head.length + 8);
+          asked = { head: head.slice(), offset };
+          return offset;
+        },
+      };
+    }
     const replay = () => `input ${i} (FUZZ_SEED=${SEED}): ${toHex(bytes)}`;
     try {
       for (const chunk of chunked(rng, bytes)) reader.push(chunk);
@@ -681,6 +696,16 @@ export function messages(count: number, at: Int32Array): string {
       const length = new DataView(bytes.buffer, bytes.byteOffset).getUint32(1);
       if (bytes.length !== 5 + length || !equalBytes(reader.message, bytes.subarray(5))) {
         assert.fail(`the message assembled differs from the one sent: ${replay()}`);
+      }
+      const placed = asked as { head: Uint8Array; offset: number | null } | null;
+      if (placed) {
+        if (!equalBytes(placed.head, bytes.subarray(5, 5 + Math.min(length, ALIGN_HEAD_BYTES)))) {
+          assert.fail(`the alignment saw other bytes than the message's first: ${replay()}`);
+        }
+        const { offset } = placed;
+        if (offset !== null && offset >= 0 && offset <= length && (reader.message.byteOffset + offset) % 8 !== 0) {
+          assert.fail(`offset ${offset} is not 8-aligned: ${replay()}`);
+        }
       }
     } else if (!mutated && reader.problem === null) {
       assert.fail(`a whole message was not assembled: ${replay()}`);
