@@ -46,6 +46,7 @@ import {
   listModelsRoundTrips,
   MinimalPeer,
   printTransport,
+  QuietAgent,
   RawExchange,
   type TransportFigures,
 } from "./transport.ts";
@@ -420,12 +421,15 @@ async function measureDefault(
       const responseBytes = (await detViaGrpcio.output()).byteLength;
       const raw = await RawExchange.start(workspace.dir, requestBytes, responseBytes);
       let peer: MinimalPeer | null = null;
+      let quiet: QuietAgent | null = null;
       try {
         peer = await MinimalPeer.start(workspace.dir, workspace.grpcioStubs, responseBytes / 4);
         const figures = await compareTransport(agent, detViaGrpcio, raw, peer, transportRounds, 5);
         transport = { ...figures, requestBytes, responseBytes };
-        listModels = await listModelsRoundTrips(grpcio, peer, 500);
+        quiet = await QuietAgent.start(workspace.dir, workspace.modelsDir, workspace.grpcioStubs, workspace.urls, keys);
+        listModels = await listModelsRoundTrips(quiet.client, grpcio, peer, 1000);
       } finally {
+        await quiet?.stop();
         await peer?.stop();
         await raw.stop();
       }
