@@ -1,9 +1,10 @@
 // Predict latency of the agent against onnxruntime-node in-process, on PaddleOCR cls and det.
 //
 //   default   reference (onnxruntime-node) / agent (gRPC over the Unix socket, from the grpc-js client in this
-//             process and from a Python grpcio client; the input as bytes in the message or as a handle to a
-//             SysV segment or POSIX object) / ffi (our bindings in this process) side by side, where the
-//             agent's time goes, what mapping a segment per request costs, start-up time and memory
+//             process, from a Python grpcio client and from grpc-js under Node; the input as bytes in the message
+//             or as a handle to a SysV segment or POSIX object) / ffi (our bindings in this process) side by side,
+//             where the agent's time goes, the transport against a raw socket exchange, what mapping a segment
+//             per request costs, start-up time and memory
 //   --sweep   agent (both clients) and reference under several ONNX Runtime settings, with CPU time per inference
 //   --quick   fewer calls (about 30 s for the default mode)
 //
@@ -21,7 +22,7 @@ import { PADDLE_CLS, PADDLE_DET, writeModelFolder } from "../tests/helpers/onnx_
 import { AgentProcess, readProc } from "./agent_process.ts";
 import { captureBenchmark, printCaptures } from "./capture_bench.ts";
 import { loadBenchmark, printLoads } from "./load_bench.ts";
-import { generateStubs, GrpcioClient, grpcioMissing } from "./grpcio.ts";
+import { generateStubs, GrpcioClient, grpcioMissing, nodeMissing } from "./grpcio.ts";
 import {
   agentConfigKeys,
   AgentRunner,
@@ -94,6 +95,11 @@ const TARGETS: Record<string, Record<Transport, Target>> = {
   },
 };
 
+/** Node applications' own targets for the grpc-js client under Node (bytes), where tighter than TARGETS. */
+const NODE_TARGETS: Record<string, Target> = {
+  det: { text: "p50 <= 1.25x in-process", met: (agent, reference) => agent <= 1.25 * reference },
+};
+
 interface Plan {
   /** Agent starts timed for spawn -> "serving". */
   starts: number;
@@ -155,6 +161,7 @@ const PATH_LABELS: Record<PathName, string> = {
   ownClient: "agent, bytes (edge-agent client, in-process)",
   grpcio: "agent, bytes (grpcio client, Python)",
   grpcioSysv: "agent, SysV shm (grpcio client, Python)",
+  nodeGrpcJs: "agent, bytes (grpc-js client, Node)",
   ffi: "ffi (our bindings, in-process)",
 };
 
@@ -166,6 +173,7 @@ const CLIENTS: Record<string, string> = {
   ownClient: "the edge-agent client",
   grpcio: "grpcio",
   grpcioSysv: "grpcio",
+  nodeGrpcJs: "grpc-js under Node",
 };
 
 /** How each agent path's input reaches the agent; the other paths are in-process. */
@@ -176,6 +184,7 @@ const TRANSPORTS: Partial<Record<PathName, Transport>> = {
   ownClient: "bytes",
   grpcio: "bytes",
   grpcioSysv: "shm",
+  nodeGrpcJs: "bytes",
 };
 
 /** Input column of the split tables. */
@@ -186,6 +195,7 @@ const INPUT_LABELS: Partial<Record<PathName, string>> = {
   ownClient: "bytes, edge-agent client",
   grpcio: "bytes",
   grpcioSysv: "SysV shm",
+  nodeGrpcJs: "bytes",
 };
 
 interface Workspace {
@@ -196,6 +206,8 @@ interface Workspace {
   urls: Record<string, string>;
   /** Folder of the generated Python stubs; null when the grpcio path is skipped. */
   grpcioStubs: string | null;
+  /** Whether `node` runs here (the grpc-js client under Node). */
+  node: boolean;
 }
 
 /** Starts a grpcio client on `agent` when the workspace has stubs. */
@@ -218,7 +230,9 @@ async function prepare(): Promise<Workspace> {
   }));
   const missing = await grpcioMissing();
   if (missing) console.log(`grpcio client path skipped: ${missing}`);
-  return { dir, modelsDir, models, urls, grpcioStubs: missing ? null : await generateStubs(dir) };
+  const noNode = await nodeMissing();
+  if (noNode) console.log(`grpc-js under Node path skipped: ${noNode}`);
+  return { dir, modelsDir, models, urls, grpcioStubs: missing ? null : await generateStubs(dir), node: !noNode };
 }
 
 function summary(result: PathResult) {
@@ -281,7 +295,7 @@ function splitSummary(splits: AgentSplit[], codec: Codec) {
   };
 }
 
-/** The grpcio client's total around the agent's handler; the rest is grpcio, both codecs and the transport. */
+/** A client process's total around the agent's handler; the rest is that client, both codecs and the transport. */
 function grpcioSplitSummary(splits: AgentSplit[]) {
   const of = (f: (s: AgentSplit) => number) => median(splits.map(f));
   return {
@@ -339,6 +353,7 @@ async function measureDefault(
   const runtime = OnnxRuntime.open(npmLibraryPath());
   const releases: (() => unknown)[] = [];
   let grpcio: GrpcioClient | null = null;
+  let node: GrpcioClient | null = null;
   try {
     // Let start-up work (module evaluation, grpc-js set-up) settle before calling the process idle.
     await new Promise((resolve) => setTimeout(resolve, 500));
@@ -349,6 +364,7 @@ async function measureDefault(
     }
     const loaded = agent.memory();
     grpcio = await startGrpcio(workspace, agent);
+    node = workspace.node ? await GrpcioClient.startNode(agent.socket) : null;
 
     const models = [];
     let detViaGrpcio: GrpcioRunner | null = null;
@@ -370,6 +386,7 @@ async function measureDefault(
         ]
         : [];
       if (model.key === "det" && viaGrpcio.length > 0) detViaGrpcio = viaGrpcio[0];
+      if (node) viaGrpcio.push(await GrpcioRunner.createNode(node, agents[i], workspace.dir));
       const ownClient = agents[i].viaOwnClient();
       const runners: Runner[] = [reference, ...grpcJs, ownClient, ...viaGrpcio, ffi];
       const expected = await reference.output();
@@ -447,9 +464,11 @@ async function measureDefault(
       mapping,
       onnxRuntimeVersion: runtime.version,
       grpcioVersion: grpcio?.version,
+      grpcJsNodeVersion: node?.version,
     };
   } finally {
     await grpcio?.stop();
+    await node?.stop();
     await agent.stop();
     for (const release of releases) await release();
     runtime.close();
@@ -468,7 +487,7 @@ function printDefault(report: Awaited<ReturnType<typeof defaultMode>>): void {
       if (path === "reference") continue;
       // The targets are the agent's, whichever client calls it; ffi only shows what gRPC adds.
       const transport = TRANSPORTS[path];
-      const target = transport && TARGETS[m.model][transport];
+      const target = (path === "nodeGrpcJs" && NODE_TARGETS[m.model]) || (transport && TARGETS[m.model][transport]);
       versus.push([
         m.model,
         `${path} / in-process`,
@@ -492,7 +511,8 @@ function printDefault(report: Awaited<ReturnType<typeof defaultMode>>): void {
   }
   console.log(
     `\nEvery path: ONNX Runtime ${report.onnxRuntimeVersion}, ${choiceLabel(DEFAULT_CHOICE)} (agent defaults)` +
-      (report.grpcioVersion ? `; Python grpcio ${report.grpcioVersion}` : ""),
+      (report.grpcioVersion ? `; Python grpcio ${report.grpcioVersion}` : "") +
+      (report.grpcJsNodeVersion ? `; grpc-js ${report.grpcJsNodeVersion} under Node` : ""),
   );
   console.log("\nSide by side: in-process vs agent Predict from grpc-js, input as bytes / SysV shm / POSIX shm");
   console.log("(ms; ratio = p50 / in-process p50)");
@@ -571,9 +591,9 @@ function printDefault(report: Awaited<ReturnType<typeof defaultMode>>): void {
   for (const m of report.models) {
     for (const [path, g] of Object.entries(m.grpcioSplits)) {
       console.log(
-        `  grpcio client, ${m.model}, ${INPUT_LABELS[path as PathName]}: total ${ms(g.clientTotalMs)} ms, ` +
+        `  ${CLIENTS[path]} client, ${m.model}, ${INPUT_LABELS[path as PathName]}: total ${ms(g.clientTotalMs)} ms, ` +
           `agent handler ${ms(g.agentHandlerMs)} ms (bind ${ms(g.agentBindMs)}, run ${ms(g.agentRunMs)}), ` +
-          `the rest (grpcio, codecs, transport) ${ms(g.outsideHandlerMs)} ms (medians; copied inputs ` +
+          `the rest (client, codecs, transport) ${ms(g.outsideHandlerMs)} ms (medians; copied inputs ` +
           `${g.callsWithCopiedInputs}/${g.n}, shm inputs ${g.callsWithShmInputs}/${g.n})`,
       );
     }
