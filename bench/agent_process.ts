@@ -75,7 +75,16 @@ export class AgentProcess {
       ...keys,
     };
     const { socket, args } = await agentDeployment(dir, raw);
-    const command = new Deno.Command(Deno.execPath(), { args, stdin: "null", stdout: "null", stderr: "piped" });
+    // For profiling: extra deno flags, e.g. BENCH_AGENT_FLAGS="--cpu-prof --cpu-prof-dir=/tmp/prof" (or V8's
+    // --v8-flags=--trace-gc, whose lines go to stdout, kept then).
+    const extra = Deno.env.get("BENCH_AGENT_FLAGS");
+    if (extra) args.splice(1, 0, ...extra.split(" "));
+    const command = new Deno.Command(Deno.execPath(), {
+      args,
+      stdin: "null",
+      stdout: extra ? "inherit" : "null",
+      stderr: "piped",
+    });
     const spawnedAt = performance.now();
     const agent = new AgentProcess(command.spawn(), spawnedAt, socket);
     try {

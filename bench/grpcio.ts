@@ -1,9 +1,22 @@
-// The agent's other kind of client: Python grpcio (gRPC C core), as applications on devices use, in a
-// long-lived subprocess (bench/grpcio_client.py) driven by one JSON line per command.
+// The agent's clients in other processes: Python grpcio (gRPC C core, bench/grpcio_client.py) and grpc-js under
+// Node (bench/grpcjs_node_client.mjs), as applications on devices use them, each a long-lived subprocess driven
+// by one JSON line per command.
 
 import { PYTHON } from "../tests/helpers/python.ts";
 
 const CLIENT = new URL("./grpcio_client.py", import.meta.url).pathname;
+const NODE_CLIENT = new URL("./grpcjs_node_client.mjs", import.meta.url).pathname;
+
+/** Why the Node client cannot run here (no `node`), or null. */
+export async function nodeMissing(): Promise<string | null> {
+  try {
+    const { success } = await new Deno.Command("node", { args: ["--version"], stdout: "null", stderr: "null" })
+      .output();
+    return success ? null : "node --version failed";
+  } catch {
+    return "node is not installed";
+  }
+}
 
 export { generateStubs, pythonGrpcMissing as grpcioMissing } from "../tests/helpers/python.ts";
 
@@ -28,7 +41,7 @@ export class GrpcioClient {
   readonly #stderr: Promise<string>;
   #version = "";
 
-  private constructor(process: Deno.ChildProcess) {
+  private constructor(process: Deno.ChildProcess, readonly script: string) {
     this.#process = process;
     this.#writer = process.stdin.getWriter();
     this.#lines = lines(process.stdout)[Symbol.asyncIterator]();
@@ -36,14 +49,18 @@ export class GrpcioClient {
   }
 
   /** Starts the client on the agent's socket; resolves once it is connected (it gives up after 30 s). */
-  static async start(stubs: string, socket: string): Promise<GrpcioClient> {
-    const command = new Deno.Command(PYTHON, {
-      args: [CLIENT, `--stubs=${stubs}`, `--socket=${socket}`],
-      stdin: "piped",
-      stdout: "piped",
-      stderr: "piped",
-    });
-    const client = new GrpcioClient(command.spawn());
+  static start(stubs: string, socket: string): Promise<GrpcioClient> {
+    return GrpcioClient.#launch(PYTHON, [CLIENT, `--stubs=${stubs}`, `--socket=${socket}`]);
+  }
+
+  /** The grpc-js client under Node on the agent's socket; the same commands. */
+  static startNode(socket: string): Promise<GrpcioClient> {
+    return GrpcioClient.#launch("node", [NODE_CLIENT, `--socket=${socket}`]);
+  }
+
+  static async #launch(program: string, args: string[]): Promise<GrpcioClient> {
+    const command = new Deno.Command(program, { args, stdin: "piped", stdout: "piped", stderr: "piped" });
+    const client = new GrpcioClient(command.spawn(), args[0]);
     try {
       client.#version = (await client.#reply()).ready as string;
     } catch (error) {
@@ -53,7 +70,7 @@ export class GrpcioClient {
     return client;
   }
 
-  /** grpcio's version, as the client reported it once connected. */
+  /** The client library's version (grpcio or grpc-js), as the client reported it once connected. */
   get version(): string {
     return this.#version;
   }
@@ -96,13 +113,13 @@ export class GrpcioClient {
     const { done, value } = await this.#lines.next();
     if (done) {
       const { code } = await this.#process.status;
-      throw new Error(`${CLIENT} exited (${code}):\n${await this.#stderr}`);
+      throw new Error(`${this.script} exited (${code}):\n${await this.#stderr}`);
     }
     return JSON.parse(value);
   }
 }
 
-async function* lines(stream: ReadableStream<Uint8Array>): AsyncGenerator<string> {
+export async function* lines(stream: ReadableStream<Uint8Array>): AsyncGenerator<string> {
   let partial = "";
   for await (const text of stream.pipeThrough(new TextDecoderStream())) {
     const parts = (partial + text).split("\n");

@@ -1,9 +1,10 @@
 // Predict latency of the agent against onnxruntime-node in-process, on PaddleOCR cls and det.
 //
 //   default   reference (onnxruntime-node) / agent (gRPC over the Unix socket, from the grpc-js client in this
-//             process and from a Python grpcio client; the input as bytes in the message or as a handle to a
-//             SysV segment or POSIX object) / ffi (our bindings in this process) side by side, where the
-//             agent's time goes, what mapping a segment per request costs, start-up time and memory
+//             process, from a Python grpcio client and from grpc-js under Node; the input as bytes in the message
+//             or as a handle to a SysV segment or POSIX object) / ffi (our bindings in this process) side by side,
+//             where the agent's time goes, the transport against a raw socket exchange, what mapping a segment
+//             per request costs, start-up time and memory
 //   --sweep   agent (both clients) and reference under several ONNX Runtime settings, with CPU time per inference
 //   --quick   fewer calls (about 30 s for the default mode)
 //
@@ -21,7 +22,7 @@ import { PADDLE_CLS, PADDLE_DET, writeModelFolder } from "../tests/helpers/onnx_
 import { AgentProcess, readProc } from "./agent_process.ts";
 import { captureBenchmark, printCaptures } from "./capture_bench.ts";
 import { loadBenchmark, printLoads } from "./load_bench.ts";
-import { generateStubs, GrpcioClient, grpcioMissing } from "./grpcio.ts";
+import { generateStubs, GrpcioClient, grpcioMissing, nodeMissing } from "./grpcio.ts";
 import {
   agentConfigKeys,
   AgentRunner,
@@ -40,6 +41,16 @@ import {
   type Runner,
 } from "./runners.ts";
 import { BenchSegments, mappingCosts } from "./shared_memory.ts";
+import {
+  compareTransport,
+  type ListModelsFigures,
+  listModelsRoundTrips,
+  MinimalPeer,
+  printTransport,
+  QuietAgent,
+  RawExchange,
+  type TransportFigures,
+} from "./transport.ts";
 import { median, ms, percentile, ratio, signedMs, table, us } from "./stats.ts";
 
 const RESULTS_DIR = new URL("./results/", import.meta.url).pathname;
@@ -84,6 +95,11 @@ const TARGETS: Record<string, Record<Transport, Target>> = {
   },
 };
 
+/** Node applications' own targets for the grpc-js client under Node (bytes), where tighter than TARGETS. */
+const NODE_TARGETS: Record<string, Target> = {
+  det: { text: "p50 <= 1.25x in-process", met: (agent, reference) => agent <= 1.25 * reference },
+};
+
 interface Plan {
   /** Agent starts timed for spawn -> "serving". */
   starts: number;
@@ -91,6 +107,8 @@ interface Plan {
   blocks: Record<string, BlockPlan>;
   /** Iterations of each shared memory mapping loop (default mode). */
   mappingIterations: number;
+  /** Rounds of the transport comparison (det from grpcio, raw exchange, minimal peer; 5 calls each). */
+  transportRounds: number;
 }
 
 // Plans give whole rotations, so every path holds every position equally however many paths run (7 in
@@ -104,6 +122,7 @@ const PLANS: Record<string, Plan> = {
       det: { warmup: 3, rotations: 4, blockSize: 5, blockWarmup: 1 },
     },
     mappingIterations: 1000,
+    transportRounds: 8,
   },
   defaultQuick: {
     starts: 3,
@@ -112,6 +131,7 @@ const PLANS: Record<string, Plan> = {
       det: { warmup: 2, rotations: 1, blockSize: 4, blockWarmup: 1 },
     },
     mappingIterations: 200,
+    transportRounds: 3,
   },
   sweep: {
     starts: 0,
@@ -120,6 +140,7 @@ const PLANS: Record<string, Plan> = {
       det: { warmup: 2, rotations: 2, blockSize: 8, blockWarmup: 2 },
     },
     mappingIterations: 0,
+    transportRounds: 0,
   },
   sweepQuick: {
     starts: 0,
@@ -128,6 +149,7 @@ const PLANS: Record<string, Plan> = {
       det: { warmup: 1, rotations: 1, blockSize: 5, blockWarmup: 1 },
     },
     mappingIterations: 0,
+    transportRounds: 0,
   },
 };
 
@@ -139,6 +161,7 @@ const PATH_LABELS: Record<PathName, string> = {
   ownClient: "agent, bytes (edge-agent client, in-process)",
   grpcio: "agent, bytes (grpcio client, Python)",
   grpcioSysv: "agent, SysV shm (grpcio client, Python)",
+  nodeGrpcJs: "agent, bytes (grpc-js client, Node)",
   ffi: "ffi (our bindings, in-process)",
 };
 
@@ -150,6 +173,7 @@ const CLIENTS: Record<string, string> = {
   ownClient: "the edge-agent client",
   grpcio: "grpcio",
   grpcioSysv: "grpcio",
+  nodeGrpcJs: "grpc-js under Node",
 };
 
 /** How each agent path's input reaches the agent; the other paths are in-process. */
@@ -160,6 +184,7 @@ const TRANSPORTS: Partial<Record<PathName, Transport>> = {
   ownClient: "bytes",
   grpcio: "bytes",
   grpcioSysv: "shm",
+  nodeGrpcJs: "bytes",
 };
 
 /** Input column of the split tables. */
@@ -170,6 +195,7 @@ const INPUT_LABELS: Partial<Record<PathName, string>> = {
   ownClient: "bytes, edge-agent client",
   grpcio: "bytes",
   grpcioSysv: "SysV shm",
+  nodeGrpcJs: "bytes",
 };
 
 interface Workspace {
@@ -180,6 +206,8 @@ interface Workspace {
   urls: Record<string, string>;
   /** Folder of the generated Python stubs; null when the grpcio path is skipped. */
   grpcioStubs: string | null;
+  /** Whether `node` runs here (the grpc-js client under Node). */
+  node: boolean;
 }
 
 /** Starts a grpcio client on `agent` when the workspace has stubs. */
@@ -202,7 +230,9 @@ async function prepare(): Promise<Workspace> {
   }));
   const missing = await grpcioMissing();
   if (missing) console.log(`grpcio client path skipped: ${missing}`);
-  return { dir, modelsDir, models, urls, grpcioStubs: missing ? null : await generateStubs(dir) };
+  const noNode = await nodeMissing();
+  if (noNode) console.log(`grpc-js under Node path skipped: ${noNode}`);
+  return { dir, modelsDir, models, urls, grpcioStubs: missing ? null : await generateStubs(dir), node: !noNode };
 }
 
 function summary(result: PathResult) {
@@ -265,7 +295,7 @@ function splitSummary(splits: AgentSplit[], codec: Codec) {
   };
 }
 
-/** The grpcio client's total around the agent's handler; the rest is grpcio, both codecs and the transport. */
+/** A client process's total around the agent's handler; the rest is that client, both codecs and the transport. */
 function grpcioSplitSummary(splits: AgentSplit[]) {
   const of = (f: (s: AgentSplit) => number) => median(splits.map(f));
   return {
@@ -275,6 +305,7 @@ function grpcioSplitSummary(splits: AgentSplit[]) {
     agentBindMs: of((s) => s.bindMs),
     agentRunMs: of((s) => s.runMs),
     outsideHandlerMs: of((s) => s.totalMs - s.ms),
+    callsWithCopiedInputs: splits.filter((s) => s.copiedInputs > 0).length,
     callsWithShmInputs: splits.filter((s) => s.sharedMemoryInputs > 0).length,
   };
 }
@@ -304,7 +335,7 @@ async function defaultMode(workspace: Workspace, plan: Plan) {
 
 async function measureDefault(
   workspace: Workspace,
-  { starts, blocks, mappingIterations }: Plan,
+  { starts, blocks, mappingIterations, transportRounds }: Plan,
   segments: BenchSegments,
 ) {
   // One agent serves every path: bytes, SysV ids, and POSIX objects under a prefix unique to this run.
@@ -322,6 +353,7 @@ async function measureDefault(
   const runtime = OnnxRuntime.open(npmLibraryPath());
   const releases: (() => unknown)[] = [];
   let grpcio: GrpcioClient | null = null;
+  let node: GrpcioClient | null = null;
   try {
     // Let start-up work (module evaluation, grpc-js set-up) settle before calling the process idle.
     await new Promise((resolve) => setTimeout(resolve, 500));
@@ -332,8 +364,10 @@ async function measureDefault(
     }
     const loaded = agent.memory();
     grpcio = await startGrpcio(workspace, agent);
+    node = workspace.node ? await GrpcioClient.startNode(agent.socket) : null;
 
     const models = [];
+    let detViaGrpcio: GrpcioRunner | null = null;
     for (const [i, model] of workspace.models.entries()) {
       const segment = segments.add(model.key, model.input);
       const reference = await ReferenceRunner.create(model, DEFAULT_CHOICE);
@@ -351,6 +385,8 @@ async function measureDefault(
           await GrpcioRunner.create(grpcio, agents[i], workspace.dir, segment.sysvId),
         ]
         : [];
+      if (model.key === "det" && viaGrpcio.length > 0) detViaGrpcio = viaGrpcio[0];
+      if (node) viaGrpcio.push(await GrpcioRunner.createNode(node, agents[i], workspace.dir));
       const ownClient = agents[i].viaOwnClient();
       const runners: Runner[] = [reference, ...grpcJs, ownClient, ...viaGrpcio, ffi];
       const expected = await reference.output();
@@ -393,20 +429,46 @@ async function measureDefault(
     listModelsMs.agent = await roundTrip(agent.client);
     listModelsMs.ownClient = await roundTrip(agent.ownClient);
     if (grpcio) listModelsMs.grpcio = median(await grpcio.listModels(LIST_MODELS_CALLS));
+    // The transport's share of a det Predict against the same bytes over a bare socket, and grpcio's own cost.
+    let transport: TransportFigures | null = null;
+    let listModels: ListModelsFigures | null = null;
+    if (grpcio && detViaGrpcio && workspace.grpcioStubs) {
+      console.log(`transport: ${transportRounds} rounds of det from grpcio, raw exchange and minimal peer`);
+      const requestBytes = detViaGrpcio.model.input.byteLength;
+      const responseBytes = (await detViaGrpcio.output()).byteLength;
+      const raw = await RawExchange.start(workspace.dir, requestBytes, responseBytes);
+      let peer: MinimalPeer | null = null;
+      let quiet: QuietAgent | null = null;
+      try {
+        peer = await MinimalPeer.start(workspace.dir, workspace.grpcioStubs, responseBytes / 4);
+        const figures = await compareTransport(agent, detViaGrpcio, raw, peer, transportRounds, 5);
+        transport = { ...figures, requestBytes, responseBytes };
+        quiet = await QuietAgent.start(workspace.dir, workspace.modelsDir, workspace.grpcioStubs, workspace.urls, keys);
+        listModels = await listModelsRoundTrips(quiet.client, grpcio, peer, 1000);
+      } finally {
+        await quiet?.stop();
+        await peer?.stop();
+        await raw.stop();
+      }
+    }
     console.log(`shared memory mapping: ${mappingIterations} iterations per loop`);
     const mapping = mappingCosts(segments, mappingIterations);
     return {
       readyMs,
       listModelsMs,
+      transport,
+      listModels,
       memory: { idle, modelsLoaded: loaded, afterInference: agent.memory() },
       models,
       mappingIterations,
       mapping,
       onnxRuntimeVersion: runtime.version,
       grpcioVersion: grpcio?.version,
+      grpcJsNodeVersion: node?.version,
     };
   } finally {
     await grpcio?.stop();
+    await node?.stop();
     await agent.stop();
     for (const release of releases) await release();
     runtime.close();
@@ -425,7 +487,7 @@ function printDefault(report: Awaited<ReturnType<typeof defaultMode>>): void {
       if (path === "reference") continue;
       // The targets are the agent's, whichever client calls it; ffi only shows what gRPC adds.
       const transport = TRANSPORTS[path];
-      const target = transport && TARGETS[m.model][transport];
+      const target = (path === "nodeGrpcJs" && NODE_TARGETS[m.model]) || (transport && TARGETS[m.model][transport]);
       versus.push([
         m.model,
         `${path} / in-process`,
@@ -449,7 +511,8 @@ function printDefault(report: Awaited<ReturnType<typeof defaultMode>>): void {
   }
   console.log(
     `\nEvery path: ONNX Runtime ${report.onnxRuntimeVersion}, ${choiceLabel(DEFAULT_CHOICE)} (agent defaults)` +
-      (report.grpcioVersion ? `; Python grpcio ${report.grpcioVersion}` : ""),
+      (report.grpcioVersion ? `; Python grpcio ${report.grpcioVersion}` : "") +
+      (report.grpcJsNodeVersion ? `; grpc-js ${report.grpcJsNodeVersion} under Node` : ""),
   );
   console.log("\nSide by side: in-process vs agent Predict from grpc-js, input as bytes / SysV shm / POSIX shm");
   console.log("(ms; ratio = p50 / in-process p50)");
@@ -528,15 +591,16 @@ function printDefault(report: Awaited<ReturnType<typeof defaultMode>>): void {
   for (const m of report.models) {
     for (const [path, g] of Object.entries(m.grpcioSplits)) {
       console.log(
-        `  grpcio client, ${m.model}, ${INPUT_LABELS[path as PathName]}: total ${ms(g.clientTotalMs)} ms, ` +
+        `  ${CLIENTS[path]} client, ${m.model}, ${INPUT_LABELS[path as PathName]}: total ${ms(g.clientTotalMs)} ms, ` +
           `agent handler ${ms(g.agentHandlerMs)} ms (bind ${ms(g.agentBindMs)}, run ${ms(g.agentRunMs)}), ` +
-          `the rest (grpcio, codecs, transport) ${ms(g.outsideHandlerMs)} ms (medians; shm inputs ` +
-          `${g.callsWithShmInputs}/${g.n})`,
+          `the rest (client, codecs, transport) ${ms(g.outsideHandlerMs)} ms (medians; copied inputs ` +
+          `${g.callsWithCopiedInputs}/${g.n}, shm inputs ${g.callsWithShmInputs}/${g.n})`,
       );
     }
   }
   const listModels = Object.entries(report.listModelsMs).map(([path, t]) => `${ms(t)} ms from ${CLIENTS[path]}`);
   console.log(`  for scale: a ListModels round trip (no tensors) takes ${listModels.join(", ")} (medians)`);
+  if (report.transport) printTransport(report.transport, report.listModels ?? undefined);
   for (const m of report.models) {
     const bytes = m.splits.agent!;
     const deltas = (["agentSysv", "agentPosix"] as const).map((path) => {

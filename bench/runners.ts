@@ -19,6 +19,7 @@ export type PathName =
   | "ownClient"
   | "grpcio"
   | "grpcioSysv"
+  | "nodeGrpcJs"
   | "ffi";
 
 /** Where an agent path's input tensor travels: in the message, or as a handle to a segment filled once. */
@@ -283,8 +284,9 @@ export class AgentRunner implements Runner {
 }
 
 /**
- * Predict from the Python grpcio client to the same agent and model as an AgentRunner, timed in Python
- * around each stub call; the input as bytes, or as a handle to a SysV segment that already holds it.
+ * Predict from the Python grpcio client (or the grpc-js client under Node) to the same agent and model as an
+ * AgentRunner, timed in that process around each call; the input as bytes, or as a handle to a SysV segment
+ * that already holds it.
  */
 export class GrpcioRunner implements Runner {
   readonly path: PathName;
@@ -296,8 +298,14 @@ export class GrpcioRunner implements Runner {
   readonly #outputFile: string;
   readonly #segmentId?: number;
 
-  private constructor(readonly client: GrpcioClient, grpcJs: AgentRunner, dir: string, sysvSegmentId?: number) {
-    this.path = sysvSegmentId === undefined ? "grpcio" : "grpcioSysv";
+  private constructor(
+    readonly client: GrpcioClient,
+    grpcJs: AgentRunner,
+    dir: string,
+    sysvSegmentId?: number,
+    node = false,
+  ) {
+    this.path = node ? "nodeGrpcJs" : sysvSegmentId === undefined ? "grpcio" : "grpcioSysv";
     this.model = grpcJs.model;
     this.#agent = grpcJs.agent;
     this.#inputName = grpcJs.inputName;
@@ -318,6 +326,13 @@ export class GrpcioRunner implements Runner {
     return runner;
   }
 
+  /** Through the grpc-js client under Node (GrpcioClient.startNode), the input as bytes. */
+  static async createNode(client: GrpcioClient, grpcJs: AgentRunner, dir: string): Promise<GrpcioRunner> {
+    const runner = new GrpcioRunner(client, grpcJs, dir, undefined, true);
+    await Deno.writeFile(runner.#inputFile, bytesOf(runner.model.input));
+    return runner;
+  }
+
   #predict(count: number, output?: string): Promise<number[]> {
     const { key: name, shape } = this.model;
     return this.client.predict({
@@ -333,6 +348,12 @@ export class GrpcioRunner implements Runner {
 
   timeCalls(count: number): Promise<number[]> {
     return this.#predict(count);
+  }
+
+  /** The same calls from another grpcio client (e.g. on another server's socket); the agent sees none of them. */
+  timeCallsOn(client: GrpcioClient, count: number): Promise<number[]> {
+    const { key: name, shape } = this.model;
+    return client.predict({ name, input: this.#inputFile, inputName: this.#inputName, shape, count });
   }
 
   cpuMs(): number {

@@ -4,7 +4,7 @@ import type protobuf from "protobufjs";
 import { AgentError, CallCancelled, invalidArgument, StartupError, Status } from "./errors.ts";
 import type { Logger } from "./log.ts";
 import type { ModelInfo, ModelRegistry, PredictTiming } from "./models.ts";
-import { metadataOf } from "./tensors.ts";
+import { firstTensorBytesOffset, metadataOf } from "./tensors.ts";
 import { GrpcServer, type StreamHandler, type UnaryHandler } from "./transport/http2.ts";
 import type { ServerLimits } from "./transport/limits.ts";
 import { HealthService } from "./health.ts";
@@ -252,6 +252,8 @@ export async function startServer(options: {
     ]),
     maxMessageBytes: options.maxMessageBytes,
     limits: options.limits,
+    // A tensor's bytes at an aligned address are used in place; elsewhere each call copies them.
+    alignments: new Map([[`/${SERVICE_NAME}/Predict`, { minBytes: 64 * 1024, offsetOf: firstTensorBytesOffset }]]),
     onConnectionError: (message) => log.warn("client connection error", { error: message }),
     onWarning: (message, fields) => log.warn(message, fields),
   });

@@ -255,6 +255,47 @@ function settle(
 }
 
 /**
+ * Where the first tensor's byte_data begins in an encoded PredictRequest, read from its first bytes
+ * alone (the wire format, without decoding): null when they do not reach it. Clients place fields
+ * differently (proto3 encoders pack a shape, protobufjs does not), so the offset varies by client.
+ */
+export function firstTensorBytesOffset(head: Uint8Array): number | null {
+  let pos = 0;
+  const varint = (): number | null => {
+    let value = 0;
+    for (let shift = 0; shift < 35; shift += 7) {
+      if (pos >= head.length) return null;
+      const byte = head[pos++];
+      value += (byte & 0x7f) * 2 ** shift;
+      if (byte < 0x80) return value;
+    }
+    return null;
+  };
+  let inTensor = false;
+  while (pos < head.length) {
+    const key = varint();
+    if (key === null) return null;
+    const field = Math.floor(key / 8);
+    const wireType = key % 8;
+    if (wireType === 0) {
+      if (varint() === null) return null;
+    } else if (wireType === 1 || wireType === 5) {
+      pos += wireType === 1 ? 8 : 4;
+    } else if (wireType === 2) {
+      const length = varint();
+      if (length === null) return null;
+      // PredictRequest.tensors = 2, then Tensor.byte_data = 4: the bytes start after the length.
+      if (inTensor && field === 4) return pos;
+      if (!inTensor && field === 2) inTensor = true;
+      else pos += length;
+    } else {
+      return null;
+    }
+  }
+  return null;
+}
+
+/**
  * An ORT value over the tensor's bytes. Zero-copy when the bytes are aligned to the element size;
  * otherwise they are copied once into an aligned buffer, since typed element access in ORT's kernels
  * assumes natural alignment.

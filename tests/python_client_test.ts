@@ -5,7 +5,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import * as ort from "onnxruntime-node";
-import { type AgentProcess, PROJECT_ROOT, startAgent } from "./helpers/agent.ts";
+import { type AgentProcess, parseLogs, PROJECT_ROOT, startAgent } from "./helpers/agent.ts";
 import { floats } from "./helpers/assertions.ts";
 import { generateStubs, PYTHON, pythonGrpcMissing } from "./helpers/python.ts";
 import { identityModel, OnnxType, PADDLE_CLS, writeModelFolder } from "./helpers/onnx_models.ts";
@@ -111,7 +111,8 @@ Deno.test({
       const inputPath = join(work, "input.bin");
       await Deno.writeFile(inputPath, inputBytes);
 
-      agent = await startAgent({ dir: join(work, "agent") });
+      // Verbose: the Predict log line says whether the input was copied.
+      agent = await startAgent({ dir: join(work, "agent"), config: { sagemaker_edge_log_verbose: true } });
       const modelUrl = await writeModelFolder(agent.modelsDir, "cls", await Deno.readFile(PADDLE_CLS));
 
       const stdout = await run(PYTHON, [
@@ -150,6 +151,11 @@ Deno.test({
       assert.equal(pyValues.length, 2);
       // A softmax: a wrong byte order or offset would not sum to one.
       assertClose([pyValues[0] + pyValues[1]], [1], "softmax sum");
+      // grpcio packs the shape, which leaves the tensor's bytes at an odd offset of the message: the
+      // agent placed the message so they are aligned, and ORT read them where they arrived.
+      const predicts = parseLogs(agent.logs()).filter((l) => l.msg === "rpc" && l.rpc === "Predict" && l.code === "OK");
+      assert.equal(predicts.length, 1);
+      assert.equal(predicts[0].copiedInputs, 0, "the input was copied");
 
       // The Deno client, same agent, same input, same model folder (Python unloaded it).
       const loaded = await agent.client.loadModel(modelUrl, "cls");

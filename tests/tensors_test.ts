@@ -4,8 +4,8 @@
 import assert from "node:assert/strict";
 import { ElementType } from "../ffi/onnxruntime.ts";
 import { AgentError, Status } from "../src/errors.ts";
-import { bindInputs, type TensorSpec, toSpecs } from "../src/tensors.ts";
-import type { Tensor } from "../src/wire.ts";
+import { bindInputs, firstTensorBytesOffset, type TensorSpec, toSpecs } from "../src/tensors.ts";
+import { messageType, type Tensor } from "../src/wire.ts";
 
 const FLOAT32 = 5;
 const encoder = new TextEncoder();
@@ -100,4 +100,25 @@ Deno.test("shapes that cannot fit are still refused", () => {
     refused([-1, 3, -1, -1], bytesTensor([1, 3, 48, 191], 4 * 3 * 48 * 192)),
     /byte_data holds 110592 bytes, but shape \[1,3,48,191\] of FLOAT32 needs 110016/,
   );
+});
+
+Deno.test("the first tensor's bytes are found in a PredictRequest's first bytes, however the client laid out its fields", () => {
+  const PredictRequest = messageType("PredictRequest");
+  const tensor = {
+    tensor_metadata: { name: encoder.encode("x"), data_type: FLOAT32, shape: [1, 3, 640, 640] },
+    byte_data: new Uint8Array(300).fill(7),
+  };
+  // protobufjs writes repeated shape values one field each.
+  const ours = PredictRequest.encode({ name: "det", tensors: [tensor] }).finish();
+  const at = firstTensorBytesOffset(ours.subarray(0, 256))!;
+  assert.deepEqual(new Uint8Array(ours.subarray(at, at + 300)), tensor.byte_data);
+  // grpcio (proto3 encoders) packs them: the bytes start two bytes earlier, at 30.
+  const packed = Uint8Array.from(
+    "0a03646574129480ac020a0d0a017810051a06010380058005228080ac02".match(/../g)!.map((h) => parseInt(h, 16)),
+  );
+  assert.equal(firstTensorBytesOffset(packed), 30);
+  // Cut before the bytes start, or not a PredictRequest: no answer rather than a wrong one.
+  assert.equal(firstTensorBytesOffset(packed.subarray(0, 20)), null);
+  assert.equal(firstTensorBytesOffset(Uint8Array.of(0xff, 0xff, 0xff)), null);
+  assert.equal(firstTensorBytesOffset(new Uint8Array(0)), null);
 });

@@ -38,12 +38,16 @@ const SLOWEST_LEGITIMATE_MS = 1000;
 
 let stubs: Promise<string> | null = null;
 
-/** The grpcio client calling ListModels until stopped. */
-async function steadyClient(socket: string) {
-  stubs ??= Deno.makeTempDir({ prefix: "attack-stubs-" }).then((dir) => {
+function stubsDir(): Promise<string> {
+  return Deno.makeTempDir({ prefix: "attack-stubs-" }).then((dir) => {
     globalThis.addEventListener("unload", () => Deno.removeSync(dir, { recursive: true }));
     return generateStubs(dir);
   });
+}
+
+/** The grpcio client calling ListModels until stopped. */
+async function steadyClient(socket: string) {
+  stubs ??= stubsDir();
   const child = new Deno.Command(PYTHON, {
     args: [join(import.meta.dirname!, "python", "steady_client.py"), "--stubs", await stubs, "--socket", socket],
     stdin: "piped",
@@ -133,6 +137,32 @@ async function floodUntilGoAway(socket: string, label: string, unit: Uint8Array,
 const times = (frame: Uint8Array, count: number) => concat(Array.from({ length: count }, () => frame));
 
 const test = (name: string, fn: () => Promise<void>) => Deno.test({ name, ignore: missing !== null, fn });
+
+test("a fast legitimate client is not taken for a flood: its WINDOW_UPDATEs answer the agent's DATA", async () => {
+  // grpcio answers each response with a connection and a stream WINDOW_UPDATE; at a low rate and
+  // calls back to back, those alone would pass the rate within a second if they were not earned.
+  const agent = await startAgent({ config: { edge_agent_control_frames_per_second: 100 } });
+  try {
+    const calls = 3000;
+    const { success, stdout, stderr } = await new Deno.Command(PYTHON, {
+      args: [
+        join(import.meta.dirname!, "python", "steady_client.py"),
+        ...["--stubs", await (stubs ??= stubsDir()), "--socket", agent.socket, "--calls", String(calls)],
+      ],
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    assert.ok(success, new TextDecoder().decode(stderr));
+    const result = JSON.parse(new TextDecoder().decode(stdout).split("\n").filter((l) => l.startsWith("{")).pop()!);
+    assert.deepEqual(result.failures, [], "calls failed");
+    assert.equal(result.calls, calls);
+    assert.ok(!agent.logs().includes("control or empty frames"), "the client was taken for a flood");
+  } finally {
+    await agent.stop();
+    await Deno.remove(agent.dir, { recursive: true });
+  }
+});
 
 test("control-frame floods (PING, SETTINGS, RST_STREAM, WINDOW_UPDATE, PRIORITY, empty DATA) get GOAWAY ENHANCE_YOUR_CALM", async () => {
   await underAttack({}, async ({ socket }) => {

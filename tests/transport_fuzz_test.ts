@@ -48,6 +48,9 @@ Deno.test("fuzz: HTTP/2 connections (frames, stream states, headers, messages) e
 Deno.test("fuzz: Incoming reassembles frames from any split of the byte stream, and refuses oversized ones", () =>
   fuzz("incoming", 100_000));
 
+Deno.test("fuzz: the server's reused read buffer gives the frames sent whatever the reads, within its bound", () =>
+  fuzz("frameBuffer", 100_000));
+
 Deno.test("fuzz: the HPACK decoder only answers headers or CompressionError, with its table bounded", () =>
   fuzz("hpack", 100_000));
 

@@ -302,6 +302,116 @@ export class Incoming {
   }
 }
 
+/**
+ * A server connection's receive buffer, one buffer reused across reads (no allocation per read).
+ * Frames are handed out as views into it, valid only until the next `space()`: whoever keeps
+ * payload bytes copies them (header fragments, messages and PING payloads all do).
+ *
+ * Its size follows the traffic: `minBytes` while reads are small (an idle connection holds little),
+ * `maxBytes` as soon as a read fills it (a large message then takes few reads), and back to
+ * `minBytes` once a small read leaves nothing buffered. It always grows to hold one whole frame.
+ */
+export class FrameBuffer {
+  #buffer: Uint8Array;
+  #start = 0;
+  #end = 0;
+  /** The last read filled the room it was given: more was waiting. */
+  #full = false;
+  /** The last read was small, and not for lack of room. */
+  #quiet = false;
+  /** Bytes the frame begun needs in all, once takeFrames has seen (and checked) its header. */
+  #need = 9;
+
+  constructor(private readonly minBytes: number, private readonly maxBytes: number) {
+    this.#buffer = new Uint8Array(minBytes);
+  }
+
+  get length(): number {
+    return this.#end - this.#start;
+  }
+
+  /** The buffer's size now (for memory bounds). */
+  get capacity(): number {
+    return this.#buffer.length;
+  }
+
+  /** Room for the next read; bytes read into it are announced with `filled`. */
+  space(): Uint8Array {
+    const pending = this.#end - this.#start;
+    if (pending === 0) this.#start = this.#end = 0;
+    const b = this.#buffer;
+    // Room for at least the whole frame begun (its length was checked against maxFrame when seen).
+    const need = pending > 0 ? this.#need : 9;
+    let size = b.length;
+    if (this.#full) size = Math.max(size, this.maxBytes);
+    else if (this.#quiet && pending === 0) size = this.minBytes;
+    size = Math.max(size, need);
+    if (size !== b.length) {
+      const next = new Uint8Array(size);
+      next.set(b.subarray(this.#start, this.#end));
+      this.#buffer = next;
+      this.#start = 0;
+      this.#end = pending;
+    } else if (this.#start > 0 && (b.length - this.#end < b.length / 4 || b.length - this.#start < need)) {
+      // What is left is at most one partial frame: moved to the front for a larger read.
+      b.copyWithin(0, this.#start, this.#end);
+      this.#start = 0;
+      this.#end = pending;
+    }
+    this.#full = this.#quiet = false;
+    return this.#buffer.subarray(this.#end);
+  }
+
+  /** `count` bytes were read into the last `space()`. */
+  filled(count: number): void {
+    this.#full = this.#end + count === this.#buffer.length;
+    this.#end += count;
+    this.#quiet = !this.#full && count < this.minBytes / 2;
+  }
+
+  /** Copies `bytes` in (for data that was not read into `space()`). */
+  push(bytes: Uint8Array): void {
+    for (let offset = 0; offset < bytes.length;) {
+      const room = this.space();
+      const count = Math.min(room.length, bytes.length - offset);
+      room.set(bytes.subarray(offset, offset + count));
+      this.filled(count);
+      offset += count;
+    }
+  }
+
+  /** The next `count` bytes (a view; `count` must be buffered). */
+  take(count: number): Uint8Array {
+    const out = this.#buffer.subarray(this.#start, this.#start + count);
+    this.#start += count;
+    return out;
+  }
+
+  /**
+   * Calls `onFrame` for every whole frame buffered, its payload a view into the buffer. A frame
+   * longer than `maxFrame` (what we advertised) ends the connection.
+   */
+  takeFrames(
+    maxFrame: number,
+    onFrame: (type: number, flags: number, streamId: number, payload: Uint8Array) => void,
+  ): void {
+    const b = this.#buffer;
+    this.#need = 9;
+    while (this.#end - this.#start >= 9) {
+      const at = this.#start;
+      const length = (b[at] << 16) | (b[at + 1] << 8) | b[at + 2];
+      if (length > maxFrame) throw new ConnectionError(ErrorCode.FRAME_SIZE_ERROR, `frame of ${length} bytes`);
+      if (this.#end - at < 9 + length) {
+        this.#need = 9 + length;
+        return;
+      }
+      this.#start = at + 9 + length;
+      const streamId = ((b[at + 5] << 24) | (b[at + 6] << 16) | (b[at + 7] << 8) | b[at + 8]) & 0x7fffffff;
+      onFrame(b[at + 3], b[at + 4], streamId, b.subarray(at + 9, at + 9 + length));
+    }
+  }
+}
+
 /** What went wrong with a call's message stream: the status to end it with. */
 export interface MessageProblem {
   status: number;
@@ -309,14 +419,32 @@ export interface MessageProblem {
 }
 
 /**
+ * Where a method wants its request message placed: `offsetOf` reads the message's first bytes (up
+ * to ALIGN_HEAD_BYTES) and names an offset in it that should fall on an 8-byte boundary of memory
+ * (e.g. where a tensor's bytes begin), or null. Messages under `minBytes` are not worth it.
+ */
+export interface MessageAlignment {
+  minBytes: number;
+  offsetOf: (head: Uint8Array) => number | null;
+}
+
+/** How much of a message MessageAlignment.offsetOf sees. */
+export const ALIGN_HEAD_BYTES = 256;
+
+/**
  * A unary call's single gRPC message, assembled from DATA frames into one buffer (one copy).
- * `reserve` may refuse room for a declared length (the server's per-connection budget).
+ * `reserve` may refuse room for a declared length (the server's per-connection budget). With an
+ * `alignment`, the message's first bytes are held until it can say where to place the buffer.
  */
 export class MessageReader {
   #prefix = new Uint8Array(5);
   #prefixFilled = 0;
   #message: Uint8Array | null = null;
   #filled = 0;
+  /** The message's first bytes, while the alignment waits for them. */
+  #head: Uint8Array | null = null;
+  #headFilled = 0;
+  alignment: MessageAlignment | null = null;
   compressed = false;
   /** Set once the declared length exceeds the limit, the budget refuses it, or a second message starts. */
   problem: MessageProblem | null = null;
@@ -363,7 +491,19 @@ export class MessageReader {
         }
         this.problem = this.limits.reserve(length);
         if (this.problem) return;
-        this.#message = new Uint8Array(length);
+        if (this.alignment && length > 0 && length >= this.alignment.minBytes) {
+          this.#head = new Uint8Array(Math.min(length, ALIGN_HEAD_BYTES));
+          this.#headFilled = 0;
+          this.#message = this.#head; // a placeholder until the head is whole
+        } else {
+          this.#message = new Uint8Array(length);
+        }
+      } else if (this.#head) {
+        const take = Math.min(this.#head.length - this.#headFilled, data.length - pos);
+        this.#head.set(data.subarray(pos, pos + take), this.#headFilled);
+        this.#headFilled += take;
+        pos += take;
+        if (this.#headFilled === this.#head.length) this.#placeMessage(this.#head);
       } else if (this.#filled === this.#message.length) {
         this.problem = this.limits.secondMessage;
         return;
@@ -374,6 +514,18 @@ export class MessageReader {
         pos += take;
       }
     }
+  }
+
+  /** Allocates the message so that the offset its head names lies on an 8-byte boundary. */
+  #placeMessage(head: Uint8Array): void {
+    const length = new DataView(this.#prefix.buffer).getUint32(1);
+    const offset = this.alignment!.offsetOf(head);
+    const pad = offset === null || offset < 0 || offset > length ? 0 : (8 - (offset % 8)) % 8;
+    // Backing stores start 8-aligned (or better), so pad bytes in moves the offset onto a boundary.
+    this.#message = new Uint8Array(length + pad).subarray(pad);
+    this.#message.set(head);
+    this.#filled = head.length;
+    this.#head = null;
   }
 }
 

@@ -21,16 +21,16 @@ import {
   FLAG_END_HEADERS,
   FLAG_END_STREAM,
   frame,
+  FrameBuffer,
   frameHeader,
   FrameType,
-  Incoming,
   MAX_WINDOW,
+  type MessageAlignment,
   MessageReader,
   MessageSplitter,
   parseSettings,
   pingReply,
   PREFACE,
-  READ_BUFFER_BYTES,
   SETTINGS_HEADER_TABLE_SIZE,
   SETTINGS_INITIAL_WINDOW_SIZE,
   SETTINGS_MAX_CONCURRENT_STREAMS,
@@ -54,10 +54,22 @@ import {
 
 /** Request messages a streaming call may hold before its handler takes them. */
 const MAX_QUEUED_MESSAGES = 16;
-/** A connection's first read buffer; it grows with the data that flows (idle ones stay small). */
+/** A connection's read buffer while reads are small (an idle connection holds no more). */
 const MIN_READ_BYTES = 1024;
+/**
+ * Its size once data flows: a large message then takes few reads. A unix socket holds about 200 KiB
+ * in flight, so a larger buffer would rarely fill.
+ */
+const MAX_READ_BYTES = 256 * 1024;
+/**
+ * The largest frame we accept (SETTINGS_MAX_FRAME_SIZE): clients that honour it send a large message
+ * in a quarter of the frames the default 16 KiB takes. A frame must fit the read buffer.
+ */
+const RECEIVE_MAX_FRAME = 64 * 1024;
 /** How long a closing connection may take to flush its last frames before its socket is closed anyway. */
 const CLOSE_FLUSH_MS = 1000;
+/** Pieces at least this large are written as they are rather than copied into a joined write. */
+const LARGE_WRITE_BYTES = 64 * 1024;
 /** After the stop's grace period, connections get this long to flush GOAWAY before they are cut. */
 const STOP_FLUSH_MS = 200;
 /** Our receive window: large, so a client can send a whole tensor without waiting for us. */
@@ -115,6 +127,8 @@ export interface GrpcServerOptions {
   maxMessageBytes: number;
   /** Resource bounds; missing ones take DEFAULT_LIMITS. */
   limits?: Partial<ServerLimits>;
+  /** Where unary methods want their large request messages placed in memory (see MessageAlignment). */
+  alignments?: Map<string, MessageAlignment>;
   /** Reports a misbehaving connection (protocol errors); the server keeps running. */
   onConnectionError?: (message: string) => void;
   /** Reports a problem of the server itself (failed accept, refused connection). */
@@ -186,8 +200,10 @@ export class Connection {
   /** Streams whose response waits for their own send window. */
   readonly #parked = new SendHeap<Stream>();
   readonly #control: TokenBucket;
-  /** Bytes handed to the socket's writer that have not gone out yet. */
+  /** Bytes handed to #send that have not gone out yet. */
   #queuedBytes = 0;
+  /** Bytes queued by #send in this turn of the event loop, written together at its end. */
+  #outgoing: Uint8Array[] = [];
   /** Resolves the read loop, paused while #queuedBytes is over the bound. */
   #writable: PromiseWithResolvers<void> | null = null;
   /** When a byte last went either way, and when the writer last made progress (ms, performance.now()). */
@@ -217,11 +233,10 @@ export class Connection {
   }
 
   async serve(): Promise<void> {
-    const incoming = new Incoming();
+    const incoming = new FrameBuffer(MIN_READ_BYTES, MAX_READ_BYTES);
     let prefaceSeen = false;
     this.#send(this.#settingsFrame());
     this.#send(frame(FrameType.WINDOW_UPDATE, 0, 0, u32Payload(RECEIVE_WINDOW - DEFAULT_WINDOW)));
-    let readSize = MIN_READ_BYTES;
     try {
       for (;;) {
         // A peer that does not read what we write is not read either, until the writes drain.
@@ -230,15 +245,12 @@ export class Connection {
           await this.#writable.promise;
         }
         if (this.#closed) break;
-        // A fresh buffer per read: frames keep views into it. (Iterating conn.readable would close
-        // the socket on an exception, before the GOAWAY that explains it is written.) Its size
-        // follows the last read, so an idle connection holds a small one.
-        const buffer = new Uint8Array(readSize);
-        const count = await this.#conn.read(buffer);
+        // Read into the connection's own buffer, reused (iterating conn.readable would close the
+        // socket on an exception, before the GOAWAY that explains it is written).
+        const count = await this.#conn.read(incoming.space());
         if (count === null) break;
         this.#lastActivity = performance.now();
-        readSize = Math.min(READ_BUFFER_BYTES, Math.max(MIN_READ_BYTES, count * 2));
-        incoming.push(buffer.subarray(0, count));
+        incoming.filled(count);
         if (!prefaceSeen) {
           if (incoming.length < PREFACE.length) continue;
           const preface = incoming.take(PREFACE.length);
@@ -247,7 +259,7 @@ export class Connection {
           }
           prefaceSeen = true;
         }
-        incoming.takeFrames(DEFAULT_MAX_FRAME, (type, flags, streamId, payload) => {
+        incoming.takeFrames(RECEIVE_MAX_FRAME, (type, flags, streamId, payload) => {
           this.#checkFlood(type, flags, payload);
           this.#onFrame(type, flags, streamId, payload);
         });
@@ -273,7 +285,7 @@ export class Connection {
       [SETTINGS_HEADER_TABLE_SIZE, 4096],
       [SETTINGS_MAX_CONCURRENT_STREAMS, this.#limits.maxConcurrentStreams],
       [SETTINGS_INITIAL_WINDOW_SIZE, RECEIVE_WINDOW],
-      [SETTINGS_MAX_FRAME_SIZE, DEFAULT_MAX_FRAME],
+      [SETTINGS_MAX_FRAME_SIZE, RECEIVE_MAX_FRAME],
       [SETTINGS_MAX_HEADER_LIST_SIZE, this.#limits.maxHeaderListBytes],
     ]);
   }
@@ -571,6 +583,7 @@ export class Connection {
     if (lengthProblem) return this.#streamError(stream.id, ErrorCode.PROTOCOL_ERROR, lengthProblem);
     const get = (name: string) => head.fields.get(name);
     stream.path = head.path || "/";
+    stream.reader.alignment = this.server.alignments.get(stream.path) ?? null;
     if (this.#streams.size > this.#limits.maxConcurrentStreams) {
       return this.#reset(stream, ErrorCode.REFUSED_STREAM);
     }
@@ -879,7 +892,7 @@ export class Connection {
           : frame(FrameType.CONTINUATION, last ? FLAG_END_HEADERS : 0, streamId, piece),
       );
     }
-    this.#send(concat(parts));
+    for (const part of parts) this.#send(part);
   }
 
   /**
@@ -910,14 +923,15 @@ export class Connection {
             limit - this.#queuedBytes - bytes,
           );
           if (size <= 0) break;
-          // Header and a view of the payload: concat() below is the one copy into the write buffer.
+          // Header and a view of the payload: #send joins small pieces into one write, large ones go as they are.
           parts.push(frameHeader(size, FrameType.DATA, 0, stream.id), chunk.subarray(offset, offset + size));
           offset += size;
           bytes += 9 + size;
           this.#sendWindow -= size;
           stream.sendCredit -= size;
-          // The peer may answer each DATA frame with a WINDOW_UPDATE: that one is not a flood.
-          this.#control.give();
+          // The peer may answer each DATA frame with a WINDOW_UPDATE for the stream and one for the
+          // connection (grpcio does, on every call): those are not a flood.
+          this.#control.give(2);
         }
         if (offset < chunk.length) {
           pending.chunks[0] = chunk.subarray(offset);
@@ -930,7 +944,7 @@ export class Connection {
         parts.push(frame(FrameType.HEADERS, FLAG_END_STREAM | FLAG_END_HEADERS, stream.id, pending.trailers!));
         stream.pending = null;
       }
-      if (parts.length > 0) this.#send(concat(parts));
+      for (const part of parts) this.#send(part);
       if (done) this.#closeLocal(stream);
       if (!stream.pending || stream.pending.chunks.length === 0) {
         // Sent all it had (a streaming call may queue more later).
@@ -1021,12 +1035,35 @@ export class Connection {
     this.#streams.delete(stream.id);
   }
 
-  /** Queues bytes on the socket; #queuedBytes counts them until they have gone out. */
+  /**
+   * Queues bytes on the socket; #queuedBytes counts them until they have gone out. What is queued
+   * while handling one read (or one answer) leaves together, once this turn of the event loop ends:
+   * one write instead of one per frame, so the client wakes once.
+   */
   #send(bytes: Uint8Array): void {
     if (this.#closed || bytes.length === 0) return;
-    const length = bytes.length;
     if (this.#queuedBytes === 0) this.#lastWrite = performance.now();
-    this.#queuedBytes += length;
+    this.#queuedBytes += bytes.length;
+    this.#outgoing.push(bytes);
+    if (this.#outgoing.length === 1) queueMicrotask(() => this.#writeOutgoing());
+  }
+
+  /** Writes what #send queued: small pieces joined into one write, large ones as they are (no copy). */
+  #writeOutgoing(): void {
+    const parts = this.#outgoing;
+    if (parts.length === 0) return;
+    this.#outgoing = [];
+    let from = 0;
+    for (let i = 0; i <= parts.length; i++) {
+      if (i < parts.length && parts[i].length < LARGE_WRITE_BYTES) continue;
+      if (i > from) this.#write(i - from === 1 ? parts[from] : concat(parts.slice(from, i)));
+      if (i < parts.length) this.#write(parts[i]);
+      from = i + 1;
+    }
+  }
+
+  #write(bytes: Uint8Array): void {
+    const length = bytes.length;
     this.#writer.write(bytes).then(() => this.#wrote(length), () => this.close());
   }
 
@@ -1068,6 +1105,7 @@ export class Connection {
       this.#cancelHandler(stream, "disconnect");
     }
     this.#writable?.resolve();
+    this.#writeOutgoing();
     const closeSocket = () => {
       clearTimeout(timer);
       try {
@@ -1087,6 +1125,7 @@ export class GrpcServer {
   readonly streams: Map<string, StreamHandler>;
   readonly maxMessageBytes: number;
   readonly limits: ServerLimits;
+  readonly alignments: Map<string, MessageAlignment>;
   /** Request message bytes held by all connections. */
   readonly budget: ByteBudget;
   stopping = false;
@@ -1106,6 +1145,7 @@ export class GrpcServer {
     this.streams = options.streams ?? new Map();
     this.maxMessageBytes = options.maxMessageBytes;
     this.limits = { ...DEFAULT_LIMITS, ...options.limits };
+    this.alignments = options.alignments ?? new Map();
     this.budget = new ByteBudget(this.limits.maxBufferedMessageBytes);
     this.#onConnectionError = options.onConnectionError ?? (() => {});
     this.#onWarning = options.onWarning ?? (() => {});

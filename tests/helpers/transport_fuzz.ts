@@ -10,6 +10,7 @@
 import assert from "node:assert/strict";
 import { Status } from "../../src/errors.ts";
 import {
+  ALIGN_HEAD_BYTES,
   concat,
   ConnectionError,
   DEFAULT_MAX_FRAME,
@@ -20,6 +21,7 @@ import {
   FLAG_PADDED,
   FLAG_PRIORITY,
   frame,
+  FrameBuffer,
   FrameType,
   grpcRequestHeaders,
   Incoming,
@@ -501,6 +503,70 @@ export function incoming(count: number, at: Int32Array): string {
   return `${count} byte streams, ${whole} reassembled exactly`;
 }
 
+/** Bytes (header included) of the largest frame whose header lies within the first `end` bytes. */
+function largestFrame(bytes: Uint8Array, end: number): number {
+  let largest = 0;
+  for (let at = 0; at + 9 <= end; at += 9 + ((bytes[at] << 16) | (bytes[at + 1] << 8) | bytes[at + 2])) {
+    largest = Math.max(largest, 9 + ((bytes[at] << 16) | (bytes[at + 1] << 8) | bytes[at + 2]));
+  }
+  return largest;
+}
+
+/**
+ * The server's FrameBuffer, read into as a socket would fill it (any room, any read size), gives the
+ * same frames as the bytes sent, refuses oversized ones, and never holds more than its bound or the
+ * largest frame begun, and goes back to its small size when reads are small.
+ */
+export function frameBuffer(count: number, at: Int32Array): string {
+  let whole = 0;
+  for (let i = 0; i < count; i++) {
+    Atomics.store(at, 0, i);
+    const rng = rngFor(5, i);
+    const frames = Array.from({ length: 1 + rng.int(6) }, () => anyFrame(rng));
+    const mutated = rng.chance(0.3);
+    const bytes = mutated ? mutate(rng, concat(frames), VALID_CONNECTIONS) : concat(frames);
+    // Small bounds, so growing, moving and shrinking all happen within a few frames.
+    const minBytes = 16 + rng.int(64);
+    const maxBytes = minBytes + rng.int(1024);
+    const maxFrame = 16384;
+    const buffer = new FrameBuffer(minBytes, maxBytes);
+    const seen: Uint8Array[] = [];
+    let offset = 0;
+    let quiet = false;
+    try {
+      while (offset < bytes.length) {
+        const room = buffer.space();
+        if (room.length === 0) assert.fail(`no room to read: input ${i} (FUZZ_SEED=${SEED})`);
+        // A small read (not for lack of room) that left nothing buffered: back to the small size (what an idle connection holds).
+        if (quiet && buffer.capacity !== minBytes) {
+          assert.fail(`${buffer.capacity} bytes held after a quiet read: input ${i} (FUZZ_SEED=${SEED})`);
+        }
+        const count = Math.min(room.length, bytes.length - offset, 1 + rng.int(4096));
+        room.set(bytes.subarray(offset, offset + count));
+        buffer.filled(count);
+        offset += count;
+        if (buffer.capacity > Math.max(maxBytes, largestFrame(bytes, offset))) {
+          assert.fail(`buffer of ${buffer.capacity} bytes: input ${i} (FUZZ_SEED=${SEED})`);
+        }
+        buffer.takeFrames(maxFrame, (type, flags, stream, payload) => {
+          seen.push(concat([frame(type, flags, stream, payload)]));
+        });
+        quiet = count < minBytes / 2 && count < room.length && buffer.length === 0;
+      }
+    } catch (error) {
+      if (!(error instanceof ConnectionError)) throw new Error(`input ${i} (FUZZ_SEED=${SEED}): ${error}`);
+      continue;
+    }
+    if (!mutated) {
+      if (!equalBytes(concat(seen), bytes) || buffer.length !== 0) {
+        assert.fail(`frames came out differently: input ${i} (FUZZ_SEED=${SEED}): ${toHex(bytes)}`);
+      }
+      whole++;
+    }
+  }
+  return `${count} byte streams, ${whole} read back exactly`;
+}
+
 const RFC7541_BLOCKS = [
   "400a 6375 7374 6f6d 2d6b 6579 0d63 7573 746f 6d2d 6865 6164 6572",
   "040c 2f73 616d 706c 652f 7061 7468",
@@ -590,6 +656,20 @@ export function messages(count: number, at: Int32Array): string {
       },
       secondMessage: second,
     });
+    // Half the readers place the message for an offset named from its first bytes.
+    let asked: { head: Uint8Array; offset: number | null } | null = null;
+    if (rng.chance(0.5)) {
+      const minBytes = rng.int(64);
+      const pick = rng.int(4);
+      reader.alignment = {
+        minBytes,
+        offsetOf: (head) => {
+          const offset = pick === 0 ? null : pick === 1 ? -1 : rng.int(head.length + 8);
+          asked = { head: head.slice(), offset };
+          return offset;
+        },
+      };
+    }
     const replay = () => `input ${i} (FUZZ_SEED=${SEED}): ${toHex(bytes)}`;
     try {
       for (const chunk of chunked(rng, bytes)) reader.push(chunk);
@@ -601,6 +681,16 @@ export function messages(count: number, at: Int32Array): string {
       const length = new DataView(bytes.buffer, bytes.byteOffset).getUint32(1);
       if (bytes.length !== 5 + length || !equalBytes(reader.message, bytes.subarray(5))) {
         assert.fail(`the message assembled differs from the one sent: ${replay()}`);
+      }
+      const placed = asked as { head: Uint8Array; offset: number | null } | null;
+      if (placed) {
+        if (!equalBytes(placed.head, bytes.subarray(5, 5 + Math.min(length, ALIGN_HEAD_BYTES)))) {
+          assert.fail(`the alignment saw other bytes than the message's first: ${replay()}`);
+        }
+        const { offset } = placed;
+        if (offset !== null && offset >= 0 && offset <= length && (reader.message.byteOffset + offset) % 8 !== 0) {
+          assert.fail(`offset ${offset} is not 8-aligned: ${replay()}`);
+        }
       }
     } else if (!mutated && reader.problem === null) {
       assert.fail(`a whole message was not assembled: ${replay()}`);

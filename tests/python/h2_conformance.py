@@ -342,7 +342,16 @@ def unknown_frame_type_is_ignored():
 
 @case("4.2", "GOAWAY FRAME_SIZE_ERROR")
 def frame_larger_than_max_frame_size():
-    return connection_error("FRAME_SIZE_ERROR", raw_frame(DATA, 0, 1, b"x" * 16385))
+    # One byte over the SETTINGS_MAX_FRAME_SIZE the agent advertised (16384 when it advertises none).
+    conn = Raw()
+    try:
+        deadline = time.monotonic() + WAIT
+        while 0x5 not in conn.settings and conn.next_frame(deadline) is not None:
+            pass
+        conn.send(raw_frame(DATA, 0, 1, b"x" * (conn.settings.get(0x5, 16384) + 1)))
+        return conn.expect_goaway("FRAME_SIZE_ERROR")
+    finally:
+        conn.close()
 
 
 # --- Section 5.1: stream states ---
@@ -794,6 +803,23 @@ def CONTINUATION_completes_a_header_block():
         conn.send(raw_frame(CONTINUATION, 0, 1, block[3:7]))
         conn.send(raw_frame(CONTINUATION, END_HEADERS, 1, block[7:]))
         conn.send(raw_frame(DATA, END_STREAM, 1, EMPTY_MESSAGE))
+        _, trailers, _ = conn.response(1)
+        return f"grpc-status {trailers.get('grpc-status')}", trailers.get("grpc-status") == "0"
+    finally:
+        conn.close()
+
+
+@case("6.10", "response")
+def CONTINUATION_in_a_later_read():
+    # Each fragment arrives in a read of its own: the agent keeps the earlier ones, not views of its read buffer.
+    conn = Raw()
+    try:
+        block = conn.encoder.encode(grpc_request())
+        conn.send(raw_frame(HEADERS, 0, 1, block[:3]))
+        time.sleep(0.05)
+        conn.send(raw_frame(CONTINUATION, 0, 1, block[3:7]))
+        time.sleep(0.05)
+        conn.send(raw_frame(CONTINUATION, END_HEADERS, 1, block[7:]) + raw_frame(DATA, END_STREAM, 1, EMPTY_MESSAGE))
         _, trailers, _ = conn.response(1)
         return f"grpc-status {trailers.get('grpc-status')}", trailers.get("grpc-status") == "0"
     finally:

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """A well-behaved grpcio client that keeps calling ListModels while an attack test runs.
 
-Run by tests/transport_attacks_test.ts. It calls until its standard input closes, then prints one
-JSON object: how many calls it made, which failed (with their status), and the slowest one in ms.
+Run by tests/transport_attacks_test.ts. It calls until its standard input closes (or, with --calls, makes
+that many calls back to back, as fast as it can), then prints one JSON object: how many calls it made,
+which failed (with their status), and the slowest one in ms.
 """
 
 import argparse
@@ -18,6 +19,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--stubs", required=True, help="directory holding agent_pb2*.py")
     parser.add_argument("--socket", required=True)
+    parser.add_argument("--calls", type=int, default=0, help="make this many calls without pausing, then stop")
     args = parser.parse_args()
     sys.path.insert(0, args.stubs)
     import agent_pb2 as pb2
@@ -29,13 +31,14 @@ def main():
         sys.stdin.read()
         stop.set()
 
-    threading.Thread(target=wait_for_eof, daemon=True).start()
+    if not args.calls:
+        threading.Thread(target=wait_for_eof, daemon=True).start()
     calls, failures, slowest = 0, [], 0.0
     with grpc.insecure_channel(f"unix:{args.socket}") as channel:
         grpc.channel_ready_future(channel).result(timeout=30)
         stub = pb2_grpc.AgentStub(channel)
         print("ready", flush=True)
-        while not stop.is_set():
+        while not stop.is_set() and (not args.calls or calls < args.calls):
             started = time.monotonic()
             try:
                 stub.ListModels(pb2.ListModelsRequest(), timeout=5)
@@ -43,7 +46,8 @@ def main():
                 failures.append(f"{error.code().name}: {error.details()}")
             slowest = max(slowest, (time.monotonic() - started) * 1000)
             calls += 1
-            time.sleep(0.01)
+            if not args.calls:
+                time.sleep(0.01)
     print(json.dumps({"calls": calls, "failures": failures[:10], "slowest_ms": round(slowest, 1)}), flush=True)
 
 
