@@ -302,6 +302,22 @@ export class Incoming {
   }
 }
 
+/** Large receive buffers no connection holds now, by size; a few, so the pool's memory stays small. */
+const spareBuffers = new Map<number, Uint8Array[]>();
+const MAX_SPARE_BUFFERS = 8;
+
+function takeSpare(size: number): Uint8Array | undefined {
+  return spareBuffers.get(size)?.pop();
+}
+
+/** Keeps a buffer given up (only the large ones: small ones cost less than the pool). */
+function giveSpare(buffer: Uint8Array, smallBytes: number): void {
+  if (buffer.length <= smallBytes) return;
+  const spares = spareBuffers.get(buffer.length) ?? [];
+  if (spares.length < MAX_SPARE_BUFFERS) spares.push(buffer);
+  spareBuffers.set(buffer.length, spares);
+}
+
 /**
  * A server connection's receive buffer, one buffer reused across reads (no allocation per read).
  * Frames are handed out as views into it, valid only until the next `space()`: whoever keeps
@@ -310,6 +326,8 @@ export class Incoming {
  * Its size follows the traffic: `minBytes` while reads are small (an idle connection holds little),
  * `maxBytes` as soon as a read fills it (a large message then takes few reads), and back to
  * `minBytes` once a small read leaves nothing buffered. It always grows to hold one whole frame.
+ * Large buffers given up go to a small shared pool and are taken from it again, so a connection that
+ * alternates small and full reads (small requests between window updates) allocates nothing.
  */
 export class FrameBuffer {
   #buffer: Uint8Array;
@@ -347,8 +365,9 @@ export class FrameBuffer {
     else if (this.#quiet && pending === 0) size = this.minBytes;
     size = Math.max(size, need);
     if (size !== b.length) {
-      const next = new Uint8Array(size);
+      const next = takeSpare(size) ?? new Uint8Array(size);
       next.set(b.subarray(this.#start, this.#end));
+      giveSpare(b, this.minBytes);
       this.#buffer = next;
       this.#start = 0;
       this.#end = pending;
