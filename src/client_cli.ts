@@ -348,7 +348,8 @@ function parseExposition(text: string): Map<string, number> {
   return samples;
 }
 
-async function scrape(metrics: string): Promise<Map<string, number>> {
+/** The agent's metrics at `metrics` ("unix:<path>" or "host:port"): `name{labels}` -> value. */
+export async function scrapeMetrics(metrics: string): Promise<Map<string, number>> {
   let response: Response;
   if (metrics.startsWith("unix:")) {
     const client = Deno.createHttpClient({ proxy: { transport: "unix", path: metrics.slice(5) } });
@@ -397,9 +398,9 @@ export async function status(client: AgentClient, metrics: string | null): Promi
     lines.push("(pass --metrics <unix:path|host:port> of edge_agent_metrics for rates, latencies and captures)");
     return lines.join("\n");
   }
-  const before = await scrape(metrics);
+  const before = await scrapeMetrics(metrics);
   await new Promise((r) => setTimeout(r, 1000));
-  const after = await scrape(metrics);
+  const after = await scrapeMetrics(metrics);
   const predicts = (samples: Map<string, number>, model: string) =>
     [...samples].filter(([k]) => k.startsWith(`edge_agent_requests_total{rpc="Predict",model="${model}",`))
       .reduce((sum, [, v]) => sum + v, 0);

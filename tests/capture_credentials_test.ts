@@ -8,6 +8,7 @@ import { join } from "node:path";
 import { CaptureService, IotCredentials, S3Client } from "../src/capture/mod.ts";
 import { iotCredentialsUrl, keyFileProblems } from "../src/capture/credentials.ts";
 import { signRequest } from "../src/capture/s3.ts";
+import { scrapeMetrics } from "../src/client_cli.ts";
 import { parseConfig } from "../src/config.ts";
 import { parseProfile, profileFlags, profileFor } from "../src/permissions.ts";
 import { enumValues, health } from "../src/wire.ts";
@@ -369,15 +370,9 @@ function warnings(agent: AgentProcess, pattern: RegExp): Record<string, unknown>
 
 /** A sample from the agent's metrics socket (`series` as written, labels included). */
 async function sample(socket: string, series: string): Promise<number> {
-  const client = Deno.createHttpClient({ proxy: { transport: "unix", path: socket } });
-  try {
-    const text = await (await fetch("http://localhost/metrics", { client })).text();
-    const line = text.split("\n").find((l) => l.startsWith(`${series} `));
-    assert.ok(line, `${series} in ${text}`);
-    return Number(line.slice(series.length + 1));
-  } finally {
-    client.close();
-  }
+  const samples = await scrapeMetrics(`unix:${socket}`);
+  assert.ok(samples.has(series), `${series} in ${[...samples.keys()]}`);
+  return samples.get(series)!;
 }
 
 const blockedGauge = (socket: string) => sample(socket, "edge_agent_capture_uploads_blocked");

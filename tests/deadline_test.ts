@@ -6,6 +6,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import { Buffer } from "node:buffer";
+import { scrapeMetrics } from "../src/client_cli.ts";
 import { Status } from "../src/errors.ts";
 import { encodeHeaders, type Header, HpackDecoder } from "../src/transport/hpack.ts";
 import { enumValues, HEALTH_SERVICE_NAME, RPC_TYPES, SERVICE_NAME } from "../src/wire.ts";
@@ -176,29 +177,15 @@ async function cpuSeconds(pid: number): Promise<number> {
   return (Number(fields[11]) + Number(fields[12])) / 100; // utime, stime (fields 14, 15) in ticks
 }
 
-async function scrape(socket: string): Promise<Map<string, number>> {
-  const client = Deno.createHttpClient({ proxy: { transport: "unix", path: socket } });
-  try {
-    const text = await (await fetch("http://localhost/metrics", { client })).text();
-    const samples = new Map<string, number>();
-    for (const line of text.split("\n")) {
-      const match = /^(\S+) (\S+)$/.exec(line);
-      if (match && !line.startsWith("#")) samples.set(match[1], Number(match[2]));
-    }
-    return samples;
-  } finally {
-    client.close();
-  }
-}
-
 async function cancelled(metricsSocket: string, reason: string): Promise<number> {
-  return (await scrape(metricsSocket)).get(`edge_agent_predict_cancelled_total{reason="${reason}"}`) ?? 0;
+  return (await scrapeMetrics(`unix:${metricsSocket}`)).get(`edge_agent_predict_cancelled_total{reason="${reason}"}`) ??
+    0;
 }
 
 /** Polls until `count` calls are being handled (a handler started: its Run is starting or running). */
 async function untilInFlight(metricsSocket: string, count: number): Promise<void> {
   for (let i = 0; i < 5000; i++) {
-    if (((await scrape(metricsSocket)).get("edge_agent_requests_in_flight") ?? 0) === count) return;
+    if (((await scrapeMetrics(`unix:${metricsSocket}`)).get("edge_agent_requests_in_flight") ?? 0) === count) return;
     await new Promise((r) => setTimeout(r, 1));
   }
   throw new Error(`in-flight calls never reached ${count}`);
