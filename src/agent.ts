@@ -68,7 +68,7 @@ async function credentialSource(config: AgentConfig, log: Logger): Promise<Crede
   const source = new IotCredentials({
     endpoint: config.iotCredentialsEndpoint!,
     deviceFleetName: config.deviceFleetName || "unnamed-fleet",
-    thingName: config.iotThingName || config.deviceName || "unnamed-device",
+    thingName: config.iotThingName || "unnamed-device", // the config defaults it to the device name
     certFile: config.iotCertFile!,
     keyFile: config.iotKeyFile!,
     caFile: config.iotCaFile,
