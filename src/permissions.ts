@@ -9,6 +9,7 @@ import { type AgentConfig, captureDiskPath, iotCredentials, s3Host } from "./con
 import { AWS_CREDENTIAL_VARIABLES, iotCredentialsHost } from "./capture/credentials.ts";
 import { StartupError } from "./errors.ts";
 import { parseMetricsAddress } from "./metrics.ts";
+import { ORT_TELEMETRY_SWITCH } from "./runtime.ts";
 
 /** What a deployment names; every permission flag derives from it. */
 export interface Profile {
@@ -140,7 +141,8 @@ export function profileFlags(profile: Profile): string[] {
     `--allow-read=${readable.join(",")}`,
     `--allow-write=${writable.join(",")}`,
     `--allow-net=${reachable.join(",")}`,
-    ...(profile.env.length > 0 ? [`--allow-env=${profile.env.join(",")}`] : []),
+    // The agent sets ONNX Runtime's telemetry switch itself before loading the library (src/runtime.ts).
+    `--allow-env=${[ORT_TELEMETRY_SWITCH, ...profile.env].join(",")}`,
     "--allow-ffi",
   ];
 }

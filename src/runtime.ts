@@ -59,7 +59,28 @@ async function sha256Hex(bytes: Uint8Array<ArrayBuffer>): Promise<string> {
  * Opens the first candidate that loads. dlopen itself answers whether a path exists, so no read
  * permission is needed on library folders.
  */
+/**
+ * ONNX Runtime's Linux builds start Microsoft's telemetry when the environment is created unless
+ * this variable is "1": a device id and an event queue written under ~/.cache (or XDG_CACHE_HOME)
+ * and uploads to a Microsoft host. Native code is outside Deno's sandbox, so the agent switches
+ * it off itself: it reads, writes and reaches only what its deployment names.
+ */
+export const ORT_TELEMETRY_SWITCH = "ORT_DISABLE_TELEMETRY";
+
+function disableTelemetry(): void {
+  try {
+    Deno.env.set(ORT_TELEMETRY_SWITCH, "1");
+  } catch (error) {
+    throw new StartupError([
+      `ONNX Runtime's telemetry could not be switched off (${
+        (error as Error).message
+      }): run the agent with --allow-env=${ORT_TELEMETRY_SWITCH}`,
+    ]);
+  }
+}
+
 export async function openRuntime(config: AgentConfig): Promise<OnnxRuntime> {
+  disableTelemetry();
   const failures: string[] = [];
   const candidates = libraryCandidates(config);
   if (Deno.build.standalone && !config.onnxRuntimeLibrary) {

@@ -53,7 +53,10 @@ Deno.test("--dry-run prints one deno compile per target with that target's ORT l
     );
     assert.match(line, / --allow-write=\/run\/edge-agent\/agent\.sock,\/var\/lib\/edge-agent\/state /);
     assert.match(line, / --allow-net=unix:\/run\/edge-agent\/agent\.sock /);
-    assert.match(line, / --allow-env=AWS_ACCESS_KEY_ID,AWS_SECRET_ACCESS_KEY,AWS_SESSION_TOKEN,AWS_REGION /);
+    assert.match(
+      line,
+      / --allow-env=ORT_DISABLE_TELEMETRY,AWS_ACCESS_KEY_ID,AWS_SECRET_ACCESS_KEY,AWS_SESSION_TOKEN,AWS_REGION /,
+    );
     assert.doesNotMatch(line, /\s(-A|--allow-all)(\s|$)/);
     // Every grant but FFI is scoped.
     const bare = line.split(" ").filter((a) => a.startsWith("--allow-") && !a.includes("="));

@@ -36,6 +36,8 @@ export interface StartOptions {
   compiled?: boolean;
   /** Environment variables added for the agent (e.g. S3 credentials). */
   env?: Record<string, string>;
+  /** The agent gets `env` only, none of the tests' environment. */
+  clearEnv?: boolean;
   /** The agent's working folder (relative config paths resolve against it); default: the tests'. */
   cwd?: string;
   /** Where the agent serves (default <dir>/agent.sock). */
@@ -82,6 +84,7 @@ export async function startAgent(options: StartOptions = {}): Promise<AgentProce
   const process = new Deno.Command(command, {
     args: [...prefix, ...args, ...(options.serveArgs ?? [])],
     env: options.env,
+    clearEnv: options.clearEnv,
     cwd: options.cwd,
     stdin: "null",
     stdout: "piped",
