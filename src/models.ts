@@ -260,8 +260,8 @@ export class ModelRegistry {
       try {
         outputs = await this.#run(name, session, indexes, inputs, signal, preallocated);
       } catch (error) {
-        // Output shapes seen before for these inputs were not those of this Run: once more, copying.
-        if (!writes?.refusedShapes(error)) throw error;
+        // Output shapes seen before for these inputs may not be this Run's: once more, copying.
+        if (signal?.aborted || !writes?.dropGuessedShapes()) throw error;
         outputs = await this.#run(name, session, indexes, inputs, signal);
       }
       writes?.finish(outputs);

@@ -65,8 +65,6 @@ export function bindOutputLocations(
 const seenShapes = new WeakMap<Session, Map<string, number[][] | null>>();
 /** Input shape combinations remembered per model (a model fed ever new shapes starts over). */
 const MAX_SEEN = 64;
-/** ORT refusing a preallocated output of another shape than the one the Run produces. */
-const SHAPE_REFUSED = /shape verification failed|shape mismatch attempting to re-use buffer/i;
 
 interface Placed {
   target: OutputTarget;
@@ -80,6 +78,8 @@ export class OutputWrites {
   readonly #placed: Placed[] = [];
   readonly #byOutput = new Map<number, Placed>();
   readonly #shapesKey: string;
+  /** Some preallocated shape is only the one seen before, which this Run may not produce. */
+  #guessed = false;
   #released = false;
   /** Outputs ORT did not write in place and that were copied after the Run. */
   copied = 0;
@@ -136,6 +136,7 @@ export class OutputWrites {
     // All or none: with some outputs copied after the Run, the ones written in place could not be
     // taken back if a copied one turns out not to fit.
     if (shapes.some((shape) => !shape)) return;
+    this.#guessed = this.#placed.some(({ target }) => target.spec.shape.some((d) => d < 0));
     for (const [i, placed] of this.#placed.entries()) {
       const { target, region } = placed;
       const bytes = region.bytes.subarray(0, outputByteLength(shapes[i]!, target.spec.dataType));
@@ -149,16 +150,17 @@ export class OutputWrites {
   }
 
   /**
-   * Whether `error` is ORT refusing a preallocated output because the Run produced another shape. The
-   * shapes are then forgotten for these inputs and the preallocated tensors dropped, so the caller runs
-   * again with every output copied after the Run.
+   * After a failed Run: whether a shape seen before was preallocated, which ORT refuses when this Run
+   * produces another (its message varies between versions, so any failure counts). The shapes are then
+   * marked as varying for these inputs and the preallocated tensors dropped, so the caller can run
+   * again with every output copied after the Run; a model that really fails fails again.
    */
-  refusedShapes(error: unknown): boolean {
-    const prebound = this.#placed.filter((p) => p.value !== null);
-    if (prebound.length === 0 || !(error instanceof Error) || !SHAPE_REFUSED.test(error.message)) return false;
+  dropGuessedShapes(): boolean {
+    if (!this.#guessed) return false;
+    this.#guessed = false;
     this.#remember(null);
-    for (const placed of prebound) {
-      placed.value!.release();
+    for (const placed of this.#placed) {
+      placed.value?.release();
       placed.value = null;
     }
     return true;
