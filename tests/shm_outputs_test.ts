@@ -199,6 +199,9 @@ for (const kind of ["sysv", "posix"] as const) {
           "PERMISSION_DENIED",
           new RegExp(`output "sum": the agent may not write ${segmentName} .*grant .* write access`),
         );
+        assert.equal(r.revoked.granted.code, "OK");
+        refused(r.revoked.denied, "PERMISSION_DENIED", /output "sum": the agent may not write/);
+        assert.ok(r.revoked.untouched, "nothing written once write access is taken away");
         refused(
           r.gone.answer,
           "INVALID_ARGUMENT",

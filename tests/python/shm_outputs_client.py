@@ -257,6 +257,17 @@ def main():
         read_only.read_only()
         results["read_only"] = {"answer": call("addsub", ab, [location(read_only, 0, 16)]), "untouched": untouched(read_only), "segment_id": read_only.id}
 
+        # Write access taken away after a successful write (while the agent may keep a SysV segment attached).
+        revoked = segment(16)
+        granted = call("addsub", ab, [location(revoked, 0, 16)])
+        revoked.read_only()
+        revoked.fill()
+        results["revoked"] = {
+            "granted": granted,
+            "denied": call("addsub", ab, [location(revoked, 0, 16)]),
+            "untouched": untouched(revoked),
+        }
+
         gone = segment(16)
         gone_id = gone.id
         gone.remove()
