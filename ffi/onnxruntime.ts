@@ -497,12 +497,15 @@ export class Session {
       outputs,
     );
     keepAlive(names, values, inputs, options, preallocated);
-    const produced = Array.from(
-      outputs,
-      (p, i) => preallocated[i] ?? new Value(this.ort, Deno.UnsafePointer.create(p), null),
-    );
+    // ORT fills a preallocated OrtValue in place; should it ever hand back another one, that one is
+    // returned (and owned by the caller) instead.
+    const produced = Array.from(outputs, (p, i) => {
+      const given = preallocated[i];
+      if (given && BigInt(Deno.UnsafePointer.value(given.pointer)) === p) return given;
+      return new Value(this.ort, Deno.UnsafePointer.create(p), null);
+    });
     if (status !== null) {
-      for (const [i, value] of produced.entries()) if (!preallocated[i]) value.release();
+      for (const [i, value] of produced.entries()) if (value !== preallocated[i]) value.release();
       this.ort.check("Run", status);
     }
     return produced;

@@ -179,7 +179,7 @@ export class OutputWrites {
       const shape = shapes[target.outputIndex];
       const length = outputByteLength(shape, target.spec.dataType);
       // ORT wrote in place unless it handed back another buffer (e.g. an output that is a constant).
-      if (value && value.dataAddress() === addressOf(region.bytes)) continue;
+      if (value && output.dataAddress() === addressOf(region.bytes)) continue;
       if (length > region.bytes.byteLength) throw tooSmall(target, shape, length, region);
       copies.push({ placed, bytes: output.borrowBytes(length) });
     }
