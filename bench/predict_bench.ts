@@ -95,6 +95,11 @@ const TARGETS: Record<string, Record<Transport, Target>> = {
   },
 };
 
+/** Inputs and outputs by shared memory: only the Run is left, so the target is the tightest. */
+const SHM_IN_OUT_TARGETS: Record<string, Target> = {
+  det: { text: "p50 <= 1.02x in-process", met: (agent, reference) => agent <= 1.02 * reference },
+};
+
 /** Node applications' own targets for the grpc-js client under Node (bytes), where tighter than TARGETS. */
 const NODE_TARGETS: Record<string, Target> = {
   det: { text: "p50 <= 1.25x in-process", met: (agent, reference) => agent <= 1.25 * reference },
@@ -158,6 +163,7 @@ const PATH_LABELS: Record<PathName, string> = {
   agent: "agent, bytes (grpc-js client, in-process)",
   agentSysv: "agent, SysV shm (grpc-js client, in-process)",
   agentPosix: "agent, POSIX shm (grpc-js client, in-process)",
+  agentSysvInOut: "agent, SysV shm in and out (grpc-js client, in-process)",
   ownClient: "agent, bytes (edge-agent client, in-process)",
   grpcio: "agent, bytes (grpcio client, Python)",
   grpcioSysv: "agent, SysV shm (grpcio client, Python)",
@@ -170,6 +176,7 @@ const CLIENTS: Record<string, string> = {
   agent: "grpc-js",
   agentSysv: "grpc-js",
   agentPosix: "grpc-js",
+  agentSysvInOut: "grpc-js",
   ownClient: "the edge-agent client",
   grpcio: "grpcio",
   grpcioSysv: "grpcio",
@@ -181,6 +188,7 @@ const TRANSPORTS: Partial<Record<PathName, Transport>> = {
   agent: "bytes",
   agentSysv: "shm",
   agentPosix: "shm",
+  agentSysvInOut: "shm",
   ownClient: "bytes",
   grpcio: "bytes",
   grpcioSysv: "shm",
@@ -192,6 +200,7 @@ const INPUT_LABELS: Partial<Record<PathName, string>> = {
   agent: "bytes",
   agentSysv: "SysV shm",
   agentPosix: "POSIX shm",
+  agentSysvInOut: "SysV shm, output too",
   ownClient: "bytes, edge-agent client",
   grpcio: "bytes",
   grpcioSysv: "SysV shm",
@@ -378,6 +387,10 @@ async function measureDefault(
         agents[i],
         agents[i].viaSharedMemory({ kind: "sysv", segmentId: segment.sysvId }),
         agents[i].viaSharedMemory({ kind: "posix", segmentId: segment.posixId }),
+        agents[i].viaSharedMemoryInOut({ kind: "sysv", segmentId: segment.sysvId }, {
+          segmentId: segment.sysvOutput.id,
+          read: (offset, length) => segment.sysvOutput.read(offset, length),
+        }),
       ];
       const viaGrpcio = grpcio
         ? [
@@ -487,7 +500,8 @@ function printDefault(report: Awaited<ReturnType<typeof defaultMode>>): void {
       if (path === "reference") continue;
       // The targets are the agent's, whichever client calls it; ffi only shows what gRPC adds.
       const transport = TRANSPORTS[path];
-      const target = (path === "nodeGrpcJs" && NODE_TARGETS[m.model]) || (transport && TARGETS[m.model][transport]);
+      const target = (path === "nodeGrpcJs" && NODE_TARGETS[m.model]) ||
+        (path === "agentSysvInOut" && SHM_IN_OUT_TARGETS[m.model]) || (transport && TARGETS[m.model][transport]);
       versus.push([
         m.model,
         `${path} / in-process`,

@@ -7,7 +7,7 @@ import * as ort from "onnxruntime-node";
 import { ElementType, type OnnxRuntime, Session, Value } from "../ffi/onnxruntime.ts";
 import { type GraphOptimization, parseConfig } from "../src/config.ts";
 import { sessionOptions } from "../src/runtime.ts";
-import { enumValues, type Tensor } from "../src/wire.ts";
+import { enumValues, type OutputLocation, type Tensor } from "../src/wire.ts";
 import type { AgentProcess, PredictLog } from "./agent_process.ts";
 import type { GrpcioClient } from "./grpcio.ts";
 
@@ -16,6 +16,7 @@ export type PathName =
   | "agent"
   | "agentSysv"
   | "agentPosix"
+  | "agentSysvInOut"
   | "ownClient"
   | "grpcio"
   | "grpcioSysv"
@@ -24,6 +25,12 @@ export type PathName =
 
 /** Where an agent path's input tensor travels: in the message, or as a handle to a segment filled once. */
 export type InputSource = { kind: "bytes" } | { kind: "sysv" | "posix"; segmentId: number };
+
+/** A segment the agent writes the first output into (output_locations), and how to read it back. */
+export interface OutputSegment {
+  segmentId: number;
+  read(offset: number, length: number): Uint8Array;
+}
 
 export interface ModelCase {
   key: string;
@@ -216,6 +223,7 @@ export class AgentRunner implements Runner {
   readonly splits: AgentSplit[] = [];
   readonly tensors: Tensor[];
   readonly #caller: Caller;
+  readonly #outputLocations: OutputLocation[] | undefined;
 
   private constructor(
     readonly model: ModelCase,
@@ -223,8 +231,12 @@ export class AgentRunner implements Runner {
     readonly inputName: string,
     readonly source: InputSource,
     ownClient = false,
+    readonly outputSegment?: OutputSegment,
   ) {
-    this.path = ownClient ? "ownClient" : AGENT_PATHS[source.kind];
+    this.path = ownClient ? "ownClient" : outputSegment ? "agentSysvInOut" : AGENT_PATHS[source.kind];
+    // Size 0: the room is the whole segment.
+    this.#outputLocations = outputSegment &&
+      [{ index: 0, shared_memory_handle: { segment_id: outputSegment.segmentId, offset: 0, size: 0 } }];
     this.#caller = ownClient ? agent.ownClient : agent.client;
     const tensor_metadata = {
       name: new TextEncoder().encode(inputName),
@@ -252,18 +264,23 @@ export class AgentRunner implements Runner {
     return new AgentRunner(this.model, this.agent, this.inputName, source);
   }
 
+  /** Input from a SysV segment as viaSharedMemory, and the first output written into `output`. */
+  viaSharedMemoryInOut(source: InputSource & { kind: "sysv" }, output: OutputSegment): AgentRunner {
+    return new AgentRunner(this.model, this.agent, this.inputName, source, false, output);
+  }
+
   /** The same agent, model and input, called through the product's own client (`edge-agent client`). */
   viaOwnClient(): AgentRunner {
     return new AgentRunner(this.model, this.agent, this.inputName, this.source, true);
   }
 
   timeCalls(count: number): Promise<number[]> {
-    return timeEach(count, () => this.#caller.predict(this.model.key, this.tensors));
+    return timeEach(count, () => this.#caller.predict(this.model.key, this.tensors, this.#outputLocations));
   }
 
   /** One Predict outside the blocks, its log line set aside so later blocks still pair up. */
   async call(): Promise<{ tensors: Tensor[] }> {
-    const response = await this.#caller.predict(this.model.key, this.tensors);
+    const response = await this.#caller.predict(this.model.key, this.tensors, this.#outputLocations);
     await this.agent.takePredicts(1);
     return response;
   }
@@ -274,6 +291,10 @@ export class AgentRunner implements Runner {
 
   async output(): Promise<Float32Array> {
     const { tensors } = await this.call();
+    if (this.outputSegment) {
+      const bytes = this.outputSegment.read(0, Number(tensors[0].shared_memory_handle!.size));
+      return new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4);
+    }
     // A copy: byte_data is a Buffer view into the received message, at any alignment.
     return new Float32Array(new Uint8Array(tensors[0].byte_data!).buffer);
   }

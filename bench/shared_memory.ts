@@ -13,6 +13,8 @@ const PAGE_BYTES = 4096;
 export interface ModelSegments {
   byteLength: number;
   sysvId: number;
+  /** A SysV segment for the model's first output, as large as the input (room enough for cls and det). */
+  sysvOutput: SysvSegment;
   /** Segment id of the POSIX object `<prefix><posixId>`. */
   posixId: number;
 }
@@ -37,7 +39,9 @@ export class BenchSegments {
     const posix = new PosixObject(`${this.posixPrefix}${posixId}`, input.byteLength);
     this.#owned.push(posix);
     posix.write(0, input);
-    return (this.byModel[key] = { byteLength: input.byteLength, sysvId: sysv.id, posixId });
+    const sysvOutput = new SysvSegment(input.byteLength);
+    this.#owned.push(sysvOutput);
+    return (this.byModel[key] = { byteLength: input.byteLength, sysvId: sysv.id, sysvOutput, posixId });
   }
 
   removeAll(): void {

@@ -1,5 +1,5 @@
-// Raw bindings to the C library calls the agent uses to read clients' shared memory (SysV and
-// POSIX), and a class that owns one read-only mapping. No policy here: src/shm.ts decides.
+// Raw bindings to the C library calls the agent uses to read (inputs) and write (outputs) clients'
+// shared memory (SysV and POSIX), and a class that owns one mapping. No policy here: src/shm.ts decides.
 
 import { cString, NativeError } from "./native.ts";
 
@@ -34,7 +34,9 @@ const IPC_STAT = 2;
 export const SHM_DEST = 0o1000;
 const SHM_RDONLY = 0o10000;
 const O_RDONLY = 0;
+const O_RDWR = 2;
 const PROT_READ = 1;
+const PROT_WRITE = 2;
 const MAP_SHARED = 1;
 const SEEK_END = 2;
 const MAP_FAILED = 0xffffffffffffffffn;
@@ -43,7 +45,14 @@ const MAP_FAILED = 0xffffffffffffffffn;
  * struct shmid_ds as glibc lays it out on x86_64 and aarch64 (the same there: checked with
  * offsetof() for both by tests/shm_layout_test.ts).
  */
-export const SHMID_DS = { size: 112, modeOffset: 20, segszOffset: 48, ctimeOffset: 72 } as const;
+export const SHMID_DS = {
+  size: 112,
+  uidOffset: 4,
+  gidOffset: 8,
+  modeOffset: 20,
+  segszOffset: 48,
+  ctimeOffset: 72,
+} as const;
 
 /** A failed C call with its errno. */
 export class ErrnoError extends NativeError {
@@ -60,6 +69,9 @@ export interface SegmentStatus {
   mode: number;
   /** shm_ctime: last change (creation, IPC_SET) in seconds. */
   changed: bigint;
+  /** shm_perm.uid and shm_perm.gid: the owner, which IPC_SET may change. */
+  uid: number;
+  gid: number;
 }
 
 /** The C library, plus shm_open from libc.so.6 (glibc >= 2.34) or librt.so.1 (older glibc). */
@@ -101,19 +113,24 @@ export class Libc {
       size: view.getBigUint64(SHMID_DS.segszOffset, true),
       mode: view.getUint16(SHMID_DS.modeOffset, true),
       changed: view.getBigInt64(SHMID_DS.ctimeOffset, true),
+      uid: view.getUint32(SHMID_DS.uidOffset, true),
+      gid: view.getUint32(SHMID_DS.gidOffset, true),
     };
   }
 
-  /** Attaches SysV segment `id` read-only. */
-  attach(id: number, size: bigint): Mapping {
-    const address = this.#libc.symbols.shmat(id, null, SHM_RDONLY);
+  /** Attaches SysV segment `id`, read-only unless `writable` (which needs write permission). */
+  attach(id: number, size: bigint, writable = false): Mapping {
+    const address = this.#libc.symbols.shmat(id, null, writable ? 0 : SHM_RDONLY);
     if (isFailure(address)) throw new ErrnoError("shmat", this.errno());
     return new Mapping(address, size, () => this.#libc.symbols.shmdt(address));
   }
 
-  /** shm_open(name, O_RDONLY) and map the whole object read-only; the descriptor is closed at once. */
-  mapPosix(name: string): Mapping {
-    const fd = this.#rt.symbols.shm_open(cString(name), O_RDONLY, 0);
+  /**
+   * shm_open(name) and map the whole object, read-only unless `writable` (O_RDWR, PROT_READ|PROT_WRITE);
+   * the descriptor is closed at once.
+   */
+  mapPosix(name: string, writable = false): Mapping {
+    const fd = this.#rt.symbols.shm_open(cString(name), writable ? O_RDWR : O_RDONLY, 0);
     if (fd < 0) throw new ErrnoError("shm_open", this.errno());
     try {
       const size = this.#libc.symbols.lseek(fd, 0n, SEEK_END);
@@ -121,7 +138,8 @@ export class Libc {
       const length = BigInt(size);
       // mmap refuses zero-length mappings; an empty object maps to nothing.
       if (length === 0n) return new Mapping(null, 0n, () => 0);
-      const address = this.#libc.symbols.mmap(null, length, PROT_READ, MAP_SHARED, fd, 0n);
+      const prot = writable ? PROT_READ | PROT_WRITE : PROT_READ;
+      const address = this.#libc.symbols.mmap(null, length, prot, MAP_SHARED, fd, 0n);
       if (isFailure(address)) throw new ErrnoError("mmap", this.errno());
       return new Mapping(address, length, () => this.#libc.symbols.munmap(address, length));
     } finally {
@@ -139,7 +157,7 @@ function isFailure(address: Deno.PointerValue): boolean {
   return address === null || BigInt(Deno.UnsafePointer.value(address)) === MAP_FAILED;
 }
 
-/** One read-only mapping of a segment; unmapped exactly once. */
+/** One mapping of a segment; unmapped exactly once. */
 export class Mapping {
   #address: Deno.PointerValue;
   readonly #unmap: () => number;
@@ -150,8 +168,9 @@ export class Mapping {
   }
 
   /**
-   * `length` bytes at `offset`, as a view of the shared memory (no copy). The view dies with the
-   * mapping: never touch it after release. The caller has checked offset + length <= size.
+   * `length` bytes at `offset`, as a view of the shared memory (no copy; writable only if the mapping
+   * is). The view dies with the mapping: never touch it after release. The caller has checked
+   * offset + length <= size.
    */
   view(offset: number, length: number): Uint8Array {
     if (this.#address === null && this.size !== 0n) throw new NativeError("mapping used after release");

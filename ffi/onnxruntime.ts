@@ -470,12 +470,22 @@ export class Session {
   /**
    * Runs the session off the JavaScript thread. `inputs[i]` feeds the model input at
    * `inputIndexes[i]`; every model output is returned, in model order, owned by the caller.
-   * `options` (its terminate flag) must stay unreleased until this returns.
+   * `options` (its terminate flag) must stay unreleased until this returns. `preallocated[i]`, when
+   * given, is a tensor of output i's exact shape for ORT to write that output into (Run's in/out
+   * `outputs` array); it is returned in its place, still owned by whoever made it.
    */
-  async run(inputIndexes: number[], inputs: Value[], options: RunOptions | null = null): Promise<Value[]> {
+  async run(
+    inputIndexes: number[],
+    inputs: Value[],
+    options: RunOptions | null = null,
+    preallocated: (Value | null)[] = [],
+  ): Promise<Value[]> {
     const names = pointerArray(inputIndexes.map((i) => this.#inputNames[i]));
     const values = new BigUint64Array(inputs.map((v) => BigInt(Deno.UnsafePointer.value(v.pointer))));
     const outputs = new BigUint64Array(this.outputs.length);
+    preallocated.forEach((value, i) => {
+      if (value) outputs[i] = BigInt(Deno.UnsafePointer.value(value.pointer));
+    });
     const status = await this.ort.api.Run(
       this.pointer,
       options?.pointer ?? null,
@@ -486,10 +496,16 @@ export class Session {
       BigInt(this.outputs.length),
       outputs,
     );
-    keepAlive(names, values, inputs, options);
-    const produced = Array.from(outputs, (p) => new Value(this.ort, Deno.UnsafePointer.create(p), null));
+    keepAlive(names, values, inputs, options, preallocated);
+    // ORT fills a preallocated OrtValue in place; should it ever hand back another one, that one is
+    // returned (and owned by the caller) instead.
+    const produced = Array.from(outputs, (p, i) => {
+      const given = preallocated[i];
+      if (given && BigInt(Deno.UnsafePointer.value(given.pointer)) === p) return given;
+      return new Value(this.ort, Deno.UnsafePointer.create(p), null);
+    });
     if (status !== null) {
-      for (const value of produced) value.release();
+      for (const [i, value] of produced.entries()) if (value !== preallocated[i]) value.release();
       this.ort.check("Run", status);
     }
     return produced;
@@ -518,7 +534,10 @@ export class Value {
     this.#backing = backing;
   }
 
-  /** Wraps `data` (not copied) as a tensor. `data` must not move or be freed before release. */
+  /**
+   * Wraps `data` (not copied) as a tensor. `data` must not move or be freed before release. ORT may
+   * write into it too: as a preallocated output of Session.run.
+   */
   static tensorOver(ort: OnnxRuntime, data: Uint8Array, shape: number[], elementType: number): Value {
     const dims = new BigInt64Array(shape.map(BigInt));
     const out = outPointer();
@@ -556,6 +575,13 @@ export class Value {
     } finally {
       ort.api.ReleaseTensorTypeAndShapeInfo(info);
     }
+  }
+
+  /** Address of the tensor's data (GetTensorMutableData). */
+  dataAddress(): bigint {
+    const out = outPointer();
+    this.ort.check("GetTensorMutableData", this.ort.api.GetTensorMutableData(this.pointer, out));
+    return out[0];
   }
 
   /**

@@ -2,7 +2,16 @@
 // transport (see transport/client.ts for why not grpc-js).
 
 import { GrpcCallError, GrpcClient } from "./transport/client.ts";
-import { health, HEALTH_SERVICE_NAME, type Model, RPC_TYPES, type RpcName, SERVICE_NAME, type Tensor } from "./wire.ts";
+import {
+  health,
+  HEALTH_SERVICE_NAME,
+  type Model,
+  type OutputLocation,
+  RPC_TYPES,
+  type RpcName,
+  SERVICE_NAME,
+  type Tensor,
+} from "./wire.ts";
 
 export { GrpcCallError };
 
@@ -23,8 +32,15 @@ export abstract class AgentCalls {
   describeModel(name: string): Promise<{ model: Model }> {
     return this.call("DescribeModel", { name });
   }
-  predict(name: string, tensors: Tensor[]): Promise<{ tensors: Tensor[] }> {
-    return this.call("Predict", { name, tensors });
+  /**
+   * Outputs named in `outputLocations` are written into the caller's shared memory; their response
+   * tensors carry a shared_memory_handle instead of byte_data.
+   */
+  predict(name: string, tensors: Tensor[], outputLocations?: OutputLocation[]): Promise<{ tensors: Tensor[] }> {
+    return this.call(
+      "Predict",
+      outputLocations?.length ? { name, tensors, output_locations: outputLocations } : { name, tensors },
+    );
   }
 }
 

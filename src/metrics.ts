@@ -176,7 +176,7 @@ export class Metrics {
     metric(
       "edge_agent_shm_sysv_segments_attached",
       "gauge",
-      "SysV segments kept attached for clients' next requests.",
+      "SysV segments kept attached for clients' next requests (one used for inputs and outputs counts twice).",
       [["", sysvSegmentsAttached]],
     );
     const cpu = process.cpuUsage();

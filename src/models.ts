@@ -16,12 +16,14 @@ import type { Logger } from "./log.ts";
 import { openPackage } from "./packages/load.ts";
 import { sessionOptions } from "./runtime.ts";
 import type { SharedMemoryReader, ShmRegion } from "./shm.ts";
+import { bindOutputLocations, OutputWrites, type WrittenOutput } from "./shm_outputs.ts";
 import { bindInputs, inputValue, outputByteLength, type TensorSpec, toSpecs } from "./tensors.ts";
-import type { Tensor } from "./wire.ts";
+import type { OutputLocation, Tensor } from "./wire.ts";
 
 const MODEL_NAME = /^[a-zA-Z0-9](-*[a-zA-Z0-9])*$/;
 const MAX_MODEL_NAME = 255;
 const ORT_INVALID_ARGUMENT = 2;
+const NO_BYTES = new Uint8Array(0);
 
 export interface ModelInfo {
   name: string;
@@ -34,11 +36,15 @@ export interface ModelInfo {
   version?: string;
 }
 
-/** An output tensor whose bytes are borrowed from ORT: valid only inside the consumer callback. */
+/**
+ * An output tensor whose bytes are borrowed from ORT: valid only inside the consumer callback. An
+ * output the client asked for in shared memory has no bytes but `sharedMemory`: where it was written.
+ */
 export interface BorrowedOutput {
   spec: TensorSpec;
   shape: number[];
   bytes: Uint8Array;
+  sharedMemory?: WrittenOutput;
 }
 
 /** Where a Predict's time went (milliseconds), for debug logs and the benchmark. */
@@ -53,6 +59,10 @@ export interface PredictTiming {
   copiedInputs: number;
   /** Inputs read from shared memory (mapped during bind, unmapped after the Run). */
   sharedMemoryInputs: number;
+  /** Outputs written into shared memory (by ORT in place, or copied after the Run). */
+  sharedMemoryOutputs?: number;
+  /** Of those, the ones copied after the Run. */
+  copiedOutputs?: number;
 }
 
 interface Entry {
@@ -200,7 +210,8 @@ export class ModelRegistry {
    * Runs the model on the request tensors and hands the outputs to `consume` while ORT's buffers
    * are alive; they are released when it returns. When `signal` aborts (the caller's deadline passed
    * or it went away) a Run not yet started is not started and a running one is terminated: the call
-   * rejects with `signal.reason`.
+   * rejects with `signal.reason`. Outputs named in `outputLocations` are written into the client's
+   * shared memory instead (src/shm_outputs.ts).
    */
   async predict<T>(
     name: string,
@@ -208,6 +219,7 @@ export class ModelRegistry {
     consume: (outputs: BorrowedOutput[]) => T,
     timing: PredictTiming,
     signal?: AbortSignal,
+    outputLocations: OutputLocation[] = [],
   ): Promise<T> {
     signal?.throwIfAborted();
     let mark = performance.now();
@@ -220,10 +232,12 @@ export class ModelRegistry {
     const entry = this.#ready(name);
     const session = entry.session!;
     const bound = bindInputs(name, entry.info.inputs, tensors);
+    const targets = bindOutputLocations(name, entry.info.outputs, outputLocations);
     entry.inFlight++;
     const inputs: Value[] = [];
     const regions: ShmRegion[] = [];
     let outputs: Value[] = [];
+    let writes: OutputWrites | null = null;
     try {
       for (const input of bound) {
         let bytes: Uint8Array;
@@ -238,13 +252,27 @@ export class ModelRegistry {
         inputs.push(value);
         if (copied) timing.copiedInputs++;
       }
+      if (targets.length > 0) writes = OutputWrites.prepare(this.ort, this.shm, session, bound, targets);
       timing.bindMs = lap();
       timing.sharedMemoryInputs = regions.length;
-      outputs = await this.#run(name, session, bound.map((b) => b.inputIndex), inputs, signal);
+      const indexes = bound.map((b) => b.inputIndex);
+      const preallocated = writes?.preallocated(entry.info.outputs.length);
+      try {
+        outputs = await this.#run(name, session, indexes, inputs, signal, preallocated);
+      } catch (error) {
+        // Output shapes seen before for these inputs may not be this Run's: once more, copying.
+        if (signal?.aborted || !writes?.dropGuessedShapes()) throw error;
+        outputs = await this.#run(name, session, indexes, inputs, signal);
+      }
+      writes?.finish(outputs);
       timing.runMs = lap();
+      timing.sharedMemoryOutputs = writes?.count ?? 0;
+      timing.copiedOutputs = writes?.copied ?? 0;
       const result = consume(outputs.map((value, i) => {
         const spec = entry.info.outputs[i];
         const { shape } = value.tensorInfo();
+        const sharedMemory = writes?.written(i, shape);
+        if (sharedMemory) return { spec, shape, bytes: NO_BYTES, sharedMemory };
         return { spec, shape, bytes: value.borrowBytes(outputByteLength(shape, spec.dataType)) };
       }));
       timing.encodeMs = lap();
@@ -253,6 +281,7 @@ export class ModelRegistry {
       for (const value of outputs) value.release();
       // Values go before the mappings they point into.
       for (const value of inputs) value.release();
+      writes?.release();
       for (const region of regions) region.release();
       if (--entry.inFlight === 0) entry.drained?.resolve();
     }
@@ -265,6 +294,7 @@ export class ModelRegistry {
     inputIndexes: number[],
     inputs: Value[],
     signal: AbortSignal | undefined,
+    preallocated?: (Value | null)[],
   ): Promise<Value[]> {
     signal?.throwIfAborted();
     const options = new RunOptions(this.ort);
@@ -275,7 +305,7 @@ export class ModelRegistry {
     };
     signal?.addEventListener("abort", terminate, { once: true });
     try {
-      const outputs = await session.run(inputIndexes, inputs, options);
+      const outputs = await session.run(inputIndexes, inputs, options, preallocated);
       // Terminated too late to stop ORT: the answer has no one to go to.
       if (signal?.aborted) {
         for (const value of outputs) value.release();

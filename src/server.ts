@@ -58,21 +58,26 @@ const CAPTURE_STATUS = enumValues("CaptureDataStatus");
 function handlers({ registry, capture, shm, clockSkewSeconds }: Services): Record<RpcName, Handler> {
   return {
     Predict: (request, timing, signal) => {
-      const { name, tensors } = request as PredictRequest;
+      const { name, tensors, output_locations } = request as PredictRequest;
       return registry.predict(
         name,
         tensors,
         (outputs) =>
-          encodePredictResponse(outputs.map((output) => ({
-            tensor_metadata: {
-              name: encoder.encode(output.spec.name),
-              data_type: output.spec.dataType.dataType,
-              shape: output.shape,
-            },
-            byte_data: output.bytes,
+          encodePredictResponse(outputs.map(({ spec, shape, bytes, sharedMemory }) => ({
+            tensor_metadata: { name: encoder.encode(spec.name), data_type: spec.dataType.dataType, shape },
+            ...(sharedMemory
+              ? {
+                shared_memory_handle: {
+                  size: sharedMemory.size.toString(),
+                  offset: sharedMemory.offset.toString(),
+                  segment_id: sharedMemory.segmentId.toString(),
+                },
+              }
+              : { byte_data: bytes }),
           }))),
         timing,
         signal,
+        output_locations,
       );
     },
     LoadModel: async (request) => {
@@ -108,6 +113,9 @@ function roundTiming(timing: PredictTiming): Record<string, number> {
     encodeMs: roundMs(timing.encodeMs),
     copiedInputs: timing.copiedInputs,
     sharedMemoryInputs: timing.sharedMemoryInputs,
+    ...(timing.sharedMemoryOutputs
+      ? { sharedMemoryOutputs: timing.sharedMemoryOutputs, copiedOutputs: timing.copiedOutputs ?? 0 }
+      : {}),
   };
 }
 

@@ -1,8 +1,9 @@
 // Tensors in clients' shared memory: which segment a handle names (SysV id or POSIX object), the
-// bounds every access must respect, and how long a mapping lives: at least until the Run that reads it
-// ends; a SysV segment stays attached a while after, for the client's next request.
+// bounds every access must respect, and how long a mapping lives: at least until the Run that reads
+// (inputs) or writes (outputs) it ends; a SysV segment stays attached a while after, for the client's
+// next request. Inputs are mapped read-only, outputs read-write, each only with the client's permission.
 
-import { Errno, ErrnoError, type Libc, type Mapping, SHM_DEST } from "../ffi/libc.ts";
+import { Errno, ErrnoError, type Libc, type Mapping, type SegmentStatus, SHM_DEST } from "../ffi/libc.ts";
 import { invalidArgument, permissionDenied } from "./errors.ts";
 
 export type SharedMemoryKind = "sysv" | "posix" | "both";
@@ -26,7 +27,7 @@ export interface ShmHandle {
   segmentId: bigint;
 }
 
-/** A tensor's bytes inside a client's segment, readable until release. */
+/** A tensor's bytes inside a client's segment, readable (or, for an output, writable) until release. */
 export interface ShmRegion {
   bytes: Uint8Array;
   release(): void;
@@ -47,9 +48,14 @@ interface Lease {
 /** A SysV segment attached by this process, shared by the requests that name it. */
 interface Attachment {
   id: number;
+  writable: boolean;
   mapping: Mapping;
-  /** shm_ctime when attached: a change (IPC_SET) means the segment must be checked afresh. */
-  changed: bigint;
+  /**
+   * shm_ctime, owner and mode when attached: a change (IPC_SET) means the segment must be checked
+   * afresh. The owner and mode are compared too because shm_ctime counts seconds, and a chmod in the
+   * second of the attach must still take effect (write permission is checked only by shmat).
+   */
+  stamp: string;
   users: number;
   lastUsedMs: number;
   /** No longer handed out (removed, changed, idle, evicted or the reader closed); detached at users 0. */
@@ -57,7 +63,8 @@ interface Attachment {
 }
 
 export class SharedMemoryReader {
-  readonly #kept = new Map<number, Attachment>();
+  /** By attachKey(): a segment may be attached once read-only (inputs) and once read-write (outputs). */
+  readonly #kept = new Map<string, Attachment>();
   #sweeper: ReturnType<typeof setInterval> | null = null;
 
   constructor(private readonly libc: Libc, private readonly options: SharedMemoryOptions) {}
@@ -78,7 +85,7 @@ export class SharedMemoryReader {
         `${label}: shared_memory_handle.offset ${offset} in segment ${segmentId} is not a multiple of the element size ${elementSize}`,
       );
     }
-    const mapping = this.#map(label, segmentId);
+    const mapping = this.#map(label, segmentId, false);
     if (offset + BigInt(byteLength) > mapping.size) {
       mapping.release();
       throw invalidArgument(
@@ -88,25 +95,52 @@ export class SharedMemoryReader {
     return { bytes: mapping.view(Number(offset), byteLength), release: () => mapping.release() };
   }
 
-  #map(label: string, segmentId: bigint): Lease {
+  /**
+   * Maps the room a handle gives an output, read-write: `size` bytes at `offset`, or everything from
+   * `offset` to the end of the segment when `size` is 0. Bounds are computed on unsigned 64-bit values,
+   * so no offset or size wraps around. The caller checks that the output fits the room.
+   */
+  openWritable(label: string, handle: ShmHandle, elementSize: number): ShmRegion {
+    const { size, offset, segmentId } = handle;
+    if (offset % BigInt(elementSize) !== 0n) {
+      throw invalidArgument(
+        `${label}: shared_memory_handle.offset ${offset} in segment ${segmentId} is not a multiple of the element size ${elementSize}`,
+      );
+    }
+    const mapping = this.#map(label, segmentId, true);
+    const end = size === 0n ? mapping.size : offset + size;
+    if (offset > mapping.size || end > mapping.size) {
+      mapping.release();
+      throw invalidArgument(
+        `${label}: offset ${offset}${
+          size === 0n ? "" : ` + ${size} bytes`
+        } runs past the end of segment ${segmentId}, which holds ${mapping.size} bytes`,
+      );
+    }
+    return { bytes: mapping.view(Number(offset), Number(end - offset)), release: () => mapping.release() };
+  }
+
+  #map(label: string, segmentId: bigint, writable: boolean): Lease {
     const { kind, posixPrefix } = this.options;
     if (kind !== "sysv") {
       const name = `${posixPrefix}${segmentId}`;
       try {
-        return this.libc.mapPosix(name);
+        return this.libc.mapPosix(name, writable);
       } catch (error) {
         const missing = error instanceof ErrnoError && error.errno === Errno.ENOENT;
-        if (!(missing && kind === "both")) throw this.#explain(error, label, `shared memory object ${name}`);
+        if (!(missing && kind === "both")) {
+          throw this.#explain(error, label, `shared memory object ${name}`, writable);
+        }
       }
     }
     if (segmentId > MAX_SYSV_ID) throw invalidArgument(`${label}: segment ${segmentId} not found`);
     const id = Number(segmentId);
     try {
-      return this.#attachSysv(id);
+      return this.#attachSysv(id, writable);
     } catch (error) {
-      const kept = this.#kept.get(id);
+      const kept = this.#kept.get(attachKey(id, writable));
       if (kept) this.#retire(kept);
-      throw this.#explain(error, label, `segment ${segmentId}`);
+      throw this.#explain(error, label, `segment ${segmentId}`, writable);
     }
   }
 
@@ -115,11 +149,12 @@ export class SharedMemoryReader {
    * all the same: it is the permission check (it needs read access), so revoking the agent's access
    * takes effect at the next request even while the segment stays attached.
    */
-  #attachSysv(id: number): Lease {
+  #attachSysv(id: number, writable: boolean): Lease {
     const status = this.libc.segmentStatus(id);
     const removed = (status.mode & SHM_DEST) !== 0;
-    const kept = this.#kept.get(id);
-    if (kept && !removed && kept.changed === status.changed) {
+    const key = attachKey(id, writable);
+    const kept = this.#kept.get(key);
+    if (kept && !removed && kept.stamp === stampOf(status)) {
       kept.users++;
       kept.lastUsedMs = performance.now();
       return this.#lease(kept);
@@ -127,14 +162,15 @@ export class SharedMemoryReader {
     if (kept) this.#retire(kept);
     const attachment: Attachment = {
       id,
-      mapping: this.libc.attach(id, status.size),
-      changed: status.changed,
+      writable,
+      mapping: this.libc.attach(id, status.size, writable),
+      stamp: stampOf(status),
       users: 1,
       lastUsedMs: performance.now(),
       retired: removed || this.options.sysvKeepAttachedSeconds === 0,
     };
     if (!attachment.retired) {
-      this.#kept.set(id, attachment);
+      this.#kept.set(key, attachment);
       this.#evictBeyondLimit();
       if (this.#sweeper === null) {
         // The sweep must not keep a stopping agent alive.
@@ -163,7 +199,8 @@ export class SharedMemoryReader {
 
   /** Hands the attachment out no more; detaches it now if no request holds it, else at its last release. */
   #retire(attachment: Attachment): void {
-    if (this.#kept.get(attachment.id) === attachment) this.#kept.delete(attachment.id);
+    const key = attachKey(attachment.id, attachment.writable);
+    if (this.#kept.get(key) === attachment) this.#kept.delete(key);
     attachment.retired = true;
     if (attachment.users === 0) attachment.mapping.release();
   }
@@ -187,7 +224,7 @@ export class SharedMemoryReader {
       }
       try {
         const status = this.libc.segmentStatus(attachment.id);
-        if ((status.mode & SHM_DEST) !== 0 || status.changed !== attachment.changed) this.#retire(attachment);
+        if ((status.mode & SHM_DEST) !== 0 || stampOf(status) !== attachment.stamp) this.#retire(attachment);
       } catch {
         this.#retire(attachment);
       }
@@ -200,7 +237,7 @@ export class SharedMemoryReader {
     this.#sweeper = null;
   }
 
-  /** SysV segments kept attached (the metric edge_agent_shm_sysv_segments_attached). */
+  /** SysV attachments kept, read-only and read-write (the metric edge_agent_shm_sysv_segments_attached). */
   get attachedSegments(): number {
     return this.#kept.size;
   }
@@ -211,13 +248,14 @@ export class SharedMemoryReader {
     for (const attachment of [...this.#kept.values()]) this.#retire(attachment);
   }
 
-  #explain(error: unknown, label: string, segment: string): Error {
+  #explain(error: unknown, label: string, segment: string, writable: boolean): Error {
     if (!(error instanceof ErrnoError)) return error as Error;
+    const access = writable ? "write" : "read";
     switch (error.errno) {
       case Errno.EACCES:
       case Errno.EPERM:
         return permissionDenied(
-          `${label}: the agent may not read ${segment} (${error.call}: access denied); run the agent as the user that owns the segment, or grant that user's group or others read access`,
+          `${label}: the agent may not ${access} ${segment} (${error.call}: access denied); run the agent as the user that owns the segment, or grant that user's group or others ${access} access`,
         );
       case Errno.ENOENT:
       case Errno.EINVAL:
@@ -228,4 +266,12 @@ export class SharedMemoryReader {
         return invalidArgument(`${label}: ${segment} cannot be mapped (${error.call}: errno ${error.errno})`);
     }
   }
+}
+
+function attachKey(id: number, writable: boolean): string {
+  return `${writable ? "rw" : "r"}:${id}`;
+}
+
+function stampOf(status: SegmentStatus): string {
+  return `${status.changed}/${status.uid}/${status.gid}/${status.mode & 0o777}`;
 }

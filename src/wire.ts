@@ -48,9 +48,18 @@ export interface Model {
   output_tensor_metadatas: TensorMetadata[];
 }
 
+/** Where an output goes in the client's shared memory (an addition of this agent). */
+export interface OutputLocation {
+  /** The output's name; when empty, `index` names it. */
+  name?: string;
+  index?: number;
+  shared_memory_handle?: SharedMemoryHandle | null;
+}
+
 export interface PredictRequest {
   name: string;
   tensors: Tensor[];
+  output_locations?: OutputLocation[];
 }
 
 export interface NameRequest {

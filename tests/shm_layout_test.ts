@@ -11,8 +11,9 @@ const PROGRAM = `#include <stdio.h>
 #include <stddef.h>
 #include <sys/shm.h>
 int main(void) {
-  printf("{\\"size\\":%zu,\\"modeOffset\\":%zu,\\"segszOffset\\":%zu,\\"ctimeOffset\\":%zu,\\"nattchOffset\\":%zu}\\n",
-    sizeof(struct shmid_ds), offsetof(struct shmid_ds, shm_perm.mode),
+  printf("{\\"size\\":%zu,\\"uidOffset\\":%zu,\\"gidOffset\\":%zu,\\"modeOffset\\":%zu,\\"segszOffset\\":%zu,\\"ctimeOffset\\":%zu,\\"nattchOffset\\":%zu}\\n",
+    sizeof(struct shmid_ds), offsetof(struct shmid_ds, shm_perm.uid), offsetof(struct shmid_ds, shm_perm.gid),
+    offsetof(struct shmid_ds, shm_perm.mode),
     offsetof(struct shmid_ds, shm_segsz), offsetof(struct shmid_ds, shm_ctime), offsetof(struct shmid_ds, shm_nattch));
   return 0;
 }

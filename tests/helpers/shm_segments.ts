@@ -84,6 +84,11 @@ export class SysvSegment {
     return this;
   }
 
+  /** A copy of `length` bytes at `offset`. */
+  read(offset: number, length: number): Uint8Array {
+    return new Uint8Array(Deno.UnsafePointerView.getArrayBuffer(this.#address, length, offset)).slice();
+  }
+
   /** shmctl(IPC_SET) with a new mode, as the example client does to make the segment read-only. */
   chmod(mode: number): this {
     const ds = new Uint8Array(112);
