@@ -96,7 +96,11 @@ Deno.test("a stale socket left by a killed agent is replaced", async () => {
 Deno.test("a second agent on a live socket refuses to start and leaves the first serving", async () => {
   const first = await startAgent();
   try {
-    const { code, stderr } = await serveOnce(first.dir, { edge_agent_model_roots: [first.modelsDir] }, first.socket);
+    const { code, stderr } = await serveOnce(first.dir, {
+      edge_agent_model_roots: [first.modelsDir],
+      // Its own state folder, so the socket is the only thing the two share.
+      edge_agent_state_dir: join(first.dir, "second-state"),
+    }, first.socket);
     assert.equal(code, 2);
     assert.match(stderr, /another process is already serving on it/);
     assert.deepEqual((await first.client.listModels()).models, []);
@@ -111,7 +115,10 @@ Deno.test("a file that is not a socket at the socket path is a start-up error", 
   try {
     const socket = join(dir, "agent.sock");
     await Deno.writeTextFile(socket, "precious");
-    const { code, stderr } = await serveOnce(dir, { edge_agent_model_roots: [dir] }, socket);
+    const { code, stderr } = await serveOnce(dir, {
+      edge_agent_model_roots: [dir],
+      edge_agent_state_dir: join(dir, "state"),
+    }, socket);
     assert.equal(code, 2);
     assert.match(stderr, /agent\.sock: a file that is not a socket is in the way/);
     assert.equal(await Deno.readTextFile(socket), "precious");
@@ -162,6 +169,7 @@ Deno.test("a missing ONNX Runtime library is a clear start-up error", async () =
   try {
     const { code, stderr } = await serveOnce(dir, {
       edge_agent_model_roots: [dir],
+      edge_agent_state_dir: join(dir, "state"),
       edge_agent_onnxruntime_library: join(dir, "libonnxruntime.so.1"),
     });
     assert.equal(code, 2);
