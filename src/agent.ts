@@ -132,6 +132,7 @@ async function openDeployments(
   log: Logger,
   registry: ModelRegistry,
   credentials: () => Promise<CredentialSource>,
+  metrics: Metrics,
 ): Promise<Deployer | null> {
   const spec = deploymentSource(config);
   if (spec === null || "problem" in spec) return null;
@@ -153,6 +154,7 @@ async function openDeployments(
     pollSeconds: config.deploymentPollSeconds,
     trust: { rootCertsPath: config.rootCertsPath, trustedKeysPath: config.trustedModelKeys },
     log,
+    unloaded: (name) => metrics.forget(name),
   });
   await deployer.restore();
   log.info("deployments on", { source: config.deploymentSource, fleet: config.deviceFleetName });
@@ -223,7 +225,7 @@ export async function serve(options: ServeOptions): Promise<void> {
   let server: Awaited<ReturnType<typeof startServer>> | null = null;
   try {
     capture = await openCapture(config, log, sharedCredentials);
-    deployer = await openDeployments(config, log, registry, sharedCredentials);
+    deployer = await openDeployments(config, log, registry, sharedCredentials, metrics);
     server = await startServer({
       socketPath: options.socketPath,
       removeExistingSocket: options.removeExistingSocket ?? false,

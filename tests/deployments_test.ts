@@ -139,6 +139,7 @@ Deno.test("deployments: deploy, swap under load, refuse tampered and untrusted v
     assert.equal(await answer(a, "m2"), 11);
     assert.equal((await metrics(a)).get("edge_agent_deployment_manifest_refused"), 0);
     assert.ok(parseLogs(a.logs()).some((l) => l.msg === "model removed by deployment" && l.model === "m"));
+    assert.ok(![...(await metrics(a)).keys()].some((k) => k.includes('model="m"')), "m's series went with it");
     const status = await a.stop();
     assert.equal(status.code, 0, a.logs());
     agent = null;
@@ -210,6 +211,9 @@ Deno.test("deployments: a download killed mid-way resumes after the restart; off
     );
     assert.equal((await b.stop()).code, 0);
     agent = null;
+  } catch (error) {
+    if (agent) console.error(agent.logs());
+    throw error;
   } finally {
     await agent?.stop("SIGKILL");
     relay.close();

@@ -213,8 +213,8 @@ export class S3Client {
   }
 
   /** GetObject; null when there is no such key. */
-  async getObject(key: string): Promise<Uint8Array | null> {
-    const response = await this.request("GET", this.objectUrl(key), null);
+  async getObject(key: string, signal?: AbortSignal): Promise<Uint8Array | null> {
+    const response = await this.request("GET", this.objectUrl(key), null, {}, signal);
     if (response.status === 404) {
       await response.body?.cancel();
       return null;

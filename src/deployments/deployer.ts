@@ -34,6 +34,8 @@ export interface DeployerOptions {
   pollSeconds: number;
   trust: Trust;
   log: Logger;
+  /** Called after the deployer unloaded a model (its metrics series go, as after UnLoadModel). */
+  unloaded?: (name: string) => void;
 }
 
 /** The last deployment result of one model the manifest names. */
@@ -118,7 +120,8 @@ export class Deployer {
     this.#loop ??= (async () => {
       const signal = this.#stop.signal;
       while (!signal.aborted) {
-        await this.poll();
+        // A failure of the state folder (disk full, removed) is reported and tried again, never fatal.
+        await this.poll().catch((error) => this.o.log.warn("deployment failed", { reason: message(error) }));
         await new Promise<void>((resolve) => {
           const timer = setTimeout(done, this.o.pollSeconds * 1000);
           function done() {
@@ -178,8 +181,8 @@ export class Deployer {
 
   /** Reads and verifies the source's manifest, keeping it as the current one when it is newer. */
   async #fetch(): Promise<DeploymentManifest> {
-    const bytes = await this.o.source.read(MANIFEST_NAME, MAX_MANIFEST_BYTES);
-    const signature = await this.o.source.read(SIGNATURE_NAME, MAX_MANIFEST_BYTES);
+    const bytes = await this.o.source.read(MANIFEST_NAME, MAX_MANIFEST_BYTES, this.#stop.signal);
+    const signature = await this.o.source.read(SIGNATURE_NAME, MAX_MANIFEST_BYTES, this.#stop.signal);
     this.#lastCheckAt = Date.now();
     const incoming = join(this.dir, "incoming");
     await Deno.remove(incoming, { recursive: true }).catch(() => {});
@@ -225,6 +228,7 @@ export class Deployer {
       // Only what a deployment loaded: models loaded by hand stay unless the manifest names them.
       if (!info.deployment || named.has(info.name)) continue;
       await this.o.registry.unload(info.name).catch(() => {});
+      this.o.unloaded?.(info.name);
       this.#results.delete(info.name);
       this.o.log.info("model removed by deployment", { model: info.name, version: info.version });
       this.changes.dispatchEvent(new Event("change"));
@@ -238,7 +242,10 @@ export class Deployer {
     const { registry } = this.o;
     const loaded = registry.list().find((m) => m.name === model.name);
     if (model.state === "unloaded") {
-      if (loaded) await registry.unload(model.name).catch(() => {});
+      if (loaded) {
+        await registry.unload(model.name).catch(() => {});
+        this.o.unloaded?.(model.name);
+      }
       this.#record(model, null);
       return;
     }
@@ -261,7 +268,8 @@ export class Deployer {
       // Verification, digest and load failures stay until the manifest changes; the rest are retried.
       const transient = error instanceof DeploymentError
         ? error.transient
-        : !(error instanceof AgentError) || error.code === Status.RESOURCE_EXHAUSTED;
+        : !(error instanceof AgentError) || error.code === Status.RESOURCE_EXHAUSTED ||
+          error.code === Status.ALREADY_EXISTS;
       if (!transient) this.#refused.set(model.name, key);
       this.#record(model, message(error));
     }

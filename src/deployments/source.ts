@@ -13,7 +13,7 @@ export interface DeploymentSource {
   /** Where `path` is, for the log and ListModels' url. */
   url(path: string): string;
   /** A small file whole (manifest, signature). */
-  read(path: string, maxBytes: number): Promise<Uint8Array>;
+  read(path: string, maxBytes: number, signal?: AbortSignal): Promise<Uint8Array>;
   /**
    * The bytes of `path` from `offset` on; `from` is where the stream starts (0 when the source
    * cannot start elsewhere).
@@ -90,8 +90,8 @@ export class S3Source implements DeploymentSource {
     return `s3://${this.options.bucket}/${this.prefix}${path}`;
   }
 
-  async read(path: string, maxBytes: number): Promise<Uint8Array> {
-    const bytes = await this.#call(path, () => this.#client.getObject(this.prefix + path));
+  async read(path: string, maxBytes: number, signal?: AbortSignal): Promise<Uint8Array> {
+    const bytes = await this.#call(path, () => this.#client.getObject(this.prefix + path, signal));
     if (bytes === null) throw new DeploymentError(`${this.url(path)} does not exist`, true);
     if (bytes.byteLength > maxBytes) {
       throw new DeploymentError(`${this.url(path)} is ${bytes.byteLength} bytes, more than ${maxBytes}`);
