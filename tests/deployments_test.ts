@@ -221,3 +221,41 @@ Deno.test("deployments: a download killed mid-way resumes after the restart; off
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("deployments from a folder: loaded, swapped, and a hand-loaded model the manifest marks unloaded goes", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "edge-agent-deploy-" });
+  const source = join(dir, "source");
+  let agent: AgentProcess | null = null;
+  try {
+    await publish(source, FLEET, [{ name: "m", version: "1", constant: 1 }]);
+    agent = await startAgent({
+      dir: join(dir, "agent"),
+      config: {
+        sagemaker_edge_core_device_fleet_name: FLEET,
+        edge_agent_deployment_source: source,
+        edge_agent_deployment_poll_seconds: 1,
+      },
+    });
+    const a = agent;
+    await until("v1 serving", async () => await answer(a, "m") === 2);
+    assert.equal((await a.client.describeModel("m")).model.url, join(source, "packages/m-1.tar.gz"));
+    await writeModelFolder(a.modelsDir, "hand", addSubModel());
+    await a.client.loadModel(join(a.modelsDir, "hand"), "hand");
+    await publish(source, FLEET, [
+      { name: "m", version: "2", constant: 2 },
+      { name: "hand", version: "1", state: "unloaded" },
+    ]);
+    await until("v2 serving, hand unloaded", async () => {
+      const names = (await a.client.listModels()).models.map((m) => m.name);
+      return await answer(a, "m") === 3 && names.join() === "m";
+    });
+    assert.equal((await a.stop()).code, 0);
+    agent = null;
+  } catch (error) {
+    if (agent) console.error(agent.logs());
+    throw error;
+  } finally {
+    await agent?.stop("SIGKILL");
+    await Deno.remove(dir, { recursive: true });
+  }
+});

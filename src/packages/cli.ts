@@ -142,7 +142,12 @@ export interface DeploymentArguments {
  */
 export async function packageDeployment(args: DeploymentArguments): Promise<string> {
   const path = join(args.folder, MANIFEST_NAME);
-  const raw = JSON.parse(await readText(path, "folder"));
+  let raw;
+  try {
+    raw = JSON.parse(await Deno.readTextFile(path));
+  } catch (error) {
+    throw new CommandError(`${path}: ${(error as Error).message}`);
+  }
   const lines: string[] = [];
   for (const [fleet, entry] of Object.entries<{ models?: Record<string, unknown>[] }>(raw?.fleets ?? {})) {
     for (const model of entry?.models ?? []) {
