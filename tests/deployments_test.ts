@@ -249,6 +249,11 @@ Deno.test("deployments from a folder: loaded, swapped, and a hand-loaded model t
       const names = (await a.client.listModels()).models.map((m) => m.name);
       return await answer(a, "m") === 3 && names.join() === "m";
     });
+    // A package whose own signed edge-model.json names another version than the manifest.
+    await publish(source, FLEET, [{ name: "m", version: "3", constant: 3, packageVersion: "9" }]);
+    await until("v3 refused", () => refusals(a).some((l) => l.version === "3"));
+    assert.match(String(refusals(a)[0].reason), /package of model m says version 9, the deployment says 3/);
+    assert.equal(await answer(a, "m"), 3);
     assert.equal((await a.stop()).code, 0);
     agent = null;
   } catch (error) {

@@ -37,6 +37,8 @@ export interface PublishedModel {
   untrustedSigner?: boolean;
   /** Bytes of incompressible padding signed into the package (a large download). */
   paddingBytes?: number;
+  /** The version the package's own edge-model.json names (default: none). */
+  packageVersion?: string;
 }
 
 /**
@@ -63,6 +65,10 @@ export async function publish(
       const padding = new Uint8Array(model.paddingBytes);
       for (let i = 0; i < padding.length; i += 65536) crypto.getRandomValues(padding.subarray(i, i + 65536));
       await Deno.writeFile(join(dir, "padding.bin"), padding);
+    }
+    if (model.packageVersion) {
+      const manifest = { name: model.name, version: model.packageVersion, model: "model.onnx" };
+      await Deno.writeTextFile(join(dir, "edge-model.json"), JSON.stringify(manifest));
     }
     const trust = model.untrustedSigner ? await untrustedTrust() : await testTrust();
     await signModel({ modelPath: dir, privateKeyPem: trust.leaf.privateKeyPem, certificateChainPem: trust.chainPem });
