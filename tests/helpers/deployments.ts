@@ -9,13 +9,29 @@ import { S3Client, type S3Options } from "../../src/capture/s3.ts";
 import { buildModel, OnnxType } from "./onnx_models.ts";
 import { testTrust } from "./signing.ts";
 
-/** y = x + c, float32 [1]: a Predict's answer tells which version served it. */
-export function addConstantModel(c: number): Uint8Array {
+/**
+ * y = x + c, float32 [1]: a Predict's answer tells which version served it. With `slow`, x is
+ * [side, side] and goes through `steps` MatMuls by the identity first, so a Run takes a while.
+ */
+export function addConstantModel(c: number, slow?: { side: number; steps: number }): Uint8Array {
+  const side = slow?.side ?? 1;
+  const steps = slow?.steps ?? 0;
+  const identity = new Float32Array(side * side);
+  for (let i = 0; i < side; i++) identity[i * side + i] = 1;
+  const chain = Array.from({ length: steps }, (_, s) => ({
+    op: "MatMul",
+    inputs: [s === 0 ? "x" : `h${s}`, "w"],
+    outputs: [`h${s + 1}`],
+  }));
+  const shape = slow ? [side, side] : [1];
   return buildModel({
-    inputs: [["x", OnnxType.FLOAT, [1]]],
-    outputs: [["y", OnnxType.FLOAT, [1]]],
-    nodes: [{ op: "Add", inputs: ["x", "c"], outputs: ["y"] }],
-    initializers: [{ name: "c", dims: [1], floats: new Float32Array([c]) }],
+    inputs: [["x", OnnxType.FLOAT, shape]],
+    outputs: [["y", OnnxType.FLOAT, shape]],
+    nodes: [...chain, { op: "Add", inputs: [steps ? `h${steps}` : "x", "c"], outputs: ["y"] }],
+    initializers: [
+      ...(steps ? [{ name: "w", dims: [side, side], floats: identity }] : []),
+      { name: "c", dims: [1], floats: new Float32Array([c]) },
+    ],
   });
 }
 
