@@ -9,6 +9,7 @@ import { health } from "../src/wire.ts";
 import { type AgentProcess, parseLogs, startAgent } from "./helpers/agent.ts";
 import { floats, tensor } from "./helpers/assertions.ts";
 import { BUCKET, TestS3 } from "./helpers/capture_fixtures.ts";
+import { S3Client } from "../src/capture/s3.ts";
 import { publish, Relay, uploadFolder } from "./helpers/deployments.ts";
 import { addSubModel, writeModelFolder } from "./helpers/onnx_models.ts";
 
@@ -67,6 +68,9 @@ Deno.test("deployments: deploy, swap under load, refuse tampered and untrusted v
       await uploadFolder(s3.options, published, PREFIX);
     };
     await release([{ name: "m", version: "1", constant: 1 }]);
+    const first = await Promise.all(
+      ["deployment.json", "deployment.json.sig"].map((f) => Deno.readFile(join(published, f))),
+    );
     agent = await start(join(dir, "agent"), s3.port);
     const a = agent;
 
@@ -129,6 +133,16 @@ Deno.test("deployments: deploy, swap under load, refuse tampered and untrusted v
     await until("manifest refused", async () => (await metrics(a)).get("edge_agent_deployment_manifest_refused") === 1);
     assert.equal(await answer(a, "m"), 3);
     assert.equal((await metrics(a)).get("edge_agent_deployment_manifest_serial"), 4);
+
+    // The first manifest again, validly signed: an old serial is not applied again (no rollback by replay).
+    const s3Client = new S3Client(s3.options);
+    await s3Client.putObject(`${PREFIX}deployment.json.sig`, first[1], "application/json");
+    await s3Client.putObject(`${PREFIX}deployment.json`, first[0], "application/json");
+    await until(
+      "replay refused",
+      () => parseLogs(a.logs()).some((l) => String(l.reason).includes("has serial 1, not above the 4 already applied")),
+    );
+    assert.equal(await answer(a, "m"), 3);
 
     // m dropped, m2 added: m is unloaded, m2 loaded, the hand-loaded model stays.
     await release([{ name: "m2", version: "1", constant: 10 }]);
