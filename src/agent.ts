@@ -5,7 +5,6 @@ import {
   type AgentConfig,
   captureDiskPath,
   DEFAULTS,
-  deploymentS3,
   deploymentSource,
   iotCredentials,
   loadConfigFile,
@@ -136,16 +135,13 @@ async function openDeployments(
 ): Promise<Deployer | null> {
   const spec = deploymentSource(config);
   if (spec === null || "problem" in spec) return null;
-  const s3 = deploymentS3(config);
-  const source: DeploymentSource = s3
-    ? new S3Source({
-      bucket: s3.bucket,
-      region: config.region || "us-east-1",
-      endpoint: config.s3Endpoint ?? undefined,
-      forcePathStyle: config.s3ForcePathStyle,
-      credentials: await credentials(),
-    }, s3.prefix)
-    : new FolderSource((spec as { folder: string }).folder);
+  const source: DeploymentSource = "folder" in spec ? new FolderSource(spec.folder) : new S3Source({
+    bucket: spec.bucket,
+    region: config.region || "us-east-1",
+    endpoint: config.s3Endpoint ?? undefined,
+    forcePathStyle: config.s3ForcePathStyle,
+    credentials: await credentials(),
+  }, spec.prefix);
   const deployer = await Deployer.open({
     registry,
     source,
@@ -155,6 +151,8 @@ async function openDeployments(
     trust: { rootCertsPath: config.rootCertsPath, trustedKeysPath: config.trustedModelKeys },
     log,
     unloaded: (name) => metrics.forget(name),
+  }).catch((error) => {
+    throw new StartupError([`deployments: ${error.message}`]);
   });
   await deployer.restore();
   log.info("deployments on", { source: config.deploymentSource, fleet: config.deviceFleetName });
