@@ -22,6 +22,7 @@ const usage = (defaults: Defaults) =>
   edge-agent package sign <folder> --key <key.pem> [--cert-chain <leaf-then-CAs.pem>] [--name N --version V --arch A]
   edge-agent package pack <folder> -o <file.tar.gz>
   edge-agent package verify <folder or .tar.gz> (--roots <pem or folder> | --public-key <pem>)
+  edge-agent package deployment <folder> --key <key.pem> [--cert-chain <leaf-then-CAs.pem>]
   edge-agent client [--socket <path>] list | describe <model> | load <url> <name> | unload <name>
                     | predict <model> --input <name>=<file.npy|file.bin|image.png|image.jpg|->[:<d1>,...]
                       [--out <file.npy|->] [--mean m,m,m --std s,s,s --bgr]
@@ -38,6 +39,8 @@ const usage = (defaults: Defaults) =>
   trust init       a development root, intermediate and code-signing leaf (for development only)
   package sign     writes model.sig (OpenSSF Model Signing v1.0): certificate method with --cert-chain,
                    key method without; --name/--version/--arch write edge-model.json first
+  package deployment  fills in <folder>/deployment.json (each package's sha256 and size, serial + 1) and
+                   signs it (deployment.json.sig) for the devices that pull deployments from that folder's copy
   client           --socket defaults to the serve default; an input or output of "-" is standard input or
                    output (.npy, PNG and JPEG are recognised by their contents); images become FLOAT32
                    [1,3,H,W] in [0, 1], then (v - mean) / std per channel, or UINT8 [1,H,W,3]; --bgr: BGR order
@@ -224,6 +227,12 @@ async function publisher(command: string, args: string[], USAGE: string): Promis
         need(target, "name the package folder"),
         need(values.out, "-o <file.tar.gz> is required"),
       );
+    } else if (command === "package" && action === "deployment") {
+      output = await cli.packageDeployment({
+        folder: need(target, "name the folder holding deployment.json"),
+        key: need(values.key, "--key <key.pem> is required"),
+        certChain: values["cert-chain"],
+      });
     } else if (command === "package" && action === "verify") {
       output = await cli.packageVerify({
         target: need(target, "name the package folder or archive"),

@@ -5,6 +5,7 @@ import {
   type AgentConfig,
   captureDiskPath,
   DEFAULTS,
+  deploymentSource,
   iotCredentials,
   loadConfigFile,
   type LoadedConfig,
@@ -17,6 +18,8 @@ import {
   keyFileProblems,
 } from "./capture/credentials.ts";
 import { StartupError } from "./errors.ts";
+import { Deployer } from "./deployments/deployer.ts";
+import { type DeploymentSource, FolderSource, S3Source } from "./deployments/source.ts";
 import { createLogger, type Logger } from "./log.ts";
 import { Metrics, parseMetricsAddress, serveMetrics } from "./metrics.ts";
 import { permissionProblems } from "./permissions.ts";
@@ -78,9 +81,12 @@ async function credentialSource(config: AgentConfig, log: Logger): Promise<Crede
   return source;
 }
 
-async function openCapture(config: AgentConfig, log: Logger): Promise<CaptureService> {
+async function openCapture(
+  config: AgentConfig,
+  log: Logger,
+  credentials: () => Promise<CredentialSource>,
+): Promise<CaptureService> {
   const s3 = config.captureDestination === "Cloud" || config.capturePeriodicUpload;
-  const credentials = s3 ? await credentialSource(config, log) : null;
   return await CaptureService.open({
     stateDir: config.stateDir,
     // Capture object keys name the fleet and device; a config without them still captures.
@@ -95,7 +101,7 @@ async function openCapture(config: AgentConfig, log: Logger): Promise<CaptureSer
         region: config.region || "us-east-1",
         endpoint: config.s3Endpoint ?? undefined,
         forcePathStyle: config.s3ForcePathStyle,
-        credentials: credentials!,
+        credentials: await credentials(),
       }
       : undefined,
     bufferSize: config.captureBufferSize,
@@ -114,6 +120,43 @@ async function openCapture(config: AgentConfig, log: Logger): Promise<CaptureSer
     if (error instanceof StartupError) throw error;
     throw new StartupError([`capture: ${error.message}`]);
   });
+}
+
+/**
+ * The deployer when edge_agent_deployment_source names a source, with what the last apply left
+ * loaded restored from the state folder (offline: the source is read once serving).
+ */
+async function openDeployments(
+  config: AgentConfig,
+  log: Logger,
+  registry: ModelRegistry,
+  credentials: () => Promise<CredentialSource>,
+  metrics: Metrics,
+): Promise<Deployer | null> {
+  const spec = deploymentSource(config);
+  if (spec === null || "problem" in spec) return null;
+  const source: DeploymentSource = "folder" in spec ? new FolderSource(spec.folder) : new S3Source({
+    bucket: spec.bucket,
+    region: config.region || "us-east-1",
+    endpoint: config.s3Endpoint ?? undefined,
+    forcePathStyle: config.s3ForcePathStyle,
+    credentials: await credentials(),
+  }, spec.prefix);
+  const deployer = await Deployer.open({
+    registry,
+    source,
+    stateDir: config.stateDir,
+    fleet: config.deviceFleetName,
+    pollSeconds: config.deploymentPollSeconds,
+    trust: { rootCertsPath: config.rootCertsPath, trustedKeysPath: config.trustedModelKeys },
+    log,
+    unloaded: (name) => metrics.forget(name),
+  }).catch((error) => {
+    throw new StartupError([`deployments: ${error.message}`]);
+  });
+  await deployer.restore();
+  log.info("deployments on", { source: config.deploymentSource, fleet: config.deviceFleetName });
+  return deployer;
 }
 
 /** Serves metrics where the config says, replacing a stale socket; returns how to stop. */
@@ -171,11 +214,16 @@ export async function serve(options: ServeOptions): Promise<void> {
   });
   const registry = new ModelRegistry(ort, shm, config, log);
   let capture: CaptureService | null = null;
+  let deployer: Deployer | null = null;
+  // One credential source for capture uploads and deployments, made when the first asks.
+  let credentials: Promise<CredentialSource> | null = null;
+  const sharedCredentials = () => credentials ??= credentialSource(config, log);
   const metrics = new Metrics();
   let stopMetrics = async () => {};
   let server: Awaited<ReturnType<typeof startServer>> | null = null;
   try {
-    capture = await openCapture(config, log);
+    capture = await openCapture(config, log, sharedCredentials);
+    deployer = await openDeployments(config, log, registry, sharedCredentials, metrics);
     server = await startServer({
       socketPath: options.socketPath,
       removeExistingSocket: options.removeExistingSocket ?? false,
@@ -190,18 +238,20 @@ export async function serve(options: ServeOptions): Promise<void> {
         maxPendingWriteBytes: config.maxPendingWriteBytes,
         maxBufferedMessageBytes: config.maxBufferedMessageBytes,
       },
-      services: { registry, capture, shm, clockSkewSeconds: config.captureClockSkewSeconds },
+      services: { registry, capture, shm, clockSkewSeconds: config.captureClockSkewSeconds, deployment: deployer },
       metrics,
       log,
     });
     const service = capture;
+    const deployments = deployer;
     stopMetrics = await startMetrics(
       config,
-      () => metrics.render(registry.list(), service.stats(), shm.attachedSegments),
+      () => metrics.render(registry.list(), service.stats(), shm.attachedSegments, deployments?.stats() ?? null),
     );
   } catch (error) {
     await server?.stop(0);
     await capture?.close({ drainMs: 0 });
+    await registry.closeAll();
     ort.close();
     shm.close();
     libc.close();
@@ -225,6 +275,8 @@ export async function serve(options: ServeOptions): Promise<void> {
     pid: Deno.pid,
   });
 
+  deployer?.start();
+
   const signal = await stopRequested.promise;
   log.info("stopping", { signal });
   const graceMs = config.shutdownGraceSeconds * 1000;
@@ -237,6 +289,8 @@ export async function serve(options: ServeOptions): Promise<void> {
   }, graceMs + STOP_OVERRUN_MS);
   Deno.unrefTimer(watchdog as unknown as number);
   for (const [s, listener] of listeners) Deno.removeSignalListener(s, listener);
+  // No swap starts once stopping: a download in progress is resumed after the restart.
+  await deployer?.stop();
   await stopMetrics();
   await server.stop(config.shutdownGraceSeconds);
   // Acknowledged captures are already durable; the rest of the grace period lets queued uploads finish.

@@ -72,6 +72,9 @@ export interface AgentConfig {
   controlFramesPerSecond: number;
   maxPendingWriteBytes: number;
   maxBufferedMessageBytes: number;
+  /** Where deployment manifests come from: "s3://bucket/prefix" or an absolute folder; "": deployments off. */
+  deploymentSource: string;
+  deploymentPollSeconds: number;
 }
 
 type Kind = "string" | "boolean" | "integer" | "path" | "paths" | "mode";
@@ -144,6 +147,8 @@ export const DEFAULTS: AgentConfig = {
   controlFramesPerSecond: 1000,
   maxPendingWriteBytes: 16 * MiB,
   maxBufferedMessageBytes: 256 * MiB,
+  deploymentSource: "",
+  deploymentPollSeconds: 300,
 };
 
 /** Edge Manager's documented keys. Those without `field` are accepted and logged as ignored. */
@@ -259,6 +264,8 @@ const AGENT_KEYS: Record<string, KeySpec> = {
   edge_agent_control_frames_per_second: { kind: "integer", field: "controlFramesPerSecond", min: 10, max: 1_000_000 },
   edge_agent_max_pending_write_bytes: { kind: "integer", field: "maxPendingWriteBytes", min: 65536, max: 2 ** 31 - 1 },
   edge_agent_max_buffered_message_bytes: { kind: "integer", field: "maxBufferedMessageBytes", min: 4096 },
+  edge_agent_deployment_source: { kind: "string", field: "deploymentSource" },
+  edge_agent_deployment_poll_seconds: { kind: "integer", field: "deploymentPollSeconds", min: 1, max: 86400 },
 };
 
 export interface LoadedConfig {
@@ -333,12 +340,22 @@ function crossChecks(config: AgentConfig, source: string): string[] {
   if (s3 && !config.region && !config.s3Endpoint) {
     problems.push(`${source}: uploading captures to S3 needs "sagemaker_edge_core_region" or "edge_agent_s3_endpoint"`);
   }
-  if (s3 && iotCredentials(config)) {
+  if ((s3 || deploymentS3(config)) && iotCredentials(config)) {
     for (const [key, value] of [["cert_file", config.iotCertFile], ["cert_pk_file", config.iotKeyFile]] as const) {
       if (!value) {
         problems.push(`${source}: the AWS IoT credentials provider needs "sagemaker_edge_provider_aws_${key}"`);
       }
     }
+  }
+  const deployments = deploymentSource(config);
+  if (deployments && "problem" in deployments) {
+    problems.push(`${source}: "edge_agent_deployment_source" ${deployments.problem}`);
+  }
+  if (deployments && !config.deviceFleetName) {
+    problems.push(`${source}: deployments need the fleet name "sagemaker_edge_core_device_fleet_name"`);
+  }
+  if (deployments && "bucket" in deployments && !config.region && !config.s3Endpoint) {
+    problems.push(`${source}: deployments from S3 need "sagemaker_edge_core_region" or "edge_agent_s3_endpoint"`);
   }
   if (config.maxBufferedMessageBytes < config.maxMessageBytes) {
     problems.push(
@@ -362,9 +379,31 @@ export function captureDiskPath(config: AgentConfig): string {
 /** The S3 host ("host" or "host:port") capture uploads reach, or null when they do not use S3. */
 export function s3Host(config: AgentConfig): string | null {
   if (config.captureDestination !== "Cloud" && !config.capturePeriodicUpload) return null;
+  return s3HostOf(config, config.s3Bucket);
+}
+
+function s3HostOf(config: AgentConfig, bucket: string): string {
   if (config.s3Endpoint) return new URL(config.s3Endpoint).host;
-  const pathStyle = config.s3ForcePathStyle || config.s3Bucket.includes(".");
-  return `${pathStyle ? "" : `${config.s3Bucket}.`}s3.${config.region}.amazonaws.com`;
+  const pathStyle = config.s3ForcePathStyle || bucket.includes(".");
+  return `${pathStyle ? "" : `${bucket}.`}s3.${config.region}.amazonaws.com`;
+}
+
+/** Where deployments come from (edge_agent_deployment_source), null when off, or what is wrong with it. */
+export type DeploymentSourceSpec = { bucket: string; prefix: string } | { folder: string } | { problem: string };
+
+export function deploymentSource(config: AgentConfig): DeploymentSourceSpec | null {
+  const value = config.deploymentSource;
+  if (value === "") return null;
+  const s3 = /^s3:\/\/([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(\/.*)?$/.exec(value);
+  if (s3) return { bucket: s3[1], prefix: (s3[2] ?? "/").slice(1).replace(/([^/])$/, "$1/") };
+  if (isAbsolute(value) && !value.includes(",")) return { folder: resolve(value) };
+  return { problem: `must be "s3://<bucket>/<prefix>" or an absolute folder path, got ${JSON.stringify(value)}` };
+}
+
+/** The S3 deployment source's bucket and prefix, or null when deployments are off or come from a folder. */
+export function deploymentS3(config: AgentConfig): { bucket: string; prefix: string; host: string } | null {
+  const spec = deploymentSource(config);
+  return spec && "bucket" in spec ? { ...spec, host: s3HostOf(config, spec.bucket) } : null;
 }
 
 /** Reads and validates the config file at `path`. */

@@ -5,6 +5,7 @@
 
 import process from "node:process";
 import type { CaptureStats } from "./capture/service.ts";
+import type { DeploymentStats } from "./deployments/deployer.ts";
 import type { ModelInfo } from "./models.ts";
 import type { CancelReason } from "./errors.ts";
 
@@ -78,7 +79,12 @@ export class Metrics {
   }
 
   /** The text exposition of everything, with the registry's and the capture service's state now. */
-  render(models: ModelInfo[], capture: CaptureStats | null, sysvSegmentsAttached: number): string {
+  render(
+    models: ModelInfo[],
+    capture: CaptureStats | null,
+    sysvSegmentsAttached: number,
+    deployment: DeploymentStats | null = null,
+  ): string {
     const out: string[] = [];
     const metric = (name: string, type: string, help: string, samples: [string, number][]) => {
       out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
@@ -127,6 +133,15 @@ export class Metrics {
         m.sizeBytes,
       ]),
     );
+    metric(
+      "edge_agent_model_version_info",
+      "gauge",
+      "1 for each loaded model that has a version (its package's, or its deployment's).",
+      models.flatMap((m) =>
+        m.version === undefined ? [] : [[`model="${label(m.name)}",version="${label(m.version)}"`, 1]]
+      ),
+    );
+    if (deployment) renderDeployment(metric, deployment);
     if (capture) {
       metric("edge_agent_capture_pending", "gauge", "Captures acknowledged and not yet stored at the destination.", [[
         "",
@@ -187,6 +202,45 @@ export class Metrics {
     ]]);
     return out.join("\n") + "\n";
   }
+}
+
+type Emit = (name: string, type: string, help: string, samples: [string, number][]) => void;
+
+function renderDeployment(metric: Emit, d: DeploymentStats): void {
+  metric(
+    "edge_agent_deployment_model_result",
+    "gauge",
+    "1 for each model the deployment manifest names, by the version it asks and the last result: applied, or " +
+      "refused (the log says why; the version loaded before keeps serving).",
+    d.models.map((m) => [`model="${label(m.name)}",version="${label(m.version)}",result="${m.result}"`, 1]),
+  );
+  metric(
+    "edge_agent_deployment_manifest_serial",
+    "gauge",
+    "Serial of the last verified deployment manifest (0: none).",
+    [
+      ["", d.serial],
+    ],
+  );
+  metric(
+    "edge_agent_deployment_manifest_refused",
+    "gauge",
+    "1 while the manifest at the source is refused (signature, content, fleet or serial; the log says why).",
+    [["", d.manifestRefused === null ? 0 : 1]],
+  );
+  metric("edge_agent_deployment_source_unreachable", "gauge", "1 while the deployment source cannot be read.", [
+    ["", d.sourceError === null ? 0 : 1],
+  ]);
+  metric(
+    "edge_agent_deployment_last_check_timestamp_seconds",
+    "gauge",
+    "When the deployment source last answered (0: never since start).",
+    [["", (d.lastCheckAt ?? 0) / 1000]],
+  );
+  metric("edge_agent_deployment_downloaded_bytes_total", "counter", "Package bytes downloaded.", [[
+    "",
+    d.downloadedBytes,
+  ]]);
 }
 
 /** Where metrics are served: `unix:<path>` or `<loopback host>:<port>`. */

@@ -20,7 +20,7 @@ import { bindOutputLocations, OutputWrites, type WrittenOutput } from "./shm_out
 import { bindInputs, inputValue, outputByteLength, type TensorSpec, toSpecs } from "./tensors.ts";
 import type { OutputLocation, Tensor } from "./wire.ts";
 
-const MODEL_NAME = /^[a-zA-Z0-9](-*[a-zA-Z0-9])*$/;
+export const MODEL_NAME = /^[a-zA-Z0-9](-*[a-zA-Z0-9])*$/;
 const MAX_MODEL_NAME = 255;
 const ORT_INVALID_ARGUMENT = 2;
 const NO_BYTES = new Uint8Array(0);
@@ -34,6 +34,15 @@ export interface ModelInfo {
   loadSeconds: number;
   /** The package's version (edge-model.json "version"); absent when it names none. */
   version?: string;
+  /** Set when a deployment loaded it (rather than LoadModel). */
+  deployment?: Deployed;
+}
+
+/** What a deployment manifest said of a model it loaded. */
+export interface Deployed {
+  /** SHA-256 of the package file, hex. */
+  sha256: string;
+  version: string;
 }
 
 /**
@@ -91,18 +100,73 @@ export class ModelRegistry {
     checkModelName(name);
     if (this.#models.has(name)) throw alreadyExists(`a model named ${name} is already loaded`);
     // Reserve the name before the first await, so concurrent loads of one name cannot both win.
-    const entry: Entry = {
-      info: { name, url, inputs: [], outputs: [], sizeBytes: 0, loadSeconds: 0 },
-      session: null,
-      inFlight: 0,
-      drained: null,
-    };
+    const placeholder = pending(name, url);
+    this.#models.set(name, placeholder);
+    try {
+      const entry = await this.#open(url, name, this.config.modelRoots);
+      this.#models.set(name, entry);
+      this.changes.dispatchEvent(new Event("change"));
+      return entry.info;
+    } catch (error) {
+      this.#models.delete(name);
+      throw error;
+    }
+  }
+
+  /**
+   * Loads the package at `path` (under `root`) as `name` for a deployment. A model already loaded under
+   * that name keeps serving until the new one is ready; then the name points to the new one in one
+   * step (Predict takes its entry synchronously) and the old session is released once its in-flight
+   * Runs have returned. A package that fails to verify or load leaves the old one serving.
+   */
+  async deploy(name: string, path: string, root: string, origin: Deployed & { url: string }): Promise<ModelInfo> {
+    checkModelName(name);
+    const previous = this.#models.get(name);
+    if (previous?.session === null) throw alreadyExists(`model ${name} is being loaded`);
+    const placeholder = previous ? null : pending(name, origin.url);
+    if (placeholder) this.#models.set(name, placeholder);
+    let entry: Entry;
+    try {
+      entry = await this.#open(path, name, [root]);
+    } catch (error) {
+      if (placeholder) this.#models.delete(name);
+      throw error;
+    }
+    const current = this.#models.get(name);
+    const declared = entry.info.version;
+    const problem = declared !== undefined && declared !== origin.version
+      ? failedPrecondition(`package of model ${name} says version ${declared}, the deployment says ${origin.version}`)
+      // Unloaded and loaded again by hand while this one loaded: the newer request wins.
+      : current !== undefined && current !== (previous ?? placeholder)
+      ? alreadyExists(`model ${name} was loaded by hand meanwhile`)
+      : null;
+    if (problem) {
+      if (placeholder && current === placeholder) this.#models.delete(name);
+      await this.#release(entry);
+      throw problem;
+    }
+    entry.info.url = origin.url;
+    entry.info.version = origin.version;
+    entry.info.deployment = { sha256: origin.sha256, version: origin.version };
     this.#models.set(name, entry);
+    this.changes.dispatchEvent(new Event("change"));
+    // Unless an UnloadModel took it out meanwhile (and releases it itself).
+    if (previous && current === previous) {
+      this.log.info("model swapped", { model: name, version: origin.version, previous: previous.info.version });
+      await this.#release(previous);
+    }
+    return entry.info;
+  }
+
+  /** Verifies and opens a package into a new entry, reserving its memory; nothing is left behind on failure. */
+  async #open(url: string, name: string, roots: string[]): Promise<Entry> {
+    const entry = pending(name, url);
     const started = performance.now();
     let session: Session | null = null;
+    let reserved = false;
     try {
       const model = await openPackage(url, {
-        roots: this.config.modelRoots,
+        roots,
         stateDir: this.config.stateDir,
         rootCertsPath: this.config.rootCertsPath,
         trustedKeysPath: this.config.trustedModelKeys,
@@ -125,6 +189,7 @@ export class ModelRegistry {
         this.log.warn("loading an unsigned model (edge_agent_allow_unsigned_models is on)", { model: name, url });
       }
       this.#reserve(name, model.bytes.byteLength);
+      reserved = true;
       entry.info.sizeBytes = model.bytes.byteLength;
       const version: unknown = model.manifest?.version;
       // Captures record it; Edge Manager's ModelVersion was a string of at most 64 characters.
@@ -152,18 +217,16 @@ export class ModelRegistry {
       entry.info.outputs = outputs.specs;
       entry.info.loadSeconds = (performance.now() - started) / 1000;
       entry.session = session;
-      this.changes.dispatchEvent(new Event("change"));
       this.log.info("model loaded", {
         model: name,
         url,
         bytes: entry.info.sizeBytes,
         seconds: Number(entry.info.loadSeconds.toFixed(3)),
       });
-      return entry.info;
+      return entry;
     } catch (error) {
       session?.release();
-      this.#reservedBytes -= entry.info.sizeBytes;
-      this.#models.delete(name);
+      if (reserved) this.#reservedBytes -= entry.info.sizeBytes;
       throw error;
     }
   }
@@ -185,13 +248,19 @@ export class ModelRegistry {
     const entry = this.#ready(name);
     this.#models.delete(name);
     this.changes.dispatchEvent(new Event("change"));
+    await this.#release(entry);
+    this.log.info("model unloaded", { model: name });
+  }
+
+  /** Frees an entry no longer in the map, once its in-flight Runs have returned. */
+  async #release(entry: Entry): Promise<void> {
     if (entry.inFlight > 0) {
       entry.drained = Promise.withResolvers();
       await entry.drained.promise;
     }
     entry.session!.release();
+    entry.session = null;
     this.#reservedBytes -= entry.info.sizeBytes;
-    this.log.info("model unloaded", { model: name });
   }
 
   isLoaded(name: string): boolean {
@@ -344,6 +413,16 @@ export class ModelRegistry {
     if (!entry || entry.session === null) throw notFound(`model ${name} is not loaded`);
     return entry;
   }
+}
+
+/** An entry whose session is being created: its name is taken, it does not serve yet. */
+function pending(name: string, url: string): Entry {
+  return {
+    info: { name, url, inputs: [], outputs: [], sizeBytes: 0, loadSeconds: 0 },
+    session: null,
+    inFlight: 0,
+    drained: null,
+  };
 }
 
 function checkModelName(name: string): void {

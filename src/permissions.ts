@@ -5,7 +5,7 @@
 // sandbox anyway, which is why the FFI surface (ffi/) is kept small.
 
 import { isAbsolute } from "node:path";
-import { type AgentConfig, captureDiskPath, iotCredentials, s3Host } from "./config.ts";
+import { type AgentConfig, captureDiskPath, deploymentS3, deploymentSource, iotCredentials, s3Host } from "./config.ts";
 import { AWS_CREDENTIAL_VARIABLES, iotCredentialsHost } from "./capture/credentials.ts";
 import { StartupError } from "./errors.ts";
 import { parseMetricsAddress } from "./metrics.ts";
@@ -27,7 +27,7 @@ export interface Profile {
   capture_dir: string | null;
   /** edge_agent_metrics: "unix:<path>" or "<loopback host>:<port>". */
   metrics: string | null;
-  /** S3 endpoint hosts ("host" or "host:port") capture uploads may reach. */
+  /** S3 endpoint hosts ("host" or "host:port") capture uploads and deployments may reach. */
   s3_hosts: string[];
   /** Environment variables the agent may read (AWS credentials). */
   env: string[];
@@ -35,6 +35,10 @@ export interface Profile {
   credential_hosts: string[];
   /** The device certificate, its key and the endpoint's CA file (read only). */
   credential_files: string[];
+  /** Folders deployments are read from (edge_agent_deployment_source naming a folder). */
+  deployment_dirs: string[];
+  /** System information the agent may read: "statfs" (free space before a deployment's download). */
+  sys: string[];
 }
 
 const PROFILE_KEYS: Record<keyof Profile, "path" | "path?" | "paths" | "paths?" | "hosts" | "names" | "metrics?"> = {
@@ -50,6 +54,8 @@ const PROFILE_KEYS: Record<keyof Profile, "path" | "path?" | "paths" | "paths?" 
   env: "names",
   credential_hosts: "hosts",
   credential_files: "paths?",
+  deployment_dirs: "paths?",
+  sys: "names",
 };
 
 function isInside(path: string, folder: string): boolean {
@@ -111,6 +117,8 @@ export function parseProfile(raw: unknown, source = "profile"): Profile {
     env: (record.env as string[] | undefined) ?? [],
     credential_hosts: (record.credential_hosts as string[] | undefined) ?? [],
     credential_files: (record.credential_files as string[] | undefined) ?? [],
+    deployment_dirs: (record.deployment_dirs as string[] | undefined) ?? [],
+    sys: (record.sys as string[] | undefined) ?? [],
   };
 }
 
@@ -125,6 +133,7 @@ export function profileFlags(profile: Profile): string[] {
     ...(profile.trusted_keys ? [profile.trusted_keys] : []),
     ...(profile.capture_dir ? [profile.capture_dir] : []),
     ...profile.credential_files,
+    ...profile.deployment_dirs,
   ];
   const writable = [profile.socket, profile.state_dir, ...(profile.capture_dir ? [profile.capture_dir] : [])];
   const reachable = [`unix:${profile.socket}`, ...profile.s3_hosts, ...profile.credential_hosts];
@@ -143,6 +152,7 @@ export function profileFlags(profile: Profile): string[] {
     `--allow-net=${reachable.join(",")}`,
     // The agent sets ONNX Runtime's telemetry switch itself before loading the library (src/runtime.ts).
     `--allow-env=${[ORT_TELEMETRY_SWITCH, ...profile.env].join(",")}`,
+    ...(profile.sys.length > 0 ? [`--allow-sys=${profile.sys.join(",")}`] : []),
     "--allow-ffi",
   ];
 }
@@ -150,6 +160,10 @@ export function profileFlags(profile: Profile): string[] {
 /** The profile a config needs when served on `socketPath`. */
 export function profileFor(socketPath: string, configPath: string | null, config: AgentConfig): Profile {
   const s3 = s3Host(config);
+  const deployments = deploymentSource(config);
+  const deploymentHost = deploymentS3(config)?.host ?? null;
+  const hosts = [...new Set([s3, deploymentHost].filter((h): h is string => h !== null))];
+  const aws = hosts.length > 0;
   return {
     socket: socketPath,
     config: configPath,
@@ -159,11 +173,13 @@ export function profileFor(socketPath: string, configPath: string | null, config
     trusted_keys: config.trustedModelKeys,
     capture_dir: isInside(captureDiskPath(config), config.stateDir) ? null : captureDiskPath(config),
     metrics: config.metrics,
-    s3_hosts: s3 ? [s3] : [],
+    s3_hosts: hosts,
     // With the AWS IoT credentials provider the environment is not a source (README: Credentials).
-    env: s3 && !iotCredentials(config) ? [...AWS_CREDENTIAL_VARIABLES] : [],
-    credential_hosts: s3 && iotCredentials(config) ? [credentialsHost(config)] : [],
-    credential_files: s3 && iotCredentials(config) ? credentialFiles(config) : [],
+    env: aws && !iotCredentials(config) ? [...AWS_CREDENTIAL_VARIABLES] : [],
+    credential_hosts: aws && iotCredentials(config) ? [credentialsHost(config)] : [],
+    credential_files: aws && iotCredentials(config) ? credentialFiles(config) : [],
+    deployment_dirs: deployments && "folder" in deployments ? [deployments.folder] : [],
+    sys: deployments ? ["statfs"] : [],
   };
 }
 
@@ -230,7 +246,24 @@ export async function permissionProblems(socketPath: string, config: AgentConfig
   if (s3 && !await granted({ name: "net", host: s3 })) {
     problems.push(`config uploads captures to ${s3}, but this agent may not reach it${rebuild("s3_hosts")}`);
   }
-  if (s3 && iotCredentials(config)) {
+  const deployments = deploymentSource(config);
+  const deploymentHost = deploymentS3(config)?.host;
+  if (deploymentHost && !await granted({ name: "net", host: deploymentHost })) {
+    problems.push(
+      `config pulls deployments from ${deploymentHost}, but this agent may not reach it${rebuild("s3_hosts")}`,
+    );
+  }
+  if (deployments && "folder" in deployments && !await granted({ name: "read", path: deployments.folder })) {
+    problems.push(
+      `config pulls deployments from folder ${deployments.folder}, but this agent may not read it${
+        rebuild("deployment_dirs")
+      }`,
+    );
+  }
+  if (deployments && !await granted({ name: "sys", kind: "statfs" })) {
+    problems.push(`config enables deployments, but this agent may not check free space${rebuild('sys ["statfs"]')}`);
+  }
+  if ((s3 || deploymentHost) && iotCredentials(config)) {
     const host = credentialsHost(config);
     if (!await granted({ name: "net", host })) {
       problems.push(

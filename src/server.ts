@@ -7,7 +7,7 @@ import type { ModelInfo, ModelRegistry, PredictTiming } from "./models.ts";
 import { firstTensorBytesOffset, metadataOf } from "./tensors.ts";
 import { GrpcServer, type StreamHandler, type UnaryHandler } from "./transport/http2.ts";
 import type { ServerLimits } from "./transport/limits.ts";
-import { HealthService } from "./health.ts";
+import { type DeploymentHealth, HealthService } from "./health.ts";
 import type { CaptureService } from "./capture/service.ts";
 import { captureRecord } from "./capture/request.ts";
 import type { Metrics } from "./metrics.ts";
@@ -51,6 +51,8 @@ export interface Services {
   capture: CaptureService;
   shm: SharedMemoryReader;
   clockSkewSeconds: number;
+  /** The deployments' state, when they are on (health). */
+  deployment?: DeploymentHealth | null;
 }
 
 const CAPTURE_STATUS = enumValues("CaptureDataStatus");
@@ -247,7 +249,8 @@ export async function startServer(options: {
   for (const [rpc, handler] of Object.entries(handlers(options.services)) as [RpcName, Handler][]) {
     methods.set(`/${SERVICE_NAME}/${rpc}`, unary(rpc, RPC_TYPES[rpc], handler, log, options.metrics, isLoaded));
   }
-  const healthService = new HealthService(options.services.registry, options.services.capture);
+  const { registry, capture, deployment } = options.services;
+  const healthService = new HealthService(registry, capture, deployment);
   methods.set(
     `/${HEALTH_SERVICE_NAME}/Check`,
     unary("Health.Check", health, healthService.check, log, options.metrics, isLoaded),

@@ -160,6 +160,7 @@ export class S3Client {
     body: Uint8Array | null,
     headers: Record<string, string> = {},
     signal?: AbortSignal,
+    timeoutMs = this.options.requestTimeoutMs ?? 30_000,
   ): Promise<Response> {
     const payloadHash = await sha256Hex(body ?? new Uint8Array());
     let credentials: S3Credentials;
@@ -177,7 +178,7 @@ export class S3Client {
       credentials,
       region: this.options.region,
     });
-    const timeout = AbortSignal.timeout(this.options.requestTimeoutMs ?? 30_000);
+    const timeout = AbortSignal.timeout(timeoutMs);
     let response: Response;
     try {
       response = await fetch(url, {
@@ -212,13 +213,26 @@ export class S3Client {
   }
 
   /** GetObject; null when there is no such key. */
-  async getObject(key: string): Promise<Uint8Array | null> {
-    const response = await this.request("GET", this.objectUrl(key), null);
+  async getObject(key: string, signal?: AbortSignal): Promise<Uint8Array | null> {
+    const response = await this.request("GET", this.objectUrl(key), null, {}, signal);
     if (response.status === 404) {
       await response.body?.cancel();
       return null;
     }
     return new Uint8Array(await response.arrayBuffer());
+  }
+
+  /**
+   * GetObject from byte `offset` on, as a stream (Range: a download resumes where it stopped). The
+   * answer is 206, or 200 when the server sends the whole object; null when there is no such key.
+   * `timeoutMs` bounds the whole transfer.
+   */
+  async getObjectFrom(key: string, offset: number, timeoutMs: number, signal?: AbortSignal): Promise<Response | null> {
+    const headers: Record<string, string> = offset > 0 ? { range: `bytes=${offset}-` } : {};
+    const response = await this.request("GET", this.objectUrl(key), null, headers, signal, timeoutMs);
+    if (response.status !== 404) return response;
+    await response.body?.cancel();
+    return null;
   }
 
   /**

@@ -2,7 +2,9 @@
 // packing and verifying. Run on a workstation or build host (`deno task trust` / `deno task package`);
 // the device's executable only serves.
 
+import { createHash } from "node:crypto";
 import { basename, join } from "node:path";
+import { MANIFEST_NAME, parseManifest, SIGNATURE_NAME } from "../deployments/manifest.ts";
 import { extractPackage, packFolder } from "./archive.ts";
 import { readPemFiles } from "./load.ts";
 import {
@@ -126,6 +128,64 @@ export async function packageVerify(args: VerifyArguments): Promise<string> {
   } finally {
     if (scratch) await Deno.remove(scratch, { recursive: true });
   }
+}
+
+export interface DeploymentArguments {
+  folder: string;
+  key: string;
+  certChain?: string;
+}
+
+/**
+ * Completes `<folder>/deployment.json` (each package's sha256 and size from the file it names, the
+ * serial raised by one), checks it as a device will, and signs it: `deployment.json.sig`.
+ */
+export async function packageDeployment(args: DeploymentArguments): Promise<string> {
+  const path = join(args.folder, MANIFEST_NAME);
+  let raw;
+  try {
+    raw = JSON.parse(await Deno.readTextFile(path));
+  } catch (error) {
+    throw new CommandError(`${path}: ${(error as Error).message}`);
+  }
+  const lines: string[] = [];
+  for (const [fleet, entry] of Object.entries<{ models?: Record<string, unknown>[] }>(raw?.fleets ?? {})) {
+    for (const model of entry?.models ?? []) {
+      if (typeof model?.package !== "string") continue; // the check below names it
+      const file = join(args.folder, model.package);
+      const hash = createHash("sha256");
+      let size = 0;
+      try {
+        for await (const chunk of (await Deno.open(file)).readable) {
+          hash.update(chunk);
+          size += chunk.byteLength;
+        }
+      } catch (error) {
+        throw new CommandError(`${path}: fleet ${fleet}, model ${model.name}: ${file}: ${(error as Error).message}`);
+      }
+      model.sha256 = hash.digest("hex");
+      model.size = size;
+      lines.push(
+        `  ${fleet}: ${model.name} ${model.version} ${model.state ?? "loaded"} ${model.package} (${size} bytes)`,
+      );
+    }
+  }
+  if (raw !== null && typeof raw === "object") raw.serial = (Number.isSafeInteger(raw.serial) ? raw.serial : 0) + 1;
+  const text = JSON.stringify(raw, null, 2) + "\n";
+  try {
+    parseManifest(new TextEncoder().encode(text));
+  } catch (error) {
+    throw new CommandError((error as Error).message);
+  }
+  await Deno.writeTextFile(path, text);
+  const privateKeyPem = await readText(args.key, "--key");
+  const certificateChainPem = args.certChain ? await readText(args.certChain, "--cert-chain") : undefined;
+  try {
+    await signModel({ modelPath: path, privateKeyPem, certificateChainPem });
+  } catch (error) {
+    throw new CommandError(`cannot sign ${path}: ${(error as Error).message}`);
+  }
+  return [`signed ${path} (serial ${raw.serial}) into ${join(args.folder, SIGNATURE_NAME)}:`, ...lines].join("\n");
 }
 
 async function readText(path: string, flag: string): Promise<string> {

@@ -113,20 +113,29 @@ async function verify(
   options: PackageOptions,
   preloaded: Map<string, Uint8Array>,
 ): Promise<VerificationResult> {
+  return await verifySigned(`model ${url}`, path, options, preloaded);
+}
+
+/**
+ * Verifies a signed folder or file (`<file>.sig`) against the device's trust exactly as packages are
+ * verified; `what` names it in the FAILED_PRECONDITION a refusal becomes.
+ */
+export async function verifySigned(
+  what: string,
+  path: string,
+  options: Pick<PackageOptions, "rootCertsPath" | "trustedKeysPath">,
+  preloaded: Map<string, Uint8Array>,
+): Promise<VerificationResult> {
   const trust = await readTrust(options);
   try {
     return await verifyModel({ modelPath: path, trust, preloaded });
   } catch (error) {
-    throw refused(url, error);
+    if (error instanceof OmsError) throw failedPrecondition(`${what} failed verification: ${error.message}`);
+    throw error;
   }
 }
 
-function refused(url: string, error: unknown): Error {
-  if (error instanceof OmsError) return failedPrecondition(`model ${url} failed verification: ${error.message}`);
-  return error as Error;
-}
-
-async function readTrust(options: PackageOptions): Promise<OmsTrust> {
+async function readTrust(options: Pick<PackageOptions, "rootCertsPath" | "trustedKeysPath">): Promise<OmsTrust> {
   const roots = options.rootCertsPath
     ? await pemFiles(options.rootCertsPath, "sagemaker_edge_core_root_certs_path")
     : [];
