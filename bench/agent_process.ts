@@ -52,6 +52,7 @@ export class AgentProcess {
   readonly #drained: Promise<void>;
   readonly #spawnedAt: number;
   #servingAt = NaN;
+  #startupMarks: Record<string, number> | null = null;
 
   private constructor(process: Deno.ChildProcess, spawnedAt: number, socket: string) {
     this.#process = process;
@@ -99,6 +100,14 @@ export class AgentProcess {
   /** Milliseconds from spawn to the "serving" log line (socket listening). */
   get readyMs(): number {
     return this.#servingAt - this.#spawnedAt;
+  }
+
+  /**
+   * The agent's own start-up marks (ms since its process began, by phase; src/agent.ts), from its
+   * verbose log; null when it does not log them.
+   */
+  get startupMarks(): Record<string, number> | null {
+    return this.#startupMarks;
   }
 
   get pid(): number {
@@ -200,6 +209,7 @@ export class AgentProcess {
       return; // not one of the agent's log lines (native libraries may write to stderr too)
     }
     if (entry.msg === "serving") this.#servingAt = performance.now();
+    if (entry.msg === "start-up") this.#startupMarks = entry.msSinceProcessStart as Record<string, number>;
     if (entry.msg === "rpc" && entry.rpc === "Predict" && entry.code === "OK") {
       const { ms, bindMs, runMs, encodeMs, copiedInputs, sharedMemoryInputs = 0 } = entry as unknown as PredictLog;
       this.#predicts.push({ ms, bindMs, runMs, encodeMs, copiedInputs, sharedMemoryInputs });
