@@ -133,8 +133,23 @@ async function startMetrics(config: AgentConfig, render: () => string): Promise<
   };
 }
 
+/**
+ * After a model loads or unloads, what the load left behind is garbage: the model's bytes as read and
+ * verified, signature checking's working memory, ONNX Runtime's graph optimisation buffers. Collected
+ * (when V8's gc is exposed: see permissions.ts) and trimmed from malloc's arenas at once, RSS is what
+ * the models hold rather than what loading them took.
+ */
+function releaseLeftovers(libc: Libc): void {
+  (globalThis as { gc?: () => void }).gc?.();
+  libc.trimHeap();
+}
+
 /** Serves until a stop signal arrives; resolves when everything is released. */
 export async function serve(options: ServeOptions): Promise<void> {
+  // Where start-up time goes, in ms since the process began (performance's time origin): a debug line.
+  const startup: Record<string, number> = {};
+  const mark = (phase: string) => startup[phase] = Math.round(performance.now() * 10) / 10;
+  mark("modules");
   const { config, ignoredKeys, resolvedPaths }: LoadedConfig = options.configPath
     ? await loadConfigFile(options.configPath)
     : { config: structuredClone(DEFAULTS), ignoredKeys: [], resolvedPaths: {} };
@@ -145,6 +160,7 @@ export async function serve(options: ServeOptions): Promise<void> {
   }
   const problems = await permissionProblems(options.socketPath, config);
   if (problems.length > 0) throw new StartupError(problems);
+  mark("config");
   const log = createLogger(config.logVerbose);
   if (ignoredKeys.length > 0) log.info("config keys accepted but not used by this agent", { keys: ignoredKeys });
   if (Object.keys(resolvedPaths).length > 0) {
@@ -162,7 +178,9 @@ export async function serve(options: ServeOptions): Promise<void> {
   }
   await prepareStateDir(config.stateDir);
 
+  mark("stateFolder");
   const ort = await openRuntime(config);
+  mark("onnxRuntime");
   const libc = Libc.open();
   const shm = new SharedMemoryReader(libc, {
     kind: config.sharedMemory,
@@ -170,12 +188,20 @@ export async function serve(options: ServeOptions): Promise<void> {
     sysvKeepAttachedSeconds: config.sysvKeepAttachedSeconds,
   });
   const registry = new ModelRegistry(ort, shm, config, log);
+  let leftovers: ReturnType<typeof setTimeout> | undefined;
+  registry.changes.addEventListener("change", () => {
+    clearTimeout(leftovers);
+    // Once the response is on its way; a burst of loads is collected once.
+    leftovers = setTimeout(releaseLeftovers, 50, libc);
+    Deno.unrefTimer(leftovers);
+  });
   let capture: CaptureService | null = null;
   const metrics = new Metrics();
   let stopMetrics = async () => {};
   let server: Awaited<ReturnType<typeof startServer>> | null = null;
   try {
     capture = await openCapture(config, log);
+    mark("capture");
     server = await startServer({
       socketPath: options.socketPath,
       removeExistingSocket: options.removeExistingSocket ?? false,
@@ -214,6 +240,8 @@ export async function serve(options: ServeOptions): Promise<void> {
     Deno.addSignalListener(signal, listener);
     return [signal, listener] as const;
   });
+  mark("listening");
+  log.debug("start-up", { msSinceProcessStart: startup });
   log.info("serving", {
     socket: options.socketPath,
     config: options.configPath ?? undefined,
@@ -245,6 +273,7 @@ export async function serve(options: ServeOptions): Promise<void> {
   ort.close();
   // After closeAll: no Run reads a segment any more, so every kept one detaches now.
   shm.close();
+  clearTimeout(leftovers);
   libc.close();
   log.info("stopped");
 }
