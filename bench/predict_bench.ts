@@ -376,8 +376,8 @@ async function measureDefault(
     for (const model of workspace.models) {
       agents.push(await AgentRunner.create(model, agent, workspace.urls[model.key]));
     }
-    // Settled too: the agent collects what the loads left behind just after them (src/agent.ts).
-    await new Promise((resolve) => setTimeout(resolve, 500));
+    // Settled too: the agent collects what the loads left behind a second after them (src/agent.ts).
+    await new Promise((resolve) => setTimeout(resolve, 1500));
     const loaded = agent.memory();
     const loadedBreakdown = rssBreakdown(agent.pid);
     // The memory target's reference: onnxruntime-node holding the same models, in a process of its own.

@@ -77,6 +77,11 @@ export class Metrics {
     this.#inFlight--;
   }
 
+  /** Calls being handled now. */
+  get inFlight(): number {
+    return this.#inFlight;
+  }
+
   /** The text exposition of everything, with the registry's and the capture service's state now. */
   render(models: ModelInfo[], capture: CaptureStats | null, sysvSegmentsAttached: number): string {
     const out: string[] = [];

@@ -6,7 +6,10 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { compileArgs } from "../build.ts";
 import { AGENT_V8_FLAGS, parseProfile } from "../src/permissions.ts";
-import { agentDeployment, COMPILE_CONFIG, MAIN, PROJECT_ROOT } from "./helpers/agent.ts";
+import { enumValues } from "../src/wire.ts";
+import { agentDeployment, COMPILE_CONFIG, MAIN, parseLogs, PROJECT_ROOT, startAgent } from "./helpers/agent.ts";
+import { tensor } from "./helpers/assertions.ts";
+import { identityModel, OnnxType, slowModel, writeModelFolder } from "./helpers/onnx_models.ts";
 
 interface GraphModule {
   specifier: string;
@@ -78,4 +81,30 @@ Deno.test("the agent runs with its V8 flags, from deno run as from the compiled 
     assert.ok(run.indexOf(flag) >= 0 && run.indexOf(flag) < run.indexOf(MAIN), run.join(" "));
   }
   assert.ok(AGENT_V8_FLAGS.some((f) => f.includes("--expose-gc")), "gc() collects what a model load left behind");
+});
+
+Deno.test("what model loads leave behind is collected once, when no call is in flight", async () => {
+  const agent = await startAgent({ config: { sagemaker_edge_log_verbose: true } });
+  try {
+    const n = 512;
+    await agent.client.loadModel(await writeModelFolder(agent.modelsDir, "a", identityModel(OnnxType.FLOAT)), "a");
+    // A Predict that outlasts the quiet period the collection waits for.
+    await agent.client.loadModel(await writeModelFolder(agent.modelsDir, "slow", slowModel(n, 300)), "slow");
+    const x = new Float32Array(n * n).fill(0.5);
+    await agent.client.predict("slow", [tensor("x", enumValues("DataType").FLOAT32, [n, n], x)]);
+    const collections = () => parseLogs(agent.logs()).filter((l) => l.msg === "memory after a model change (MiB)");
+    const deadline = Date.now() + 10_000;
+    while (collections().length === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+    // Past another quiet period: a second collection would have happened by now.
+    await new Promise((r) => setTimeout(r, 1500));
+    const logs = parseLogs(agent.logs());
+    const collected = logs.findIndex((l) => l.msg === "memory after a model change (MiB)");
+    const predicted = logs.findIndex((l) => l.msg === "rpc" && l.rpc === "Predict");
+    assert.ok(collected >= 0, "the leftovers are collected");
+    assert.ok(collected > predicted, "not while the Predict was in flight");
+    assert.equal(collections().length, 1, "two loads in a row are collected once");
+  } finally {
+    await agent.stop();
+    await Deno.remove(agent.dir, { recursive: true });
+  }
 });
