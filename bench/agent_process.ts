@@ -1,6 +1,7 @@
 // The agent as the benchmark runs it: the real main.ts in a deno subprocess with the permission flags a
 // deployment gets, its stderr log lines parsed as they arrive, and its CPU time and memory from /proc.
 
+import { join } from "node:path";
 import { GrpcJsAgentClient as AgentClient } from "../tests/helpers/grpcjs_client.ts";
 import { AgentClient as EdgeAgentClient } from "../src/client.ts";
 import { agentDeployment } from "../tests/helpers/agent.ts";
@@ -73,6 +74,8 @@ export class AgentProcess {
       sagemaker_edge_log_verbose: true,
       // The benchmark's packages are signed by the tests' development trust.
       sagemaker_edge_core_root_certs_path: (await testTrust()).rootFile,
+      // Its own state folder: agents of other runs on the machine hold the default one's lock.
+      edge_agent_state_dir: join(dir, "state"),
       ...keys,
     };
     const { socket, args } = await agentDeployment(dir, raw);
