@@ -1,6 +1,5 @@
 // Where ONNX Runtime's library comes from, and the session options the config asks for.
 
-import { createHash } from "node:crypto";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { GraphOptimizationLevel, OnnxRuntime, SessionOptions } from "../ffi/onnxruntime.ts";
@@ -56,6 +55,8 @@ export async function extractLibrary(embedded: string, stateDir: string): Promis
 async function sha256File(path: string): Promise<string | null> {
   const file = await Deno.open(path).catch(() => null);
   if (!file) return null;
+  // Only a compiled agent extracts; Node's crypto (streaming SHA-256) is not loaded for the others.
+  const { createHash } = await import("node:crypto");
   const hash = createHash("sha256");
   const chunk = new Uint8Array(1 << 20);
   try {
