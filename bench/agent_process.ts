@@ -1,6 +1,7 @@
 // The agent as the benchmark runs it: the real main.ts in a deno subprocess with the permission flags a
 // deployment gets, its stderr log lines parsed as they arrive, and its CPU time and memory from /proc.
 
+import { join } from "node:path";
 import { GrpcJsAgentClient as AgentClient } from "../tests/helpers/grpcjs_client.ts";
 import { AgentClient as EdgeAgentClient } from "../src/client.ts";
 import { agentDeployment } from "../tests/helpers/agent.ts";
@@ -52,6 +53,7 @@ export class AgentProcess {
   readonly #drained: Promise<void>;
   readonly #spawnedAt: number;
   #servingAt = NaN;
+  #startupMarks: Record<string, number> | null = null;
 
   private constructor(process: Deno.ChildProcess, spawnedAt: number, socket: string) {
     this.#process = process;
@@ -72,6 +74,8 @@ export class AgentProcess {
       sagemaker_edge_log_verbose: true,
       // The benchmark's packages are signed by the tests' development trust.
       sagemaker_edge_core_root_certs_path: (await testTrust()).rootFile,
+      // Its own state folder: agents of other runs on the machine hold the default one's lock.
+      edge_agent_state_dir: join(dir, "state"),
       ...keys,
     };
     const { socket, args } = await agentDeployment(dir, raw);
@@ -99,6 +103,14 @@ export class AgentProcess {
   /** Milliseconds from spawn to the "serving" log line (socket listening). */
   get readyMs(): number {
     return this.#servingAt - this.#spawnedAt;
+  }
+
+  /**
+   * The agent's own start-up marks (ms since its process began, by phase; src/agent.ts), from its
+   * verbose log; null when it does not log them.
+   */
+  get startupMarks(): Record<string, number> | null {
+    return this.#startupMarks;
   }
 
   get pid(): number {
@@ -200,6 +212,7 @@ export class AgentProcess {
       return; // not one of the agent's log lines (native libraries may write to stderr too)
     }
     if (entry.msg === "serving") this.#servingAt = performance.now();
+    if (entry.msg === "start-up") this.#startupMarks = entry.msSinceProcessStart as Record<string, number>;
     if (entry.msg === "rpc" && entry.rpc === "Predict" && entry.code === "OK") {
       const { ms, bindMs, runMs, encodeMs, copiedInputs, sharedMemoryInputs = 0 } = entry as unknown as PredictLog;
       this.#predicts.push({ ms, bindMs, runMs, encodeMs, copiedInputs, sharedMemoryInputs });

@@ -52,6 +52,16 @@ import {
   type TransportFigures,
 } from "./transport.ts";
 import { median, ms, percentile, ratio, signedMs, table, us } from "./stats.ts";
+import {
+  describeRss,
+  printStartupCosts,
+  type ReferenceMemory,
+  referenceMemory,
+  rssBreakdown,
+  startupCosts,
+} from "./startup_costs.ts";
+// Imported as `targets`: this file has a summary() of its own (latency figures of one path).
+import { ROW, summary as targets } from "./summary.ts";
 
 const RESULTS_DIR = new URL("./results/", import.meta.url).pathname;
 const LIST_MODELS_CALLS = 50;
@@ -350,13 +360,16 @@ async function measureDefault(
   // One agent serves every path: bytes, SysV ids, and POSIX objects under a prefix unique to this run.
   const keys = { ...agentConfigKeys(DEFAULT_CHOICE), ...segments.agentKeys() };
 
-  console.log(`agent start-up: ${starts} starts`);
+  console.log(`agent start-up: ${starts} starts, and ${starts} runs of the start-up probe`);
   const readyMs: number[] = [];
+  const startupMarks: Record<string, number>[] = [];
   for (let i = 0; i < starts; i++) {
     const agent = await AgentProcess.start(workspace.dir, workspace.modelsDir, keys);
     readyMs.push(agent.readyMs);
+    if (agent.startupMarks) startupMarks.push(agent.startupMarks);
     await agent.stop();
   }
+  const costs = starts > 0 ? await startupCosts(starts) : null;
 
   const agent = await AgentProcess.start(workspace.dir, workspace.modelsDir, keys);
   const runtime = OnnxRuntime.open(npmLibraryPath());
@@ -367,11 +380,19 @@ async function measureDefault(
     // Let start-up work (module evaluation, grpc-js set-up) settle before calling the process idle.
     await new Promise((resolve) => setTimeout(resolve, 500));
     const idle = agent.memory();
+    const idleBreakdown = rssBreakdown(agent.pid);
     const agents: AgentRunner[] = [];
     for (const model of workspace.models) {
       agents.push(await AgentRunner.create(model, agent, workspace.urls[model.key]));
     }
+    // Settled too: the agent collects what the loads left behind a second after them (src/agent.ts).
+    await new Promise((resolve) => setTimeout(resolve, 1500));
     const loaded = agent.memory();
+    const loadedBreakdown = rssBreakdown(agent.pid);
+    // The memory target's reference: onnxruntime-node holding the same models, in a process of its own.
+    const files = workspace.models.map((m) => m.file);
+    const references: ReferenceMemory[] = [await referenceMemory("deno", files, DEFAULT_CHOICE)];
+    if (workspace.node) references.push(await referenceMemory("node", files, DEFAULT_CHOICE));
     grpcio = await startGrpcio(workspace, agent);
     node = workspace.node ? await GrpcioClient.startNode(agent.socket) : null;
 
@@ -468,10 +489,19 @@ async function measureDefault(
     const mapping = mappingCosts(segments, mappingIterations);
     return {
       readyMs,
+      startupMarks,
+      costs,
       listModelsMs,
       transport,
       listModels,
-      memory: { idle, modelsLoaded: loaded, afterInference: agent.memory() },
+      memory: {
+        idle,
+        modelsLoaded: loaded,
+        afterInference: agent.memory(),
+        idleBreakdown,
+        loadedBreakdown,
+        references,
+      },
       models,
       mappingIterations,
       mapping,
@@ -689,12 +719,61 @@ function printDefault(report: Awaited<ReturnType<typeof defaultMode>>): void {
     `  spawn -> "serving": median ${ms(median(report.readyMs))} ms over ${report.readyMs.length} starts ` +
       `(${report.readyMs.map(ms).join(", ")})`,
   );
+  const marks = report.startupMarks;
+  if (marks.length > 0) {
+    // Each phase's own time: the median of its mark minus the one before, over the starts.
+    let previous = "";
+    const phases = Object.keys(marks[0]).map((phase) => {
+      const took = median(marks.map((m) => m[phase] - (previous ? m[previous] : 0)));
+      previous = phase;
+      return `${phase} ${ms(took)}`;
+    });
+    console.log(
+      `  in the agent (its start-up log line; ms per phase, medians; modules = from its time origin): ${
+        phases.join(", ")
+      }`,
+    );
+  }
   console.log(
     `  RSS: idle ${mem.idle.rssMiB.toFixed(1)} MiB, cls + det loaded ${mem.modelsLoaded.rssMiB.toFixed(1)} MiB, ` +
       `after the benchmark ${mem.afterInference.rssMiB.toFixed(1)} MiB (peak ${
         mem.afterInference.hwmMiB.toFixed(1)
       } MiB)`,
   );
+  console.log(`  idle RSS: ${describeRss(mem.idleBreakdown)} MiB`);
+  console.log(`  loaded RSS: ${describeRss(mem.loadedBreakdown)} MiB`);
+  for (const r of mem.references) {
+    console.log(`  reference, onnxruntime-node under ${r.runtime} with cls + det: ${describeRss(r.breakdown)} MiB`);
+  }
+  if (report.costs) printStartupCosts(report.costs);
+}
+
+/** The default run's rows of the summary table. */
+function summarizeDefault(report: Awaited<ReturnType<typeof defaultMode>>): void {
+  const mem = report.memory;
+  targets.add({
+    what: ROW.rssIdle,
+    measured: `${mem.idle.rssMiB.toFixed(1)} MiB`,
+    met: mem.idle.rssMiB <= 80,
+  });
+  // The stricter reference: the runtime whose process holds the models in less memory.
+  const reference = mem.references.reduce((a, b) => (b.rssKiB < a.rssKiB ? b : a));
+  const referenceMiB = reference.rssKiB / 1024;
+  targets.add({
+    what: ROW.rssLoaded,
+    measured: `${mem.modelsLoaded.rssMiB.toFixed(1)} MiB (reference under ${reference.runtime}: ${
+      referenceMiB.toFixed(1)
+    } MiB, so <= ${(referenceMiB + 30).toFixed(1)})`,
+    met: mem.modelsLoaded.rssMiB <= referenceMiB + 30,
+  });
+  if (report.readyMs.length > 0) {
+    const ready = median(report.readyMs);
+    targets.add({
+      what: ROW.startup,
+      measured: `${ms(ready)} ms (median of ${report.readyMs.length})`,
+      met: ready <= 200,
+    });
+  }
 }
 
 async function sweepMode(workspace: Workspace, { blocks }: Plan) {
@@ -821,12 +900,22 @@ async function main(): Promise<void> {
       printLoads(loads, loadRounds);
       const captures = await captureBenchmark(values.quick ? 2 : 5);
       printCaptures(captures);
+      summarizeDefault(report);
+      targets.add({
+        what: ROW.captureAcks,
+        measured: `${captures.ownClient.acksPerSecond.toFixed(0)}/s (8 senders, edge-agent client)`,
+        met: captures.ownClient.acksPerSecond >= 10_000,
+      });
+      const slowdown = captures.predictWithCapturesMs / captures.predictAloneMs;
+      targets.add({ what: ROW.predictUnderCaptures, measured: ratio(slowdown), met: slowdown <= 1.1 });
       results = { ...report, loads, captures };
     }
   } finally {
     await Deno.remove(workspace.dir, { recursive: true });
   }
   const seconds = (performance.now() - started) / 1000;
+  console.log("\nSummary: the targets, beside what this run measured");
+  console.log(targets.render());
   console.log(`\n${mode}${values.quick ? " --quick" : ""} run took ${seconds.toFixed(0)} s`);
 
   await mkdir(RESULTS_DIR, { recursive: true });
@@ -834,7 +923,8 @@ async function main(): Promise<void> {
   const file = join(RESULTS_DIR, `predict-${mode}${values.quick ? "-quick" : ""}-${stamp}.json`);
   await Deno.writeTextFile(
     file,
-    forJson({ mode, quick: values.quick, startedAt, seconds, machine: host, plan, results }) + "\n",
+    forJson({ mode, quick: values.quick, startedAt, seconds, machine: host, plan, results, summary: targets.rows() }) +
+      "\n",
   );
   console.log(`figures: ${file}`);
 }

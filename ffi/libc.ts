@@ -20,6 +20,8 @@ const libcSymbols = {
   lseek: { parameters: ["i32", "i64", "i32"], result: "i64" },
   // int close(int fd)
   close: { parameters: ["i32"], result: "i32" },
+  // int malloc_trim(size_t pad)
+  malloc_trim: { parameters: ["usize"], result: "i32" },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 const shmOpenSymbols = {
@@ -145,6 +147,11 @@ export class Libc {
     } finally {
       this.#libc.symbols.close(fd);
     }
+  }
+
+  /** Hands the free memory at the top of every malloc arena back to the OS (glibc's malloc_trim(0)). */
+  trimHeap(): void {
+    this.#libc.symbols.malloc_trim(0n);
   }
 
   close(): void {

@@ -212,7 +212,10 @@ const ORT_MEM_TYPE_DEFAULT = 0;
 export class OnnxRuntime {
   readonly version: string;
   readonly api: BoundApi;
-  #env: Deno.PointerValue;
+  /** Created by the first session: the OrtEnv (ONNX's operator schemas) is most of ORT's memory before a model. */
+  #env: Deno.PointerValue = null;
+  #closed = false;
+  readonly #verbose: boolean;
   readonly allocator: Deno.PointerValue;
   #cpuMemoryInfo: Deno.PointerValue;
 
@@ -237,16 +240,7 @@ export class OnnxRuntime {
       api[name] = fn.call.bind(fn);
     }
     this.api = api as BoundApi;
-    const env = outPointer();
-    this.check(
-      "CreateEnv",
-      this.api.CreateEnv(
-        verbose ? ORT_LOGGING_LEVEL_WARNING : ORT_LOGGING_LEVEL_ERROR,
-        cString("edge-agent"),
-        env,
-      ),
-    );
-    this.#env = toPointer(env);
+    this.#verbose = verbose;
     const allocator = outPointer();
     this.check("GetAllocatorWithDefaultOptions", this.api.GetAllocatorWithDefaultOptions(allocator));
     this.allocator = toPointer(allocator);
@@ -270,7 +264,19 @@ export class OnnxRuntime {
   }
 
   get env(): Deno.PointerValue {
-    if (this.#env === null) throw new NativeError("ONNX Runtime is closed");
+    if (this.#closed) throw new NativeError("ONNX Runtime is closed");
+    if (this.#env === null) {
+      const env = outPointer();
+      this.check(
+        "CreateEnv",
+        this.api.CreateEnv(
+          this.#verbose ? ORT_LOGGING_LEVEL_WARNING : ORT_LOGGING_LEVEL_ERROR,
+          cString("edge-agent"),
+          env,
+        ),
+      );
+      this.#env = toPointer(env);
+    }
     return this.#env;
   }
 
@@ -300,10 +306,11 @@ export class OnnxRuntime {
   }
 
   close(): void {
-    if (this.#env === null) return;
+    if (this.#closed) return;
+    this.#closed = true;
     this.api.ReleaseMemoryInfo(this.#cpuMemoryInfo);
     this.#cpuMemoryInfo = null;
-    this.api.ReleaseEnv(this.#env);
+    if (this.#env !== null) this.api.ReleaseEnv(this.#env);
     this.#env = null;
     // The library stays loaded: threads that ran ORT code (Deno's blocking pool runs every Run)
     // call ORT's thread_local destructors when they exit, which crashes once its code is unmapped.

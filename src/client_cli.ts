@@ -184,7 +184,7 @@ async function inputTensor(model: Model, input: InputArgument): Promise<Tensor> 
       throw new ClientCommandError(`--input ${input.name}: an image fills FLOAT32 or UINT8 inputs, not ${type}`);
     }
     try {
-      const image = imageTensor(decodeImage(format, bytes), input.shape ?? spec.shape, type, input.image);
+      const image = imageTensor(await decodeImage(format, bytes), input.shape ?? spec.shape, type, input.image);
       shape = image.shape;
       data = image.data;
     } catch (error) {

@@ -4,8 +4,6 @@
 // NHWC as they are; either in BGR order when asked. Anything else takes a .npy prepared by the user.
 
 import { Buffer } from "node:buffer";
-import jpeg from "jpeg-js";
-import { PNG } from "pngjs";
 
 export interface RgbImage {
   width: number;
@@ -14,11 +12,14 @@ export interface RgbImage {
   rgba: Uint8Array;
 }
 
-export function decodeImage(format: "png" | "jpeg", bytes: Uint8Array): RgbImage {
+/** The codecs load with the first image: other client commands never hold them. */
+export async function decodeImage(format: "png" | "jpeg", bytes: Uint8Array): Promise<RgbImage> {
   if (format === "png") {
+    const { PNG } = await import("pngjs");
     const png = PNG.sync.read(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength));
     return { width: png.width, height: png.height, rgba: new Uint8Array(png.data) };
   }
+  const { default: jpeg } = await import("jpeg-js");
   const decoded = jpeg.decode(bytes, { useTArray: true, formatAsRGBA: true });
   return { width: decoded.width, height: decoded.height, rgba: decoded.data };
 }

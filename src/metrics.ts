@@ -78,6 +78,11 @@ export class Metrics {
     this.#inFlight--;
   }
 
+  /** Calls being handled now. */
+  get inFlight(): number {
+    return this.#inFlight;
+  }
+
   /** The text exposition of everything, with the registry's and the capture service's state now. */
   render(
     models: ModelInfo[],

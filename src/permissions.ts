@@ -122,7 +122,7 @@ export function parseProfile(raw: unknown, source = "profile"): Profile {
   };
 }
 
-/** The `deno run` / `deno compile` permission flags of a profile. No bare --allow-* but FFI. */
+/** The `deno run` / `deno compile` permission flags of a profile, and V8's. No bare --allow-* but FFI. */
 export function profileFlags(profile: Profile): string[] {
   const readable = [
     profile.socket,
@@ -154,8 +154,15 @@ export function profileFlags(profile: Profile): string[] {
     `--allow-env=${[ORT_TELEMETRY_SWITCH, ...profile.env].join(",")}`,
     ...(profile.sys.length > 0 ? [`--allow-sys=${profile.sys.join(",")}`] : []),
     "--allow-ffi",
+    ...AGENT_V8_FLAGS,
   ];
 }
+
+/**
+ * V8 flags every agent runs with, compiled in with the permissions (README "Memory and start-up"):
+ * gc() collects at once what a model load left behind (agent.ts), so loaded RSS is what models hold.
+ */
+export const AGENT_V8_FLAGS = ["--v8-flags=--expose-gc"];
 
 /** The profile a config needs when served on `socketPath`. */
 export function profileFor(socketPath: string, configPath: string | null, config: AgentConfig): Profile {

@@ -131,8 +131,3 @@ export const serverReflectionInfo: StreamHandler = async function* (requests) {
     yield Response.encode(Response.fromObject(answer(request))).finish();
   }
 };
-
-export const REFLECTION_PATHS = [
-  "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-  "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-];

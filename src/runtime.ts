@@ -34,25 +34,37 @@ export function libraryCandidates(config: AgentConfig): string[] {
  * The compiled agent embeds the library (build.ts --include). Deno could dlopen it in place, but it
  * then copies the file to $TMPDIR/deno-native-addons/ on every start, never removes it, and fails
  * on a read-only $TMPDIR. So it is written once into the state folder under a name holding its
- * SHA-256, and a later start reuses that copy after checking its digest.
+ * SHA-256, and a later start reuses that copy after checking its digest. Both are read a chunk at a
+ * time: read whole, the two copies of the library would stay in the idle agent's memory until a GC.
  */
 export async function extractLibrary(embedded: string, stateDir: string): Promise<string> {
-  const bytes = await Deno.readFile(embedded);
-  const digest = await sha256Hex(bytes);
+  const digest = (await sha256File(embedded))!;
   const folder = join(stateDir, "lib");
   const target = join(folder, `libonnxruntime-${digest.slice(0, 16)}.so.1`);
-  const existing = await Deno.readFile(target).catch(() => null);
-  if (existing && await sha256Hex(existing) === digest) return target;
+  if (await sha256File(target) === digest) return target;
   await Deno.mkdir(folder, { recursive: true, mode: 0o755 });
   const partial = `${target}.${Deno.pid}.partial`;
-  await Deno.writeFile(partial, bytes, { mode: 0o644 });
+  const source = await Deno.open(embedded);
+  const destination = await Deno.open(partial, { write: true, create: true, truncate: true, mode: 0o644 });
+  await source.readable.pipeTo(destination.writable);
   await Deno.rename(partial, target);
   return target;
 }
 
-async function sha256Hex(bytes: Uint8Array<ArrayBuffer>): Promise<string> {
-  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes));
-  return Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("");
+/** The SHA-256 of a file in hex, null when it cannot be opened. */
+async function sha256File(path: string): Promise<string | null> {
+  const file = await Deno.open(path).catch(() => null);
+  if (!file) return null;
+  // Only a compiled agent extracts; Node's crypto (streaming SHA-256) is not loaded for the others.
+  const { createHash } = await import("node:crypto");
+  const hash = createHash("sha256");
+  const chunk = new Uint8Array(1 << 20);
+  try {
+    for (let n = await file.read(chunk); n !== null; n = await file.read(chunk)) hash.update(chunk.subarray(0, n));
+  } finally {
+    file.close();
+  }
+  return hash.digest("hex");
 }
 
 /**

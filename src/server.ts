@@ -11,7 +11,6 @@ import { type DeploymentHealth, HealthService } from "./health.ts";
 import type { CaptureService } from "./capture/service.ts";
 import { captureRecord } from "./capture/request.ts";
 import type { Metrics } from "./metrics.ts";
-import { REFLECTION_PATHS, serverReflectionInfo } from "./reflection.ts";
 import type { SharedMemoryReader } from "./shm.ts";
 import {
   type CaptureDataRequest,
@@ -29,6 +28,17 @@ import {
 } from "./wire.ts";
 
 const encoder = new TextEncoder();
+
+const REFLECTION_PATHS = [
+  "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+  "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/** Reflection's descriptors (and protobufjs' descriptor extension) load at the first reflection call. */
+const serverReflectionInfo: StreamHandler = async function* (requests, cancelled) {
+  const reflection = await import("./reflection.ts");
+  yield* reflection.serverReflectionInfo(requests, cancelled);
+};
 
 function modelMessage(info: ModelInfo): Model {
   return {

@@ -7,8 +7,6 @@
 // the agent gets unscoped --allow-env and --allow-sys; it would also search ~/.aws and, without explicit
 // credentials, the instance metadata address. The signer alone needs no permission at all.
 
-import { Hash } from "@smithy/hash-node";
-import { SignatureV4 } from "@smithy/signature-v4";
 import { CredentialsError, type CredentialSource, type S3Credentials, StaticCredentials } from "./credentials.ts";
 
 export type { S3Credentials } from "./credentials.ts";
@@ -80,6 +78,8 @@ export interface SignInput {
  */
 export async function signRequest(input: SignInput): Promise<Record<string, string>> {
   const { credentials, url } = input;
+  // Loaded at the first request: an agent capturing to disk never holds the signer.
+  const [{ Hash }, { SignatureV4 }] = await Promise.all([import("@smithy/hash-node"), import("@smithy/signature-v4")]);
   const signer = new SignatureV4({
     service: input.service ?? "s3",
     region: input.region,

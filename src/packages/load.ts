@@ -7,15 +7,11 @@
 import { basename, isAbsolute, join, normalize, relative } from "node:path";
 import { fileURLToPath } from "node:url";
 import { AgentError, failedPrecondition, invalidArgument, notFound, permissionDenied } from "../errors.ts";
-import { type ArchiveLimits, extractPackage } from "./archive.ts";
-import {
-  DEFAULT_SIGNATURE_NAME,
-  loadTrust,
-  OmsError,
-  type OmsTrust,
-  type VerificationResult,
-  verifyModel,
-} from "./oms/mod.ts";
+// Archives and signatures (tar-stream, @peculiar/x509) load at the first package that needs them:
+// an agent that has not loaded a model yet does not hold them in memory.
+import type { ArchiveLimits } from "./archive.ts";
+import type { OmsTrust, VerificationResult } from "./oms/mod.ts";
+import { DEFAULT_SIGNATURE_NAME } from "./oms/paths.ts";
 
 export interface PackageOptions {
   /** Folders packages may come from (edge_agent_model_roots). */
@@ -68,6 +64,7 @@ async function openArchive(url: string, archive: string, options: PackageOptions
   const destination = join(options.stateDir, "packages", crypto.randomUUID());
   let extracted: string | null = null;
   try {
+    const { extractPackage } = await import("./archive.ts");
     try {
       extracted =
         (await extractPackage(archive, { stateDir: options.stateDir, destination, limits: options.archiveLimits }))
@@ -126,6 +123,7 @@ export async function verifySigned(
   options: Pick<PackageOptions, "rootCertsPath" | "trustedKeysPath">,
   preloaded: Map<string, Uint8Array>,
 ): Promise<VerificationResult> {
+  const { verifyModel, OmsError } = await import("./oms/mod.ts");
   const trust = await readTrust(options);
   try {
     return await verifyModel({ modelPath: path, trust, preloaded });
@@ -148,6 +146,7 @@ async function readTrust(options: Pick<PackageOptions, "rootCertsPath" | "truste
   // The same material gives the same trust object, so verified signatures can be reused.
   const identity = JSON.stringify([roots, keys]);
   if (cachedTrust?.identity !== identity) {
+    const { loadTrust } = await import("./oms/mod.ts");
     try {
       cachedTrust = { identity, trust: await loadTrust({ trustedRootsPem: roots, trustedKeysPem: keys }) };
     } catch (error) {
