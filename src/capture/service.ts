@@ -192,6 +192,8 @@ const DEFAULTS = {
   statusRetentionCount: 100_000,
 };
 const TENSOR_PUTS_AT_ONCE = 4;
+/** A batch sealed while uploads lag holds at most this many batch sizes of captures. */
+const COALESCE_BATCHES = 100;
 /**
  * Records awaiting upload are kept in memory up to this many bytes, so that uploading a batch needs no
  * open, seek and read of the spool (recovered records and those past the limit are read back).
@@ -677,9 +679,18 @@ export class CaptureService {
     const now = this.now();
     const period = this.o.pushPeriodSeconds * 1000;
     let next = Infinity;
+    let free = this.o.uploadConcurrency - this.sealing.size;
+    for (const run of this.runs.values()) if (!run.running) free--;
     for (const [model, queue] of this.unsealed) {
-      while (queue.length >= this.o.batchSize) this.seal(model, queue.splice(0, this.o.batchSize));
-      if (queue.length && (force || now - queue[0].queuedAt >= period)) this.seal(model, queue.splice(0));
+      // A full batch is sealed at once while a worker is free to take it. While every worker is busy,
+      // captures wait here and the next batch takes all of them (up to COALESCE_BATCHES batch sizes):
+      // under a burst, uploads then cost fewer objects, flushes and status entries, and catch up.
+      while (queue.length >= this.o.batchSize && (free-- > 0 || force)) {
+        this.seal(model, queue.splice(0, Math.min(queue.length, this.o.batchSize * COALESCE_BATCHES)));
+      }
+      while (queue.length && (force || now - queue[0].queuedAt >= period)) {
+        this.seal(model, queue.splice(0, this.o.batchSize * COALESCE_BATCHES));
+      }
       if (queue.length) next = Math.min(next, queue[0].queuedAt + period);
       else this.unsealed.delete(model);
     }
@@ -772,6 +783,7 @@ export class CaptureService {
         run.nextAt = this.now() + backoff(this.o.retryBaseMs, this.o.retryMaxMs, 1);
       } finally {
         run.running = false;
+        this.sealDue(); // captures that waited for a free worker
         this.wake(); // idle workers re-check: the outage pause or other batches may have changed
       }
     }
