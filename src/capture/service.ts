@@ -192,8 +192,13 @@ const DEFAULTS = {
   statusRetentionCount: 100_000,
 };
 const TENSOR_PUTS_AT_ONCE = 4;
-/** A batch sealed while uploads lag holds at most this many batch sizes of captures. */
+/**
+ * A batch sealed while uploads lag holds at most this many batch sizes of captures, and goes past
+ * COALESCE_BYTES of records only with its first batch size: laying out and writing a batch runs on the
+ * JavaScript thread, so a batch stays small enough (a few ms) not to hold up Predicts.
+ */
 const COALESCE_BATCHES = 100;
+const COALESCE_BYTES = 256 * 1024;
 /**
  * Records awaiting upload are kept in memory up to this many bytes, so that uploading a batch needs no
  * open, seek and read of the spool (recovered records and those past the limit are read back).
@@ -685,12 +690,8 @@ export class CaptureService {
       // A full batch is sealed at once while a worker is free to take it. While every worker is busy,
       // captures wait here and the next batch takes all of them (up to COALESCE_BATCHES batch sizes):
       // under a burst, uploads then cost fewer objects, flushes and status entries, and catch up.
-      while (queue.length >= this.o.batchSize && (free-- > 0 || force)) {
-        this.seal(model, queue.splice(0, Math.min(queue.length, this.o.batchSize * COALESCE_BATCHES)));
-      }
-      while (queue.length && (force || now - queue[0].queuedAt >= period)) {
-        this.seal(model, queue.splice(0, this.o.batchSize * COALESCE_BATCHES));
-      }
+      while (queue.length >= this.o.batchSize && (free-- > 0 || force)) this.seal(model, this.nextBatch(queue));
+      while (queue.length && (force || now - queue[0].queuedAt >= period)) this.seal(model, this.nextBatch(queue));
       if (queue.length) next = Math.min(next, queue[0].queuedAt + period);
       else this.unsealed.delete(model);
     }
@@ -706,6 +707,19 @@ export class CaptureService {
         }, Math.max(0, next - now));
       }
     }
+  }
+
+  /** Takes the next batch off `queue`: batch_size captures, more when more wait (see COALESCE_BATCHES). */
+  private nextBatch(queue: Pending[]): Pending[] {
+    let n = Math.min(queue.length, this.o.batchSize);
+    let bytes = 0;
+    for (let i = 0; i < n; i++) bytes += queue[i].loc.length;
+    while (
+      n < queue.length && n < this.o.batchSize * COALESCE_BATCHES && bytes + queue[n].loc.length <= COALESCE_BYTES
+    ) {
+      bytes += queue[n++].loc.length;
+    }
+    return queue.splice(0, n);
   }
 
   private seal(model: string, captures: Pending[]): void {
