@@ -42,6 +42,8 @@ import {
 } from "./frames.ts";
 
 const MAX_HEADER_LIST = 65536;
+/** Request header blocks kept per connection, by path. */
+const MAX_KEPT_HEADER_BLOCKS = 32;
 /** The receive buffer while responses are small; it grows to READ_BUFFER_BYTES as reads fill it. */
 const READ_BUFFER_MIN_BYTES = 1024;
 
@@ -119,6 +121,7 @@ class ClientConnection {
   readonly #writer: WritableStreamDefaultWriter<Uint8Array>;
   readonly #decoder = new HpackDecoder(4096, MAX_HEADER_LIST);
   readonly #calls = new Map<number, Call>();
+  readonly #headerBlocks = new Map<string, Uint8Array>();
   /** Calls waiting for the server's concurrent-stream limit. */
   readonly #queued: (() => void)[] = [];
   #nextStreamId = 1;
@@ -180,6 +183,8 @@ class ClientConnection {
       },
     };
     this.#calls.set(id, call);
+    // Without a deadline a path's header block is always the same bytes (no HPACK table is used): kept.
+    let block = deadline === null ? this.#headerBlocks.get(path) : undefined;
     const headers: Header[] = [...grpcRequestHeaders(path), ["user-agent", this.options.userAgent]];
     if (deadline !== null) {
       const remaining = deadline - Date.now();
@@ -193,7 +198,11 @@ class ClientConnection {
         call.settle(new GrpcCallError(Status.DEADLINE_EXCEEDED, `deadline exceeded (${grpcTimeout(remaining)})`));
       }, remaining);
     }
-    this.#sendHeaders(id, encodeHeaders(headers));
+    if (!block) {
+      block = encodeHeaders(headers);
+      if (deadline === null && this.#headerBlocks.size < MAX_KEPT_HEADER_BLOCKS) this.#headerBlocks.set(path, block);
+    }
+    this.#sendHeaders(id, block);
     const prefix = new Uint8Array(5);
     new DataView(prefix.buffer).setUint32(1, request.length);
     call.unsent.push(prefix);
