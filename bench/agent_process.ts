@@ -38,6 +38,14 @@ export function readProc(path: string): string {
   return new TextDecoder().decode(stdout);
 }
 
+/** utime + stime in ms from a /proc stat file (of a process or of one of its threads). */
+function cpuMsOf(path: string): number {
+  const stat = readProc(path);
+  // Fields after the parenthesised command name, which may itself hold spaces; utime and stime are 14 and 15.
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return ((Number(fields[11]) + Number(fields[12])) * 1000) / CLOCK_TICKS_PER_SECOND;
+}
+
 export class AgentProcess {
   readonly client: AgentClient;
   /** The product's own client (what `edge-agent client` uses). */
@@ -129,10 +137,12 @@ export class AgentProcess {
 
   /** utime + stime of the whole process (all threads, live and exited), in ms. */
   cpuMs(): number {
-    const stat = readProc(`/proc/${this.pid}/stat`);
-    // Fields after the parenthesised command name, which may itself hold spaces; utime and stime are 14 and 15.
-    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-    return ((Number(fields[11]) + Number(fields[12])) * 1000) / CLOCK_TICKS_PER_SECOND;
+    return cpuMsOf(`/proc/${this.pid}/stat`);
+  }
+
+  /** utime + stime of the agent's main (JavaScript) thread alone, in ms. */
+  mainThreadCpuMs(): number {
+    return cpuMsOf(`/proc/${this.pid}/task/${this.pid}/stat`);
   }
 
   memory(): Memory {

@@ -153,6 +153,16 @@ export class Metrics {
         capture.pending,
       ]]);
       metric("edge_agent_capture_spool_bytes", "gauge", "Bytes of the capture spool.", [["", capture.spoolBytes]]);
+      metric(
+        "edge_agent_capture_spool_syncs_total",
+        "counter",
+        "Disk flushes (write + fdatasync rounds) of the capture spool; captures acknowledged per flush show group commit.",
+        [["", capture.spoolRounds]],
+      );
+      metric("edge_agent_capture_acknowledged_total", "counter", "Captures acknowledged (durable in the spool).", [[
+        "",
+        capture.acknowledged,
+      ]]);
       metric("edge_agent_capture_uploaded_total", "counter", "Captures stored at the destination.", [[
         "",
         capture.uploaded,

@@ -139,6 +139,53 @@ Deno.test("spool: concurrent appends share fsync rounds, and each resolves only 
   }
 });
 
+Deno.test("spool: an append arriving during a round's fdatasync starts its own at once, up to syncsInFlight", async () => {
+  const original = Deno.FsFile.prototype.syncData;
+  for (const syncsInFlight of [1, 2]) {
+    const dir = await Deno.makeTempDir();
+    const events: string[] = [];
+    let syncs = 0;
+    Deno.FsFile.prototype.syncData = async function (this: Deno.FsFile) {
+      const n = ++syncs;
+      events.push(`sync${n}-start`);
+      await new Promise((r) => setTimeout(r, 60));
+      await original.call(this);
+      events.push(`sync${n}-end`);
+    };
+    try {
+      const spool = await Spool.open({ dir, segmentBytes: 1 << 20, fsync: true, syncsInFlight }, () => {
+        throw new Error("nothing to recover");
+      });
+      const append = (tag: string) => spool.append(encodeFrame(encoder.encode(tag)), tag).then(() => events.push(tag));
+      await append("first"); // opens the segment (whose creation is synced too)
+      syncs = 0;
+      events.length = 0;
+      const a = append("a");
+      await new Promise((r) => setTimeout(r, 15));
+      const b = append("b");
+      await new Promise((r) => setTimeout(r, 15));
+      const c = append("c");
+      await Promise.all([a, b, c]);
+      const at = (e: string) => events.indexOf(e);
+      // Nothing is acknowledged before the fdatasync of its own round returned.
+      assert.ok(at("a") > at("sync1-end") && at("b") > at("sync2-end"), events.join(" "));
+      if (syncsInFlight === 2) {
+        // b did not wait for a's flush; c waited for a free one and then shared nothing with b.
+        assert.ok(at("sync2-start") < at("sync1-end"), events.join(" "));
+        assert.ok(at("sync3-start") > at("sync1-end") && at("c") > at("sync3-end"), events.join(" "));
+      } else {
+        // One flush at a time: b and c arrived during a's and share the next round.
+        assert.ok(at("sync2-start") > at("sync1-end") && at("c") > at("sync2-end"), events.join(" "));
+        assert.equal(syncs, 2, events.join(" "));
+      }
+      await spool.close();
+    } finally {
+      Deno.FsFile.prototype.syncData = original;
+      await Deno.remove(dir, { recursive: true });
+    }
+  }
+});
+
 Deno.test("spool: a torn tail is cut at every point inside the last record; complete records survive", async () => {
   const dir = await Deno.makeTempDir();
   try {

@@ -23,7 +23,18 @@ export async function ensureDirDurable(path: string, root = dirname(path)): Prom
   for (let dir = path; dir !== root && dirname(dir) !== dir; dir = dirname(dir)) await syncDir(dirname(dir));
 }
 
+/**
+ * Writes at most this many bytes on the calling thread: copying a few KiB into the page cache costs less
+ * than handing the write to another thread and back. Larger writes go off it, so as not to hold up calls.
+ */
+export const SYNC_WRITE_BYTES = 256 * 1024;
+
+/** Writes all of `bytes` at the file's position: on this thread when small (SYNC_WRITE_BYTES), else off it. */
 export async function writeAll(file: Deno.FsFile, bytes: Uint8Array): Promise<void> {
+  if (bytes.length <= SYNC_WRITE_BYTES) {
+    for (let done = 0; done < bytes.length;) done += file.writeSync(bytes.subarray(done));
+    return;
+  }
   for (let done = 0; done < bytes.length;) done += await file.write(bytes.subarray(done));
 }
 

@@ -83,10 +83,17 @@ function checkTimestamp(what: string, t: Timestamp | undefined): void {
   }
 }
 
-function checkString(what: string, s: unknown, allowEmpty = false): Uint8Array {
+/**
+ * The UTF-8 form of a string field: the string itself when it is ASCII (ids and names mostly are; the
+ * frame writer copies its characters, sparing a TextEncoder call and an allocation per field), else bytes.
+ */
+function checkString(what: string, s: unknown, allowEmpty = false): Uint8Array | string {
   if (typeof s !== "string" || (!allowEmpty && s.length === 0)) {
     throw invalidArgument(`${what} must be a non-empty string`);
   }
+  let ascii = s.length <= 0xffff;
+  for (let i = 0; ascii && i < s.length; i++) ascii = s.charCodeAt(i) < 0x80;
+  if (ascii) return s;
   const bytes = encoder.encode(s);
   if (bytes.length > 0xffff) throw invalidArgument(`${what} is longer than 65535 bytes`);
   return bytes;
@@ -111,7 +118,7 @@ export function encodeRecordFrame(record: CaptureRecord & { arrivalTime: Timesta
   checkTimestamp("arrival time", record.arrivalTime);
   const lists = [record.inputTensors ?? [], record.outputTensors ?? [], record.inputs ?? [], record.outputs ?? []];
   let size = 1 + 2 + id.length + 2 + model.length + 2 + modelVersion.length + 8 + 4 + 8 + 4 + 16;
-  const names: Uint8Array[] = [];
+  const names: Array<Uint8Array | string> = [];
   for (const [which, tensors] of [["input tensor", lists[0]], ["output tensor", lists[1]]] as const) {
     for (const t of tensors as CaptureTensor[]) {
       const name = checkString(`${which} name`, t.name, true);
@@ -152,13 +159,16 @@ export function encodeRecordFrame(record: CaptureRecord & { arrivalTime: Timesta
     frame.set(b, p);
     p += b.length;
   };
-  const str = (b: Uint8Array) => {
+  const str = (b: Uint8Array | string) => {
     view.setUint16(p, b.length, true);
     p += 2;
-    bytes(b);
+    if (typeof b !== "string") return bytes(b);
+    for (let i = 0; i < b.length; i++) frame[p++] = b.charCodeAt(i);
   };
   const ts = (t: Timestamp) => {
-    view.setBigInt64(p, BigInt(t.seconds), true);
+    // An i64 as two halves (exact for safe integers, negative ones too): no BigInt per field.
+    view.setUint32(p, t.seconds >>> 0, true);
+    view.setInt32(p + 4, Math.floor(t.seconds / 2 ** 32), true);
     p += 8;
     u32(t.nanos);
   };

@@ -27,7 +27,14 @@ import {
 } from "../errors.ts";
 import { createLogger, type Logger } from "../log.ts";
 import { type Destination, DestinationError, DiskDestination, S3Destination } from "./destination.ts";
-import { checkFileHeader, encodeFrame, FILE_HEADER_BYTES, fileHeader, scanFrames } from "./frame.ts";
+import {
+  checkFileHeader,
+  encodeFrame,
+  FILE_HEADER_BYTES,
+  fileHeader,
+  FRAME_HEADER_BYTES,
+  scanFrames,
+} from "./frame.ts";
 import { ensureDirDurable, sleep, writeAll, writeFileDurable } from "./fsutil.ts";
 import {
   CAPTURE_LAYOUTS,
@@ -112,6 +119,8 @@ export interface CaptureStats {
   spoolSegments: number;
   /** fsync rounds of the spool: fewer than appends when group commit merges them. */
   spoolRounds: number;
+  /** Captures acknowledged (durable in the spool) since open. */
+  acknowledged: number;
   /** Sealed batches not yet stored. */
   batchesWaiting: number;
   /** Captures stored at the destination since open. */
@@ -148,6 +157,8 @@ interface Pending {
   id: string;
   model: string;
   loc: SpoolLocation;
+  /** The record as appended, kept while `cachedBytes` allows: its upload then reads nothing back. */
+  payload?: Uint8Array;
   arrivalMs: number;
   /** When it joined the unsealed queue (0 for recovered captures: due at once). */
   queuedAt: number;
@@ -181,6 +192,18 @@ const DEFAULTS = {
   statusRetentionCount: 100_000,
 };
 const TENSOR_PUTS_AT_ONCE = 4;
+/**
+ * A batch sealed while uploads lag holds at most this many batch sizes of captures, and goes past
+ * COALESCE_BYTES of records only with its first batch size: laying out and writing a batch runs on the
+ * JavaScript thread, so a batch stays small enough (a few ms) not to hold up Predicts.
+ */
+const COALESCE_BATCHES = 100;
+const COALESCE_BYTES = 256 * 1024;
+/**
+ * Records awaiting upload are kept in memory up to this many bytes, so that uploading a batch needs no
+ * open, seek and read of the spool (recovered records and those past the limit are read back).
+ */
+const CACHED_RECORD_BYTES = 4 * 1024 * 1024;
 /** A lasting upload failure is logged again at most this often (the reason changing logs at once). */
 const BLOCKED_LOG_EVERY_MS = 60_000;
 const encoder = new TextEncoder();
@@ -255,10 +278,18 @@ export class CaptureService {
   private readonly pending = new Map<string, Pending>();
   private readonly appending = new Map<string, number>();
   private appendingBytes = 0;
+  private cachedBytes = 0;
   private readonly unsealed = new Map<string, Pending[]>();
   private readonly runs = new Map<string, BatchRun>();
   private readonly sealing = new Set<Promise<void>>();
-  private readonly counters = { uploaded: 0, failed: 0, retries: 0, lastUploadAt: null as number | null, periodic: 0 };
+  private readonly counters = {
+    acknowledged: 0,
+    uploaded: 0,
+    failed: 0,
+    retries: 0,
+    lastUploadAt: null as number | null,
+    periodic: 0,
+  };
   private outageUntil = 0;
   private outageCount = 0;
   private blocked: { reason: string; since: number; loggedAt: number; credentials: boolean } | null = null;
@@ -448,13 +479,28 @@ export class CaptureService {
       id,
       model: record.modelName,
       loc,
+      payload: this.cache(frame.subarray(FRAME_HEADER_BYTES)),
       arrivalMs: timestampToMillis(arrivalTime),
       queuedAt: this.now(),
       batchId: null,
     };
     this.pending.set(id, p);
+    this.counters.acknowledged++;
     this.enqueue(p);
     this.sealDue();
+  }
+
+  private cache(payload: Uint8Array): Uint8Array | undefined {
+    if (this.cachedBytes + payload.length > CACHED_RECORD_BYTES) return undefined;
+    this.cachedBytes += payload.length;
+    return payload;
+  }
+
+  /** Forgets a capture that left the spool (stored or dead-lettered). */
+  private forget(p: Pending): void {
+    this.pending.delete(p.id);
+    if (p.payload) this.cachedBytes -= p.payload.length;
+    p.payload = undefined;
   }
 
   /** IN_PROGRESS until the destination stored it, then SUCCESS; FAILURE once dead-lettered. */
@@ -484,6 +530,7 @@ export class CaptureService {
       spoolBytes: this.spool.bytes,
       spoolSegments: this.spool.segmentCount,
       spoolRounds: this.spool.rounds,
+      acknowledged: this.counters.acknowledged,
       batchesWaiting: this.runs.size,
       uploaded: this.counters.uploaded,
       failed: this.counters.failed,
@@ -637,9 +684,14 @@ export class CaptureService {
     const now = this.now();
     const period = this.o.pushPeriodSeconds * 1000;
     let next = Infinity;
+    let free = this.o.uploadConcurrency - this.sealing.size;
+    for (const run of this.runs.values()) if (!run.running) free--;
     for (const [model, queue] of this.unsealed) {
-      while (queue.length >= this.o.batchSize) this.seal(model, queue.splice(0, this.o.batchSize));
-      if (queue.length && (force || now - queue[0].queuedAt >= period)) this.seal(model, queue.splice(0));
+      // A full batch is sealed at once while a worker is free to take it. While every worker is busy,
+      // captures wait here and the next batch takes all of them (up to COALESCE_BATCHES batch sizes):
+      // under a burst, uploads then cost fewer objects, flushes and status entries, and catch up.
+      while (queue.length >= this.o.batchSize && (free-- > 0 || force)) this.seal(model, this.nextBatch(queue));
+      while (queue.length && (force || now - queue[0].queuedAt >= period)) this.seal(model, this.nextBatch(queue));
       if (queue.length) next = Math.min(next, queue[0].queuedAt + period);
       else this.unsealed.delete(model);
     }
@@ -655,6 +707,19 @@ export class CaptureService {
         }, Math.max(0, next - now));
       }
     }
+  }
+
+  /** Takes the next batch off `queue`: batch_size captures, more when more wait (see COALESCE_BATCHES). */
+  private nextBatch(queue: Pending[]): Pending[] {
+    let n = Math.min(queue.length, this.o.batchSize);
+    let bytes = 0;
+    for (let i = 0; i < n; i++) bytes += queue[i].loc.length;
+    while (
+      n < queue.length && n < this.o.batchSize * COALESCE_BATCHES && bytes + queue[n].loc.length <= COALESCE_BYTES
+    ) {
+      bytes += queue[n++].loc.length;
+    }
+    return queue.splice(0, n);
   }
 
   private seal(model: string, captures: Pending[]): void {
@@ -732,6 +797,7 @@ export class CaptureService {
         run.nextAt = this.now() + backoff(this.o.retryBaseMs, this.o.retryMaxMs, 1);
       } finally {
         run.running = false;
+        this.sealDue(); // captures that waited for a free worker
         this.wake(); // idle workers re-check: the outage pause or other batches may have changed
       }
     }
@@ -740,15 +806,17 @@ export class CaptureService {
   /** Writes a batch's separate objects, then its record files (layout.ts); throws DestinationError or a spool read error. */
   private async publish(batch: SealedBatch): Promise<void> {
     const ids = batch.ids.filter((id) => this.pending.has(id));
-    let payloads: Uint8Array[];
+    const payloads = ids.map((id) => this.pending.get(id)!.payload);
+    const missing = ids.filter((_, i) => !payloads[i]);
     try {
-      payloads = await this.spool.readMany(ids.map((id) => this.pending.get(id)!.loc));
+      const read = await this.spool.readMany(missing.map((id) => this.pending.get(id)!.loc));
+      for (let i = 0, k = 0; i < payloads.length; i++) payloads[i] ??= read[k++];
     } catch (e) {
       throw new DestinationError(`batch ${batch.id}: spool records unreadable: ${(e as Error).message}`, false);
     }
     const records = ids.map((id, i) => {
       try {
-        return decodeRecord(payloads[i]);
+        return decodeRecord(payloads[i]!);
       } catch (e) {
         throw new DestinationError(`capture ${id}: spool record unreadable: ${(e as Error).message}`, false);
       }
@@ -781,7 +849,7 @@ export class CaptureService {
     for (const id of batch.ids) {
       const p = this.pending.get(id);
       if (!p) continue;
-      this.pending.delete(id);
+      this.forget(p);
       this.counters.uploaded++;
       await this.spool.release(p.loc);
     }
@@ -830,7 +898,7 @@ export class CaptureService {
       if (!p) continue;
       let payload: Uint8Array = new Uint8Array();
       try {
-        payload = await this.spool.read(p.loc);
+        payload = p.payload ?? await this.spool.read(p.loc);
       } catch (e) {
         reason += `; the spool record is unreadable too: ${(e as Error).message}`;
       }
@@ -848,7 +916,7 @@ export class CaptureService {
     for (const id of batch.ids) {
       const p = this.pending.get(id);
       if (!p) continue;
-      this.pending.delete(id);
+      this.forget(p);
       this.counters.failed++;
       await this.spool.release(p.loc);
     }

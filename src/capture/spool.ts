@@ -1,7 +1,10 @@
 // The durable spool: append-only segment files of checksummed records (frame.ts) under one folder.
 //
-// - append() resolves once the record is written and fdatasync'd; concurrent appends share one
-//   write + fdatasync round (group_commit.ts).
+// - append() resolves once the record is written and fdatasync'd. Appends that arrive together share
+//   one round: one write() of all their frames, made at once on the calling thread (a page-cache copy),
+//   then one fdatasync on the blocking pool. While a round's fdatasync runs, the next round may start
+//   its own (up to `syncsInFlight`): an append then waits for one flush, not for the rest of another.
+//   A round is acknowledged only when its own fdatasync, started after its write returned, returns.
 // - Segments are named seg-<16-digit sequence>.log and rotate once they reach `segmentBytes`. A new
 //   segment's folder entry is fsync'd before any record in it is acknowledged.
 // - A segment is deleted once every record in it was released (stored at the destination or
@@ -12,13 +15,10 @@
 import type { Logger } from "../log.ts";
 import { unavailable } from "../errors.ts";
 import { checkFileHeader, FILE_HEADER_BYTES, fileHeader, FRAME_HEADER_BYTES, scanFrames } from "./frame.ts";
-import { GroupCommit } from "./group_commit.ts";
 import { syncDir, writeAll } from "./fsutil.ts";
 
 const KIND = "EMCSPOOL";
 const SEGMENT_NAME = /^seg-(\d{16})\.log$/;
-/** Small frames of one round are copied into one buffer up to this size: one write() call instead of many. */
-const COALESCE_BYTES = 1 << 20;
 
 export interface SpoolOptions {
   dir: string;
@@ -26,6 +26,8 @@ export interface SpoolOptions {
   segmentBytes: number;
   /** false: no fdatasync (benchmark ceiling only: acknowledged records can be lost on power failure). */
   fsync: boolean;
+  /** Rounds whose fdatasync may run at once; default 2 (1: a round waits for the previous one). */
+  syncsInFlight?: number;
   logger?: Logger;
 }
 
@@ -73,6 +75,8 @@ interface Segment {
 interface AppendItem {
   frame: Uint8Array;
   tag: string;
+  resolve: (location: SpoolLocation) => void;
+  reject: (error: unknown) => void;
 }
 
 const segmentName = (seq: number) => `seg-${String(seq).padStart(16, "0")}.log`;
@@ -84,7 +88,18 @@ export class Spool {
   private nextSeq: number;
   private failure: Error | null = null;
   private closed = false;
-  private writer: GroupCommit<AppendItem, SpoolLocation | Error>;
+  /** Appends not written yet. */
+  private queue: AppendItem[] = [];
+  private pumpQueued = false;
+  private pumping = false;
+  /** Rounds written whose fdatasync has not returned yet. */
+  private syncing = 0;
+  /** Handles of the active segment free to run an fdatasync (Deno runs one async op per handle at a time). */
+  private syncHandles: Deno.FsFile[] = [];
+  private openHandles: Deno.FsFile[] = [];
+  /** Woken whenever a round's fdatasync returns and when pump() stops. */
+  private waiters: Array<() => void> = [];
+  private roundCount = 0;
   /** Tags of the segments deleted while opening (all their records were already released). */
   readonly deletedAtOpen: string[][] = [];
   /** Called with the tags of a segment once it is deleted. */
@@ -92,7 +107,6 @@ export class Spool {
 
   private constructor(private readonly options: SpoolOptions, nextSeq: number) {
     this.nextSeq = nextSeq;
-    this.writer = new GroupCommit((items) => this.round(items));
   }
 
   static async open(options: SpoolOptions, visit: RecoverVisitor): Promise<Spool> {
@@ -168,18 +182,26 @@ export class Spool {
 
   /** fsync rounds so far (how many appends share one is the point of group commit). */
   get rounds(): number {
-    return this.writer.rounds;
+    return this.roundCount;
   }
 
   /**
    * Appends one frame (frame.ts; for captures, record.ts builds it) and resolves with its location once it
    * is durable. Rejects with AgentError(UNAVAILABLE) if the disk fails; the record is then not kept.
    */
-  async append(frame: Uint8Array, tag: string): Promise<SpoolLocation> {
-    if (this.closed) throw unavailable("capture spool is closed");
-    const result = await this.writer.submit({ frame, tag });
-    if (result instanceof Error) throw result;
-    return result;
+  append(frame: Uint8Array, tag: string): Promise<SpoolLocation> {
+    if (this.closed) return Promise.reject(unavailable("capture spool is closed"));
+    return new Promise((resolve, reject) => {
+      this.queue.push({ frame, tag, resolve, reject });
+      if (!this.pumpQueued) {
+        this.pumpQueued = true;
+        // A microtask's delay lets appends issued in the same tick join the round.
+        queueMicrotask(() => {
+          this.pumpQueued = false;
+          this.pump();
+        });
+      }
+    });
   }
 
   /** Reads a record's payload back. */
@@ -256,18 +278,33 @@ export class Spool {
   /** Waits for queued appends, then closes the active segment. */
   async close(): Promise<void> {
     this.closed = true;
-    await this.writer.idle();
-    this.file?.close();
-    this.file = null;
+    while (this.queue.length > 0 || this.pumping || this.pumpQueued || this.syncing > 0) await this.change();
+    this.closeHandles();
     const active = this.active;
     this.active = null;
     if (active && active.live === 0) await this.remove(active);
   }
 
+  private closeHandles(): void {
+    for (const handle of this.openHandles) handle.close();
+    this.openHandles = [];
+    this.syncHandles = [];
+    this.file = null;
+  }
+
+  /** Resolves when a round's fdatasync returns or pump() stops (soon in any case). */
+  private change(): Promise<void> {
+    if (this.syncing === 0 && !this.pumping) return new Promise((resolve) => setTimeout(resolve, 0));
+    return new Promise((resolve) => this.waiters.push(resolve));
+  }
+
+  private wake(): void {
+    for (const resolve of this.waiters.splice(0)) resolve();
+  }
+
   private async rotate(): Promise<void> {
     const previous = this.active;
-    this.file?.close();
-    this.file = null;
+    this.closeHandles();
     this.active = null;
     if (previous && previous.live === 0) await this.remove(previous);
     const seq = this.nextSeq++;
@@ -285,105 +322,140 @@ export class Spool {
       throw e;
     }
     this.file = file;
+    this.openHandles = [file];
+    this.syncHandles = [file];
     this.active = { seq, path, size: FILE_HEADER_BYTES, live: 0, tags: [] };
     this.segments.set(seq, this.active);
   }
 
-  /** One group-commit round: write every queued frame (rotating as needed), then one fdatasync per segment. */
-  private async round(items: AppendItem[]): Promise<Array<SpoolLocation | Error>> {
-    if (this.failure) throw unavailable(`capture spool is failing: ${this.failure.message}`);
-    const results: Array<SpoolLocation | Error> = [];
+  /**
+   * Writes rounds while appends are queued and fewer than `syncsInFlight` fdatasyncs run. A round takes
+   * every queued frame that fits in the active segment; a frame that does not fit waits until the
+   * rounds in flight are synced, then goes to a new segment.
+   */
+  private async pump(): Promise<void> {
+    if (this.pumping) return;
+    this.pumping = true;
     try {
-      while (results.length < items.length) {
-        const i = results.length;
-        if (!this.active || (this.active.size > FILE_HEADER_BYTES && this.active.size >= this.options.segmentBytes)) {
-          await this.rotate();
+      const limit = this.options.syncsInFlight ?? 2;
+      while (this.queue.length > 0 && this.syncing < limit) {
+        if (this.failure) {
+          const error = unavailable(`capture spool is failing: ${this.failure.message}`);
+          for (const item of this.queue.splice(0)) item.reject(error);
+          break;
         }
-        const segment = this.active!;
-        // The frames that go to this segment: at least one, and no more than fit under segmentBytes.
-        let end = i;
-        let size = segment.size;
-        while (
-          end < items.length &&
-          ((end === i && segment.size === FILE_HEADER_BYTES) ||
-            size + items[end].frame.length <= this.options.segmentBytes)
-        ) {
-          size += items[end++].frame.length;
-        }
-        if (end === i) {
-          await this.rotate();
+        const active = this.active;
+        const empty = active !== null && active.size === FILE_HEADER_BYTES;
+        if (!active || (!empty && active.size + this.queue[0].frame.length > this.options.segmentBytes)) {
+          // Records of the full segment are covered by the rounds in flight; the new one starts after them.
+          while (this.syncing > 0) await this.change();
+          try {
+            await this.rotate();
+          } catch (e) {
+            const error = unavailable(`capture spool write failed: ${(e as Error).message}`);
+            for (const item of this.queue.splice(0)) item.reject(error);
+          }
           continue;
         }
-        await this.writeFrames(segment, items.slice(i, end), results);
+        let end = 1;
+        let size = active.size + this.queue[0].frame.length;
+        while (end < this.queue.length && size + this.queue[end].frame.length <= this.options.segmentBytes) {
+          size += this.queue[end++].frame.length;
+        }
+        await this.write(active, this.queue.splice(0, end));
       }
-    } catch (e) {
-      // Frames already synced in an earlier segment of this round stay acknowledged; the rest are refused.
-      const error = unavailable(`capture spool write failed: ${(e as Error).message}`);
-      while (results.length < items.length) results.push(error);
+    } finally {
+      this.pumping = false;
+      this.wake();
     }
-    return results;
   }
 
-  private async writeFrames(
-    segment: Segment,
-    items: AppendItem[],
-    locations: Array<SpoolLocation | Error>,
-  ): Promise<void> {
+  /**
+   * One round: the frames in one write() (on this thread when small: fsutil.writeAll), then one
+   * fdatasync, then the acknowledgements. Returns once the write is done; the fdatasync goes on.
+   */
+  private async write(segment: Segment, items: AppendItem[]): Promise<void> {
     const file = this.file!;
     const start = segment.size;
-    try {
-      let pos = start;
-      let chunk: Uint8Array[] = [];
-      let chunkBytes = 0;
-      const flush = async () => {
-        if (chunk.length === 1) await writeAll(file, chunk[0]);
-        else if (chunk.length > 1) {
-          const joined = new Uint8Array(chunkBytes);
-          let o = 0;
-          for (const c of chunk) {
-            joined.set(c, o);
-            o += c.length;
-          }
-          await writeAll(file, joined);
-        }
-        chunk = [];
-        chunkBytes = 0;
-      };
+    let bytes: Uint8Array;
+    if (items.length === 1) bytes = items[0].frame;
+    else {
+      bytes = new Uint8Array(items.reduce((n, item) => n + item.frame.length, 0));
+      let o = 0;
       for (const { frame } of items) {
-        if (chunkBytes + frame.length > COALESCE_BYTES) await flush();
-        chunk.push(frame);
-        chunkBytes += frame.length;
-        pos += frame.length;
+        bytes.set(frame, o);
+        o += frame.length;
       }
-      await flush();
-      if (this.options.fsync) await file.syncData();
-      let offset = start;
-      for (const { frame, tag } of items) {
-        locations.push({
-          segment: segment.seq,
-          offset: offset + FRAME_HEADER_BYTES,
-          length: frame.length - FRAME_HEADER_BYTES,
-        });
-        offset += frame.length;
-        segment.tags.push(tag);
-        segment.live++;
-      }
-      segment.size = pos;
+    }
+    try {
+      await writeAll(file, bytes);
     } catch (e) {
-      // Put the file back to its last durable length so a half-written round is not recovered later as
-      // records whose appends were refused; if even that fails, refuse every further append.
+      this.undo(segment, start, file);
+      const error = unavailable(`capture spool write failed: ${(e as Error).message}`);
+      for (const item of items) item.reject(error);
+      return;
+    }
+    segment.size = start + bytes.length;
+    this.roundCount++;
+    this.syncing++;
+    this.sync(segment, items, start, bytes.length).finally(() => {
+      this.syncing--;
+      this.wake();
+      if (this.queue.length > 0) this.pump();
+    });
+  }
+
+  private async sync(segment: Segment, items: AppendItem[], start: number, length: number): Promise<void> {
+    if (this.options.fsync) {
       try {
-        await file.truncate(start);
-        await file.seek(start, Deno.SeekMode.Start);
-        if (this.options.fsync) await file.syncData();
-      } catch (e2) {
-        this.failure = e2 as Error;
-        this.options.logger?.error("capture spool: cannot restore a segment after a failed write", {
-          path: segment.path,
-          error: String(e2),
-        });
+        await this.syncData(segment);
+      } catch (e) {
+        // The kernel may have dropped the pages it could not write. If nothing was written after this
+        // round, cut it off again so that records whose appends were refused do not come back at the next
+        // open, and carry on; otherwise (or if that fails too) refuse every further append.
+        if (segment.size === start + length && this.syncing === 1) this.undo(segment, start, this.file!);
+        else this.failure = e as Error;
+        const error = unavailable(`capture spool write failed: ${(e as Error).message}`);
+        for (const item of items) item.reject(error);
+        return;
       }
-      throw e;
+    }
+    let offset = start;
+    for (const { frame, tag, resolve } of items) {
+      segment.tags.push(tag);
+      segment.live++;
+      resolve({ segment: segment.seq, offset: offset + FRAME_HEADER_BYTES, length: frame.length - FRAME_HEADER_BYTES });
+      offset += frame.length;
+    }
+  }
+
+  /** fdatasync of the active segment on a handle no other round is syncing on. */
+  private async syncData(segment: Segment): Promise<void> {
+    let handle = this.syncHandles.pop();
+    if (!handle) {
+      handle = await Deno.open(segment.path, { read: true });
+      this.openHandles.push(handle);
+    }
+    try {
+      await handle.syncData();
+    } finally {
+      this.syncHandles.push(handle);
+    }
+  }
+
+  /** Puts the segment back to `start` bytes after a failed round; if even that fails, refuses every further append. */
+  private undo(segment: Segment, start: number, file: Deno.FsFile): void {
+    try {
+      file.truncateSync(start);
+      file.seekSync(start, Deno.SeekMode.Start);
+      if (this.options.fsync) file.syncDataSync();
+      segment.size = start;
+    } catch (e) {
+      this.failure = e as Error;
+      this.options.logger?.error("capture spool: cannot restore a segment after a failed write", {
+        path: segment.path,
+        error: String(e),
+      });
     }
   }
 }

@@ -305,6 +305,8 @@ export class Incoming {
 /** Large receive buffers no connection holds now, by size; a few, so the pool's memory stays small. */
 const spareBuffers = new Map<number, Uint8Array[]>();
 const MAX_SPARE_BUFFERS = 8;
+/** A receive buffer that a read filled grows this many times (up to its maximum). */
+const GROWTH_STEP = 16;
 
 function takeSpare(size: number): Uint8Array | undefined {
   return spareBuffers.get(size)?.pop();
@@ -324,7 +326,7 @@ function giveSpare(buffer: Uint8Array, smallBytes: number): void {
  * payload bytes copies them (header fragments, messages and PING payloads all do).
  *
  * Its size follows the traffic: `minBytes` while reads are small (an idle connection holds little),
- * `maxBytes` as soon as a read fills it (a large message then takes few reads), and back to
+ * growing towards `maxBytes` with each read that fills it (a large message then takes few reads), and back to
  * `minBytes` once a small read leaves nothing buffered. It always grows to hold one whole frame.
  * Large buffers given up go to a small shared pool and are taken from it again, so a connection that
  * alternates small and full reads (small requests between window updates) allocates nothing.
@@ -361,7 +363,10 @@ export class FrameBuffer {
     // Room for at least the whole frame begun (its length was checked against maxFrame when seen).
     const need = pending > 0 ? this.#need : 9;
     let size = b.length;
-    if (this.#full) size = Math.max(size, this.maxBytes);
+    // Grown in steps (1 KiB, 16 KiB, 256 KiB for the server): a stream of 1-2 KiB requests settles at
+    // the middle size instead of swinging between the smallest and a 256 KiB buffer, which a connection
+    // missing the spare pool would allocate (and the allocator zero) on every other read.
+    if (this.#full) size = Math.min(this.maxBytes, Math.max(size, size * GROWTH_STEP));
     else if (this.#quiet && pending === 0) size = this.minBytes;
     size = Math.max(size, need);
     if (size !== b.length) {
