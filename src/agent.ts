@@ -170,6 +170,7 @@ export async function serve(options: ServeOptions): Promise<void> {
     sysvKeepAttachedSeconds: config.sysvKeepAttachedSeconds,
   });
   const registry = new ModelRegistry(ort, shm, config, log);
+  log.info("thread policy", { ...registry.threads });
   let capture: CaptureService | null = null;
   const metrics = new Metrics();
   let stopMetrics = async () => {};
@@ -197,7 +198,7 @@ export async function serve(options: ServeOptions): Promise<void> {
     const service = capture;
     stopMetrics = await startMetrics(
       config,
-      () => metrics.render(registry.list(), service.stats(), shm.attachedSegments),
+      () => metrics.render(registry.list(), service.stats(), shm.attachedSegments, registry.threads),
     );
   } catch (error) {
     await server?.stop(0);

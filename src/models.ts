@@ -14,7 +14,8 @@ import {
 } from "./errors.ts";
 import type { Logger } from "./log.ts";
 import { openPackage } from "./packages/load.ts";
-import { sessionOptions } from "./runtime.ts";
+import { RunSlots } from "./run_slots.ts";
+import { sessionOptions, type ThreadPolicy, threadPolicy } from "./runtime.ts";
 import type { SharedMemoryReader, ShmRegion } from "./shm.ts";
 import { bindInputs, inputValue, outputByteLength, type TensorSpec, toSpecs } from "./tensors.ts";
 import type { Tensor } from "./wire.ts";
@@ -32,6 +33,8 @@ export interface ModelInfo {
   loadSeconds: number;
   /** The package's version (edge-model.json "version"); absent when it names none. */
   version?: string;
+  /** Its Runs: going now, the most at once since it was loaded, waiting for a slot (live, for metrics). */
+  runs: RunSlots;
 }
 
 /** An output tensor whose bytes are borrowed from ORT: valid only inside the consumer callback. */
@@ -69,20 +72,31 @@ export class ModelRegistry {
   /** A "change" event whenever a model becomes loaded or stops being loaded (health Watch). */
   readonly changes = new EventTarget();
   #reservedBytes = 0;
+  readonly threads: ThreadPolicy;
 
   constructor(
     private readonly ort: OnnxRuntime,
     private readonly shm: SharedMemoryReader,
     private readonly config: AgentConfig,
     private readonly log: Logger,
-  ) {}
+  ) {
+    this.threads = threadPolicy(config);
+  }
 
   async load(url: string, name: string): Promise<ModelInfo> {
     checkModelName(name);
     if (this.#models.has(name)) throw alreadyExists(`a model named ${name} is already loaded`);
     // Reserve the name before the first await, so concurrent loads of one name cannot both win.
     const entry: Entry = {
-      info: { name, url, inputs: [], outputs: [], sizeBytes: 0, loadSeconds: 0 },
+      info: {
+        name,
+        url,
+        inputs: [],
+        outputs: [],
+        sizeBytes: 0,
+        loadSeconds: 0,
+        runs: new RunSlots(this.threads.concurrentRuns),
+      },
       session: null,
       inFlight: 0,
       drained: null,
@@ -240,7 +254,7 @@ export class ModelRegistry {
       }
       timing.bindMs = lap();
       timing.sharedMemoryInputs = regions.length;
-      outputs = await this.#run(name, session, bound.map((b) => b.inputIndex), inputs, signal);
+      outputs = await this.#run(entry.info, session, bound.map((b) => b.inputIndex), inputs, signal);
       timing.runMs = lap();
       const result = consume(outputs.map((value, i) => {
         const spec = entry.info.outputs[i];
@@ -258,8 +272,23 @@ export class ModelRegistry {
     }
   }
 
-  /** One Run with its own RunOptions, terminated when `signal` aborts. */
+  /** One Run with its own RunOptions, once a run slot is free; terminated when `signal` aborts. */
   async #run(
+    info: ModelInfo,
+    session: Session,
+    inputIndexes: number[],
+    inputs: Value[],
+    signal: AbortSignal | undefined,
+  ): Promise<Value[]> {
+    await info.runs.acquire(signal);
+    try {
+      return await this.#runInSlot(info.name, session, inputIndexes, inputs, signal);
+    } finally {
+      info.runs.release();
+    }
+  }
+
+  async #runInSlot(
     name: string,
     session: Session,
     inputIndexes: number[],

@@ -1,10 +1,14 @@
 // Runs happen off the JavaScript thread: control-plane calls are answered during a long Predict,
-// predicts run side by side, and an unload never frees a session under a running Run.
+// predicts run side by side (on one model and on several, up to the model's run slots, seen in the
+// metrics), and an unload never frees a session under a running Run.
 
 import assert from "node:assert/strict";
+import { join } from "node:path";
+import { AgentClient } from "../src/client.ts";
+import { scrapeMetrics } from "../src/client_cli.ts";
 import { Status } from "../src/errors.ts";
 import { enumValues } from "../src/wire.ts";
-import { startAgent } from "./helpers/agent.ts";
+import { parseLogs, startAgent } from "./helpers/agent.ts";
 import { floats, rejectsWith, tensor } from "./helpers/assertions.ts";
 import { addSubModel, slowModel, writeModelFolder } from "./helpers/onnx_models.ts";
 
@@ -89,5 +93,118 @@ Deno.test("concurrency: the agent answers while a slow Predict runs, and unload 
   } finally {
     assert.equal((await agent.stop()).code, 0, agent.logs());
     await Deno.remove(agent.dir, { recursive: true });
+  }
+});
+
+const M = 256;
+
+/** x for the M x M slow model; its output equals x. */
+function overlapInput(seed: number): Float32Array {
+  return Float32Array.from({ length: M * M }, (_, i) => ((i * 40503 + seed * 7919) % 997) / 997);
+}
+
+/** Scrapes every few ms until `done` settles; returns every scrape taken meanwhile. */
+async function scrapeWhile(metrics: string, done: Promise<unknown>): Promise<Map<string, number>[]> {
+  let finished = false;
+  done.finally(() => finished = true).catch(() => {});
+  const scrapes: Map<string, number>[] = [];
+  while (!finished) {
+    scrapes.push(await scrapeMetrics(metrics));
+    await new Promise((r) => setTimeout(r, 5));
+  }
+  return scrapes;
+}
+
+const runs = (scrape: Map<string, number>, metric: string, model: string) =>
+  scrape.get(`edge_agent_${metric}{model="${model}"}`) ?? NaN;
+
+Deno.test("concurrency: Runs of one model and of two models overlap, from separate connections", async (t) => {
+  const dir = await Deno.makeTempDir({ prefix: "edge-agent-concurrency-" });
+  const metrics = `unix:${join(dir, "metrics.sock")}`;
+  const agent = await startAgent({
+    dir,
+    config: {
+      edge_agent_metrics: metrics,
+      edge_agent_intra_op_threads: 1,
+      edge_agent_max_concurrent_runs: 2,
+    },
+  });
+  const clients = Array.from({ length: 5 }, () => new AgentClient(agent.socket));
+  try {
+    for (const name of ["overlap-a", "overlap-b"]) {
+      await agent.client.loadModel(await writeModelFolder(agent.modelsDir, name, slowModel(M, 100)), name);
+    }
+    const request = (seed: number) => [tensor("x", FLOAT32, [M, M], overlapInput(seed))];
+
+    await t.step("the thread policy in effect is the config's, in the log and the metrics", async () => {
+      const logged = parseLogs(agent.logs()).find((l) => l.msg === "thread policy");
+      assert.equal(logged?.intraOpThreads, 1);
+      assert.equal(logged?.concurrentRuns, 2);
+      assert.equal(logged?.sharedThreadPools, true);
+      const scrape = await scrapeMetrics(metrics);
+      assert.equal(scrape.get('edge_agent_thread_policy{setting="intra_op_threads"}'), 1);
+      assert.equal(scrape.get('edge_agent_thread_policy{setting="concurrent_runs"}'), 2);
+      assert.equal(scrape.get('edge_agent_thread_policy{setting="shared_thread_pools"}'), 1);
+    });
+
+    await t.step(
+      "five callers, three on one model and two on another: all answered right, Runs side by side",
+      async () => {
+        // Three calls on overlap-a (two slots: one waits), two on overlap-b, each on its own connection.
+        const models = ["overlap-a", "overlap-a", "overlap-a", "overlap-b", "overlap-b"];
+        const all = Promise.all(clients.map((client, i) => client.predict(models[i], request(i))));
+        const scrapes = await scrapeWhile(metrics, all);
+        const results = await all;
+        results.forEach((r, i) => assert.deepEqual(floats(r.tensors[0].byte_data), overlapInput(i), `caller ${i}`));
+        // Seen at one instant: both of a's slots busy, a third call waiting, and b running too.
+        assert.ok(
+          scrapes.some((s) =>
+            runs(s, "runs_in_flight", "overlap-a") === 2 && runs(s, "runs_waiting", "overlap-a") === 1 &&
+            runs(s, "runs_in_flight", "overlap-b") >= 1
+          ),
+          `no scrape of ${scrapes.length} saw Runs of both models side by side`,
+        );
+        const after = await scrapeMetrics(metrics);
+        // Never more than the two slots, though three callers asked at once.
+        assert.equal(runs(after, "runs_in_flight_peak", "overlap-a"), 2);
+        assert.equal(runs(after, "runs_in_flight_peak", "overlap-b"), 2);
+        assert.equal(runs(after, "runs_in_flight", "overlap-a"), 0);
+        assert.equal(runs(after, "runs_waiting", "overlap-a"), 0);
+      },
+    );
+
+    await t.step("a call waiting for a slot gives up at its deadline without running", async () => {
+      const before = await scrapeMetrics(metrics);
+      // The client resets the call at its deadline as the agent's own timer fires: either reason counts.
+      const cancelled = (s: Map<string, number>) =>
+        ["deadline", "reset"].reduce(
+          (n, reason) => n + s.get(`edge_agent_predict_cancelled_total{reason="${reason}"}`)!,
+          0,
+        );
+      const busy = [clients[0].predict("overlap-a", request(10)), clients[1].predict("overlap-a", request(11))];
+      // Both slots taken before the third call arrives.
+      while (runs(await scrapeMetrics(metrics), "runs_in_flight", "overlap-a") < 2) {
+        await new Promise((r) => setTimeout(r, 5));
+      }
+      await rejectsWith(
+        clients[2].call("Predict", { name: "overlap-a", tensors: request(12) }, 50),
+        Status.DEADLINE_EXCEEDED,
+      );
+      // The client gives up at its deadline too, so the agent's count may come a moment later.
+      let during = await scrapeMetrics(metrics);
+      for (let i = 0; i < 200 && cancelled(during) === cancelled(before); i++) {
+        await new Promise((r) => setTimeout(r, 10));
+        during = await scrapeMetrics(metrics);
+      }
+      assert.equal(cancelled(during), cancelled(before)! + 1);
+      assert.equal(runs(during, "runs_waiting", "overlap-a"), 0, "the expired call left the line");
+      const results = await Promise.all(busy);
+      results.forEach((r, i) => assert.deepEqual(floats(r.tensors[0].byte_data), overlapInput(10 + i)));
+      assert.equal(runs(await scrapeMetrics(metrics), "runs_in_flight_peak", "overlap-a"), 2);
+    });
+  } finally {
+    for (const client of clients) client.close();
+    assert.equal((await agent.stop()).code, 0, agent.logs());
+    await Deno.remove(dir, { recursive: true });
   }
 });
