@@ -103,7 +103,7 @@ export const DEFAULTS: AgentConfig = {
   stateDir: "/var/lib/edge-agent/state",
   maxMessageBytes: 64 * MiB,
   modelMemoryBudgetBytes: 0,
-  intraOpThreads: 0,
+  intraOpThreads: 1,
   interOpThreads: 1,
   maxConcurrentRuns: 0,
   sharedThreadPools: true,

@@ -131,8 +131,8 @@ Deno.test("concurrency: Runs of one model and of two models overlap, from separa
   });
   const clients = Array.from({ length: 5 }, () => new AgentClient(agent.socket));
   try {
-    for (const name of ["overlap-a", "overlap-b"]) {
-      await agent.client.loadModel(await writeModelFolder(agent.modelsDir, name, slowModel(M, 100)), name);
+    for (const [name, steps] of [["overlap-a", 100], ["overlap-b", 100], ["overlap-long", 1500]] as const) {
+      await agent.client.loadModel(await writeModelFolder(agent.modelsDir, name, slowModel(M, steps)), name);
     }
     const request = (seed: number) => [tensor("x", FLOAT32, [M, M], overlapInput(seed))];
 
@@ -181,30 +181,63 @@ Deno.test("concurrency: Runs of one model and of two models overlap, from separa
           (n, reason) => n + s.get(`edge_agent_predict_cancelled_total{reason="${reason}"}`)!,
           0,
         );
-      const busy = [clients[0].predict("overlap-a", request(10)), clients[1].predict("overlap-a", request(11))];
-      // Both slots taken before the third call arrives.
-      while (runs(await scrapeMetrics(metrics), "runs_in_flight", "overlap-a") < 2) {
-        await new Promise((r) => setTimeout(r, 5));
+      // Runs far longer than the deadline, so the third call is still waiting when it passes.
+      const busy = [clients[0].predict("overlap-long", request(10)), clients[1].predict("overlap-long", request(11))];
+      try {
+        while (runs(await scrapeMetrics(metrics), "runs_in_flight", "overlap-long") < 2) {
+          await new Promise((r) => setTimeout(r, 5));
+        }
+        await rejectsWith(
+          clients[2].call("Predict", { name: "overlap-long", tensors: request(12) }, 100),
+          Status.DEADLINE_EXCEEDED,
+        );
+        // The client gives up at its deadline too, so the agent's count may come a moment later.
+        let during = await scrapeMetrics(metrics);
+        for (let i = 0; i < 200 && cancelled(during) === cancelled(before); i++) {
+          await new Promise((r) => setTimeout(r, 10));
+          during = await scrapeMetrics(metrics);
+        }
+        assert.equal(cancelled(during), cancelled(before) + 1);
+        assert.equal(runs(during, "runs_waiting", "overlap-long"), 0, "the expired call left the line");
+      } finally {
+        await Promise.allSettled(busy);
       }
-      await rejectsWith(
-        clients[2].call("Predict", { name: "overlap-a", tensors: request(12) }, 50),
-        Status.DEADLINE_EXCEEDED,
-      );
-      // The client gives up at its deadline too, so the agent's count may come a moment later.
-      let during = await scrapeMetrics(metrics);
-      for (let i = 0; i < 200 && cancelled(during) === cancelled(before); i++) {
-        await new Promise((r) => setTimeout(r, 10));
-        during = await scrapeMetrics(metrics);
-      }
-      assert.equal(cancelled(during), cancelled(before)! + 1);
-      assert.equal(runs(during, "runs_waiting", "overlap-a"), 0, "the expired call left the line");
       const results = await Promise.all(busy);
       results.forEach((r, i) => assert.deepEqual(floats(r.tensors[0].byte_data), overlapInput(10 + i)));
-      assert.equal(runs(await scrapeMetrics(metrics), "runs_in_flight_peak", "overlap-a"), 2);
+      // It never ran: only the two busy calls ever held slots.
+      assert.equal(runs(await scrapeMetrics(metrics), "runs_in_flight_peak", "overlap-long"), 2);
     });
   } finally {
     for (const client of clients) client.close();
     assert.equal((await agent.stop()).code, 0, agent.logs());
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+Deno.test("concurrency: with shared thread pools, loading models adds no threads; without, each adds its own pool", async () => {
+  const threads = (pid: number) => [...Deno.readDirSync(`/proc/${pid}/task`)].length;
+  const added: Record<string, number> = {};
+  for (const shared of [true, false]) {
+    const agent = await startAgent({
+      config: { edge_agent_intra_op_threads: 3, edge_agent_shared_thread_pools: shared },
+    });
+    try {
+      const before = threads(agent.process.pid);
+      for (const name of ["m1", "m2", "m3"]) {
+        await agent.client.loadModel(await writeModelFolder(agent.modelsDir, name, addSubModel()), name);
+      }
+      const { tensors } = await agent.client.predict("m3", [
+        tensor("a", FLOAT32, [2, 2], Float32Array.of(1, 2, 3, 4)),
+        tensor("b", FLOAT32, [2, 2], Float32Array.of(1, 1, 1, 1)),
+      ]);
+      assert.deepEqual([...floats(tensors[0].byte_data)], [2, 3, 4, 5]);
+      added[String(shared)] = threads(agent.process.pid) - before;
+    } finally {
+      assert.equal((await agent.stop()).code, 0, agent.logs());
+      await Deno.remove(agent.dir, { recursive: true });
+    }
+  }
+  // Three intra-op threads per Run: the calling thread and two pool workers, per model or once for all.
+  assert.equal(added.true, 0, `shared pools: ${added.true} threads added by three models`);
+  assert.ok(added.false >= 6, `own pools: ${added.false} threads added by three models`);
 });
