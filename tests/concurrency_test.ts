@@ -6,7 +6,9 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { AgentClient } from "../src/client.ts";
 import { scrapeMetrics } from "../src/client_cli.ts";
+import { parseConfig } from "../src/config.ts";
 import { Status } from "../src/errors.ts";
+import { threadPolicy } from "../src/runtime.ts";
 import { enumValues } from "../src/wire.ts";
 import { parseLogs, startAgent } from "./helpers/agent.ts";
 import { floats, rejectsWith, tensor } from "./helpers/assertions.ts";
@@ -240,4 +242,24 @@ Deno.test("concurrency: with shared thread pools, loading models adds no threads
   // Three intra-op threads per Run: the calling thread and two pool workers, per model or once for all.
   assert.equal(added.true, 0, `shared pools: ${added.true} threads added by three models`);
   assert.ok(added.false >= 6, `own pools: ${added.false} threads added by three models`);
+});
+
+Deno.test("concurrency: the thread policy from the config keys, for a given number of cores", () => {
+  const policy = (keys: Record<string, unknown>, cores: number) => threadPolicy(parseConfig(keys).config, cores);
+  // Defaults: one thread per Run, as many Runs of a model at once as there are cores, pools shared.
+  assert.deepEqual(policy({}, 4), {
+    cores: 4,
+    intraOpThreads: 1,
+    interOpThreads: 1,
+    concurrentRuns: 4,
+    sharedThreadPools: true,
+  });
+  // Runs of all cores' threads go one at a time; of two threads, two at a time on four cores.
+  assert.equal(policy({ edge_agent_intra_op_threads: 0 }, 4).intraOpThreads, 4);
+  assert.equal(policy({ edge_agent_intra_op_threads: 0 }, 4).concurrentRuns, 1);
+  assert.equal(policy({ edge_agent_intra_op_threads: 2 }, 4).concurrentRuns, 2);
+  assert.equal(policy({ edge_agent_intra_op_threads: 8 }, 4).concurrentRuns, 1);
+  // Set explicitly, the limit is the config's whatever the cores.
+  assert.equal(policy({ edge_agent_max_concurrent_runs: 3, edge_agent_intra_op_threads: 0 }, 4).concurrentRuns, 3);
+  assert.equal(policy({ edge_agent_shared_thread_pools: false }, 2).sharedThreadPools, false);
 });
