@@ -18,6 +18,7 @@ import { AgentClient } from "../src/client.ts";
 import { DEFAULTS } from "../src/config.ts";
 import { enumValues, type Tensor } from "../src/wire.ts";
 import { PADDLE_CLS, writeModelFolder } from "../tests/helpers/onnx_models.ts";
+import { PYTHON } from "../tests/helpers/python.ts";
 import { AgentProcess } from "./agent_process.ts";
 import { generateStubs, GrpcioClient, grpcioMissing } from "./grpcio.ts";
 import { pseudoRandomInput } from "./runners.ts";
@@ -149,6 +150,23 @@ async function grpcioClients(
       await Promise.all(clients.map((c) => c.stop()));
     },
   };
+}
+
+/**
+ * How many cores this run can get now: the CPU time `cores` busy processes receive over `seconds`. On a
+ * machine shared with other work, scaling can only be judged against this (a 2-core box giving the
+ * benchmark 0.4 cores shows no 2-core scaling whatever the agent does).
+ */
+async function coresAvailable(seconds = 0.5): Promise<number> {
+  const burn = `import time\nend = time.perf_counter() + ${seconds}\nwhile time.perf_counter() < end: pass\n` +
+    "print(time.process_time())";
+  const cpu = await Promise.all(
+    Array.from({ length: navigator.hardwareConcurrency }, async () => {
+      const { stdout } = await new Deno.Command(PYTHON, { args: ["-c", burn], stdout: "piped" }).output();
+      return Number(new TextDecoder().decode(stdout));
+    }),
+  );
+  return cpu.reduce((a, b) => a + b, 0) / seconds;
 }
 
 async function measurePolicy(
@@ -306,6 +324,7 @@ async function main(): Promise<void> {
     );
     const results = [];
     for (const policy of policies) {
+      const before = await coresAvailable();
       const cells = await measurePolicy(
         policy,
         { dir, modelsDir, clsUrl, inputFile, stubs },
@@ -314,8 +333,13 @@ async function main(): Promise<void> {
         seconds,
         rounds,
       );
+      const after = await coresAvailable();
       printCells(policy, cells);
-      results.push({ policy, cells });
+      console.log(
+        `cores this run could get (${navigator.hardwareConcurrency} busy processes), before / after: ` +
+          `${before.toFixed(2)} / ${after.toFixed(2)}`,
+      );
+      results.push({ policy, cells, coresAvailable: { before, after } });
     }
     await mkdir(RESULTS_DIR, { recursive: true });
     const file = join(RESULTS_DIR, `concurrency-${new Date().toISOString().replaceAll(":", "-")}.json`);
