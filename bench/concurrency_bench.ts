@@ -72,6 +72,8 @@ interface Cell {
   agentCpuMsPerCall: number;
   /** The agent's CPU time over wall time: how many cores it kept busy. */
   agentCores: number;
+  /** Times the agent's threads were taken off a core while still runnable, per call: oversubscription. */
+  agentPreemptionsPerCall: number;
 }
 
 /** N clients of one kind, each on its own connection, driven for a given time. */
@@ -169,6 +171,33 @@ async function coresAvailable(seconds = 0.5): Promise<number> {
   return cpu.reduce((a, b) => a + b, 0) / seconds;
 }
 
+/** One cell's figures, summed over rounds. */
+interface Tally {
+  latencies: number[];
+  calls: number;
+  /** Calls per second, one per round. */
+  rate: number[];
+  cpuMs: number;
+  wallMs: number;
+  preemptions: number;
+}
+
+const emptyTally = (): Tally => ({ latencies: [], calls: 0, rate: [], cpuMs: 0, wallMs: 0, preemptions: 0 });
+
+/**
+ * Involuntary context switches of the agent's live threads so far (threads that exited are not counted; the
+ * agent's are long-lived while calls keep coming).
+ */
+async function preemptions(pid: number): Promise<number> {
+  const { stdout } = await new Deno.Command("sh", {
+    args: ["-c", `cat /proc/${pid}/task/*/status`],
+    stdout: "piped",
+    stderr: "null",
+  }).output();
+  return [...new TextDecoder().decode(stdout).matchAll(/^nonvoluntary_ctxt_switches:\s+(\d+)/gm)]
+    .reduce((sum, m) => sum + Number(m[1]), 0);
+}
+
 async function measurePolicy(
   policy: Policy,
   workspace: { dir: string; modelsDir: string; clsUrl: string; inputFile: string; stubs: string | null },
@@ -196,28 +225,28 @@ async function measurePolicy(
         all.push(await grpcioClients(workspace.stubs, agent.socket, workspace.inputFile, inputName, max));
       }
     }
-    const samples = new Map<
-      string,
-      { latencies: number[]; calls: number; rate: number[]; cpuMs: number; wallMs: number }
-    >();
+    const samples = new Map<string, Tally>();
     for (let round = 0; round < rounds; round++) {
       for (const clients of all) {
         for (const scenario of SCENARIOS) {
           for (const n of CLIENT_COUNTS) {
             const models = scenario === "one model" ? ["cls"] : ["cls", "cls2"];
+            const preemptedBefore = await preemptions(agent.pid);
             const cpuBefore = agent.cpuMs();
             const started = performance.now();
             const perClient = await clients.run(n, models, seconds);
             const wallMs = performance.now() - started;
             const cpuMs = agent.cpuMs() - cpuBefore;
+            const preempted = await preemptions(agent.pid) - preemptedBefore;
             const key = `${clients.kind}|${scenario}|${n}`;
-            const entry = samples.get(key) ?? { latencies: [], calls: 0, rate: [], cpuMs: 0, wallMs: 0 };
+            const entry = samples.get(key) ?? emptyTally();
             samples.set(key, entry);
             for (const times of perClient) entry.latencies.push(...times);
             const calls = perClient.reduce((sum, t) => sum + t.length, 0);
             entry.calls += calls;
             entry.cpuMs += cpuMs;
             entry.wallMs += wallMs;
+            entry.preemptions += preempted;
             // Each client's own rate over the time it was calling, summed: all ran side by side for `seconds`.
             entry.rate.push(perClient.reduce((sum, t) => sum + (t.length * 1000) / t.reduce((a, b) => a + b, 0), 0));
           }
@@ -236,6 +265,7 @@ async function measurePolicy(
         p99: percentile(s.latencies, 99),
         agentCpuMsPerCall: s.cpuMs / s.calls,
         agentCores: s.cpuMs / s.wallMs,
+        agentPreemptionsPerCall: s.preemptions / s.calls,
       };
     });
   } finally {
@@ -261,6 +291,7 @@ function printCells(policy: Policy, cells: Cell[]): void {
       ratio(cell.p99 / one.p99),
       ms(cell.agentCpuMsPerCall),
       cell.agentCores.toFixed(2),
+      cell.agentPreemptionsPerCall.toFixed(2),
     ]);
   }
   console.log(table(
@@ -276,6 +307,7 @@ function printCells(policy: Policy, cells: Cell[]): void {
       "vs 1",
       "agent CPU ms/call",
       "agent cores busy",
+      "agent preemptions/call",
     ],
     rows,
     2,
