@@ -272,7 +272,7 @@ export class ModelRegistry {
     }
   }
 
-  /** One Run with its own RunOptions, once a run slot is free; terminated when `signal` aborts. */
+  /** One Run, once one of the model's run slots is free (a caller that gives up meanwhile never runs). */
   async #run(
     info: ModelInfo,
     session: Session,
@@ -288,6 +288,7 @@ export class ModelRegistry {
     }
   }
 
+  /** One Run with its own RunOptions, terminated when `signal` aborts. */
   async #runInSlot(
     name: string,
     session: Session,
