@@ -39,13 +39,14 @@ interface Policy {
   keys: Record<string, unknown>;
 }
 
-const DEFAULT_POLICY: Policy = { label: "defaults", keys: {} };
+const DEFAULT_POLICY: Policy = { label: "defaults (intra 1, runs one per core, shared pools)", keys: {} };
 
 const UNLIMITED = 1024;
 
+/** Labels name the intra-op threads per Run and the run slots per model. */
 const SWEEP: Policy[] = [
+  DEFAULT_POLICY,
   { label: "intra 1, runs 1", keys: { edge_agent_intra_op_threads: 1, edge_agent_max_concurrent_runs: 1 } },
-  { label: "intra 1, runs 2", keys: { edge_agent_intra_op_threads: 1, edge_agent_max_concurrent_runs: 2 } },
   {
     label: "intra 1, runs unlimited",
     keys: { edge_agent_intra_op_threads: 1, edge_agent_max_concurrent_runs: UNLIMITED },
@@ -55,8 +56,12 @@ const SWEEP: Policy[] = [
     keys: { edge_agent_intra_op_threads: 0, edge_agent_max_concurrent_runs: 1 },
   },
   {
-    label: "intra 0 (one per core), runs unlimited",
-    keys: { edge_agent_intra_op_threads: 0, edge_agent_max_concurrent_runs: UNLIMITED },
+    label: "intra 0, runs unlimited, a pool per model (the earlier defaults)",
+    keys: {
+      edge_agent_intra_op_threads: 0,
+      edge_agent_max_concurrent_runs: UNLIMITED,
+      edge_agent_shared_thread_pools: false,
+    },
   },
 ];
 
