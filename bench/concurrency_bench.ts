@@ -15,6 +15,7 @@ import { mkdir } from "node:fs/promises";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { AgentClient } from "../src/client.ts";
+import { scrapeMetrics } from "../src/client_cli.ts";
 import { DEFAULTS } from "../src/config.ts";
 import { enumValues, type Tensor } from "../src/wire.ts";
 import { PADDLE_CLS, writeModelFolder } from "../tests/helpers/onnx_models.ts";
@@ -210,10 +211,13 @@ async function measurePolicy(
   kinds: ClientKind[],
   seconds: number,
   rounds: number,
-): Promise<Cell[]> {
+): Promise<{ cells: Cell[]; peakRuns: Record<string, number> }> {
+  const metrics = `unix:${join(workspace.dir, "metrics.sock")}`;
   const agent = await AgentProcess.start(workspace.dir, workspace.modelsDir, {
     // No debug line per call: at thousands of calls per second the log would be part of what is measured.
     sagemaker_edge_log_verbose: false,
+    // For the most Runs of each model that went side by side.
+    edge_agent_metrics: metrics,
     // Its own state (the capture spool's lock), apart from any other agent on this machine.
     edge_agent_state_dir: join(workspace.dir, "state"),
     ...policy.keys,
@@ -258,7 +262,11 @@ async function measurePolicy(
         }
       }
     }
-    return [...samples].map(([key, s]) => {
+    const scrape = await scrapeMetrics(metrics);
+    const peakRuns = Object.fromEntries(
+      ["cls", "cls2"].map((m) => [m, scrape.get(`edge_agent_runs_in_flight_peak{model="${m}"}`) ?? NaN]),
+    );
+    const cells = [...samples].map(([key, s]) => {
       const [kind, scenario, n] = key.split("|");
       return {
         kind: kind as ClientKind,
@@ -273,6 +281,7 @@ async function measurePolicy(
         agentPreemptionsPerCall: s.preemptions / s.calls,
       };
     });
+    return { cells, peakRuns };
   } finally {
     for (const clients of all) await clients.close();
     await agent.stop();
@@ -362,7 +371,7 @@ async function main(): Promise<void> {
     const results = [];
     for (const policy of policies) {
       const before = await coresAvailable();
-      const cells = await measurePolicy(
+      const { cells, peakRuns } = await measurePolicy(
         policy,
         { dir, modelsDir, clsUrl, inputFile, stubs },
         input,
@@ -374,9 +383,11 @@ async function main(): Promise<void> {
       printCells(policy, cells);
       console.log(
         `cores this run could get (${navigator.hardwareConcurrency} busy processes), before / after: ` +
-          `${before.toFixed(2)} / ${after.toFixed(2)}`,
+          `${before.toFixed(2)} / ${
+            after.toFixed(2)
+          }; the most Runs at once: cls ${peakRuns.cls}, cls2 ${peakRuns.cls2}`,
       );
-      results.push({ policy, cells, coresAvailable: { before, after } });
+      results.push({ policy, cells, coresAvailable: { before, after }, peakRuns });
     }
     await mkdir(RESULTS_DIR, { recursive: true });
     const file = join(RESULTS_DIR, `concurrency-${new Date().toISOString().replaceAll(":", "-")}.json`);
