@@ -187,7 +187,9 @@ Deno.test("concurrency: Runs of one model and of two models overlap, from separa
       // Runs far longer than the deadline, so the third call is still waiting when it passes.
       const busy = [clients[0].predict("overlap-long", request(10)), clients[1].predict("overlap-long", request(11))];
       try {
+        const giveUp = Date.now() + 30_000;
         while (runs(await scrapeMetrics(metrics), "runs_in_flight", "overlap-long") < 2) {
+          assert.ok(Date.now() < giveUp, "two Runs of overlap-long never went at once");
           await new Promise((r) => setTimeout(r, 5));
         }
         await rejectsWith(
