@@ -30,6 +30,8 @@ export interface PredictCommand {
   inputName: string;
   shape: number[];
   count: number;
+  /** When set, as many calls as fit in this time (at least `count`). */
+  seconds?: number;
   /** Where to write the last response's first tensor bytes. */
   output?: string;
 }
@@ -77,7 +79,7 @@ export class GrpcioClient {
 
   /** `count` Predicts with one request message; each call's ms as Python's perf_counter measured it. */
   async predict(command: PredictCommand): Promise<number[]> {
-    const { name, input, segmentId, inputName, shape, count, output } = command;
+    const { name, input, segmentId, inputName, shape, count, seconds, output } = command;
     const reply = await this.#send({
       op: "predict",
       name,
@@ -86,6 +88,7 @@ export class GrpcioClient {
       input_name: inputName,
       shape,
       count,
+      seconds,
       output,
     });
     return reply.ms as number[];

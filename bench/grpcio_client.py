@@ -5,8 +5,9 @@ Run by bench/grpcio.ts, long-lived, connected to the agent on unix:<socket>. It 
 per line on stdin and answers each with one JSON line on stdout, after a first {"ready": <grpcio version>}
 once connected:
 
-  {"op": "predict", "name", "input", "input_name", "shape", "count"[, "segment_id"][, "output"]}
-      -> {"ms": [...]}   count Predicts of the raw float32 file `input`, each timed around the stub call;
+  {"op": "predict", "name", "input", "input_name", "shape", "count"[, "seconds"][, "segment_id"][, "output"]}
+      -> {"ms": [...]}   count Predicts of the raw float32 file `input`, each timed around the stub call
+                         (with "seconds": as many as fit in that time, at least count);
                          with "segment_id", the tensor is instead a handle to that SysV segment, which
                          holds the input at offset 0; with "output", the last response's first tensor
                          bytes are written there
@@ -28,11 +29,13 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CONNECT_TIMEOUT_S = 30
 
 
-def timed(count, rpc, request):
-    """Calls the stub method `rpc` count times; returns each call's milliseconds and the last response."""
+def timed(count, rpc, request, seconds=None):
+    """Calls the stub method `rpc` count times (or until `seconds` passed, if later); returns each call's
+    milliseconds and the last response."""
     times = []
     result = None
-    for _ in range(count):
+    end = time.perf_counter() + (seconds or 0)
+    while len(times) < count or time.perf_counter() < end:
         started = time.perf_counter()
         result = rpc(request)
         times.append((time.perf_counter() - started) * 1000)
@@ -83,7 +86,7 @@ def main():
                     inputs[command["input"]] = np.fromfile(command["input"], dtype="<f4").reshape(shape)
                 tensor = pb2.Tensor(tensor_metadata=metadata, byte_data=inputs[command["input"]].tobytes())
             request = pb2.PredictRequest(name=command["name"], tensors=[tensor])
-            times, response = timed(command["count"], stub.Predict, request)
+            times, response = timed(command["count"], stub.Predict, request, command.get("seconds"))
             if "output" in command:
                 with open(command["output"], "wb") as out:
                     out.write(response.tensors[0].byte_data)

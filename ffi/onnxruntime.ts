@@ -129,8 +129,23 @@ export const ortApiSymbols = {
   ReleaseTensorTypeAndShapeInfo: { slot: 99, parameters: ["pointer"], result: "void" },
   // void ReleaseSessionOptions(OrtSessionOptions* input)
   ReleaseSessionOptions: { slot: 100, parameters: ["pointer"], result: "void" },
+  // OrtStatus* CreateEnvWithGlobalThreadPools(OrtLoggingLevel log_severity_level, const char* logid,
+  //                                           const OrtThreadingOptions* tp_options, OrtEnv** out)
+  CreateEnvWithGlobalThreadPools: { slot: 119, parameters: ["i32", "buffer", "pointer", "buffer"], result: "pointer" },
+  // OrtStatus* DisablePerSessionThreads(OrtSessionOptions* options)
+  DisablePerSessionThreads: { slot: 120, parameters: ["pointer"], result: "pointer" },
+  // OrtStatus* CreateThreadingOptions(OrtThreadingOptions** out)
+  CreateThreadingOptions: { slot: 121, parameters: ["buffer"], result: "pointer" },
+  // void ReleaseThreadingOptions(OrtThreadingOptions* input)
+  ReleaseThreadingOptions: { slot: 122, parameters: ["pointer"], result: "void" },
   // OrtStatus* AddSessionConfigEntry(OrtSessionOptions* options, const char* config_key, const char* config_value)
   AddSessionConfigEntry: { slot: 130, parameters: ["pointer", "buffer", "buffer"], result: "pointer" },
+  // OrtStatus* SetGlobalIntraOpNumThreads(OrtThreadingOptions* tp_options, int intra_op_num_threads)
+  SetGlobalIntraOpNumThreads: { slot: 147, parameters: ["pointer", "i32"], result: "pointer" },
+  // OrtStatus* SetGlobalInterOpNumThreads(OrtThreadingOptions* tp_options, int inter_op_num_threads)
+  SetGlobalInterOpNumThreads: { slot: 148, parameters: ["pointer", "i32"], result: "pointer" },
+  // OrtStatus* SetGlobalSpinControl(OrtThreadingOptions* tp_options, int allow_spinning)
+  SetGlobalSpinControl: { slot: 149, parameters: ["pointer", "i32"], result: "pointer" },
 } as const satisfies Record<string, SlotSymbol>;
 
 type OrtApiSymbols = typeof ortApiSymbols;
@@ -205,6 +220,14 @@ const ORT_LOGGING_LEVEL_ERROR = 3;
 const ORT_ARENA_ALLOCATOR = 1;
 const ORT_MEM_TYPE_DEFAULT = 0;
 
+/** Thread pools the environment owns and every session that opts in (DisablePerSessionThreads) shares. */
+export interface GlobalThreadPools {
+  /** 0: one thread per core. */
+  intraOpThreads: number;
+  interOpThreads: number;
+  allowSpinning: boolean;
+}
+
 /**
  * The loaded library, its API table, the process-wide OrtEnv, the default allocator and the CPU
  * memory info used to wrap caller-owned buffers. Close it last, after every session and value.
@@ -219,7 +242,14 @@ export class OnnxRuntime {
   readonly allocator: Deno.PointerValue;
   #cpuMemoryInfo: Deno.PointerValue;
 
-  private constructor(lib: Deno.DynamicLibrary<typeof apiBaseSymbols>, verbose: boolean) {
+  /** The environment's shared thread pools, or null when each session has its own. */
+  readonly globalThreadPools: GlobalThreadPools | null;
+
+  private constructor(
+    lib: Deno.DynamicLibrary<typeof apiBaseSymbols>,
+    verbose: boolean,
+    pools: GlobalThreadPools | null,
+  ) {
     const base = lib.symbols.OrtGetApiBase();
     if (base === null) throw new NativeError("OrtGetApiBase returned NULL");
     const member = <K extends keyof typeof apiBaseMembers>(name: K) => {
@@ -241,6 +271,7 @@ export class OnnxRuntime {
     }
     this.api = api as BoundApi;
     this.#verbose = verbose;
+    this.globalThreadPools = pools;
     const allocator = outPointer();
     this.check("GetAllocatorWithDefaultOptions", this.api.GetAllocatorWithDefaultOptions(allocator));
     this.allocator = toPointer(allocator);
@@ -252,11 +283,41 @@ export class OnnxRuntime {
     this.#cpuMemoryInfo = toPointer(memoryInfo);
   }
 
-  /** dlopen the library at `path` and create the environment. */
-  static open(path: string, options: { verbose?: boolean } = {}): OnnxRuntime {
+  #createEnv(level: number, pools: GlobalThreadPools | null): Deno.PointerValue {
+    const env = outPointer();
+    if (pools === null) {
+      this.check("CreateEnv", this.api.CreateEnv(level, cString("edge-agent"), env));
+      return toPointer(env);
+    }
+    const out = outPointer();
+    this.check("CreateThreadingOptions", this.api.CreateThreadingOptions(out));
+    const threading = toPointer(out);
+    try {
+      this.check("SetGlobalIntraOpNumThreads", this.api.SetGlobalIntraOpNumThreads(threading, pools.intraOpThreads));
+      this.check("SetGlobalInterOpNumThreads", this.api.SetGlobalInterOpNumThreads(threading, pools.interOpThreads));
+      this.check("SetGlobalSpinControl", this.api.SetGlobalSpinControl(threading, pools.allowSpinning ? 1 : 0));
+      this.check(
+        "CreateEnvWithGlobalThreadPools",
+        this.api.CreateEnvWithGlobalThreadPools(level, cString("edge-agent"), threading, env),
+      );
+      return toPointer(env);
+    } finally {
+      // The environment keeps what it needs from the options.
+      this.api.ReleaseThreadingOptions(threading);
+    }
+  }
+
+  /**
+   * dlopen the library at `path` and create the environment, with thread pools shared by every
+   * session when `globalThreadPools` is given.
+   */
+  static open(
+    path: string,
+    options: { verbose?: boolean; globalThreadPools?: GlobalThreadPools | null } = {},
+  ): OnnxRuntime {
     const lib = Deno.dlopen(path, apiBaseSymbols);
     try {
-      return new OnnxRuntime(lib, options.verbose ?? false);
+      return new OnnxRuntime(lib, options.verbose ?? false, options.globalThreadPools ?? null);
     } catch (error) {
       lib.close();
       throw error;
@@ -265,18 +326,10 @@ export class OnnxRuntime {
 
   get env(): Deno.PointerValue {
     if (this.#closed) throw new NativeError("ONNX Runtime is closed");
-    if (this.#env === null) {
-      const env = outPointer();
-      this.check(
-        "CreateEnv",
-        this.api.CreateEnv(
-          this.#verbose ? ORT_LOGGING_LEVEL_WARNING : ORT_LOGGING_LEVEL_ERROR,
-          cString("edge-agent"),
-          env,
-        ),
-      );
-      this.#env = toPointer(env);
-    }
+    this.#env ??= this.#createEnv(
+      this.#verbose ? ORT_LOGGING_LEVEL_WARNING : ORT_LOGGING_LEVEL_ERROR,
+      this.globalThreadPools,
+    );
     return this.#env;
   }
 
@@ -335,6 +388,11 @@ export class SessionOptions {
   }
   setInterOpThreads(n: number): this {
     this.ort.check("SetInterOpNumThreads", this.ort.api.SetInterOpNumThreads(this.pointer, n));
+    return this;
+  }
+  /** Runs on the environment's global thread pools instead of pools of the session's own. */
+  disablePerSessionThreads(): this {
+    this.ort.check("DisablePerSessionThreads", this.ort.api.DisablePerSessionThreads(this.pointer));
     return this;
   }
   setGraphOptimizationLevel(level: number): this {

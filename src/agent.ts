@@ -251,6 +251,7 @@ export async function serve(options: ServeOptions): Promise<void> {
     sysvKeepAttachedSeconds: config.sysvKeepAttachedSeconds,
   });
   const registry = new ModelRegistry(ort, shm, config, log);
+  log.info("thread policy", { ...registry.threads });
   let capture: CaptureService | null = null;
   let deployer: Deployer | null = null;
   // One credential source for capture uploads and deployments, made when the first asks.
@@ -299,7 +300,14 @@ export async function serve(options: ServeOptions): Promise<void> {
     const deployments = deployer;
     stopMetrics = await startMetrics(
       config,
-      () => metrics.render(registry.list(), service.stats(), shm.attachedSegments, deployments?.stats() ?? null),
+      () =>
+        metrics.render(
+          registry.list(),
+          service.stats(),
+          shm.attachedSegments,
+          deployments?.stats() ?? null,
+          registry.threads,
+        ),
     );
   } catch (error) {
     await server?.stop(0);

@@ -23,6 +23,10 @@ export interface AgentConfig {
   modelMemoryBudgetBytes: number;
   intraOpThreads: number;
   interOpThreads: number;
+  /** Runs of one model at once; 0: as many as the cores hold at intra-op threads each (see threadPolicy). */
+  maxConcurrentRuns: number;
+  /** One intra-op and one inter-op pool for all models (ORT's global thread pools) instead of a pair per model. */
+  sharedThreadPools: boolean;
   allowSpinning: boolean;
   graphOptimization: GraphOptimization;
   cpuMemArena: boolean;
@@ -102,8 +106,10 @@ export const DEFAULTS: AgentConfig = {
   stateDir: "/var/lib/edge-agent/state",
   maxMessageBytes: 64 * MiB,
   modelMemoryBudgetBytes: 0,
-  intraOpThreads: 0,
+  intraOpThreads: 1,
   interOpThreads: 1,
+  maxConcurrentRuns: 0,
+  sharedThreadPools: true,
   allowSpinning: false,
   graphOptimization: "all",
   cpuMemArena: true,
@@ -220,6 +226,8 @@ const AGENT_KEYS: Record<string, KeySpec> = {
   edge_agent_model_memory_budget_bytes: { kind: "integer", field: "modelMemoryBudgetBytes", min: 0 },
   edge_agent_intra_op_threads: { kind: "integer", field: "intraOpThreads", min: 0, max: 256 },
   edge_agent_inter_op_threads: { kind: "integer", field: "interOpThreads", min: 0, max: 256 },
+  edge_agent_max_concurrent_runs: { kind: "integer", field: "maxConcurrentRuns", min: 0, max: 1024 },
+  edge_agent_shared_thread_pools: { kind: "boolean", field: "sharedThreadPools" },
   edge_agent_allow_spinning: { kind: "boolean", field: "allowSpinning" },
   edge_agent_graph_optimization: {
     kind: "string",

@@ -8,6 +8,7 @@ import type { CaptureStats } from "./capture/service.ts";
 import type { DeploymentStats } from "./deployments/deployer.ts";
 import type { ModelInfo } from "./models.ts";
 import type { CancelReason } from "./errors.ts";
+import type { ThreadPolicy } from "./runtime.ts";
 
 /** Seconds; Prometheus' default buckets extended down to 100 µs for small models. */
 const BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
@@ -89,6 +90,7 @@ export class Metrics {
     capture: CaptureStats | null,
     sysvSegmentsAttached: number,
     deployment: DeploymentStats | null = null,
+    threads?: ThreadPolicy,
   ): string {
     const out: string[] = [];
     const metric = (name: string, type: string, help: string, samples: [string, number][]) => {
@@ -123,6 +125,40 @@ export class Metrics {
     );
     metric("edge_agent_requests_in_flight", "gauge", "Calls being handled now.", [["", this.#inFlight]]);
     metric("edge_agent_models_loaded", "gauge", "Models loaded.", [["", models.length]]);
+    metric(
+      "edge_agent_runs_in_flight",
+      "gauge",
+      "ONNX Runtime Runs going now, by model.",
+      models.map((m) => [`model="${label(m.name)}"`, m.runs.running]),
+    );
+    metric(
+      "edge_agent_runs_in_flight_peak",
+      "gauge",
+      "The most Runs of the model going at once since it was loaded.",
+      models.map((m) => [`model="${label(m.name)}"`, m.runs.peak]),
+    );
+    metric(
+      "edge_agent_runs_waiting",
+      "gauge",
+      "Predicts waiting for one of the model's run slots (edge_agent_max_concurrent_runs).",
+      models.map((m) => [`model="${label(m.name)}"`, m.runs.waiting]),
+    );
+    if (threads) {
+      const { cores, intraOpThreads, interOpThreads, concurrentRuns, sharedThreadPools } = threads;
+      const settings = {
+        cores,
+        intra_op_threads: intraOpThreads,
+        inter_op_threads: interOpThreads,
+        concurrent_runs: concurrentRuns,
+        shared_thread_pools: sharedThreadPools ? 1 : 0,
+      };
+      metric(
+        "edge_agent_thread_policy",
+        "gauge",
+        "How Runs use the cores: cores, threads per Run, Runs at once per model, pools shared by all models (1) or not (0).",
+        Object.entries(settings).map(([setting, n]) => [`setting="${setting}"`, n]),
+      );
+    }
     metric(
       "edge_agent_model_load_seconds",
       "gauge",

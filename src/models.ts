@@ -14,7 +14,8 @@ import {
 } from "./errors.ts";
 import type { Logger } from "./log.ts";
 import { openPackage } from "./packages/load.ts";
-import { sessionOptions } from "./runtime.ts";
+import { RunSlots } from "./run_slots.ts";
+import { sessionOptions, type ThreadPolicy, threadPolicy } from "./runtime.ts";
 import type { SharedMemoryReader, ShmRegion } from "./shm.ts";
 import { bindOutputLocations, OutputWrites, type WrittenOutput } from "./shm_outputs.ts";
 import { bindInputs, inputValue, outputByteLength, type TensorSpec, toSpecs } from "./tensors.ts";
@@ -36,6 +37,8 @@ export interface ModelInfo {
   version?: string;
   /** Set when a deployment loaded it (rather than LoadModel). */
   deployment?: Deployed;
+  /** Its Runs: going now, the most at once since it was loaded, waiting for a slot (live, for metrics). */
+  runs: RunSlots;
 }
 
 /** What a deployment manifest said of a model it loaded. */
@@ -88,19 +91,22 @@ export class ModelRegistry {
   /** A "change" event whenever a model becomes loaded or stops being loaded (health Watch). */
   readonly changes = new EventTarget();
   #reservedBytes = 0;
+  readonly threads: ThreadPolicy;
 
   constructor(
     private readonly ort: OnnxRuntime,
     private readonly shm: SharedMemoryReader,
     private readonly config: AgentConfig,
     private readonly log: Logger,
-  ) {}
+  ) {
+    this.threads = threadPolicy(config);
+  }
 
   async load(url: string, name: string): Promise<ModelInfo> {
     checkModelName(name);
     if (this.#models.has(name)) throw alreadyExists(`a model named ${name} is already loaded`);
     // Reserve the name before the first await, so concurrent loads of one name cannot both win.
-    const placeholder = pending(name, url);
+    const placeholder = pending(name, url, this.threads.concurrentRuns);
     this.#models.set(name, placeholder);
     try {
       const entry = await this.#open(url, name, this.config.modelRoots);
@@ -123,7 +129,7 @@ export class ModelRegistry {
     checkModelName(name);
     const previous = this.#models.get(name);
     if (previous?.session === null) throw alreadyExists(`model ${name} is being loaded`);
-    const placeholder = previous ? null : pending(name, origin.url);
+    const placeholder = previous ? null : pending(name, origin.url, this.threads.concurrentRuns);
     if (placeholder) this.#models.set(name, placeholder);
     let entry: Entry;
     try {
@@ -160,7 +166,7 @@ export class ModelRegistry {
 
   /** Verifies and opens a package into a new entry, reserving its memory; nothing is left behind on failure. */
   async #open(url: string, name: string, roots: string[]): Promise<Entry> {
-    const entry = pending(name, url);
+    const entry = pending(name, url, this.threads.concurrentRuns);
     const started = performance.now();
     let session: Session | null = null;
     let reserved = false;
@@ -327,11 +333,11 @@ export class ModelRegistry {
       const indexes = bound.map((b) => b.inputIndex);
       const preallocated = writes?.preallocated(entry.info.outputs.length);
       try {
-        outputs = await this.#run(name, session, indexes, inputs, signal, preallocated);
+        outputs = await this.#run(entry.info, session, indexes, inputs, signal, preallocated);
       } catch (error) {
         // Output shapes seen before for these inputs may not be this Run's: once more, copying.
         if (signal?.aborted || !writes?.dropGuessedShapes()) throw error;
-        outputs = await this.#run(name, session, indexes, inputs, signal);
+        outputs = await this.#run(entry.info, session, indexes, inputs, signal);
       }
       writes?.finish(outputs);
       timing.runMs = lap();
@@ -356,8 +362,25 @@ export class ModelRegistry {
     }
   }
 
-  /** One Run with its own RunOptions, terminated when `signal` aborts. */
+  /** One Run, once one of the model's run slots is free (a caller that gives up meanwhile never runs). */
   async #run(
+    info: ModelInfo,
+    session: Session,
+    inputIndexes: number[],
+    inputs: Value[],
+    signal: AbortSignal | undefined,
+    preallocated?: (Value | null)[],
+  ): Promise<Value[]> {
+    await info.runs.acquire(signal);
+    try {
+      return await this.#runInSlot(info.name, session, inputIndexes, inputs, signal, preallocated);
+    } finally {
+      info.runs.release();
+    }
+  }
+
+  /** One Run with its own RunOptions, terminated when `signal` aborts. */
+  async #runInSlot(
     name: string,
     session: Session,
     inputIndexes: number[],
@@ -416,9 +439,9 @@ export class ModelRegistry {
 }
 
 /** An entry whose session is being created: its name is taken, it does not serve yet. */
-function pending(name: string, url: string): Entry {
+function pending(name: string, url: string, concurrentRuns: number): Entry {
   return {
-    info: { name, url, inputs: [], outputs: [], sizeBytes: 0, loadSeconds: 0 },
+    info: { name, url, inputs: [], outputs: [], sizeBytes: 0, loadSeconds: 0, runs: new RunSlots(concurrentRuns) },
     session: null,
     inFlight: 0,
     drained: null,

@@ -2,7 +2,7 @@
 
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { GraphOptimizationLevel, OnnxRuntime, SessionOptions } from "../ffi/onnxruntime.ts";
+import { type GlobalThreadPools, GraphOptimizationLevel, OnnxRuntime, SessionOptions } from "../ffi/onnxruntime.ts";
 import type { AgentConfig } from "./config.ts";
 import { StartupError } from "./errors.ts";
 
@@ -104,7 +104,7 @@ export async function openRuntime(config: AgentConfig): Promise<OnnxRuntime> {
   }
   for (const path of candidates) {
     try {
-      return OnnxRuntime.open(path, { verbose: config.logVerbose });
+      return OnnxRuntime.open(path, { verbose: config.logVerbose, globalThreadPools: globalThreadPools(config) });
     } catch (error) {
       failures.push(`${path}: ${(error as Error).message}`);
     }
@@ -115,10 +115,49 @@ export async function openRuntime(config: AgentConfig): Promise<OnnxRuntime> {
   ]);
 }
 
+/** How the agent uses the cores: ONNX Runtime's threads per Run and how many Runs go at once. */
+export interface ThreadPolicy {
+  /** Cores this process may run on. */
+  cores: number;
+  /** Threads one Run uses (edge_agent_intra_op_threads, 0 resolved to one per core). */
+  intraOpThreads: number;
+  interOpThreads: number;
+  /** Runs of one model at once; more wait their turn. */
+  concurrentRuns: number;
+  /** All models run on one pair of ONNX Runtime pools. */
+  sharedThreadPools: boolean;
+}
+
+/**
+ * By default (edge_agent_max_concurrent_runs 0) as many Runs of a model go at once as the cores hold
+ * Runs of `intraOpThreads` threads: more would only time-slice the cores between Runs, and take them
+ * from the JavaScript thread that decodes the next requests while Runs go. The limit is per model so
+ * that a model's long Runs never hold up another model's calls.
+ */
+export function threadPolicy(config: AgentConfig, cores: number = navigator.hardwareConcurrency): ThreadPolicy {
+  const intraOpThreads = config.intraOpThreads === 0 ? cores : config.intraOpThreads;
+  return {
+    cores,
+    intraOpThreads,
+    interOpThreads: config.interOpThreads,
+    concurrentRuns: config.maxConcurrentRuns || Math.max(1, Math.floor(cores / intraOpThreads)),
+    sharedThreadPools: config.sharedThreadPools,
+  };
+}
+
+/** The environment's pools when models share them (edge_agent_shared_thread_pools). */
+function globalThreadPools(config: AgentConfig): GlobalThreadPools | null {
+  if (!config.sharedThreadPools) return null;
+  const { intraOpThreads, interOpThreads, allowSpinning } = config;
+  return { intraOpThreads, interOpThreads, allowSpinning };
+}
+
 /** Session options from the config. The caller releases them. */
 export function sessionOptions(ort: OnnxRuntime, config: AgentConfig): SessionOptions {
   const options = new SessionOptions(ort);
   try {
+    // With shared pools the environment's settings apply and the session's thread counts are ignored.
+    if (ort.globalThreadPools) options.disablePerSessionThreads();
     options
       .setIntraOpThreads(config.intraOpThreads)
       .setInterOpThreads(config.interOpThreads)

@@ -1,10 +1,16 @@
 // Runs happen off the JavaScript thread: control-plane calls are answered during a long Predict,
-// predicts run side by side, and an unload never frees a session under a running Run.
+// predicts run side by side (on one model and on several, up to the model's run slots, seen in the
+// metrics), and an unload never frees a session under a running Run.
 
 import assert from "node:assert/strict";
+import { join } from "node:path";
+import { AgentClient } from "../src/client.ts";
+import { scrapeMetrics } from "../src/client_cli.ts";
+import { parseConfig } from "../src/config.ts";
 import { Status } from "../src/errors.ts";
+import { threadPolicy } from "../src/runtime.ts";
 import { enumValues } from "../src/wire.ts";
-import { startAgent } from "./helpers/agent.ts";
+import { parseLogs, startAgent } from "./helpers/agent.ts";
 import { floats, rejectsWith, tensor } from "./helpers/assertions.ts";
 import { addSubModel, slowModel, writeModelFolder } from "./helpers/onnx_models.ts";
 
@@ -90,4 +96,175 @@ Deno.test("concurrency: the agent answers while a slow Predict runs, and unload 
     assert.equal((await agent.stop()).code, 0, agent.logs());
     await Deno.remove(agent.dir, { recursive: true });
   }
+});
+
+const M = 256;
+
+/** x for the M x M slow model; its output equals x. */
+function overlapInput(seed: number): Float32Array {
+  return Float32Array.from({ length: M * M }, (_, i) => ((i * 40503 + seed * 7919) % 997) / 997);
+}
+
+/** Scrapes every few ms until `done` settles; returns every scrape taken meanwhile. */
+async function scrapeWhile(metrics: string, done: Promise<unknown>): Promise<Map<string, number>[]> {
+  let finished = false;
+  done.finally(() => finished = true).catch(() => {});
+  const scrapes: Map<string, number>[] = [];
+  while (!finished) {
+    scrapes.push(await scrapeMetrics(metrics));
+    await new Promise((r) => setTimeout(r, 5));
+  }
+  return scrapes;
+}
+
+const runs = (scrape: Map<string, number>, metric: string, model: string) =>
+  scrape.get(`edge_agent_${metric}{model="${model}"}`) ?? NaN;
+
+Deno.test("concurrency: Runs of one model and of two models overlap, from separate connections", async (t) => {
+  const dir = await Deno.makeTempDir({ prefix: "edge-agent-concurrency-" });
+  const metrics = `unix:${join(dir, "metrics.sock")}`;
+  const agent = await startAgent({
+    dir,
+    config: {
+      edge_agent_metrics: metrics,
+      edge_agent_intra_op_threads: 1,
+      edge_agent_max_concurrent_runs: 2,
+    },
+  });
+  const clients = Array.from({ length: 5 }, () => new AgentClient(agent.socket));
+  try {
+    // Runs of a few hundred ms (overlap-long: seconds), long beside the scrapes that watch them.
+    for (const [name, steps] of [["overlap-a", 400], ["overlap-b", 400], ["overlap-long", 1500]] as const) {
+      await agent.client.loadModel(await writeModelFolder(agent.modelsDir, name, slowModel(M, steps)), name);
+    }
+    const request = (seed: number) => [tensor("x", FLOAT32, [M, M], overlapInput(seed))];
+
+    await t.step("the thread policy in effect is the config's, in the log and the metrics", async () => {
+      const logged = parseLogs(agent.logs()).find((l) => l.msg === "thread policy");
+      assert.equal(logged?.intraOpThreads, 1);
+      assert.equal(logged?.concurrentRuns, 2);
+      assert.equal(logged?.sharedThreadPools, true);
+      const scrape = await scrapeMetrics(metrics);
+      assert.equal(scrape.get('edge_agent_thread_policy{setting="intra_op_threads"}'), 1);
+      assert.equal(scrape.get('edge_agent_thread_policy{setting="concurrent_runs"}'), 2);
+      assert.equal(scrape.get('edge_agent_thread_policy{setting="shared_thread_pools"}'), 1);
+    });
+
+    await t.step(
+      "five callers, three on one model and two on another: all answered right, Runs side by side",
+      async () => {
+        // Three calls on overlap-a (two slots: one waits), two on overlap-b, each on its own connection.
+        const models = ["overlap-a", "overlap-a", "overlap-a", "overlap-b", "overlap-b"];
+        const all = Promise.all(clients.map((client, i) => client.predict(models[i], request(i))));
+        const scrapes = await scrapeWhile(metrics, all);
+        const results = await all;
+        results.forEach((r, i) => assert.deepEqual(floats(r.tensors[0].byte_data), overlapInput(i), `caller ${i}`));
+        // Each seen at one instant: both of a's slots busy, a third call on a waiting, a and b running together.
+        const seen = (what: string, at: (s: Map<string, number>) => boolean) =>
+          assert.ok(scrapes.some(at), `no scrape of ${scrapes.length} saw ${what}`);
+        seen("two Runs of one model", (s) => runs(s, "runs_in_flight", "overlap-a") === 2);
+        seen("a call waiting for a slot", (s) => runs(s, "runs_waiting", "overlap-a") === 1);
+        seen(
+          "Runs of two models side by side",
+          (s) => runs(s, "runs_in_flight", "overlap-a") >= 1 && runs(s, "runs_in_flight", "overlap-b") >= 1,
+        );
+        const after = await scrapeMetrics(metrics);
+        // Never more than the two slots, though three callers asked at once.
+        assert.equal(runs(after, "runs_in_flight_peak", "overlap-a"), 2);
+        assert.equal(runs(after, "runs_in_flight", "overlap-a"), 0);
+        assert.equal(runs(after, "runs_waiting", "overlap-a"), 0);
+      },
+    );
+
+    await t.step("a call waiting for a slot gives up at its deadline without running", async () => {
+      const before = await scrapeMetrics(metrics);
+      // The client resets the call at its deadline as the agent's own timer fires: either reason counts.
+      const cancelled = (s: Map<string, number>) =>
+        ["deadline", "reset"].reduce(
+          (n, reason) => n + s.get(`edge_agent_predict_cancelled_total{reason="${reason}"}`)!,
+          0,
+        );
+      // Runs far longer than the deadline, so the third call is still waiting when it passes.
+      const busy = [clients[0].predict("overlap-long", request(10)), clients[1].predict("overlap-long", request(11))];
+      try {
+        const giveUp = Date.now() + 30_000;
+        while (runs(await scrapeMetrics(metrics), "runs_in_flight", "overlap-long") < 2) {
+          assert.ok(Date.now() < giveUp, "two Runs of overlap-long never went at once");
+          await new Promise((r) => setTimeout(r, 5));
+        }
+        await rejectsWith(
+          clients[2].call("Predict", { name: "overlap-long", tensors: request(12) }, 100),
+          Status.DEADLINE_EXCEEDED,
+        );
+        // The client gives up at its deadline too, so the agent's count may come a moment later.
+        let during = await scrapeMetrics(metrics);
+        for (let i = 0; i < 200 && cancelled(during) === cancelled(before); i++) {
+          await new Promise((r) => setTimeout(r, 10));
+          during = await scrapeMetrics(metrics);
+        }
+        assert.equal(cancelled(during), cancelled(before) + 1);
+        assert.equal(runs(during, "runs_waiting", "overlap-long"), 0, "the expired call left the line");
+      } finally {
+        await Promise.allSettled(busy);
+      }
+      const results = await Promise.all(busy);
+      results.forEach((r, i) => assert.deepEqual(floats(r.tensors[0].byte_data), overlapInput(10 + i)));
+      // It never ran: only the two busy calls ever held slots.
+      assert.equal(runs(await scrapeMetrics(metrics), "runs_in_flight_peak", "overlap-long"), 2);
+    });
+  } finally {
+    for (const client of clients) client.close();
+    assert.equal((await agent.stop()).code, 0, agent.logs());
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("concurrency: with shared thread pools, loading models adds no threads; without, each adds its own pool", async () => {
+  const threads = (pid: number) => [...Deno.readDirSync(`/proc/${pid}/task`)].length;
+  const added: Record<string, number> = {};
+  for (const shared of [true, false]) {
+    const agent = await startAgent({
+      config: { edge_agent_intra_op_threads: 3, edge_agent_shared_thread_pools: shared },
+    });
+    try {
+      // The environment (and shared pools with it) comes with the first model: count from there.
+      await agent.client.loadModel(await writeModelFolder(agent.modelsDir, "m1", addSubModel()), "m1");
+      const before = threads(agent.process.pid);
+      for (const name of ["m2", "m3"]) {
+        await agent.client.loadModel(await writeModelFolder(agent.modelsDir, name, addSubModel()), name);
+      }
+      const { tensors } = await agent.client.predict("m3", [
+        tensor("a", FLOAT32, [2, 2], Float32Array.of(1, 2, 3, 4)),
+        tensor("b", FLOAT32, [2, 2], Float32Array.of(1, 1, 1, 1)),
+      ]);
+      assert.deepEqual([...floats(tensors[0].byte_data)], [2, 3, 4, 5]);
+      added[String(shared)] = threads(agent.process.pid) - before;
+    } finally {
+      assert.equal((await agent.stop()).code, 0, agent.logs());
+      await Deno.remove(agent.dir, { recursive: true });
+    }
+  }
+  // Three intra-op threads per Run: the calling thread and two pool workers, per model or once for all.
+  assert.equal(added.true, 0, `shared pools: ${added.true} threads added by two more models`);
+  assert.ok(added.false >= 4, `own pools: ${added.false} threads added by two more models`);
+});
+
+Deno.test("concurrency: the thread policy from the config keys, for a given number of cores", () => {
+  const policy = (keys: Record<string, unknown>, cores: number) => threadPolicy(parseConfig(keys).config, cores);
+  // Defaults: one thread per Run, as many Runs of a model at once as there are cores, pools shared.
+  assert.deepEqual(policy({}, 4), {
+    cores: 4,
+    intraOpThreads: 1,
+    interOpThreads: 1,
+    concurrentRuns: 4,
+    sharedThreadPools: true,
+  });
+  // Runs of all cores' threads go one at a time; of two threads, two at a time on four cores.
+  assert.equal(policy({ edge_agent_intra_op_threads: 0 }, 4).intraOpThreads, 4);
+  assert.equal(policy({ edge_agent_intra_op_threads: 0 }, 4).concurrentRuns, 1);
+  assert.equal(policy({ edge_agent_intra_op_threads: 2 }, 4).concurrentRuns, 2);
+  assert.equal(policy({ edge_agent_intra_op_threads: 8 }, 4).concurrentRuns, 1);
+  // Set explicitly, the limit is the config's whatever the cores.
+  assert.equal(policy({ edge_agent_max_concurrent_runs: 3, edge_agent_intra_op_threads: 0 }, 4).concurrentRuns, 3);
+  assert.equal(policy({ edge_agent_shared_thread_pools: false }, 2).sharedThreadPools, false);
 });
