@@ -169,9 +169,9 @@ export async function serve(options: ServeOptions): Promise<void> {
     posixPrefix: config.shmPosixPrefix,
     sysvKeepAttachedSeconds: config.sysvKeepAttachedSeconds,
   });
-  const registry = new ModelRegistry(ort, shm, config, log);
-  let capture: CaptureService | null = null;
   const metrics = new Metrics();
+  const registry = new ModelRegistry(ort, shm, config, log, metrics);
+  let capture: CaptureService | null = null;
   let stopMetrics = async () => {};
   let server: Awaited<ReturnType<typeof startServer>> | null = null;
   try {

@@ -2,7 +2,8 @@
 // A session is released only after every Run on it has returned.
 
 import { type OnnxRuntime, OrtError, RunOptions, Session, type Value } from "../ffi/onnxruntime.ts";
-import type { AgentConfig } from "./config.ts";
+import { Batcher, type BatchObserver, unbatchable } from "./batching.ts";
+import { type AgentConfig, batchingFor } from "./config.ts";
 import {
   AgentError,
   alreadyExists,
@@ -16,7 +17,7 @@ import type { Logger } from "./log.ts";
 import { openPackage } from "./packages/load.ts";
 import { sessionOptions } from "./runtime.ts";
 import type { SharedMemoryReader, ShmRegion } from "./shm.ts";
-import { bindInputs, inputValue, outputByteLength, type TensorSpec, toSpecs } from "./tensors.ts";
+import { bindInputs, type BoundInput, inputValue, outputByteLength, type TensorSpec, toSpecs } from "./tensors.ts";
 import type { Tensor } from "./wire.ts";
 
 const MODEL_NAME = /^[a-zA-Z0-9](-*[a-zA-Z0-9])*$/;
@@ -53,6 +54,8 @@ export interface PredictTiming {
   copiedInputs: number;
   /** Inputs read from shared memory (mapped during bind, unmapped after the Run). */
   sharedMemoryInputs: number;
+  /** Requests in the Run this one was part of (dynamic batching; absent when it ran alone). */
+  batchRequests?: number;
 }
 
 interface Entry {
@@ -62,6 +65,8 @@ interface Entry {
   inFlight: number;
   /** Resolves when inFlight drops to zero after an unload began. */
   drained: PromiseWithResolvers<void> | null;
+  /** Combines concurrent Predicts when the config turns dynamic batching on for this model. */
+  batcher: Batcher | null;
 }
 
 export class ModelRegistry {
@@ -75,6 +80,7 @@ export class ModelRegistry {
     private readonly shm: SharedMemoryReader,
     private readonly config: AgentConfig,
     private readonly log: Logger,
+    private readonly batchObserver?: BatchObserver,
   ) {}
 
   async load(url: string, name: string): Promise<ModelInfo> {
@@ -86,6 +92,7 @@ export class ModelRegistry {
       session: null,
       inFlight: 0,
       drained: null,
+      batcher: null,
     };
     this.#models.set(name, entry);
     const started = performance.now();
@@ -141,6 +148,7 @@ export class ModelRegistry {
       entry.info.inputs = inputs.specs;
       entry.info.outputs = outputs.specs;
       entry.info.loadSeconds = (performance.now() - started) / 1000;
+      entry.batcher = this.#batcher(entry);
       entry.session = session;
       this.changes.dispatchEvent(new Event("change"));
       this.log.info("model loaded", {
@@ -210,16 +218,63 @@ export class ModelRegistry {
     signal?: AbortSignal,
   ): Promise<T> {
     signal?.throwIfAborted();
-    let mark = performance.now();
+    const started = performance.now();
+    const entry = this.#ready(name);
+    const bound = bindInputs(name, entry.info.inputs, tensors);
+    if (!entry.batcher) return await this.#predict(entry, bound, consume, timing, signal, started);
+    timing.bindMs = performance.now() - started;
+    // Queued requests hold the session too: an unload waits for them as for running ones.
+    entry.inFlight++;
+    try {
+      return await entry.batcher.predict(bound, consume, timing, signal);
+    } finally {
+      if (--entry.inFlight === 0) entry.drained?.resolve();
+    }
+  }
+
+  /** The model's batcher when the config turns batching on for it and its shapes allow it. */
+  #batcher(entry: Entry): Batcher | null {
+    const { name, inputs, outputs } = entry.info;
+    const settings = batchingFor(this.config, name);
+    if (!settings) return null;
+    const problem = unbatchable(inputs, outputs);
+    if (problem) {
+      this.log.warn("dynamic batching is configured but this model cannot be batched: its Predicts run one by one", {
+        model: name,
+        reason: problem,
+      });
+      return null;
+    }
+    this.log.info("dynamic batching on", {
+      model: name,
+      maxBatchSize: settings.maxBatchSize,
+      maxDelayMs: settings.maxDelayMs,
+      maxQueue: settings.maxQueue,
+    });
+    const run = <T>(b: BoundInput[], c: (o: BorrowedOutput[]) => T, t: PredictTiming, s?: AbortSignal) =>
+      this.#predict(entry, b, c, t, s);
+    return new Batcher(name, settings, run, this.log, this.batchObserver);
+  }
+
+  /** One Run of bound request tensors (one request's, or a batch's); `since` starts its bind phase. */
+  async #predict<T>(
+    entry: Entry,
+    bound: BoundInput[],
+    consume: (outputs: BorrowedOutput[]) => T,
+    timing: PredictTiming,
+    signal?: AbortSignal,
+    since = performance.now(),
+  ): Promise<T> {
+    signal?.throwIfAborted();
+    let mark = since;
     const lap = () => {
       const now = performance.now();
       const ms = now - mark;
       mark = now;
       return ms;
     };
-    const entry = this.#ready(name);
+    const name = entry.info.name;
     const session = entry.session!;
-    const bound = bindInputs(name, entry.info.inputs, tensors);
     entry.inFlight++;
     const inputs: Value[] = [];
     const regions: ShmRegion[] = [];
@@ -238,7 +293,7 @@ export class ModelRegistry {
         inputs.push(value);
         if (copied) timing.copiedInputs++;
       }
-      timing.bindMs = lap();
+      timing.bindMs += lap();
       timing.sharedMemoryInputs = regions.length;
       outputs = await this.#run(name, session, bound.map((b) => b.inputIndex), inputs, signal);
       timing.runMs = lap();

@@ -108,6 +108,7 @@ function roundTiming(timing: PredictTiming): Record<string, number> {
     encodeMs: roundMs(timing.encodeMs),
     copiedInputs: timing.copiedInputs,
     sharedMemoryInputs: timing.sharedMemoryInputs,
+    ...(timing.batchRequests ? { batchRequests: timing.batchRequests } : {}),
   };
 }
 
