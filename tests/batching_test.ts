@@ -75,8 +75,8 @@ function slowRowsModel(steps: number): Uint8Array {
 const SLOW_WIDTH = 512;
 /** Rows of a slow request: its Run takes a few hundred milliseconds here. */
 const SLOW_ROWS = 256;
-const slowInput = (seed: number) => [
-  tensor("x", FLOAT32, [SLOW_ROWS, SLOW_WIDTH], pseudoRandomFloats(SLOW_ROWS * SLOW_WIDTH, seed)),
+const slowInput = (seed: number, rows = SLOW_ROWS) => [
+  tensor("x", FLOAT32, [rows, SLOW_WIDTH], pseudoRandomFloats(rows * SLOW_WIDTH, seed)),
 ];
 
 const BATCHING = {
@@ -230,6 +230,8 @@ Deno.test("batching: concurrent Predicts share Runs and each caller gets exactly
         assert.equal(after.requests - before.requests, 3 * 48, "every call went through the batch queue");
         assert.ok(after.runs - before.runs < 3 * 48, `${after.runs - before.runs} Runs for ${3 * 48} calls`);
         assert.ok(after.runs - after.alone > 0, "some Runs held more than one request");
+        // Shapes that differ never shared a Run (it would have failed, and its requests run again alone).
+        assert.equal(await unbatched(metricsSocket, "pair", "fallback"), 0);
       },
     );
 
@@ -243,6 +245,7 @@ Deno.test("batching: concurrent Predicts share Runs and each caller gets exactly
       const after = await batches(metricsSocket, "cls");
       assert.ok(after.runs - before.runs < 64, `${after.runs - before.runs} Runs for 64 calls`);
       assert.ok(after.runs - after.alone > 0, "some Runs held more than one request");
+      assert.equal(await unbatched(metricsSocket, "cls", "fallback"), 0);
     });
 
     await t.step("a model whose outputs turn out not to split by rows falls back to one by one", async () => {
@@ -298,14 +301,17 @@ Deno.test("batching: concurrent Predicts share Runs and each caller gets exactly
       const cancelledBefore = (await scrapeMetrics(`unix:${metricsSocket}`)).get(
         'edge_agent_predict_cancelled_total{reason="deadline"}',
       ) ?? 0;
-      const first = clients[0].predict("slow", x(1));
+      // Four times the rows: a Run of a second or more here, far past the next call's deadline.
+      let firstDone = false;
+      const first = clients[0].predict("slow", x(1, 4 * SLOW_ROWS)).finally(() => firstDone = true);
       await untilInFlight(metricsSocket, 1);
       // Queued behind the first Run; its deadline passes there.
-      const late = clients[1].call("Predict", { name: "slow", tensors: x(2) }, 200);
+      const late = clients[1].call("Predict", { name: "slow", tensors: x(2) }, 100);
       await rejectsWith(late, Status.DEADLINE_EXCEEDED);
+      assert.ok(!firstDone, "the deadline passed while the call was queued");
       const third = clients[2].predict("slow", x(3));
       const [a, c] = await Promise.all([first, third]);
-      assert.deepEqual(floats(a.tensors[0].byte_data), floats(x(1)[0].byte_data));
+      assert.deepEqual(floats(a.tensors[0].byte_data), floats(x(1, 4 * SLOW_ROWS)[0].byte_data));
       assert.deepEqual(floats(c.tensors[0].byte_data), floats(x(3)[0].byte_data));
       const after = await batches(metricsSocket, "slow");
       // Two Runs of one request each: the late caller was in neither.
@@ -346,6 +352,18 @@ Deno.test("batching: concurrent Predicts share Runs and each caller gets exactly
       } finally {
         raw.close();
       }
+    });
+
+    await t.step("UnLoadModel waits for queued requests, which are answered", async () => {
+      const first = clients[0].predict("slow", slowInput(4));
+      await untilInFlight(metricsSocket, 1);
+      const queued = clients[1].predict("slow", slowInput(5));
+      await untilInFlight(metricsSocket, 2);
+      const unloaded = agent.client.unloadModel("slow");
+      const [a, b] = await Promise.all([first, queued, unloaded]);
+      assert.deepEqual(floats(a.tensors[0].byte_data), floats(slowInput(4)[0].byte_data));
+      assert.deepEqual(floats(b.tensors[0].byte_data), floats(slowInput(5)[0].byte_data));
+      assert.ok(!(await agent.client.listModels()).models.some((m) => m.name === "slow"));
     });
 
     await t.step("without edge_agent_batching nothing is batched", async () => {
