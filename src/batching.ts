@@ -8,6 +8,7 @@
 // under steady load and a client left alone waits at most once.
 
 import type { BatchingSettings } from "./config.ts";
+import { AgentError, Status } from "./errors.ts";
 import type { Logger } from "./log.ts";
 import type { BorrowedOutput, PredictTiming } from "./models.ts";
 import { type BoundInput, shapeText, type TensorSpec } from "./tensors.ts";
@@ -184,10 +185,17 @@ export class Batcher {
     this.#running = true;
     this.observer?.batch(this.model, group.length);
     const run = group.length === 1 ? this.#alone(group[0]) : this.#together(group);
-    run.finally(() => {
-      this.#running = false;
-      this.#schedule(false);
-    });
+    run.catch((error) => this.log.error("batch failed", { model: this.model, error: String(error?.stack ?? error) }))
+      .finally(() => {
+        // Every member is answered by now; should one not be, it must not wait forever.
+        for (const waiter of group.filter((w) => !w.settled)) {
+          waiter.settled = true;
+          waiter.signal?.removeEventListener("abort", waiter.onAbort);
+          waiter.done.reject(new AgentError(Status.INTERNAL, `model ${this.model}: the batch of this request failed`));
+        }
+        this.#running = false;
+        this.#schedule(false);
+      });
   }
 
   /** One request in its own Run, its inputs used in place, stopped by its own signal. */
@@ -210,27 +218,10 @@ export class Batcher {
     const batch: Batch = { live: group.length, controller: new AbortController() };
     for (const waiter of group) waiter.batch = batch;
     const total = group.reduce((sum, w) => sum + w.rows, 0);
-    const inputs = group[0].bound.map((first, i): BoundInput => {
-      // The one copy a batch makes of each input.
-      const bytes = new Uint8Array(group.reduce((sum, w) => sum + w.bound[i].byteLength, 0));
-      let offset = 0;
-      for (const waiter of group) {
-        bytes.set((waiter.bound[i].source as { bytes: Uint8Array }).bytes, offset);
-        offset += waiter.bound[i].byteLength;
-      }
-      return {
-        inputIndex: first.inputIndex,
-        spec: first.spec,
-        shape: [total, ...first.shape.slice(1)],
-        label: `input "${first.spec.name}" of a batch of ${group.length} requests`,
-        byteLength: bytes.byteLength,
-        source: { bytes },
-      };
-    });
     let unsplit = null as string | null;
     try {
       await this.run(
-        inputs,
+        concatenate(group, total),
         (outputs) => {
           const odd = outputs.find((o) => o.shape[0] !== total);
           if (odd) {
@@ -305,4 +296,24 @@ function rowsOf(output: BorrowedOutput, from: number, rows: number, total: numbe
     shape: [rows, ...output.shape.slice(1)],
     bytes: output.bytes.subarray(from * rowBytes, (from + rows) * rowBytes),
   };
+}
+
+/** The members' inputs, each concatenated along dimension 0: the one copy a batch makes of them. */
+function concatenate(group: Waiter[], total: number): BoundInput[] {
+  return group[0].bound.map((first, i): BoundInput => {
+    const bytes = new Uint8Array(group.reduce((sum, w) => sum + w.bound[i].byteLength, 0));
+    let offset = 0;
+    for (const waiter of group) {
+      bytes.set((waiter.bound[i].source as { bytes: Uint8Array }).bytes, offset);
+      offset += waiter.bound[i].byteLength;
+    }
+    return {
+      inputIndex: first.inputIndex,
+      spec: first.spec,
+      shape: [total, ...first.shape.slice(1)],
+      label: `input "${first.spec.name}" of a batch of ${group.length} requests`,
+      byteLength: bytes.byteLength,
+      source: { bytes },
+    };
+  });
 }

@@ -86,7 +86,7 @@ const BATCHING = {
   // Its output's first dimension is x's second (7), never a batch's rows (at most 4).
   transpose: { max_batch_size: 4, max_delay_ms: 5 },
   gather: { max_delay_ms: 5 },
-  slow: { max_batch_size: 1024, max_delay_ms: 5 },
+  slow: { max_batch_size: 4096, max_delay_ms: 5 },
 };
 
 async function loadModels(agent: AgentProcess): Promise<void> {
