@@ -18,9 +18,12 @@ import { mkdir } from "node:fs/promises";
 import { parseArgs } from "node:util";
 import process from "node:process";
 import { ElementType, OnnxRuntime, Session, Value } from "../ffi/onnxruntime.ts";
+import { Batcher, type RunPredict } from "../src/batching.ts";
 import { AgentClient } from "../src/client.ts";
 import { scrapeMetrics } from "../src/client_cli.ts";
-import { DEFAULTS } from "../src/config.ts";
+import { BATCHING_DEFAULTS, DEFAULTS } from "../src/config.ts";
+import { createLogger } from "../src/log.ts";
+import type { BoundInput } from "../src/tensors.ts";
 import { npmLibraryPath, sessionOptions } from "../src/runtime.ts";
 import { enumValues, type Tensor } from "../src/wire.ts";
 import { buildModel, OnnxType, PADDLE_CLS, writeModelFolder } from "../tests/helpers/onnx_models.ts";
@@ -185,6 +188,30 @@ async function inProcessCeiling(ort: OnnxRuntime, model: Case, rounds: number): 
   return { one: summary("one"), eight: summary("eight") };
 }
 
+/**
+ * What the batcher itself adds to a lone request (the one-client p50 target): a Batcher over a Run that
+ * returns at once, against that Run called directly, in microseconds per call.
+ */
+async function batcherCostUs(calls: number): Promise<number> {
+  const spec = { name: "x", dataType: { dataType: 5, name: "FLOAT32", elementType: 1, size: 4 }, shape: [-1, 3] };
+  const bytes = new Uint8Array(12);
+  const bound: BoundInput[] = [{ inputIndex: 0, spec, shape: [1, 3], label: "x", byteLength: 12, source: { bytes } }];
+  const run: RunPredict = (_bound, consume) => Promise.resolve(consume([]));
+  const batcher = new Batcher("m", BATCHING_DEFAULTS, run, createLogger(false), undefined);
+  const signal = new AbortController().signal;
+  const timing = () => ({ bindMs: 0, runMs: 0, encodeMs: 0, copiedInputs: 0, sharedMemoryInputs: 0 });
+  const added: number[] = [];
+  for (let round = 0; round < 5; round++) {
+    let started = performance.now();
+    for (let i = 0; i < calls; i++) await run(bound, () => i, timing(), signal);
+    const direct = performance.now() - started;
+    started = performance.now();
+    for (let i = 0; i < calls; i++) await batcher.predict(bound, () => i, timing(), signal);
+    added.push(((performance.now() - started - direct) / calls) * 1000);
+  }
+  return median(added);
+}
+
 interface CaseResult {
   blocks: Record<Mode, Record<number, Block[]>>;
   lone: Record<Mode, number[]>;
@@ -311,9 +338,11 @@ try {
     report(model, results[model.key]);
     for (const mode of MODES) await agent.client.unloadModel(modelName(model, mode));
   }
+  const batcherUs = await batcherCostUs(values.quick ? 20_000 : 100_000);
+  console.log(`\nThe batcher's own cost per lone request (no Run, in this process): ${batcherUs.toFixed(1)} µs`);
   await mkdir(RESULTS_DIR, { recursive: true });
   const file = join(RESULTS_DIR, `batching-${new Date().toISOString().replace(/[:.]/g, "-")}.json`);
-  await Deno.writeTextFile(file, JSON.stringify({ maxBatchSize, maxDelayMs, plan, results }, null, 2));
+  await Deno.writeTextFile(file, JSON.stringify({ maxBatchSize, maxDelayMs, plan, results, batcherUs }, null, 2));
   console.log(`figures written to ${file}`);
 } finally {
   ort.close();
