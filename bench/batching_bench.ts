@@ -197,7 +197,7 @@ async function batcherCostUs(calls: number): Promise<number> {
   const bytes = new Uint8Array(12);
   const bound: BoundInput[] = [{ inputIndex: 0, spec, shape: [1, 3], label: "x", byteLength: 12, source: { bytes } }];
   const run: RunPredict = (_bound, consume) => Promise.resolve(consume([]));
-  const batcher = new Batcher("m", BATCHING_DEFAULTS, run, createLogger(false), undefined);
+  const batcher = new Batcher("m", BATCHING_DEFAULTS, 1, run, createLogger(false), undefined);
   const signal = new AbortController().signal;
   const timing = () => ({ bindMs: 0, runMs: 0, encodeMs: 0, copiedInputs: 0, sharedMemoryInputs: 0 });
   const added: number[] = [];

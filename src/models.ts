@@ -245,15 +245,19 @@ export class ModelRegistry {
       });
       return null;
     }
+    // As many Runs at once as the cores hold Runs of intra-op threads each (0: one per core).
+    const cores = navigator.hardwareConcurrency;
+    const runs = Math.max(1, Math.floor(cores / (this.config.intraOpThreads || cores)));
     this.log.info("dynamic batching on", {
       model: name,
       maxBatchSize: settings.maxBatchSize,
       maxDelayMs: settings.maxDelayMs,
       maxQueue: settings.maxQueue,
+      runs,
     });
     const run = <T>(b: BoundInput[], c: (o: BorrowedOutput[]) => T, t: PredictTiming, s?: AbortSignal) =>
       this.#predict(entry, b, c, t, s);
-    return new Batcher(name, settings, run, this.log, this.batchObserver);
+    return new Batcher(name, settings, runs, run, this.log, this.batchObserver);
   }
 
   /** One Run of bound request tensors (one request's, or a batch's); `since` starts its bind phase. */

@@ -181,6 +181,14 @@ async function unbatched(metricsSocket: string, model: string, reason: string): 
   ) ?? 0;
 }
 
+/** grpc-js's own client of the Agent service, whose calls can be cancelled (RST_STREAM). */
+function rawClient(socket: string) {
+  const Raw = grpc.makeGenericClientConstructor(agentService, "Agent");
+  return new Raw(`unix:${socket}`, grpc.credentials.createInsecure()) as unknown as grpc.Client & {
+    Predict: (r: unknown, cb: (e: grpc.ServiceError | null) => void) => grpc.ClientUnaryCall;
+  };
+}
+
 /** Polls until `count` calls are being handled. */
 async function untilInFlight(metricsSocket: string, count: number): Promise<void> {
   for (let i = 0; i < 5000; i++) {
@@ -194,8 +202,13 @@ Deno.test("batching: concurrent Predicts share Runs and each caller gets exactly
   const dir = await Deno.makeTempDir({ prefix: "edge-agent-batching-" });
   const metricsSocket = join(dir, "metrics.sock");
   const plainMetrics = join(dir, "plain-metrics.sock");
+  // Runs that take every core: one Run of a model at once, so requests queue behind it.
   const agent = await startAgent({
-    config: { edge_agent_batching: BATCHING, edge_agent_metrics: `unix:${metricsSocket}` },
+    config: {
+      edge_agent_batching: BATCHING,
+      edge_agent_metrics: `unix:${metricsSocket}`,
+      edge_agent_intra_op_threads: 0,
+    },
   });
   // The same models on an agent with the default config: no batching.
   const plain = await startAgent({ config: { edge_agent_metrics: `unix:${plainMetrics}` } });
@@ -295,42 +308,49 @@ Deno.test("batching: concurrent Predicts share Runs and each caller gets exactly
       assert.ok(await unbatched(metricsSocket, "gather", "fallback") > 0, "its batch's requests ran again alone");
     });
 
-    await t.step("a caller whose deadline passes in the queue is removed from it", async () => {
+    await t.step("callers whose deadline passes or who reset their stream in the queue leave it", async () => {
       const x = slowInput;
       const before = await batches(metricsSocket, "slow");
-      const cancelledBefore = (await scrapeMetrics(`unix:${metricsSocket}`)).get(
-        'edge_agent_predict_cancelled_total{reason="deadline"}',
-      ) ?? 0;
-      // Four times the rows: a Run of a second or more here, far past the next call's deadline.
-      let firstDone = false;
-      const first = clients[0].predict("slow", x(1, 4 * SLOW_ROWS)).finally(() => firstDone = true);
-      await untilInFlight(metricsSocket, 1);
-      // Queued behind the first Run; its deadline passes there.
-      const late = clients[1].call("Predict", { name: "slow", tensors: x(2) }, 100);
-      await rejectsWith(late, Status.DEADLINE_EXCEEDED);
-      assert.ok(!firstDone, "the deadline passed while the call was queued");
-      const third = clients[2].predict("slow", x(3));
-      const [a, c] = await Promise.all([first, third]);
-      assert.deepEqual(floats(a.tensors[0].byte_data), floats(x(1, 4 * SLOW_ROWS)[0].byte_data));
-      assert.deepEqual(floats(c.tensors[0].byte_data), floats(x(3)[0].byte_data));
-      const after = await batches(metricsSocket, "slow");
-      // Two Runs of one request each: the late caller was in neither.
-      assert.deepEqual({ runs: after.runs - before.runs, requests: after.requests - before.requests }, {
-        runs: 2,
-        requests: 2,
-      });
-      const cancelledAfter = (await scrapeMetrics(`unix:${metricsSocket}`)).get(
-        'edge_agent_predict_cancelled_total{reason="deadline"}',
-      );
-      assert.equal(cancelledAfter, cancelledBefore + 1);
+      const cancelled = async (reason: string) =>
+        (await scrapeMetrics(`unix:${metricsSocket}`)).get(`edge_agent_predict_cancelled_total{reason="${reason}"}`) ??
+          0;
+      const cancelledBefore = { deadline: await cancelled("deadline"), reset: await cancelled("reset") };
+      const raw = rawClient(agent.socket);
+      try {
+        // Four times the rows: a Run of a second or more here, far past the next call's deadline.
+        let firstDone = false;
+        const first = clients[0].predict("slow", x(1, 4 * SLOW_ROWS)).finally(() => firstDone = true);
+        await untilInFlight(metricsSocket, 1);
+        // Queued behind the first Run; its deadline passes there.
+        const late = clients[1].call("Predict", { name: "slow", tensors: x(2) }, 100);
+        await rejectsWith(late, Status.DEADLINE_EXCEEDED);
+        // Queued too, then reset by its caller.
+        const gone = Promise.withResolvers<grpc.ServiceError | null>();
+        const call = raw.Predict({ name: "slow", tensors: x(6) }, (error) => gone.resolve(error));
+        await untilInFlight(metricsSocket, 2);
+        call.cancel();
+        assert.equal((await gone.promise)?.code, Status.CANCELLED);
+        assert.ok(!firstDone, "both left while the first Run was going");
+        const third = clients[2].predict("slow", x(3));
+        const [a, c] = await Promise.all([first, third]);
+        assert.deepEqual(floats(a.tensors[0].byte_data), floats(x(1, 4 * SLOW_ROWS)[0].byte_data));
+        assert.deepEqual(floats(c.tensors[0].byte_data), floats(x(3)[0].byte_data));
+        const after = await batches(metricsSocket, "slow");
+        // Two Runs of one request each: the callers that went were in neither.
+        assert.deepEqual({ runs: after.runs - before.runs, requests: after.requests - before.requests }, {
+          runs: 2,
+          requests: 2,
+        });
+        assert.equal(await cancelled("deadline"), cancelledBefore.deadline + 1);
+        assert.equal(await cancelled("reset"), cancelledBefore.reset + 1);
+      } finally {
+        raw.close();
+      }
     });
 
     await t.step("a caller that resets its stream during a shared Run: the others still get their rows", async () => {
       const x = slowInput;
-      const Raw = grpc.makeGenericClientConstructor(agentService, "Agent");
-      const raw = new Raw(`unix:${agent.socket}`, grpc.credentials.createInsecure()) as unknown as grpc.Client & {
-        Predict: (r: unknown, cb: (e: grpc.ServiceError | null) => void) => grpc.ClientUnaryCall;
-      };
+      const raw = rawClient(agent.socket);
       try {
         const before = await batches(metricsSocket, "slow");
         const first = clients[0].predict("slow", x(1));
