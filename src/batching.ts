@@ -1,9 +1,9 @@
 // Dynamic batching: concurrent Predicts on one model combined into one Run along the first dimension,
 // each caller handed back exactly its own rows. Per model, and only when the config turns it on.
 //
-// When the model is idle a request starts at once, alone: a lone client never waits. While a Run is
-// going, requests queue; when it ends, the queue's head and the requests of the same shape behind it
-// go into the next Run together. After a Run of n requests, the next one waits up to max_delay_ms for
+// While the model has a Run slot free a request starts at once, alone: a lone client never waits.
+// While its Runs are going, requests queue; when one ends, the queue's head and the requests of the
+// same shape behind it go into the next Run together. After a Run of n requests, the next one waits up to max_delay_ms for
 // n requests to be there (clients answered together come back together), so batches stay whole
 // under steady load and a client left alone waits at most once.
 
@@ -72,7 +72,8 @@ const newTiming = (): PredictTiming => ({ bindMs: 0, runMs: 0, encodeMs: 0, copi
 
 export class Batcher {
   readonly #queue: Waiter[] = [];
-  #running = false;
+  /** Runs going now, at most `maxRuns`. */
+  #running = 0;
   #timer: ReturnType<typeof setTimeout> | undefined;
   /** Requests the last Run took: how many the next one waits for (up to max_delay_ms). */
   #expected = 1;
@@ -82,6 +83,8 @@ export class Batcher {
   constructor(
     readonly model: string,
     readonly settings: BatchingSettings,
+    /** Runs of the model at once (one when a Run's intra-op threads take every core). */
+    private readonly maxRuns: number,
     private readonly run: RunPredict,
     private readonly log: Logger,
     private readonly observer: BatchObserver | undefined,
@@ -145,9 +148,9 @@ export class Batcher {
     this.#schedule(false);
   }
 
-  /** Starts the next Run if the model is idle and the queue's head has company enough or waited enough. */
+  /** Starts the next Run if a slot is free and the queue's head has company enough or waited enough. */
   #schedule(timerFired: boolean): void {
-    if (this.#running || this.#queue.length === 0) return;
+    if (this.#running >= this.maxRuns || this.#queue.length === 0) return;
     const { group, full } = this.#headGroup();
     const waited = performance.now() - this.#queue[0].enqueuedAt;
     if (timerFired || full || group.length >= this.#expected || waited >= this.settings.maxDelayMs) {
@@ -182,7 +185,7 @@ export class Batcher {
     this.#queue.length = 0;
     this.#queue.push(...rest);
     this.#expected = group.length;
-    this.#running = true;
+    this.#running++;
     this.observer?.batch(this.model, group.length);
     const run = group.length === 1 ? this.#alone(group[0]) : this.#together(group);
     run.catch((error) => this.log.error("batch failed", { model: this.model, error: String(error?.stack ?? error) }))
@@ -193,7 +196,7 @@ export class Batcher {
           waiter.signal?.removeEventListener("abort", waiter.onAbort);
           waiter.done.reject(new AgentError(Status.INTERNAL, `model ${this.model}: the batch of this request failed`));
         }
-        this.#running = false;
+        this.#running--;
         this.#schedule(false);
       });
   }
