@@ -14,6 +14,7 @@ import { type AgentProcess, parseLogs, startAgent } from "./helpers/agent.ts";
 import { floats, pseudoRandomFloats, rejectsWith, tensor } from "./helpers/assertions.ts";
 import { agentService, GrpcJsAgentClient } from "./helpers/grpcjs_client.ts";
 import { buildModel, OnnxType, PADDLE_CLS, writeModelFolder } from "./helpers/onnx_models.ts";
+import { SysvSegment } from "./helpers/shm_segments.ts";
 
 const FLOAT32 = enumValues("DataType").FLOAT32;
 const INT64 = enumValues("DataType").INT64;
@@ -45,30 +46,44 @@ function transposeModel(): Uint8Array {
   });
 }
 
-/** y = table[idx] for a 10-entry table: an index out of range makes ONNX Runtime refuse the Run. */
-function gatherModel(): Uint8Array {
-  return buildModel({
-    inputs: [["idx", OnnxType.INT64, ["n"]]],
-    outputs: [["y", OnnxType.FLOAT, ["n"]]],
-    nodes: [{ op: "Gather", inputs: ["table", "idx"], outputs: ["y"] }],
-    initializers: [{ name: "table", dims: [10], floats: Float32Array.from({ length: 10 }, (_, i) => i * 1.5) }],
-  });
+/** `steps` chained MatMuls of `from` [b, 512] by the identity, into `to`. */
+function chain(steps: number, from: string, to: string) {
+  return Array.from({ length: steps }, (_, s) => ({
+    op: "MatMul",
+    inputs: [s === 0 ? from : `${to}${s}`, "w"],
+    outputs: [s === steps - 1 ? to : `${to}${s + 1}`],
+  }));
+}
+
+function identity(n: number) {
+  const weight = new Float32Array(n * n);
+  for (let i = 0; i < n; i++) weight[i * n + i] = 1;
+  return { name: "w", dims: [n, n], floats: weight };
 }
 
 /** `steps` chained MatMuls of x [b, 512] by the identity: slow enough to queue requests behind. */
 function slowRowsModel(steps: number): Uint8Array {
-  const n = SLOW_WIDTH;
-  const weight = new Float32Array(n * n);
-  for (let i = 0; i < n; i++) weight[i * n + i] = 1;
   return buildModel({
-    inputs: [["x", OnnxType.FLOAT, ["b", n]]],
-    outputs: [["y", OnnxType.FLOAT, ["b", n]]],
-    nodes: Array.from({ length: steps }, (_, s) => ({
-      op: "MatMul",
-      inputs: [s === 0 ? "x" : `h${s}`, "w"],
-      outputs: [s === steps - 1 ? "y" : `h${s + 1}`],
-    })),
-    initializers: [{ name: "w", dims: [n, n], floats: weight }],
+    inputs: [["x", OnnxType.FLOAT, ["b", SLOW_WIDTH]]],
+    outputs: [["y", OnnxType.FLOAT, ["b", SLOW_WIDTH]]],
+    nodes: chain(steps, "x", "y"),
+    initializers: [identity(SLOW_WIDTH)],
+  });
+}
+
+/**
+ * y = table[idx] for a 10-entry table (an index out of range makes ONNX Runtime refuse the Run), and
+ * z = x through a slow chain, so a request with many rows holds the model while others queue.
+ */
+function gatherModel(): Uint8Array {
+  return buildModel({
+    inputs: [["idx", OnnxType.INT64, ["n"]], ["x", OnnxType.FLOAT, ["n", SLOW_WIDTH]]],
+    outputs: [["y", OnnxType.FLOAT, ["n"]], ["z", OnnxType.FLOAT, ["n", SLOW_WIDTH]]],
+    nodes: [{ op: "Gather", inputs: ["table", "idx"], outputs: ["y"] }, ...chain(50, "x", "z")],
+    initializers: [
+      { name: "table", dims: [10], floats: Float32Array.from({ length: 10 }, (_, i) => i * 1.5) },
+      identity(SLOW_WIDTH),
+    ],
   });
 }
 
@@ -85,7 +100,7 @@ const BATCHING = {
   "mean-fixed": {},
   // Its output's first dimension is x's second (7), never a batch's rows (at most 4).
   transpose: { max_batch_size: 4, max_delay_ms: 5 },
-  gather: { max_delay_ms: 5 },
+  gather: { max_batch_size: 4096, max_delay_ms: 5 },
   slow: { max_batch_size: 4096, max_delay_ms: 5 },
 };
 
@@ -284,14 +299,40 @@ Deno.test("batching: concurrent Predicts share Runs and each caller gets exactly
       assertSameAnswers(await concurrently(clients, means), await oneByOne(plain.client, means));
     });
 
+    await t.step("requests whose inputs come by shared memory run alone, as without batching", async () => {
+      const a = pseudoRandomFloats(6, 7), b = pseudoRandomFloats(6, 8);
+      const segment = new SysvSegment(48).write(0, a).write(24, b);
+      try {
+        const handle = (offset: number) => ({ segment_id: segment.id, offset, size: 24 });
+        const byHandle = ["a", "b"].map((name, i) => ({
+          tensor_metadata: { name: new TextEncoder().encode(name), data_type: FLOAT32, shape: [2, 3] },
+          shared_memory_handle: handle(24 * i),
+        }));
+        const before = await unbatched(metricsSocket, "pair", "shared_memory");
+        const [viaShm, viaBytes] = await Promise.all([
+          clients[0].predict("pair", byHandle),
+          clients[1].predict("pair", [tensor("a", FLOAT32, [2, 3], a), tensor("b", FLOAT32, [2, 3], b)]),
+        ]);
+        assertSameAnswers([viaShm], [viaBytes]);
+        assert.equal(await unbatched(metricsSocket, "pair", "shared_memory"), before + 1);
+      } finally {
+        segment.remove();
+      }
+    });
+
     await t.step("a request the model refuses fails alone; the others in its batch get their answers", async () => {
-      const before = await batches(metricsSocket, "gather");
+      const request = (idx: number[], seed: number) => [
+        tensor("idx", INT64, [idx.length], BigInt64Array.from(idx.map(BigInt))),
+        tensor("x", FLOAT32, [idx.length, SLOW_WIDTH], pseudoRandomFloats(idx.length * SLOW_WIDTH, seed)),
+      ];
+      // A Run of many rows holds the model, so the requests below all queue and share the next Run.
+      const long = clients[0].predict("gather", request(Array.from({ length: 1024 }, (_, i) => i % 10), 1));
+      await untilInFlight(metricsSocket, 1);
       const indexes = [[1], [2, 3], [99], [4], [0, 9], [5]];
-      const outcomes = await Promise.allSettled(indexes.map((idx, i) =>
-        clients[i % clients.length].predict("gather", [
-          tensor("idx", INT64, [idx.length], BigInt64Array.from(idx.map(BigInt))),
-        ])
-      ));
+      const outcomes = await Promise.allSettled(
+        indexes.map((idx, i) => clients[1 + (i % 3)].predict("gather", request(idx, 10 + i))),
+      );
+      await long;
       outcomes.forEach((outcome, i) => {
         if (indexes[i].includes(99)) {
           assert.equal(outcome.status, "rejected");
@@ -301,11 +342,11 @@ Deno.test("batching: concurrent Predicts share Runs and each caller gets exactly
           assert.equal(outcome.status, "fulfilled", String((outcome as PromiseRejectedResult).reason));
           const answer = (outcome as PromiseFulfilledResult<{ tensors: Tensor[] }>).value;
           assert.deepEqual([...floats(answer.tensors[0].byte_data)], indexes[i].map((k) => k * 1.5));
+          assert.deepEqual(floats(answer.tensors[1].byte_data), floats(request(indexes[i], 10 + i)[1].byte_data));
         }
       });
-      const after = await batches(metricsSocket, "gather");
-      assert.ok(after.runs - after.alone > before.runs - before.alone, "the refused request was in a batch");
-      assert.ok(await unbatched(metricsSocket, "gather", "fallback") > 0, "its batch's requests ran again alone");
+      // The long Run, the batch of six that ONNX Runtime refused, then each of the six alone.
+      assert.equal(await unbatched(metricsSocket, "gather", "fallback"), 6);
     });
 
     await t.step("callers whose deadline passes or who reset their stream in the queue leave it", async () => {
