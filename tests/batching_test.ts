@@ -101,7 +101,7 @@ const BATCHING = {
   // Its output's first dimension is x's second (7), never a batch's rows (at most 4).
   transpose: { max_batch_size: 4, max_delay_ms: 5 },
   gather: { max_batch_size: 4096, max_delay_ms: 5 },
-  slow: { max_batch_size: 4096, max_delay_ms: 5 },
+  slow: { max_batch_size: 4096, max_delay_ms: 5, max_queue: 2 },
 };
 
 async function loadModels(agent: AgentProcess): Promise<void> {
@@ -413,6 +413,25 @@ Deno.test("batching: concurrent Predicts share Runs and each caller gets exactly
       } finally {
         raw.close();
       }
+    });
+
+    await t.step("past max_queue, requests run alone at once", async () => {
+      const before = await unbatched(metricsSocket, "slow", "queue_full");
+      let firstDone = false;
+      const first = clients[0].predict("slow", slowInput(7, 4 * SLOW_ROWS)).finally(() => firstDone = true);
+      await untilInFlight(metricsSocket, 1);
+      const call = (seed: number, client: GrpcJsAgentClient) =>
+        client.predict("slow", slowInput(seed, 16)).then((answer) => {
+          assert.deepEqual(floats(answer.tensors[0].byte_data), floats(slowInput(seed, 16)[0].byte_data));
+        });
+      // Two fill the queue (max_queue 2) behind the first Run...
+      const queued = [call(8, clients[1]), call(9, clients[2])];
+      await untilInFlight(metricsSocket, 3);
+      // ...and two more find it full: they run at once, and are answered while the first Run still goes.
+      await Promise.all([call(10, clients[3]), call(11, clients[1])]);
+      assert.ok(!firstDone, "answered before the Run they could not queue behind");
+      assert.equal(await unbatched(metricsSocket, "slow", "queue_full"), before + 2);
+      await Promise.all([first, ...queued]);
     });
 
     await t.step("UnLoadModel waits for queued requests, which are answered", async () => {
