@@ -100,8 +100,8 @@ const BATCHING = {
   "mean-fixed": {},
   // Its output's first dimension is x's second (7), never a batch's rows (at most 4).
   transpose: { max_batch_size: 4, max_delay_ms: 5 },
+  // No wait: a long request reaching an idle model starts at once, so the next ones queue behind it.
   gather: { max_batch_size: 4096, max_delay_ms: 0 },
-  // No wait: a request reaching an idle model starts at once, so the next ones queue behind it.
   slow: { max_batch_size: 4096, max_delay_ms: 0, max_queue: 2 },
 };
 
