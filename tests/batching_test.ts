@@ -359,12 +359,12 @@ Deno.test("batching: concurrent Predicts share Runs and each caller gets exactly
       const cancelledBefore = { deadline: await cancelled("deadline"), reset: await cancelled("reset") };
       const raw = rawClient(agent.socket);
       try {
-        // Four times the rows: a Run of a second or more here, far past the next call's deadline.
+        // Eight times the rows: a Run of seconds here, far past the next call's deadline.
         let firstDone = false;
-        const first = clients[0].predict("slow", x(1, 4 * SLOW_ROWS)).finally(() => firstDone = true);
+        const first = clients[0].predict("slow", x(1, 8 * SLOW_ROWS)).finally(() => firstDone = true);
         await untilInFlight(metricsSocket, 1);
         // Queued behind the first Run; its deadline passes there.
-        const late = clients[1].call("Predict", { name: "slow", tensors: x(2) }, 100);
+        const late = clients[1].call("Predict", { name: "slow", tensors: x(2) }, 400);
         await rejectsWith(late, Status.DEADLINE_EXCEEDED);
         // Queued too, then reset by its caller.
         const gone = Promise.withResolvers<grpc.ServiceError | null>();
@@ -375,7 +375,7 @@ Deno.test("batching: concurrent Predicts share Runs and each caller gets exactly
         assert.ok(!firstDone, "both left while the first Run was going");
         const third = clients[2].predict("slow", x(3));
         const [a, c] = await Promise.all([first, third]);
-        assert.deepEqual(floats(a.tensors[0].byte_data), floats(x(1, 4 * SLOW_ROWS)[0].byte_data));
+        assert.deepEqual(floats(a.tensors[0].byte_data), floats(x(1, 8 * SLOW_ROWS)[0].byte_data));
         assert.deepEqual(floats(c.tensors[0].byte_data), floats(x(3)[0].byte_data));
         const after = await batches(metricsSocket, "slow");
         // Two Runs of one request each: the callers that went were in neither.
