@@ -250,14 +250,14 @@ export async function serve(options: ServeOptions): Promise<void> {
     posixPrefix: config.shmPosixPrefix,
     sysvKeepAttachedSeconds: config.sysvKeepAttachedSeconds,
   });
-  const registry = new ModelRegistry(ort, shm, config, log);
+  const metrics = new Metrics();
+  const registry = new ModelRegistry(ort, shm, config, log, metrics);
   log.info("thread policy", { ...registry.threads });
   let capture: CaptureService | null = null;
   let deployer: Deployer | null = null;
   // One credential source for capture uploads and deployments, made when the first asks.
   let credentials: Promise<CredentialSource> | null = null;
   const sharedCredentials = () => credentials ??= credentialSource(config, log);
-  const metrics = new Metrics();
   // The collection pauses JavaScript, so it waits for a quiet moment: a burst of model changes is
   // collected once, and never while a call is being handled.
   let leftovers: ReturnType<typeof setTimeout> | undefined;

@@ -79,9 +79,21 @@ export interface AgentConfig {
   /** Where deployment manifests come from: "s3://bucket/prefix" or an absolute folder; "": deployments off. */
   deploymentSource: string;
   deploymentPollSeconds: number;
+  /** Dynamic batching per model name, "*" for every other model; false turns a named model's off. */
+  batching: Record<string, BatchingSettings | false>;
 }
 
-type Kind = "string" | "boolean" | "integer" | "path" | "paths" | "mode";
+/** How one model's concurrent Predicts are combined (README "Dynamic batching"). */
+export interface BatchingSettings {
+  /** Most rows (first-dimension entries) in one Run. */
+  maxBatchSize: number;
+  /** Longest a request waits for others to join its Run, in milliseconds. */
+  maxDelayMs: number;
+  /** Most requests waiting; past it a request runs alone at once. */
+  maxQueue: number;
+}
+
+type Kind = "string" | "boolean" | "integer" | "path" | "paths" | "mode" | "batching";
 
 interface KeySpec {
   kind: Kind;
@@ -155,6 +167,7 @@ export const DEFAULTS: AgentConfig = {
   maxBufferedMessageBytes: 256 * MiB,
   deploymentSource: "",
   deploymentPollSeconds: 300,
+  batching: {},
 };
 
 /** Edge Manager's documented keys. Those without `field` are accepted and logged as ignored. */
@@ -274,6 +287,7 @@ const AGENT_KEYS: Record<string, KeySpec> = {
   edge_agent_max_buffered_message_bytes: { kind: "integer", field: "maxBufferedMessageBytes", min: 4096 },
   edge_agent_deployment_source: { kind: "string", field: "deploymentSource" },
   edge_agent_deployment_poll_seconds: { kind: "integer", field: "deploymentPollSeconds", min: 1, max: 86400 },
+  edge_agent_batching: { kind: "batching", field: "batching" },
 };
 
 export interface LoadedConfig {
@@ -472,5 +486,68 @@ function checkValue(
     case "mode":
       if (typeof value !== "string" || !/^0?[0-7]{3}$/.test(value)) return wrong('an octal file mode such as "0660"');
       return parseInt(value, 8);
+    case "batching":
+      return checkBatching(label, value);
   }
+}
+
+export const BATCHING_DEFAULTS: BatchingSettings = { maxBatchSize: 8, maxDelayMs: 2, maxQueue: 64 };
+
+const BATCHING_FIELDS: Record<string, { field: keyof BatchingSettings; min: number; max: number; whole: boolean }> = {
+  max_batch_size: { field: "maxBatchSize", min: 2, max: 4096, whole: true },
+  max_delay_ms: { field: "maxDelayMs", min: 0, max: 100, whole: false },
+  max_queue: { field: "maxQueue", min: 1, max: 100_000, whole: true },
+};
+
+/** `{ "<model name>" | "*": false | { max_batch_size?, max_delay_ms?, max_queue? } }`. */
+function checkBatching(label: string, value: unknown): Record<string, BatchingSettings | false> | { problem: string } {
+  const isObject = (v: unknown): v is Record<string, unknown> =>
+    typeof v === "object" && v !== null && !Array.isArray(v);
+  if (!isObject(value)) {
+    return {
+      problem: `${label} must be an object of model names (or "*") to batching settings, got ${JSON.stringify(value)}`,
+    };
+  }
+  const result: Record<string, BatchingSettings | false> = {};
+  for (const [model, settings] of Object.entries(value)) {
+    const where = `${label}, model "${model}"`;
+    if (model !== "*" && !/^[a-zA-Z0-9](-*[a-zA-Z0-9])*$/.test(model)) {
+      return { problem: `${where}: not a model name (letters, digits and inner hyphens) nor "*"` };
+    }
+    if (settings === false) {
+      result[model] = false;
+      continue;
+    }
+    if (!isObject(settings)) {
+      return { problem: `${where} must be false or an object such as {"max_batch_size": 8, "max_delay_ms": 2}` };
+    }
+    const checked = { ...BATCHING_DEFAULTS };
+    for (const [key, raw] of Object.entries(settings)) {
+      const spec = BATCHING_FIELDS[key];
+      if (!spec) {
+        return { problem: `${where}: unknown key "${key}" (known: ${Object.keys(BATCHING_FIELDS).join(", ")})` };
+      }
+      const number = typeof raw === "string" && /^\d{1,9}(\.\d+)?$/.test(raw) ? Number(raw) : raw;
+      if (
+        typeof number !== "number" || !Number.isFinite(number) || (spec.whole && !Number.isInteger(number)) ||
+        number < spec.min || number > spec.max
+      ) {
+        return {
+          problem: `${where}: "${key}" must be ${
+            spec.whole ? "a whole number" : "a number"
+          } from ${spec.min} to ${spec.max}, got ${JSON.stringify(raw)}`,
+        };
+      }
+      checked[spec.field] = number;
+    }
+    result[model] = checked;
+  }
+  return result;
+}
+
+/** A model's batching settings, or null when its Predicts run one by one (the default). */
+export function batchingFor(config: AgentConfig, model: string): BatchingSettings | null {
+  // Own keys only: a model named "constructor" must not find Object.prototype's.
+  const own = (key: string) => Object.hasOwn(config.batching, key) ? config.batching[key] : undefined;
+  return (own(model) ?? own("*")) || null;
 }

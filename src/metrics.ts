@@ -9,20 +9,27 @@ import type { DeploymentStats } from "./deployments/deployer.ts";
 import type { ModelInfo } from "./models.ts";
 import type { CancelReason } from "./errors.ts";
 import type { ThreadPolicy } from "./runtime.ts";
+import type { AloneReason, BatchObserver } from "./batching.ts";
 
 /** Seconds; Prometheus' default buckets extended down to 100 µs for small models. */
 const BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
 
 class Histogram {
-  readonly counts = new Array<number>(BUCKETS.length).fill(0);
+  readonly counts: number[];
   sum = 0;
   count = 0;
+  constructor(readonly buckets: number[] = BUCKETS) {
+    this.counts = new Array<number>(buckets.length).fill(0);
+  }
   observe(seconds: number): void {
-    for (let i = 0; i < BUCKETS.length; i++) if (seconds <= BUCKETS[i]) this.counts[i]++;
+    for (let i = 0; i < this.buckets.length; i++) if (seconds <= this.buckets[i]) this.counts[i]++;
     this.sum += seconds;
     this.count++;
   }
 }
+
+/** Requests per Run of a batching model. */
+const BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256];
 
 export type PredictPhase = "total" | "bind" | "run" | "encode";
 
@@ -36,8 +43,10 @@ function label(value: string): string {
  * series for every name ever seen would grow without bound (callers label calls about models that
  * are not loaded with "").
  */
-export class Metrics {
+export class Metrics implements BatchObserver {
   readonly #requests = new Map<string, Map<string, number>>();
+  /** Dynamic batching, per model: requests per Run, and requests that went around the queue by reason. */
+  readonly #batches = new Map<string, { sizes: Histogram; unbatched: Map<AloneReason, number> }>();
   readonly #predict = new Map<string, Map<string, Histogram>>();
   #inFlight = 0;
   readonly #predictCancelled: Record<CancelReason, number> = { deadline: 0, reset: 0, disconnect: 0 };
@@ -64,6 +73,22 @@ export class Metrics {
     if (model === "") return;
     this.#requests.delete(model);
     this.#predict.delete(model);
+    this.#batches.delete(model);
+  }
+
+  #batching(model: string) {
+    let series = this.#batches.get(model);
+    if (!series) this.#batches.set(model, series = { sizes: new Histogram(BATCH_BUCKETS), unbatched: new Map() });
+    return series;
+  }
+
+  batch(model: string, requests: number): void {
+    this.#batching(model).sizes.observe(requests);
+  }
+
+  unbatched(model: string, reason: AloneReason): void {
+    const { unbatched } = this.#batching(model);
+    unbatched.set(reason, (unbatched.get(reason) ?? 0) + 1);
   }
 
   /** A Predict given up before its answer: not started, or its Run terminated. */
@@ -107,14 +132,32 @@ export class Metrics {
       "# HELP edge_agent_predict_duration_seconds Predict time in the agent: total, and its bind, run and encode phases.",
       "# TYPE edge_agent_predict_duration_seconds histogram",
     );
-    for (const [labels, h] of [...this.#predict.values()].flatMap((series) => [...series])) {
-      BUCKETS.forEach((bound, i) =>
-        out.push(`edge_agent_predict_duration_seconds_bucket{${labels},le="${bound}"} ${h.counts[i]}`)
-      );
+    const histogram = (name: string, labels: string, h: Histogram) => {
+      h.buckets.forEach((bound, i) => out.push(`${name}_bucket{${labels},le="${bound}"} ${h.counts[i]}`));
       out.push(
-        `edge_agent_predict_duration_seconds_bucket{${labels},le="+Inf"} ${h.count}`,
-        `edge_agent_predict_duration_seconds_sum{${labels}} ${h.sum}`,
-        `edge_agent_predict_duration_seconds_count{${labels}} ${h.count}`,
+        `${name}_bucket{${labels},le="+Inf"} ${h.count}`,
+        `${name}_sum{${labels}} ${h.sum}`,
+        `${name}_count{${labels}} ${h.count}`,
+      );
+    };
+    for (const [labels, h] of [...this.#predict.values()].flatMap((series) => [...series])) {
+      histogram("edge_agent_predict_duration_seconds", labels, h);
+    }
+    if (this.#batches.size > 0) {
+      out.push(
+        "# HELP edge_agent_predict_batch_size Requests per Run of a model with dynamic batching (1: it ran alone).",
+        "# TYPE edge_agent_predict_batch_size histogram",
+      );
+      for (const [model, { sizes }] of this.#batches) {
+        histogram("edge_agent_predict_batch_size", `model="${label(model)}"`, sizes);
+      }
+      metric(
+        "edge_agent_predict_unbatched_total",
+        "counter",
+        "Predicts on a model with dynamic batching that ran alone without queueing, by reason: shared_memory, shape, too_large, queue_full, fallback.",
+        [...this.#batches].flatMap(([model, { unbatched }]) =>
+          [...unbatched].map(([reason, n]): [string, number] => [`model="${label(model)}",reason="${reason}"`, n])
+        ),
       );
     }
     metric(

@@ -2,7 +2,8 @@
 // A session is released only after every Run on it has returned.
 
 import { type OnnxRuntime, OrtError, RunOptions, Session, type Value } from "../ffi/onnxruntime.ts";
-import type { AgentConfig } from "./config.ts";
+import { Batcher, type BatchObserver, unbatchable } from "./batching.ts";
+import { type AgentConfig, batchingFor } from "./config.ts";
 import {
   AgentError,
   alreadyExists,
@@ -17,8 +18,8 @@ import { openPackage } from "./packages/load.ts";
 import { RunSlots } from "./run_slots.ts";
 import { sessionOptions, type ThreadPolicy, threadPolicy } from "./runtime.ts";
 import type { SharedMemoryReader, ShmRegion } from "./shm.ts";
-import { bindOutputLocations, OutputWrites, type WrittenOutput } from "./shm_outputs.ts";
-import { bindInputs, inputValue, outputByteLength, type TensorSpec, toSpecs } from "./tensors.ts";
+import { bindOutputLocations, type OutputTarget, OutputWrites, type WrittenOutput } from "./shm_outputs.ts";
+import { bindInputs, type BoundInput, inputValue, outputByteLength, type TensorSpec, toSpecs } from "./tensors.ts";
 import type { OutputLocation, Tensor } from "./wire.ts";
 
 export const MODEL_NAME = /^[a-zA-Z0-9](-*[a-zA-Z0-9])*$/;
@@ -75,6 +76,8 @@ export interface PredictTiming {
   sharedMemoryOutputs?: number;
   /** Of those, the ones copied after the Run. */
   copiedOutputs?: number;
+  /** Requests in the Run this one was part of (dynamic batching; absent when it ran alone). */
+  batchRequests?: number;
 }
 
 interface Entry {
@@ -84,6 +87,8 @@ interface Entry {
   inFlight: number;
   /** Resolves when inFlight drops to zero after an unload began. */
   drained: PromiseWithResolvers<void> | null;
+  /** Combines concurrent Predicts when the config turns dynamic batching on for this model. */
+  batcher: Batcher | null;
 }
 
 export class ModelRegistry {
@@ -98,6 +103,7 @@ export class ModelRegistry {
     private readonly shm: SharedMemoryReader,
     private readonly config: AgentConfig,
     private readonly log: Logger,
+    private readonly batchObserver?: BatchObserver,
   ) {
     this.threads = threadPolicy(config);
   }
@@ -222,6 +228,7 @@ export class ModelRegistry {
       entry.info.inputs = inputs.specs;
       entry.info.outputs = outputs.specs;
       entry.info.loadSeconds = (performance.now() - started) / 1000;
+      entry.batcher = this.#batcher(entry);
       entry.session = session;
       this.log.info("model loaded", {
         model: name,
@@ -297,17 +304,69 @@ export class ModelRegistry {
     outputLocations: OutputLocation[] = [],
   ): Promise<T> {
     signal?.throwIfAborted();
-    let mark = performance.now();
+    const started = performance.now();
+    const entry = this.#ready(name);
+    const bound = bindInputs(name, entry.info.inputs, tensors);
+    const targets = bindOutputLocations(name, entry.info.outputs, outputLocations);
+    // Outputs written into a caller's own shared memory are not split from a batch's: such a request runs alone.
+    if (!entry.batcher || targets.length > 0) {
+      return await this.#predict(entry, bound, consume, timing, signal, started, targets);
+    }
+    timing.bindMs = performance.now() - started;
+    // Queued requests hold the session too: an unload waits for them as for running ones.
+    entry.inFlight++;
+    try {
+      return await entry.batcher.predict(bound, consume, timing, signal);
+    } finally {
+      if (--entry.inFlight === 0) entry.drained?.resolve();
+    }
+  }
+
+  /** The model's batcher when the config turns batching on for it and its shapes allow it. */
+  #batcher(entry: Entry): Batcher | null {
+    const { name, inputs, outputs } = entry.info;
+    const settings = batchingFor(this.config, name);
+    if (!settings) return null;
+    const problem = unbatchable(inputs, outputs);
+    if (problem) {
+      this.log.warn("dynamic batching is configured but this model cannot be batched: its Predicts run one by one", {
+        model: name,
+        reason: problem,
+      });
+      return null;
+    }
+    const runs = this.threads.concurrentRuns;
+    this.log.info("dynamic batching on", {
+      model: name,
+      maxBatchSize: settings.maxBatchSize,
+      maxDelayMs: settings.maxDelayMs,
+      maxQueue: settings.maxQueue,
+      runs,
+    });
+    const run = <T>(b: BoundInput[], c: (o: BorrowedOutput[]) => T, t: PredictTiming, s?: AbortSignal) =>
+      this.#predict(entry, b, c, t, s);
+    return new Batcher(name, settings, runs, run, this.log, this.batchObserver);
+  }
+
+  /** One Run of bound request tensors (one request's, or a batch's); `since` starts its bind phase. */
+  async #predict<T>(
+    entry: Entry,
+    bound: BoundInput[],
+    consume: (outputs: BorrowedOutput[]) => T,
+    timing: PredictTiming,
+    signal?: AbortSignal,
+    since = performance.now(),
+    targets: OutputTarget[] = [],
+  ): Promise<T> {
+    signal?.throwIfAborted();
+    let mark = since;
     const lap = () => {
       const now = performance.now();
       const ms = now - mark;
       mark = now;
       return ms;
     };
-    const entry = this.#ready(name);
     const session = entry.session!;
-    const bound = bindInputs(name, entry.info.inputs, tensors);
-    const targets = bindOutputLocations(name, entry.info.outputs, outputLocations);
     entry.inFlight++;
     const inputs: Value[] = [];
     const regions: ShmRegion[] = [];
@@ -328,7 +387,7 @@ export class ModelRegistry {
         if (copied) timing.copiedInputs++;
       }
       if (targets.length > 0) writes = OutputWrites.prepare(this.ort, this.shm, session, bound, targets);
-      timing.bindMs = lap();
+      timing.bindMs += lap();
       timing.sharedMemoryInputs = regions.length;
       const indexes = bound.map((b) => b.inputIndex);
       const preallocated = writes?.preallocated(entry.info.outputs.length);
@@ -445,6 +504,7 @@ function pending(name: string, url: string, concurrentRuns: number): Entry {
     session: null,
     inFlight: 0,
     drained: null,
+    batcher: null,
   };
 }
 

@@ -128,6 +128,7 @@ function roundTiming(timing: PredictTiming): Record<string, number> {
     ...(timing.sharedMemoryOutputs
       ? { sharedMemoryOutputs: timing.sharedMemoryOutputs, copiedOutputs: timing.copiedOutputs ?? 0 }
       : {}),
+    ...(timing.batchRequests ? { batchRequests: timing.batchRequests } : {}),
   };
 }
 
