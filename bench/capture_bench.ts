@@ -151,7 +151,7 @@ async function acknowledged(
 }
 
 export async function captureBenchmark(seconds: number): Promise<CaptureBenchFigures> {
-  const loadAverage = Number((await Deno.readTextFile("/proc/loadavg").catch(() => "NaN")).split(" ")[0]);
+  const loadAverage = Deno.loadavg()[0];
   const dir = await Deno.makeTempDir({ prefix: "edge-agent-capture-bench-" });
   const modelsDir = join(dir, "models");
   const metrics = `unix:${join(dir, "metrics.sock")}`;
