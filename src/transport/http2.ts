@@ -7,10 +7,10 @@
 
 import { AgentError, CallCancelled, type CancelReason, Status } from "../errors.ts";
 import { encodeHeaders, type Header, HpackDecoder } from "./hpack.ts";
+import { BufferPool, type Lease } from "./buffers.ts";
 import { parseRequestHeaders, trailersProblem } from "./request_headers.ts";
 
 import {
-  concat,
   ConnectionError,
   decodeHeaderBlock,
   DEFAULT_MAX_FRAME,
@@ -79,6 +79,11 @@ const RECEIVE_WINDOW = 16 * 1024 * 1024;
  * reached it are ignored (RFC 9113 section 5.1), while frames on other closed streams are errors.
  */
 const RESET_STREAMS_REMEMBERED = 1024;
+/**
+ * Request and write buffers kept for reuse once their call is done, at most this many bytes in all
+ * (a det request and a few answers); spares unused for 30 s are dropped.
+ */
+const SPARE_BUFFER_BYTES = 32 * 1024 * 1024;
 /** How many ranges of skipped stream ids are remembered (clients that skip ids are rare). */
 const SKIPPED_RANGES_REMEMBERED = 64;
 /** The body of an HTTP error answer to a request that is not gRPC, for people and tools that look. */
@@ -93,10 +98,15 @@ export type UnaryResult = { message: Uint8Array } | { status: number; details: s
  * What a handler knows of its call: `signal` aborts (its reason a CallCancelled) when the deadline
  * passes, the client resets the call or its connection closes; `deadline` is the client's deadline
  * on the performance.now() clock (null: none).
+ *
+ * The request bytes are lent to the handler until its promise settles, then their buffer is reused
+ * for another call (see buffers.ts): a handler that keeps views of them longer (without copying)
+ * calls `keepRequest` and calls the function it returns once it lets go of them.
  */
 export interface CallContext {
   signal: AbortSignal;
   deadline: number | null;
+  keepRequest(): () => void;
 }
 
 /** One unary method: raw request bytes in, response bytes or a status out. */
@@ -489,6 +499,7 @@ export class Connection {
         reader: new MessageReader(this.server.maxMessageBytes, {
           reserve: (bytes) => this.#reserve(stream!, bytes),
           secondMessage: { status: Status.UNIMPLEMENTED, details: "more than one request message on a unary call" },
+          allocate: (length, offset) => this.server.pool.lease(length, offset),
         }),
         remoteClosed: false,
         localClosed: false,
@@ -768,10 +779,25 @@ export class Connection {
     if (reader.compressed) {
       return this.#respondStatus(stream, Status.UNIMPLEMENTED, "compressed messages are not supported");
     }
+    // The request's buffer is released here, and only here, once the handler's promise has settled
+    // (see CallContext): whatever ended the call, the handler may still read it until then.
+    const message = reader.message;
+    const lease = reader.takeLease()!;
+    const call: CallContext = {
+      signal: stream.cancel.signal,
+      deadline: stream.deadline,
+      keepRequest() {
+        lease.retain();
+        let held = true;
+        return () => {
+          if (held) lease.release();
+          held = false;
+        };
+      },
+    };
     // Started once the frames of this read are handled: a reset right behind the request (rapid
     // reset) has then aborted the call's signal before its handler does any work.
-    const call: CallContext = { signal: stream.cancel.signal, deadline: stream.deadline };
-    Promise.resolve().then(() => handler(reader.message, call)).then(
+    Promise.resolve().then(() => handler(message, call)).finally(() => lease.release()).then(
       (result) => {
         if ("message" in result) this.#respondMessage(stream, result.message);
         else this.#respondStatus(stream, result.status, result.details);
@@ -974,6 +1000,8 @@ export class Connection {
     if (stream.deadlineTimer !== null) clearTimeout(stream.deadlineTimer);
     stream.deadlineTimer = null;
     this.#release(stream, stream.reservedBytes);
+    // A message not handed to a handler goes back to the pool (one handed over is the handler's).
+    stream.reader.dispose();
     this.#ready.delete(stream);
     this.#parked.unpark(stream);
     stream.onDrained?.();
@@ -1056,15 +1084,41 @@ export class Connection {
     let from = 0;
     for (let i = 0; i <= parts.length; i++) {
       if (i < parts.length && parts[i].length < LARGE_WRITE_BYTES) continue;
-      if (i > from) this.#write(i - from === 1 ? parts[from] : concat(parts.slice(from, i)));
+      if (i > from) {
+        if (i - from === 1) this.#write(parts[from]);
+        else this.#writeJoined(parts, from, i);
+      }
       if (i < parts.length) this.#write(parts[i]);
       from = i + 1;
     }
   }
 
-  #write(bytes: Uint8Array): void {
+  #write(bytes: Uint8Array, lease: Lease | null = null): void {
     const length = bytes.length;
-    this.#writer.write(bytes).then(() => this.#wrote(length), () => this.close());
+    this.#writer.write(bytes).then(
+      () => {
+        lease?.release();
+        this.#wrote(length);
+      },
+      () => {
+        lease?.release();
+        this.close();
+      },
+    );
+  }
+
+  /** parts[from..to) joined into one write, in a pooled buffer the socket gives back once it took it. */
+  #writeJoined(parts: Uint8Array[], from: number, to: number): void {
+    let length = 0;
+    for (let i = from; i < to; i++) length += parts[i].length;
+    const lease = this.server.pool.lease(length);
+    const out = lease.bytes;
+    let offset = 0;
+    for (let i = from; i < to; i++) {
+      out.set(parts[i], offset);
+      offset += parts[i].length;
+    }
+    this.#write(out, lease);
   }
 
   #wrote(length: number): void {
@@ -1128,6 +1182,8 @@ export class GrpcServer {
   readonly alignments: Map<string, MessageAlignment>;
   /** Request message bytes held by all connections. */
   readonly budget: ByteBudget;
+  /** Large request and write buffers, reused across calls and connections. */
+  readonly pool = new BufferPool(SPARE_BUFFER_BYTES);
   stopping = false;
   readonly #connections = new Set<Connection>();
   #listener: Deno.UnixListener | null = null;
@@ -1158,6 +1214,7 @@ export class GrpcServer {
     this.#housekeeping = setInterval(() => {
       const now = performance.now();
       for (const connection of [...this.#connections]) connection.tick(now);
+      this.pool.trim(now);
     }, period);
   }
 
