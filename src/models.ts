@@ -38,7 +38,11 @@ export interface ModelInfo {
 export interface BorrowedOutput {
   spec: TensorSpec;
   shape: number[];
-  bytes: Uint8Array;
+  byteLength: number;
+  /** A view of ORT's buffer. */
+  readonly bytes: Uint8Array;
+  /** Copies the bytes into `target` (byteLength bytes) without making a view of ORT's buffer. */
+  copyInto(target: Uint8Array): void;
 }
 
 /** Where a Predict's time went (milliseconds), for debug logs and the benchmark. */
@@ -245,7 +249,16 @@ export class ModelRegistry {
       const result = consume(outputs.map((value, i) => {
         const spec = entry.info.outputs[i];
         const { shape } = value.tensorInfo();
-        return { spec, shape, bytes: value.borrowBytes(outputByteLength(shape, spec.dataType)) };
+        const byteLength = outputByteLength(shape, spec.dataType);
+        return {
+          spec,
+          shape,
+          byteLength,
+          get bytes() {
+            return value.borrowBytes(byteLength);
+          },
+          copyInto: (target: Uint8Array) => value.copyBytesInto(target.subarray(0, byteLength)),
+        };
       }));
       timing.encodeMs = lap();
       return result;

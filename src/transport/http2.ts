@@ -101,12 +101,14 @@ export type UnaryResult = { message: Uint8Array } | { status: number; details: s
  *
  * The request bytes are lent to the handler until its promise settles, then their buffer is reused
  * for another call (see buffers.ts): a handler that keeps views of them longer (without copying)
- * calls `keepRequest` and calls the function it returns once it lets go of them.
+ * calls `keepRequest` and calls the function it returns once it lets go of them. `responseBuffer`
+ * gives (once per call) a buffer for the response message, reused once the answer has been written.
  */
 export interface CallContext {
   signal: AbortSignal;
   deadline: number | null;
   keepRequest(): () => void;
+  responseBuffer(length: number): Uint8Array;
 }
 
 /** One unary method: raw request bytes in, response bytes or a status out. */
@@ -196,6 +198,8 @@ interface Stream {
   dataReceived: number;
   /** A well-formed request that is not gRPC: the HTTP answer it gets once received whole. */
   notGrpc: { status: string; body: boolean } | null;
+  /** The buffer the handler encoded its response into (CallContext.responseBuffer). */
+  responseLease: Lease | null;
 }
 
 /** One client connection (exported so tests can drive it over an in-memory Deno.Conn). */
@@ -214,6 +218,8 @@ export class Connection {
   #queuedBytes = 0;
   /** Bytes queued by #send in this turn of the event loop, written together at its end. */
   #outgoing: Uint8Array[] = [];
+  /** Settles once the last write issued has (whether it went out or failed). */
+  #writesSettled: Promise<void> = Promise.resolve();
   /** Resolves the read loop, paused while #queuedBytes is over the bound. */
   #writable: PromiseWithResolvers<void> | null = null;
   /** When a byte last went either way, and when the writer last made progress (ms, performance.now()). */
@@ -520,6 +526,7 @@ export class Connection {
         contentLength: null,
         dataReceived: 0,
         notGrpc: null,
+        responseLease: null,
       };
       if (fault !== "drop") this.#streams.set(streamId, stream);
     }
@@ -783,6 +790,7 @@ export class Connection {
     // (see CallContext): whatever ended the call, the handler may still read it until then.
     const message = reader.message;
     const lease = reader.takeLease()!;
+    const pool = this.server.pool;
     const call: CallContext = {
       signal: stream.cancel.signal,
       deadline: stream.deadline,
@@ -794,6 +802,11 @@ export class Connection {
           held = false;
         };
       },
+      responseBuffer(length) {
+        if (stream.responseLease) throw new Error("one response buffer per call");
+        stream.responseLease = pool.lease(length);
+        return stream.responseLease.bytes;
+      },
     };
     // Started once the frames of this read are handled: a reset right behind the request (rapid
     // reset) has then aborted the call's signal before its handler does any work.
@@ -803,7 +816,10 @@ export class Connection {
         else this.#respondStatus(stream, result.status, result.details);
       },
       (error) => this.#respondStatus(stream, Status.INTERNAL, String((error as Error)?.message ?? error)),
-    );
+    ).finally(() => {
+      // A call that ended before its handler gave a buffer back (#uncount has run already).
+      if (stream.localClosed || this.#closed) this.#dropResponse(stream);
+    });
   }
 
   /** The client's deadline passed: DEADLINE_EXCEEDED if nothing went out yet, else a reset. */
@@ -1002,6 +1018,7 @@ export class Connection {
     this.#release(stream, stream.reservedBytes);
     // A message not handed to a handler goes back to the pool (one handed over is the handler's).
     stream.reader.dispose();
+    this.#dropResponse(stream);
     this.#ready.delete(stream);
     this.#parked.unpark(stream);
     stream.onDrained?.();
@@ -1093,9 +1110,19 @@ export class Connection {
     }
   }
 
+  /** A stream's response buffer goes back to the pool once the writes holding views of it have settled. */
+  #dropResponse(stream: Stream): void {
+    const lease = stream.responseLease;
+    if (!lease) return;
+    stream.responseLease = null;
+    // After this turn's writes are issued (#writeOutgoing runs first: it was queued earlier), the
+    // last one settling means every earlier one has (a stream's writes complete in order).
+    queueMicrotask(() => this.#writesSettled.then(() => lease.release()));
+  }
+
   #write(bytes: Uint8Array, lease: Lease | null = null): void {
     const length = bytes.length;
-    this.#writer.write(bytes).then(
+    this.#writesSettled = this.#writer.write(bytes).then(
       () => {
         lease?.release();
         this.#wrote(length);
