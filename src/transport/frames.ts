@@ -59,25 +59,30 @@ export class ConnectionError extends Error {
   }
 }
 
+/** Writes a frame header into `out` (9 bytes), without allocating: small calls build several frames each. */
+function writeFrameHeader(out: Uint8Array, length: number, type: FrameType, flags: number, streamId: number): void {
+  out[0] = length >>> 16;
+  out[1] = (length >>> 8) & 0xff;
+  out[2] = length & 0xff;
+  out[3] = type;
+  out[4] = flags;
+  out[5] = (streamId >>> 24) & 0x7f;
+  out[6] = (streamId >>> 16) & 0xff;
+  out[7] = (streamId >>> 8) & 0xff;
+  out[8] = streamId & 0xff;
+}
+
 export function frameHeader(length: number, type: FrameType, flags: number, streamId: number): Uint8Array {
   const header = new Uint8Array(9);
-  header[0] = length >>> 16;
-  header[1] = (length >>> 8) & 0xff;
-  header[2] = length & 0xff;
-  header[3] = type;
-  header[4] = flags;
-  new DataView(header.buffer).setUint32(5, streamId & 0x7fffffff);
+  writeFrameHeader(header, length, type, flags, streamId);
   return header;
 }
 
-export function frame(
-  type: FrameType,
-  flags: number,
-  streamId: number,
-  payload: Uint8Array = new Uint8Array(0),
-): Uint8Array {
+const NO_PAYLOAD = new Uint8Array(0);
+
+export function frame(type: FrameType, flags: number, streamId: number, payload: Uint8Array = NO_PAYLOAD): Uint8Array {
   const out = new Uint8Array(9 + payload.length);
-  out.set(frameHeader(payload.length, type, flags, streamId));
+  writeFrameHeader(out, payload.length, type, flags, streamId);
   out.set(payload, 9);
   return out;
 }

@@ -86,6 +86,13 @@ const RESET_STREAMS_REMEMBERED = 1024;
 const SPARE_BUFFER_BYTES = 32 * 1024 * 1024;
 /** How many ranges of skipped stream ids are remembered (clients that skip ids are rare). */
 const SKIPPED_RANGES_REMEMBERED = 64;
+/** Response headers and the trailers of an OK call, the same on every call: HPACK-encoded once. */
+const RESPONSE_HEADERS = encodeHeaders([
+  [":status", "200"],
+  ["content-type", "application/grpc"],
+  ["grpc-accept-encoding", "identity"],
+]);
+const OK_TRAILERS = encodeHeaders([["grpc-status", String(Status.OK)]]);
 /** The body of an HTTP error answer to a request that is not gRPC, for people and tools that look. */
 const NOT_GRPC_BODY = new TextEncoder().encode(
   "This is a gRPC server: calls are POST requests with content-type application/grpc.\n",
@@ -833,14 +840,6 @@ export class Connection {
     if (!stream.remoteClosed) this.#reset(stream, ErrorCode.NO_ERROR);
   }
 
-  #responseHeaders(): Uint8Array {
-    return encodeHeaders([
-      [":status", "200"],
-      ["content-type", "application/grpc"],
-      ["grpc-accept-encoding", "identity"],
-    ]);
-  }
-
   #respondMessage(stream: Stream, message: Uint8Array): void {
     this.#queueMessage(stream, message);
     this.#finish(stream, Status.OK, "");
@@ -853,7 +852,7 @@ export class Connection {
     const prefix = new Uint8Array(5);
     new DataView(prefix.buffer).setUint32(1, message.length);
     if (!stream.headersSent) {
-      this.#sendHeaderBlock(stream.id, this.#responseHeaders(), false);
+      this.#sendHeaderBlock(stream.id, RESPONSE_HEADERS, false);
       stream.headersSent = true;
     }
     stream.pending ??= { chunks: [], trailers: null };
@@ -866,10 +865,13 @@ export class Connection {
   #finish(stream: Stream, status: number, details: string): void {
     if (stream.localClosed || this.#closed) return;
     if (!stream.headersSent) return this.#respondStatus(stream, status, details);
-    const trailers: Header[] = [["grpc-status", String(status)]];
-    if (details) trailers.push(["grpc-message", encodeGrpcMessage(details)]);
     stream.pending ??= { chunks: [], trailers: null };
-    stream.pending.trailers = encodeHeaders(trailers);
+    if (status === Status.OK && !details) stream.pending.trailers = OK_TRAILERS;
+    else {
+      const trailers: Header[] = [["grpc-status", String(status)]];
+      if (details) trailers.push(["grpc-message", encodeGrpcMessage(details)]);
+      stream.pending.trailers = encodeHeaders(trailers);
+    }
     if (!stream.parked) this.#ready.add(stream);
     this.#flushPending();
   }
