@@ -88,8 +88,14 @@ Deno.test("a call cancelled while its handler still reads its request keeps its 
   const echo = (request: Uint8Array): Promise<UnaryResult> => {
     return Promise.resolve({ message: request.slice(0, 16) });
   };
+  // Answers at once but keeps a view of its request, declared with keepRequest, until told to let go.
+  let kept: { request: Uint8Array; letGo: () => void } | null = null;
+  const keep = (request: Uint8Array, call: CallContext): Promise<UnaryResult> => {
+    kept = { request, letGo: call.keepRequest() };
+    return Promise.resolve({ message: new Uint8Array(0) });
+  };
   const server = new GrpcServer({
-    methods: new Map([["/test/Hold", hold], ["/test/Echo", echo]]),
+    methods: new Map([["/test/Hold", hold], ["/test/Echo", echo], ["/test/Keep", keep]]),
     maxMessageBytes: 4 * MESSAGE_BYTES,
   });
   server.listen(socket);
@@ -111,6 +117,17 @@ Deno.test("a call cancelled while its handler still reads its request keeps its 
     const reusedAfterHold = server.pool.reused;
     await client.unary("/test/Echo", filled(0x11));
     assert.ok(server.pool.reused > reusedAfterHold && reusedAfterHold > reusedBefore, "buffers are reused");
+
+    // A handler that keeps its request past its answer, by keepRequest.
+    await client.unary("/test/Keep", filled(0xcc));
+    for (let i = 0; i < 4; i++) await client.unary("/test/Echo", filled(0x33));
+    const { request, letGo } = kept!;
+    assert.ok(request.every((byte) => byte === 0xcc), "a kept request was overwritten");
+    letGo();
+    letGo(); // a second call is harmless
+    const reusedBeforeLetGo = server.pool.reused;
+    await client.unary("/test/Echo", filled(0x22));
+    assert.ok(server.pool.reused > reusedBeforeLetGo, "let go of, its buffer is reused");
   } finally {
     client.close();
     await server.stop(0);
@@ -173,3 +190,34 @@ async function storedTensor(root: string): Promise<Float32Array> {
   assert.equal(files.length, 1, `one tensor object: ${files.join(", ")}`);
   return floats(await Deno.readFile(files[0]));
 }
+
+Deno.test("large answers written while other connections' calls reuse the buffers arrive intact", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "edge-agent-buffers-" });
+  const socket = join(dir, "grpc.sock");
+  const answerBytes = 2 * MESSAGE_BYTES; // more than a socket holds: its writes stay in flight for a while
+  // Its answer in a pooled buffer, every byte the request's first one.
+  const fill = (request: Uint8Array, call: CallContext): Promise<UnaryResult> =>
+    Promise.resolve({ message: call.responseBuffer(answerBytes).fill(request[0]) });
+  const server = new GrpcServer({ methods: new Map([["/test/Fill", fill]]), maxMessageBytes: 4 * MESSAGE_BYTES });
+  server.listen(socket);
+  const clients = [1, 2, 3].map(() => new GrpcClient(socket));
+  try {
+    await Promise.all(clients.map(async (client, c) => {
+      for (let i = 0; i < 8; i++) {
+        const value = c * 16 + i + 1;
+        const answer = await client.unary("/test/Fill", filled(value, 16));
+        assert.equal(answer.length, answerBytes);
+        const wrong = answer.findIndex((byte) => byte !== value);
+        assert.equal(wrong, -1, `answer ${value} holds ${answer[wrong]} at ${wrong}`);
+      }
+    }));
+    assert.ok(server.pool.reused > 10, `buffers are reused (${server.pool.reused})`);
+    // Every answer's buffer came back once written (the writes have settled by now).
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    assert.ok(server.pool.sparesFor(answerBytes) >= 1, "answer buffers are given back to the pool");
+  } finally {
+    for (const client of clients) client.close();
+    await server.stop(0);
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -86,6 +86,11 @@ export class BufferPool {
     return new Lease(buffer.subarray(offset, size), this, buffer);
   }
 
+  /** Spare buffers that a lease of `length` bytes could take now. */
+  sparesFor(length: number): number {
+    return this.#spares.get(sizeClass(length))?.length ?? 0;
+  }
+
   /** Called by a lease's last release. */
   giveBack(buffer: Uint8Array): void {
     if (this.#spareBytes + buffer.length > this.maxSpareBytes) return;
