@@ -12,7 +12,7 @@
 // since the handler's promise settles only after the Run has returned, even a terminated one.
 
 /** Buffers smaller than this are allocated per use: the pool would cost more than it saves. */
-export const MIN_POOLED_BYTES = 64 * 1024;
+export const MIN_POOLED_BYTES = 16 * 1024;
 /** Spare buffers untouched for this long are dropped, so an agent that has gone quiet gives memory back. */
 const SPARE_IDLE_MS = 30_000;
 
