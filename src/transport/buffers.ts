@@ -6,8 +6,8 @@
 // The ownership rule: whoever holds a view of a leased buffer holds a reference on its lease, and a
 // buffer returns to the pool only when the last reference is released. The transport holds a request
 // message's lease from its first byte until the handler's promise has settled (whether the call
-// finished, failed, was cancelled or its connection went), and a write buffer's until the socket took
-// it; a handler that keeps views of its request bytes past its promise takes a reference of its own
+// finished, failed, was cancelled or its connection went), and an answer's (CallContext.responseBuffer)
+// or a joined write's until the socket has taken its bytes; a handler that keeps views of its request bytes past its promise takes a reference of its own
 // (CallContext.keepRequest). Buffers of Predict inputs stay referenced while ONNX Runtime reads them,
 // since the handler's promise settles only after the Run has returned, even a terminated one.
 
@@ -32,10 +32,6 @@ export class Lease {
     if (this.#refs === 0) throw new Error("lease released twice");
     if (--this.#refs === 0) this.pool?.giveBack(this.backing);
   }
-
-  get released(): boolean {
-    return this.#refs === 0;
-  }
 }
 
 /** The size class of `bytes`: eight classes per power of two, so a buffer wastes at most an eighth. */
@@ -52,8 +48,7 @@ export function sizeClass(bytes: number): number {
 export class BufferPool {
   readonly #spares = new Map<number, { buffer: Uint8Array; since: number }[]>();
   #spareBytes = 0;
-  /** Buffers handed out new and reused (for the benchmark's counts). */
-  allocated = 0;
+  /** Leases served by a spare buffer (tests check that reuse happens). */
   reused = 0;
 
   constructor(readonly maxSpareBytes: number) {}
@@ -80,7 +75,6 @@ export class BufferPool {
       this.reused++;
       buffer = spare.buffer;
     } else {
-      this.allocated++;
       buffer = new Uint8Array(cls);
     }
     return new Lease(buffer.subarray(offset, size), this, buffer);
