@@ -1,5 +1,5 @@
 // Counts behind the transport's timings, which a shared machine makes noisy: per det Predict and per
-// ListModels from grpcio, and per det and cls Predict from grpc-js under Node, the CPU time of the agent's
+// ListModels from grpcio, and per det and cls Predict from grpcio and grpc-js under Node, the CPU time of the agent's
 // main thread (JavaScript: transport, protobuf, handlers; not ONNX Runtime's threads), its minor page faults,
 // V8 garbage collections (scavenges and mark-compacts, from --trace-gc, with their pause and incremental
 // marking time) and, with --syscalls, its system calls on the socket (strace -f -c).
@@ -177,6 +177,11 @@ async function main(): Promise<void> {
     const cases: Case[] = [
       { label: "det Predict from grpcio", calls, run: (count) => grpcio.predict({ ...commands.det, count }) },
       { label: "ListModels from grpcio", calls: calls * 50, run: (count) => grpcio.listModels(count) },
+      {
+        label: "cls Predict from grpcio",
+        calls: calls * 20,
+        run: (count) => grpcio.predict({ ...commands.cls, count }),
+      },
     ];
     if (!await nodeMissing()) {
       const node = await GrpcioClient.startNode(agent.socket);
