@@ -1119,7 +1119,8 @@ export class Connection {
     stream.responseLease = null;
     // After this turn's writes are issued (#writeOutgoing runs first: it was queued earlier), the
     // last one settling means every earlier one has (a stream's writes complete in order).
-    queueMicrotask(() => this.#writesSettled.then(() => lease.release()));
+    const release = () => lease.release();
+    queueMicrotask(() => this.#writesSettled.then(release, release));
   }
 
   #write(bytes: Uint8Array, lease: Lease | null = null): void {
