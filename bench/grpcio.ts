@@ -6,6 +6,7 @@ import { PYTHON } from "../tests/helpers/python.ts";
 
 const CLIENT = new URL("./grpcio_client.py", import.meta.url).pathname;
 const NODE_CLIENT = new URL("./grpcjs_node_client.mjs", import.meta.url).pathname;
+const NAIVE_NODE_PEER = new URL("./naive_node_peer.mjs", import.meta.url).pathname;
 
 /** Why the Node client cannot run here (no `node`), or null. */
 export async function nodeMissing(): Promise<string | null> {
@@ -77,7 +78,13 @@ export class GrpcioClient {
     return this.#version;
   }
 
-  /** `count` Predicts with one request message; each call's ms as Python's perf_counter measured it. */
+  /**
+   * The Node client's protobufjs time per call of the last predict(): request encoding and response
+   * decoding, ms (null from grpcio, which does not report them).
+   */
+  lastCodecMs: { encode: number[]; decode: number[] } | null = null;
+
+  /** `count` Predicts with one request message; each call's ms as the client process measured it. */
   async predict(command: PredictCommand): Promise<number[]> {
     const { name, input, segmentId, inputName, shape, count, seconds, output } = command;
     const reply = await this.#send({
@@ -91,6 +98,9 @@ export class GrpcioClient {
       seconds,
       output,
     });
+    this.lastCodecMs = reply.encode_ms
+      ? { encode: reply.encode_ms as number[], decode: reply.decode_ms as number[] }
+      : null;
     return reply.ms as number[];
   }
 
@@ -119,6 +129,56 @@ export class GrpcioClient {
       throw new Error(`${this.script} exited (${code}):\n${await this.#stderr}`);
     }
     return JSON.parse(value);
+  }
+}
+
+/**
+ * A naive agent under Node (bench/naive_node_peer.mjs: grpc-js server + onnxruntime-node) on its own socket,
+ * with the Node grpc-js client connected to it.
+ */
+export class NaiveNodePeer {
+  private constructor(readonly client: GrpcioClient, readonly process: Deno.ChildProcess) {}
+
+  static async start(
+    socket: string,
+    models: { key: string; file: string }[],
+    ort: { intraOpThreads: number; allowSpinning: boolean; graphOptimization: string },
+  ): Promise<NaiveNodePeer> {
+    const process = new Deno.Command("node", {
+      args: [
+        NAIVE_NODE_PEER,
+        `--socket=${socket}`,
+        ...models.map((m) => `--model=${m.key}=${m.file}`),
+        `--intra-op-threads=${ort.intraOpThreads}`,
+        `--allow-spinning=${ort.allowSpinning ? 1 : 0}`,
+        `--graph-optimization=${ort.graphOptimization === "disable" ? "disabled" : ort.graphOptimization}`,
+      ],
+      stdin: "null",
+      stdout: "piped",
+      stderr: "inherit",
+    }).spawn();
+    const { value } = await lines(process.stdout)[Symbol.asyncIterator]().next();
+    if (value !== "listening") {
+      await process.status;
+      throw new Error(`${NAIVE_NODE_PEER} did not start`);
+    }
+    try {
+      return new NaiveNodePeer(await GrpcioClient.startNode(socket), process);
+    } catch (error) {
+      process.kill();
+      await process.status;
+      throw error;
+    }
+  }
+
+  get pid(): number {
+    return this.process.pid;
+  }
+
+  async stop(): Promise<void> {
+    await this.client.stop();
+    this.process.kill();
+    await this.process.status;
   }
 }
 

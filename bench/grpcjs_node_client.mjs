@@ -3,9 +3,13 @@
 //
 // Run by bench/grpcio.ts with `node`, long-lived, connected to the agent on unix:<socket>; it speaks the same
 // JSON-lines protocol as bench/grpcio_client.py: {"ready": <grpc-js version>} once connected, then
-//   {"op": "predict", "name", "input", "input_name", "shape", "count"[, "output"]} -> {"ms": [...]}
+//   {"op": "predict", "name", "input", "input_name", "shape", "count"[, "segment_id"][, "output"]}
+//       -> {"ms": [...], "encode_ms": [...], "decode_ms": [...]}
 //   {"op": "list_models", "count"} -> {"ms": [...]}
-// Each call is timed around the client call, from the request object to the decoded response.
+// Each call is timed around the client call, from the request object to the decoded response; encode_ms and
+// decode_ms are the protobufjs encoding of its request and decoding of its response, timed inside it. With
+// "segment_id" the tensor is a handle to that shared memory segment (SysV id, or the agent's POSIX object
+// <prefix><id>), which holds the input at offset 0: the segment is made and filled by the benchmark.
 // An RPC failure is printed to stderr and ends the process, which the Deno side reports.
 
 import { Buffer } from "node:buffer";
@@ -26,14 +30,28 @@ const root = protobuf.parse(readFileSync(new URL("../proto/agent.proto", import.
   keepCase: true,
 }).root;
 const type = (name) => root.lookupType(`AWS.SageMaker.Edge.${name}`);
+// Codec time of the call in progress (calls run one at a time).
+const codec = { encodeMs: 0, decodeMs: 0 };
+// protobufjs under Node encodes into a Buffer already: handed over as it is, as @grpc/proto-loader does.
+const asBuffer = (bytes) => Buffer.isBuffer(bytes) ? bytes : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.length);
 const method = (name, request, response) => ({
   path: `/AWS.SageMaker.Edge.Agent/${name}`,
   requestStream: false,
   responseStream: false,
-  requestSerialize: (message) => Buffer.from(type(request).encode(message).finish()),
+  requestSerialize: (message) => {
+    const started = performance.now();
+    const bytes = asBuffer(type(request).encode(message).finish());
+    codec.encodeMs += performance.now() - started;
+    return bytes;
+  },
   requestDeserialize: (bytes) => type(request).decode(bytes),
-  responseSerialize: (message) => Buffer.from(type(response).encode(message).finish()),
-  responseDeserialize: (bytes) => type(response).decode(bytes),
+  responseSerialize: (message) => asBuffer(type(response).encode(message).finish()),
+  responseDeserialize: (bytes) => {
+    const started = performance.now();
+    const message = type(response).decode(bytes);
+    codec.decodeMs += performance.now() - started;
+    return message;
+  },
 });
 const Agent = grpc.makeGenericClientConstructor({
   predict: method("Predict", "PredictRequest", "PredictResponse"),
@@ -51,13 +69,18 @@ const call = (name, request) =>
 
 async function timed(count, name, request) {
   const ms = [];
+  const encodeMs = [];
+  const decodeMs = [];
   let response = null;
   for (let i = 0; i < count; i++) {
+    codec.encodeMs = codec.decodeMs = 0;
     const started = performance.now();
     response = await call(name, request);
     ms.push(performance.now() - started);
+    encodeMs.push(codec.encodeMs);
+    decodeMs.push(codec.decodeMs);
   }
-  return { ms, response };
+  return { ms, encodeMs, decodeMs, response };
 }
 
 const FLOAT32 = root.lookupEnum("AWS.SageMaker.Edge.DataType").values.FLOAT32;
@@ -77,17 +100,19 @@ async function main() {
       process.stdout.write(JSON.stringify({ ms }) + "\n");
       continue;
     }
-    if (!inputs.has(command.input)) inputs.set(command.input, readFileSync(command.input));
-    const request = {
-      name: command.name,
-      tensors: [{
-        tensor_metadata: { name: Buffer.from(command.input_name), data_type: FLOAT32, shape: command.shape },
-        byte_data: inputs.get(command.input),
-      }],
-    };
-    const { ms, response } = await timed(command.count, "predict", request);
+    const tensor_metadata = { name: Buffer.from(command.input_name), data_type: FLOAT32, shape: command.shape };
+    let tensor;
+    if (command.segment_id !== undefined && command.segment_id !== null) {
+      // Offset 0, size 0: Edge Manager's handle, the size being the tensor's.
+      tensor = { tensor_metadata, shared_memory_handle: { segment_id: command.segment_id, offset: 0, size: 0 } };
+    } else {
+      if (!inputs.has(command.input)) inputs.set(command.input, readFileSync(command.input));
+      tensor = { tensor_metadata, byte_data: inputs.get(command.input) };
+    }
+    const request = { name: command.name, tensors: [tensor] };
+    const { ms, encodeMs, decodeMs, response } = await timed(command.count, "predict", request);
     if (command.output) writeFileSync(command.output, response.tensors[0].byte_data);
-    process.stdout.write(JSON.stringify({ ms }) + "\n");
+    process.stdout.write(JSON.stringify({ ms, encode_ms: encodeMs, decode_ms: decodeMs }) + "\n");
   }
   client.close();
 }

@@ -22,7 +22,7 @@ import { PADDLE_CLS, PADDLE_DET, writeModelFolder } from "../tests/helpers/onnx_
 import { AgentProcess, readProc } from "./agent_process.ts";
 import { captureBenchmark, printCaptures } from "./capture_bench.ts";
 import { loadBenchmark, printLoads } from "./load_bench.ts";
-import { generateStubs, GrpcioClient, grpcioMissing, nodeMissing } from "./grpcio.ts";
+import { generateStubs, GrpcioClient, grpcioMissing, NaiveNodePeer, nodeMissing } from "./grpcio.ts";
 import {
   agentConfigKeys,
   AgentRunner,
@@ -32,6 +32,7 @@ import {
   FfiRunner,
   GrpcioRunner,
   type ModelCase,
+  NaiveNodeRunner,
   type OrtChoice,
   type PathName,
   type PathResult,
@@ -178,6 +179,9 @@ const PATH_LABELS: Record<PathName, string> = {
   grpcio: "agent, bytes (grpcio client, Python)",
   grpcioSysv: "agent, SysV shm (grpcio client, Python)",
   nodeGrpcJs: "agent, bytes (grpc-js client, Node)",
+  nodeGrpcJsSysv: "agent, SysV shm (grpc-js client, Node)",
+  nodeGrpcJsPosix: "agent, POSIX shm (grpc-js client, Node)",
+  naiveNode: "naive Node agent, bytes (grpc-js client, Node)",
   ffi: "ffi (our bindings, in-process)",
 };
 
@@ -191,6 +195,8 @@ const CLIENTS: Record<string, string> = {
   grpcio: "grpcio",
   grpcioSysv: "grpcio",
   nodeGrpcJs: "grpc-js under Node",
+  nodeGrpcJsSysv: "grpc-js under Node",
+  nodeGrpcJsPosix: "grpc-js under Node",
 };
 
 /** How each agent path's input reaches the agent; the other paths are in-process. */
@@ -203,6 +209,8 @@ const TRANSPORTS: Partial<Record<PathName, Transport>> = {
   grpcio: "bytes",
   grpcioSysv: "shm",
   nodeGrpcJs: "bytes",
+  nodeGrpcJsSysv: "shm",
+  nodeGrpcJsPosix: "shm",
 };
 
 /** Input column of the split tables. */
@@ -215,6 +223,8 @@ const INPUT_LABELS: Partial<Record<PathName, string>> = {
   grpcio: "bytes",
   grpcioSysv: "SysV shm",
   nodeGrpcJs: "bytes",
+  nodeGrpcJsSysv: "SysV shm",
+  nodeGrpcJsPosix: "POSIX shm",
 };
 
 interface Workspace {
@@ -326,6 +336,14 @@ function grpcioSplitSummary(splits: AgentSplit[]) {
     outsideHandlerMs: of((s) => s.totalMs - s.ms),
     callsWithCopiedInputs: splits.filter((s) => s.copiedInputs > 0).length,
     callsWithShmInputs: splits.filter((s) => s.sharedMemoryInputs > 0).length,
+    // The Node client times its protobufjs work inside each call: the rest is gRPC, HTTP/2 and the socket.
+    codec: splits.every((s) => s.clientEncodeMs !== undefined)
+      ? {
+        clientEncodeMs: of((s) => s.clientEncodeMs!),
+        clientDecodeMs: of((s) => s.clientDecodeMs!),
+        transportMs: of((s) => s.totalMs - s.ms - s.clientEncodeMs! - s.clientDecodeMs!),
+      }
+      : null,
   };
 }
 
@@ -376,6 +394,7 @@ async function measureDefault(
   const releases: (() => unknown)[] = [];
   let grpcio: GrpcioClient | null = null;
   let node: GrpcioClient | null = null;
+  let naive: NaiveNodePeer | null = null;
   try {
     // Let start-up work (module evaluation, grpc-js set-up) settle before calling the process idle.
     await new Promise((resolve) => setTimeout(resolve, 500));
@@ -395,6 +414,10 @@ async function measureDefault(
     if (workspace.node) references.push(await referenceMemory("node", files, DEFAULT_CHOICE));
     grpcio = await startGrpcio(workspace, agent);
     node = workspace.node ? await GrpcioClient.startNode(agent.socket) : null;
+    // The same Node client against a naive agent under Node (grpc-js server + onnxruntime-node).
+    naive = workspace.node
+      ? await NaiveNodePeer.start(join(workspace.dir, "naive-node.sock"), workspace.models, DEFAULT_CHOICE)
+      : null;
 
     const models = [];
     let detViaGrpcio: GrpcioRunner | null = null;
@@ -420,9 +443,16 @@ async function measureDefault(
         ]
         : [];
       if (model.key === "det" && viaGrpcio.length > 0) detViaGrpcio = viaGrpcio[0];
-      if (node) viaGrpcio.push(await GrpcioRunner.createNode(node, agents[i], workspace.dir));
+      if (node) {
+        viaGrpcio.push(
+          await GrpcioRunner.createNode(node, agents[i], workspace.dir),
+          await GrpcioRunner.createNode(node, agents[i], workspace.dir, { kind: "sysv", segmentId: segment.sysvId }),
+          await GrpcioRunner.createNode(node, agents[i], workspace.dir, { kind: "posix", segmentId: segment.posixId }),
+        );
+      }
+      const naiveRunner = naive ? [await NaiveNodeRunner.create(model, naive, agents[i].inputName, workspace.dir)] : [];
       const ownClient = agents[i].viaOwnClient();
-      const runners: Runner[] = [reference, ...grpcJs, ownClient, ...viaGrpcio, ffi];
+      const runners: Runner[] = [reference, ...grpcJs, ownClient, ...viaGrpcio, ...naiveRunner, ffi];
       const expected = await reference.output();
       const diffs: Partial<Record<PathName, number>> = {};
       for (const runner of runners.slice(1)) diffs[runner.path] = maxAbsDiff(await runner.output(), expected);
@@ -512,6 +542,7 @@ async function measureDefault(
   } finally {
     await grpcio?.stop();
     await node?.stop();
+    await naive?.stop();
     await agent.stop();
     for (const release of releases) await release();
     runtime.close();
@@ -634,11 +665,29 @@ function printDefault(report: Awaited<ReturnType<typeof defaultMode>>): void {
   );
   for (const m of report.models) {
     for (const [path, g] of Object.entries(m.grpcioSplits)) {
+      const rest = g.codec
+        ? `client encode ${ms(g.codec.clientEncodeMs)} ms, client decode ${ms(g.codec.clientDecodeMs)} ms, ` +
+          `transport ${ms(g.codec.transportMs)} ms`
+        : `the rest (client, codecs, transport) ${ms(g.outsideHandlerMs)} ms`;
       console.log(
         `  ${CLIENTS[path]} client, ${m.model}, ${INPUT_LABELS[path as PathName]}: total ${ms(g.clientTotalMs)} ms, ` +
           `agent handler ${ms(g.agentHandlerMs)} ms (bind ${ms(g.agentBindMs)}, run ${ms(g.agentRunMs)}), ` +
-          `the rest (client, codecs, transport) ${ms(g.outsideHandlerMs)} ms (medians; copied inputs ` +
-          `${g.callsWithCopiedInputs}/${g.n}, shm inputs ${g.callsWithShmInputs}/${g.n})`,
+          `${rest} (medians; copied inputs ${g.callsWithCopiedInputs}/${g.n}, shm inputs ` +
+          `${g.callsWithShmInputs}/${g.n})`,
+      );
+    }
+    // Node applications' comparison: the agent against a naive agent under Node, from the same Node client.
+    const paths = m.paths as Partial<Record<PathName, ReturnType<typeof summary>>>;
+    const [agentNode, naiveNode, reference] = [paths.nodeGrpcJs, paths.naiveNode, paths.reference];
+    if (agentNode && naiveNode && reference) {
+      console.log(
+        `  grpc-js under Node, ${m.model}, bytes: agent p50 ${ms(agentNode.p50)} ms (${
+          signedMs(agentNode.p50 - reference.p50)
+        } ms, ${ratio(agentNode.p50 / reference.p50)} in-process) vs naive Node agent ${ms(naiveNode.p50)} ms (${
+          signedMs(naiveNode.p50 - reference.p50)
+        } ms, ${ratio(naiveNode.p50 / reference.p50)}): agent below the naive peer: ${
+          agentNode.p50 < naiveNode.p50 ? "met" : "MISSED"
+        }`,
       );
     }
   }

@@ -8,8 +8,8 @@ import { ElementType, type OnnxRuntime, Session, Value } from "../ffi/onnxruntim
 import { type GraphOptimization, parseConfig } from "../src/config.ts";
 import { sessionOptions } from "../src/runtime.ts";
 import { enumValues, type OutputLocation, type Tensor } from "../src/wire.ts";
-import type { AgentProcess, PredictLog } from "./agent_process.ts";
-import type { GrpcioClient } from "./grpcio.ts";
+import { type AgentProcess, type PredictLog, readProc } from "./agent_process.ts";
+import type { GrpcioClient, NaiveNodePeer } from "./grpcio.ts";
 
 export type PathName =
   | "reference"
@@ -21,6 +21,9 @@ export type PathName =
   | "grpcio"
   | "grpcioSysv"
   | "nodeGrpcJs"
+  | "nodeGrpcJsSysv"
+  | "nodeGrpcJsPosix"
+  | "naiveNode"
   | "ffi";
 
 /** Where an agent path's input tensor travels: in the message, or as a handle to a segment filled once. */
@@ -203,13 +206,23 @@ export class FfiRunner implements Runner {
 /** Time split of one measured agent call: the client's total and the agent's own log line. */
 export interface AgentSplit extends PredictLog {
   totalMs: number;
+  /** The client's protobufjs encoding of the request and decoding of the response (Node client only). */
+  clientEncodeMs?: number;
+  clientDecodeMs?: number;
 }
 
 /** Pairs a block's calls with the agent's Predict log lines, which come in call order. */
-async function pairSplits(agent: AgentProcess, block: Sample[], splits: AgentSplit[]): Promise<void> {
+async function pairSplits(
+  agent: AgentProcess,
+  block: Sample[],
+  splits: AgentSplit[],
+  codec: { encode: number[]; decode: number[] } | null = null,
+): Promise<void> {
   const logs = await agent.takePredicts(block.length);
   block.forEach((sample, i) => {
-    if (sample.measured) splits.push({ totalMs: sample.ms, ...logs[i] });
+    if (!sample.measured) return;
+    const codecMs = codec ? { clientEncodeMs: codec.encode[i], clientDecodeMs: codec.decode[i] } : {};
+    splits.push({ totalMs: sample.ms, ...logs[i], ...codecMs });
   });
 }
 
@@ -324,15 +337,19 @@ export class GrpcioRunner implements Runner {
     grpcJs: AgentRunner,
     dir: string,
     sysvSegmentId?: number,
-    node = false,
+    node: InputSource | null = null,
   ) {
-    this.path = node ? "nodeGrpcJs" : sysvSegmentId === undefined ? "grpcio" : "grpcioSysv";
+    this.path = node
+      ? { bytes: "nodeGrpcJs", sysv: "nodeGrpcJsSysv", posix: "nodeGrpcJsPosix" }[node.kind] as PathName
+      : sysvSegmentId === undefined
+      ? "grpcio"
+      : "grpcioSysv";
     this.model = grpcJs.model;
     this.#agent = grpcJs.agent;
     this.#inputName = grpcJs.inputName;
     this.#inputFile = join(dir, `${this.model.key}.input.bin`);
     this.#outputFile = join(dir, `${this.model.key}.${this.path}-output.bin`);
-    this.#segmentId = sysvSegmentId;
+    this.#segmentId = node && node.kind !== "bytes" ? node.segmentId : sysvSegmentId;
   }
 
   /** Tensors go to and from Python as raw float32 files in `dir` (the input only when sent as bytes). */
@@ -347,10 +364,18 @@ export class GrpcioRunner implements Runner {
     return runner;
   }
 
-  /** Through the grpc-js client under Node (GrpcioClient.startNode), the input as bytes. */
-  static async createNode(client: GrpcioClient, grpcJs: AgentRunner, dir: string): Promise<GrpcioRunner> {
-    const runner = new GrpcioRunner(client, grpcJs, dir, undefined, true);
-    await Deno.writeFile(runner.#inputFile, bytesOf(runner.model.input));
+  /**
+   * Through the grpc-js client under Node (GrpcioClient.startNode), the input as bytes or as a handle to a
+   * SysV segment or POSIX object that already holds it.
+   */
+  static async createNode(
+    client: GrpcioClient,
+    grpcJs: AgentRunner,
+    dir: string,
+    source: InputSource = { kind: "bytes" },
+  ): Promise<GrpcioRunner> {
+    const runner = new GrpcioRunner(client, grpcJs, dir, undefined, source);
+    if (source.kind === "bytes") await Deno.writeFile(runner.#inputFile, bytesOf(runner.model.input));
     return runner;
   }
 
@@ -390,7 +415,55 @@ export class GrpcioRunner implements Runner {
   }
 
   afterBlock(block: Sample[]): Promise<void> {
-    return pairSplits(this.#agent, block, this.splits);
+    return pairSplits(this.#agent, block, this.splits, this.client.lastCodecMs);
+  }
+}
+
+/**
+ * Predict from the grpc-js client under Node to a naive agent under Node (bench/naive_node_peer.mjs: grpc-js
+ * server + onnxruntime-node), the input as bytes: the plain Node peer the agent should beat for Node clients.
+ */
+export class NaiveNodeRunner implements Runner {
+  readonly path = "naiveNode";
+  readonly #inputFile: string;
+  readonly #outputFile: string;
+
+  private constructor(
+    readonly model: ModelCase,
+    readonly peer: NaiveNodePeer,
+    readonly inputName: string,
+    dir: string,
+  ) {
+    this.#inputFile = join(dir, `${model.key}.naive-input.bin`);
+    this.#outputFile = join(dir, `${model.key}.naive-output.bin`);
+  }
+
+  static async create(model: ModelCase, peer: NaiveNodePeer, inputName: string, dir: string): Promise<NaiveNodeRunner> {
+    const runner = new NaiveNodeRunner(model, peer, inputName, dir);
+    await Deno.writeFile(runner.#inputFile, bytesOf(model.input));
+    return runner;
+  }
+
+  #predict(count: number, output?: string): Promise<number[]> {
+    const { key: name, shape } = this.model;
+    return this.peer.client.predict({ name, input: this.#inputFile, inputName: this.inputName, shape, count, output });
+  }
+
+  timeCalls(count: number): Promise<number[]> {
+    return this.#predict(count);
+  }
+
+  cpuMs(): number {
+    const stat = readProc(`/proc/${this.peer.pid}/stat`);
+    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    // utime + stime, in USER_HZ (100 a second).
+    return (Number(fields[11]) + Number(fields[12])) * 10;
+  }
+
+  async output(): Promise<Float32Array> {
+    await this.#predict(1, this.#outputFile);
+    const bytes = await Deno.readFile(this.#outputFile);
+    return new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4);
   }
 }
 

@@ -661,6 +661,16 @@ export class Value {
     return new Uint8Array(Deno.UnsafePointerView.getArrayBuffer(data, byteLength));
   }
 
+  /** Copies a tensor's first `target.byteLength` bytes into `target` (no ArrayBuffer over ORT's memory). */
+  copyBytesInto(target: Uint8Array): void {
+    if (target.byteLength === 0) return;
+    const out = outPointer();
+    this.ort.check("GetTensorMutableData", this.ort.api.GetTensorMutableData(this.pointer, out));
+    const data = toPointer(out);
+    if (data === null) throw new NativeError("tensor has no data");
+    new Deno.UnsafePointerView(data).copyInto(target);
+  }
+
   release(): void {
     if (this.#ptr === null) return;
     this.ort.api.ReleaseValue(this.#ptr);

@@ -293,11 +293,14 @@ export class Batcher {
 
 /** Rows [from, from + rows) of a batch output: a view of ORT's buffer, valid as long as the output. */
 function rowsOf(output: BorrowedOutput, from: number, rows: number, total: number): BorrowedOutput {
-  const rowBytes = output.bytes.byteLength / total;
+  const rowBytes = output.byteLength / total;
+  const bytes = output.bytes.subarray(from * rowBytes, (from + rows) * rowBytes);
   return {
     spec: output.spec,
     shape: [rows, ...output.shape.slice(1)],
-    bytes: output.bytes.subarray(from * rowBytes, (from + rows) * rowBytes),
+    byteLength: bytes.byteLength,
+    bytes,
+    copyInto: (target: Uint8Array) => target.set(bytes),
   };
 }
 

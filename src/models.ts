@@ -56,7 +56,12 @@ export interface Deployed {
 export interface BorrowedOutput {
   spec: TensorSpec;
   shape: number[];
-  bytes: Uint8Array;
+  byteLength: number;
+  /** A view of ORT's buffer (empty when the output went to shared memory). */
+  readonly bytes: Uint8Array;
+  /** Copies the bytes into `target` (byteLength bytes) without making a view of ORT's buffer. */
+  copyInto(target: Uint8Array): void;
+  /** Set when the output was written into the caller's shared memory: the answer carries no bytes. */
   sharedMemory?: WrittenOutput;
 }
 
@@ -406,8 +411,17 @@ export class ModelRegistry {
         const spec = entry.info.outputs[i];
         const { shape } = value.tensorInfo();
         const sharedMemory = writes?.written(i, shape);
-        if (sharedMemory) return { spec, shape, bytes: NO_BYTES, sharedMemory };
-        return { spec, shape, bytes: value.borrowBytes(outputByteLength(shape, spec.dataType)) };
+        if (sharedMemory) return { spec, shape, byteLength: 0, bytes: NO_BYTES, copyInto: () => {}, sharedMemory };
+        const byteLength = outputByteLength(shape, spec.dataType);
+        return {
+          spec,
+          shape,
+          byteLength,
+          get bytes() {
+            return value.borrowBytes(byteLength);
+          },
+          copyInto: (target: Uint8Array) => value.copyBytesInto(target.subarray(0, byteLength)),
+        };
       }));
       timing.encodeMs = lap();
       return result;

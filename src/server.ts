@@ -5,7 +5,7 @@ import { AgentError, CallCancelled, invalidArgument, StartupError, Status } from
 import type { Logger } from "./log.ts";
 import type { ModelInfo, ModelRegistry, PredictTiming } from "./models.ts";
 import { firstTensorBytesOffset, metadataOf } from "./tensors.ts";
-import { GrpcServer, type StreamHandler, type UnaryHandler } from "./transport/http2.ts";
+import { type CallContext, GrpcServer, type StreamHandler, type UnaryHandler } from "./transport/http2.ts";
 import type { ServerLimits } from "./transport/limits.ts";
 import { type DeploymentHealth, HealthService } from "./health.ts";
 import type { CaptureService } from "./capture/service.ts";
@@ -14,7 +14,7 @@ import type { Metrics } from "./metrics.ts";
 import type { SharedMemoryReader } from "./shm.ts";
 import {
   type CaptureDataRequest,
-  encodePredictResponse,
+  encodePredictResponseInto,
   enumValues,
   health,
   HEALTH_SERVICE_NAME,
@@ -50,10 +50,10 @@ function modelMessage(info: ModelInfo): Model {
 }
 
 /**
- * One rpc's work. Only Predict stops when `signal` aborts: LoadModel, UnLoadModel and CaptureData
+ * One rpc's work. Only Predict stops when `call.signal` aborts: LoadModel, UnLoadModel and CaptureData
  * change state, so once started they finish and only their answer is dropped.
  */
-type Handler = (request: unknown, timing: PredictTiming, signal: AbortSignal) => Promise<unknown> | unknown;
+type Handler = (request: unknown, timing: PredictTiming, call: CallContext) => Promise<unknown> | unknown;
 
 /** What the handlers serve from. */
 export interface Services {
@@ -69,26 +69,36 @@ const CAPTURE_STATUS = enumValues("CaptureDataStatus");
 
 function handlers({ registry, capture, shm, clockSkewSeconds }: Services): Record<RpcName, Handler> {
   return {
-    Predict: (request, timing, signal) => {
+    Predict: (request, timing, call) => {
       const { name, tensors, output_locations } = request as PredictRequest;
       return registry.predict(
         name,
         tensors,
+        // Into a buffer the transport reuses once the answer has been written.
         (outputs) =>
-          encodePredictResponse(outputs.map(({ spec, shape, bytes, sharedMemory }) => ({
-            tensor_metadata: { name: encoder.encode(spec.name), data_type: spec.dataType.dataType, shape },
-            ...(sharedMemory
-              ? {
-                shared_memory_handle: {
-                  size: sharedMemory.size.toString(),
-                  offset: sharedMemory.offset.toString(),
-                  segment_id: sharedMemory.segmentId.toString(),
-                },
-              }
-              : { byte_data: bytes }),
-          }))),
+          encodePredictResponseInto(
+            outputs.map((output) => ({
+              tensor_metadata: {
+                name: encoder.encode(output.spec.name),
+                data_type: output.spec.dataType.dataType,
+                shape: output.shape,
+              },
+              byteLength: output.byteLength,
+              copyInto: output.copyInto,
+              ...(output.sharedMemory
+                ? {
+                  shared_memory_handle: {
+                    size: output.sharedMemory.size.toString(),
+                    offset: output.sharedMemory.offset.toString(),
+                    segment_id: output.sharedMemory.segmentId.toString(),
+                  },
+                }
+                : {}),
+            })),
+            call.responseBuffer,
+          ),
         timing,
-        signal,
+        call.signal,
         output_locations,
       );
     },
@@ -208,7 +218,7 @@ function unary(
       model = modelOf(request);
       // Given up before it started (e.g. reset right behind its request): no work at all.
       call.signal.throwIfAborted();
-      const response = await handler(request, timing, call.signal);
+      const response = await handler(request, timing, call);
       if (rpc === "UnLoadModel") metrics.forget(model);
       // Finished after its caller went: the transport drops the answer; count what the client saw.
       call.signal.throwIfAborted();

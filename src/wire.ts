@@ -131,8 +131,78 @@ export function asBuffer(bytes: Uint8Array): Buffer {
 }
 
 const PredictResponse = messageType("PredictResponse");
+const TensorMetadataType = messageType("TensorMetadata");
+const SharedMemoryHandleType = messageType("SharedMemoryHandle");
 
 /** Encodes a PredictResponse now, copying the tensor bytes (which may be borrowed) once. */
 export function encodePredictResponse(tensors: Tensor[]): Buffer {
   return asBuffer(PredictResponse.encode({ tensors }).finish());
+}
+
+/** A response tensor whose bytes are copied straight into the encoded message. */
+export interface OutputTensor {
+  tensor_metadata: TensorMetadata;
+  byteLength: number;
+  copyInto(target: Uint8Array): void;
+  /** Where the output was written instead (outputs by shared memory): the tensor carries no bytes. */
+  shared_memory_handle?: SharedMemoryHandle;
+}
+
+function varintSize(value: number): number {
+  let size = 1;
+  while (value >= 128) {
+    value = Math.floor(value / 128);
+    size++;
+  }
+  return size;
+}
+
+/**
+ * The PredictResponse encodePredictResponse gives, byte for byte, written into one buffer from
+ * `allocate` (a pooled one: see transport/buffers.ts), each tensor's bytes copied once into place.
+ */
+export function encodePredictResponseInto(
+  tensors: OutputTensor[],
+  allocate: (length: number) => Uint8Array,
+): Uint8Array {
+  // PredictResponse.tensors = 1 { Tensor.tensor_metadata = 1 {...}, Tensor.byte_data = 4 bytes
+  // | Tensor.shared_memory_handle = 5 {...} }
+  const metas = tensors.map((tensor) => TensorMetadataType.encode(tensor.tensor_metadata).finish());
+  const handles = tensors.map((tensor) =>
+    tensor.shared_memory_handle ? SharedMemoryHandleType.encode(tensor.shared_memory_handle).finish() : null
+  );
+  const bodyLength = (i: number) => handles[i]?.length ?? tensors[i].byteLength;
+  const sizes = tensors.map((_, i) =>
+    1 + varintSize(metas[i].length) + metas[i].length + 1 + varintSize(bodyLength(i)) + bodyLength(i)
+  );
+  const out = allocate(sizes.reduce((total, size) => total + 1 + varintSize(size) + size, 0));
+  let at = 0;
+  const varint = (value: number) => {
+    while (value >= 128) {
+      out[at++] = (value % 128) | 128;
+      value = Math.floor(value / 128);
+    }
+    out[at++] = value;
+  };
+  tensors.forEach((tensor, i) => {
+    out[at++] = 0x0a;
+    varint(sizes[i]);
+    out[at++] = 0x0a;
+    varint(metas[i].length);
+    out.set(metas[i], at);
+    at += metas[i].length;
+    const handle = handles[i];
+    if (handle) {
+      out[at++] = 0x2a;
+      varint(handle.length);
+      out.set(handle, at);
+      at += handle.length;
+      return;
+    }
+    out[at++] = 0x22;
+    varint(tensor.byteLength);
+    tensor.copyInto(out.subarray(at, at + tensor.byteLength));
+    at += tensor.byteLength;
+  });
+  return out;
 }

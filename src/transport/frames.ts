@@ -3,6 +3,7 @@
 
 import { Status } from "../errors.ts";
 import { CompressionError, type Header, type HpackDecoder } from "./hpack.ts";
+import type { Lease } from "./buffers.ts";
 
 export const PREFACE = new TextEncoder().encode("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
 
@@ -58,25 +59,30 @@ export class ConnectionError extends Error {
   }
 }
 
+/** Writes a frame header into `out` (9 bytes), without allocating: small calls build several frames each. */
+function writeFrameHeader(out: Uint8Array, length: number, type: FrameType, flags: number, streamId: number): void {
+  out[0] = length >>> 16;
+  out[1] = (length >>> 8) & 0xff;
+  out[2] = length & 0xff;
+  out[3] = type;
+  out[4] = flags;
+  out[5] = (streamId >>> 24) & 0x7f;
+  out[6] = (streamId >>> 16) & 0xff;
+  out[7] = (streamId >>> 8) & 0xff;
+  out[8] = streamId & 0xff;
+}
+
 export function frameHeader(length: number, type: FrameType, flags: number, streamId: number): Uint8Array {
   const header = new Uint8Array(9);
-  header[0] = length >>> 16;
-  header[1] = (length >>> 8) & 0xff;
-  header[2] = length & 0xff;
-  header[3] = type;
-  header[4] = flags;
-  new DataView(header.buffer).setUint32(5, streamId & 0x7fffffff);
+  writeFrameHeader(header, length, type, flags, streamId);
   return header;
 }
 
-export function frame(
-  type: FrameType,
-  flags: number,
-  streamId: number,
-  payload: Uint8Array = new Uint8Array(0),
-): Uint8Array {
+const NO_PAYLOAD = new Uint8Array(0);
+
+export function frame(type: FrameType, flags: number, streamId: number, payload: Uint8Array = NO_PAYLOAD): Uint8Array {
   const out = new Uint8Array(9 + payload.length);
-  out.set(frameHeader(payload.length, type, flags, streamId));
+  writeFrameHeader(out, payload.length, type, flags, streamId);
   out.set(payload, 9);
   return out;
 }
@@ -459,11 +465,15 @@ export const ALIGN_HEAD_BYTES = 256;
  * A unary call's single gRPC message, assembled from DATA frames into one buffer (one copy).
  * `reserve` may refuse room for a declared length (the server's per-connection budget). With an
  * `alignment`, the message's first bytes are held until it can say where to place the buffer.
+ * With `allocate`, the buffer is leased (see buffers.ts): the reader holds the lease until it is
+ * taken (takeLease) or the reader is disposed, after which it writes nothing more.
  */
 export class MessageReader {
   #prefix = new Uint8Array(5);
   #prefixFilled = 0;
   #message: Uint8Array | null = null;
+  #lease: Lease | null = null;
+  #disposed = false;
   #filled = 0;
   /** The message's first bytes, while the alignment waits for them. */
   #head: Uint8Array | null = null;
@@ -479,8 +489,24 @@ export class MessageReader {
       reserve: (bytes: number) => MessageProblem | null;
       /** The status for a second message, which a unary call must not carry. */
       secondMessage: MessageProblem;
+      /** A leased buffer of `length` bytes, `offset` bytes into its memory (default: a new one). */
+      allocate?: (length: number, offset: number) => Lease;
     },
   ) {}
+
+  /** The whole message's lease, now the caller's to release (null without `allocate`). */
+  takeLease(): Lease | null {
+    const lease = this.#lease;
+    this.#lease = null;
+    this.#message = null;
+    this.#disposed = true;
+    return lease;
+  }
+
+  /** The call has ended before its message was taken: the buffer goes back, and later data is ignored. */
+  dispose(): void {
+    this.takeLease()?.release();
+  }
 
   get complete(): boolean {
     return this.#message !== null && this.#filled === this.#message.length;
@@ -495,6 +521,7 @@ export class MessageReader {
   }
 
   push(data: Uint8Array): void {
+    if (this.#disposed) return;
     let pos = 0;
     while (pos < data.length && !this.problem) {
       if (this.#message === null) {
@@ -520,7 +547,7 @@ export class MessageReader {
           this.#headFilled = 0;
           this.#message = this.#head; // a placeholder until the head is whole
         } else {
-          this.#message = new Uint8Array(length);
+          this.#message = this.#allocate(length, 0);
         }
       } else if (this.#head) {
         const take = Math.min(this.#head.length - this.#headFilled, data.length - pos);
@@ -546,10 +573,16 @@ export class MessageReader {
     const offset = this.alignment!.offsetOf(head);
     const pad = offset === null || offset < 0 || offset > length ? 0 : (8 - (offset % 8)) % 8;
     // Backing stores start 8-aligned (or better), so pad bytes in moves the offset onto a boundary.
-    this.#message = new Uint8Array(length + pad).subarray(pad);
+    this.#message = this.#allocate(length, pad);
     this.#message.set(head);
     this.#filled = head.length;
     this.#head = null;
+  }
+
+  #allocate(length: number, offset: number): Uint8Array {
+    if (!this.limits.allocate) return new Uint8Array(offset + length).subarray(offset);
+    this.#lease = this.limits.allocate(length, offset);
+    return this.#lease.bytes;
   }
 }
 

@@ -7,10 +7,10 @@
 
 import { AgentError, CallCancelled, type CancelReason, Status } from "../errors.ts";
 import { encodeHeaders, type Header, HpackDecoder } from "./hpack.ts";
+import { BufferPool, type Lease } from "./buffers.ts";
 import { parseRequestHeaders, trailersProblem } from "./request_headers.ts";
 
 import {
-  concat,
   ConnectionError,
   decodeHeaderBlock,
   DEFAULT_MAX_FRAME,
@@ -79,8 +79,20 @@ const RECEIVE_WINDOW = 16 * 1024 * 1024;
  * reached it are ignored (RFC 9113 section 5.1), while frames on other closed streams are errors.
  */
 const RESET_STREAMS_REMEMBERED = 1024;
+/**
+ * Request and write buffers kept for reuse once their call is done, at most this many bytes in all
+ * (a det request and a few answers); spares unused for 30 s are dropped.
+ */
+const SPARE_BUFFER_BYTES = 32 * 1024 * 1024;
 /** How many ranges of skipped stream ids are remembered (clients that skip ids are rare). */
 const SKIPPED_RANGES_REMEMBERED = 64;
+/** Response headers and the trailers of an OK call, the same on every call: HPACK-encoded once. */
+const RESPONSE_HEADERS = encodeHeaders([
+  [":status", "200"],
+  ["content-type", "application/grpc"],
+  ["grpc-accept-encoding", "identity"],
+]);
+const OK_TRAILERS = encodeHeaders([["grpc-status", String(Status.OK)]]);
 /** The body of an HTTP error answer to a request that is not gRPC, for people and tools that look. */
 const NOT_GRPC_BODY = new TextEncoder().encode(
   "This is a gRPC server: calls are POST requests with content-type application/grpc.\n",
@@ -93,10 +105,17 @@ export type UnaryResult = { message: Uint8Array } | { status: number; details: s
  * What a handler knows of its call: `signal` aborts (its reason a CallCancelled) when the deadline
  * passes, the client resets the call or its connection closes; `deadline` is the client's deadline
  * on the performance.now() clock (null: none).
+ *
+ * The request bytes are lent to the handler until its promise settles, then their buffer is reused
+ * for another call (see buffers.ts): a handler that keeps views of them longer (without copying)
+ * calls `keepRequest` and calls the function it returns once it lets go of them. `responseBuffer`
+ * gives (once per call) a buffer for the response message, reused once the answer has been written.
  */
 export interface CallContext {
   signal: AbortSignal;
   deadline: number | null;
+  keepRequest(): () => void;
+  responseBuffer(length: number): Uint8Array;
 }
 
 /** One unary method: raw request bytes in, response bytes or a status out. */
@@ -186,6 +205,8 @@ interface Stream {
   dataReceived: number;
   /** A well-formed request that is not gRPC: the HTTP answer it gets once received whole. */
   notGrpc: { status: string; body: boolean } | null;
+  /** The buffer the handler encoded its response into (CallContext.responseBuffer). */
+  responseLease: Lease | null;
 }
 
 /** One client connection (exported so tests can drive it over an in-memory Deno.Conn). */
@@ -204,6 +225,8 @@ export class Connection {
   #queuedBytes = 0;
   /** Bytes queued by #send in this turn of the event loop, written together at its end. */
   #outgoing: Uint8Array[] = [];
+  /** Settles once the last write issued has (whether it went out or failed). */
+  #writesSettled: Promise<void> = Promise.resolve();
   /** Resolves the read loop, paused while #queuedBytes is over the bound. */
   #writable: PromiseWithResolvers<void> | null = null;
   /** When a byte last went either way, and when the writer last made progress (ms, performance.now()). */
@@ -489,6 +512,7 @@ export class Connection {
         reader: new MessageReader(this.server.maxMessageBytes, {
           reserve: (bytes) => this.#reserve(stream!, bytes),
           secondMessage: { status: Status.UNIMPLEMENTED, details: "more than one request message on a unary call" },
+          allocate: (length, offset) => this.server.pool.lease(length, offset),
         }),
         remoteClosed: false,
         localClosed: false,
@@ -509,6 +533,7 @@ export class Connection {
         contentLength: null,
         dataReceived: 0,
         notGrpc: null,
+        responseLease: null,
       };
       if (fault !== "drop") this.#streams.set(streamId, stream);
     }
@@ -768,16 +793,40 @@ export class Connection {
     if (reader.compressed) {
       return this.#respondStatus(stream, Status.UNIMPLEMENTED, "compressed messages are not supported");
     }
+    // The request's buffer is released here, and only here, once the handler's promise has settled
+    // (see CallContext): whatever ended the call, the handler may still read it until then.
+    const message = reader.message;
+    const lease = reader.takeLease()!;
+    const pool = this.server.pool;
+    const call: CallContext = {
+      signal: stream.cancel.signal,
+      deadline: stream.deadline,
+      keepRequest() {
+        lease.retain();
+        let held = true;
+        return () => {
+          if (held) lease.release();
+          held = false;
+        };
+      },
+      responseBuffer(length) {
+        if (stream.responseLease) throw new Error("one response buffer per call");
+        stream.responseLease = pool.lease(length);
+        return stream.responseLease.bytes;
+      },
+    };
     // Started once the frames of this read are handled: a reset right behind the request (rapid
     // reset) has then aborted the call's signal before its handler does any work.
-    const call: CallContext = { signal: stream.cancel.signal, deadline: stream.deadline };
-    Promise.resolve().then(() => handler(reader.message, call)).then(
+    Promise.resolve().then(() => handler(message, call)).finally(() => lease.release()).then(
       (result) => {
         if ("message" in result) this.#respondMessage(stream, result.message);
         else this.#respondStatus(stream, result.status, result.details);
       },
       (error) => this.#respondStatus(stream, Status.INTERNAL, String((error as Error)?.message ?? error)),
-    );
+    ).finally(() => {
+      // A call that ended before its handler gave a buffer back (#uncount has run already).
+      if (stream.localClosed || this.#closed) this.#dropResponse(stream);
+    });
   }
 
   /** The client's deadline passed: DEADLINE_EXCEEDED if nothing went out yet, else a reset. */
@@ -789,14 +838,6 @@ export class Connection {
     this.#respondStatus(stream, Status.DEADLINE_EXCEEDED, "deadline exceeded");
     // The request may still be arriving; ask the client to stop sending it.
     if (!stream.remoteClosed) this.#reset(stream, ErrorCode.NO_ERROR);
-  }
-
-  #responseHeaders(): Uint8Array {
-    return encodeHeaders([
-      [":status", "200"],
-      ["content-type", "application/grpc"],
-      ["grpc-accept-encoding", "identity"],
-    ]);
   }
 
   #respondMessage(stream: Stream, message: Uint8Array): void {
@@ -811,7 +852,7 @@ export class Connection {
     const prefix = new Uint8Array(5);
     new DataView(prefix.buffer).setUint32(1, message.length);
     if (!stream.headersSent) {
-      this.#sendHeaderBlock(stream.id, this.#responseHeaders(), false);
+      this.#sendHeaderBlock(stream.id, RESPONSE_HEADERS, false);
       stream.headersSent = true;
     }
     stream.pending ??= { chunks: [], trailers: null };
@@ -824,10 +865,13 @@ export class Connection {
   #finish(stream: Stream, status: number, details: string): void {
     if (stream.localClosed || this.#closed) return;
     if (!stream.headersSent) return this.#respondStatus(stream, status, details);
-    const trailers: Header[] = [["grpc-status", String(status)]];
-    if (details) trailers.push(["grpc-message", encodeGrpcMessage(details)]);
     stream.pending ??= { chunks: [], trailers: null };
-    stream.pending.trailers = encodeHeaders(trailers);
+    if (status === Status.OK && !details) stream.pending.trailers = OK_TRAILERS;
+    else {
+      const trailers: Header[] = [["grpc-status", String(status)]];
+      if (details) trailers.push(["grpc-message", encodeGrpcMessage(details)]);
+      stream.pending.trailers = encodeHeaders(trailers);
+    }
     if (!stream.parked) this.#ready.add(stream);
     this.#flushPending();
   }
@@ -974,6 +1018,9 @@ export class Connection {
     if (stream.deadlineTimer !== null) clearTimeout(stream.deadlineTimer);
     stream.deadlineTimer = null;
     this.#release(stream, stream.reservedBytes);
+    // A message not handed to a handler goes back to the pool (one handed over is the handler's).
+    stream.reader.dispose();
+    this.#dropResponse(stream);
     this.#ready.delete(stream);
     this.#parked.unpark(stream);
     stream.onDrained?.();
@@ -1056,15 +1103,52 @@ export class Connection {
     let from = 0;
     for (let i = 0; i <= parts.length; i++) {
       if (i < parts.length && parts[i].length < LARGE_WRITE_BYTES) continue;
-      if (i > from) this.#write(i - from === 1 ? parts[from] : concat(parts.slice(from, i)));
+      if (i > from) {
+        if (i - from === 1) this.#write(parts[from]);
+        else this.#writeJoined(parts, from, i);
+      }
       if (i < parts.length) this.#write(parts[i]);
       from = i + 1;
     }
   }
 
-  #write(bytes: Uint8Array): void {
+  /** A stream's response buffer goes back to the pool once the writes holding views of it have settled. */
+  #dropResponse(stream: Stream): void {
+    const lease = stream.responseLease;
+    if (!lease) return;
+    stream.responseLease = null;
+    // After this turn's writes are issued (#writeOutgoing runs first: it was queued earlier), the
+    // last one settling means every earlier one has (a stream's writes complete in order).
+    const release = () => lease.release();
+    queueMicrotask(() => this.#writesSettled.then(release, release));
+  }
+
+  #write(bytes: Uint8Array, lease: Lease | null = null): void {
     const length = bytes.length;
-    this.#writer.write(bytes).then(() => this.#wrote(length), () => this.close());
+    this.#writesSettled = this.#writer.write(bytes).then(
+      () => {
+        lease?.release();
+        this.#wrote(length);
+      },
+      () => {
+        lease?.release();
+        this.close();
+      },
+    );
+  }
+
+  /** parts[from..to) joined into one write, in a pooled buffer the socket gives back once it took it. */
+  #writeJoined(parts: Uint8Array[], from: number, to: number): void {
+    let length = 0;
+    for (let i = from; i < to; i++) length += parts[i].length;
+    const lease = this.server.pool.lease(length);
+    const out = lease.bytes;
+    let offset = 0;
+    for (let i = from; i < to; i++) {
+      out.set(parts[i], offset);
+      offset += parts[i].length;
+    }
+    this.#write(out, lease);
   }
 
   #wrote(length: number): void {
@@ -1128,6 +1212,8 @@ export class GrpcServer {
   readonly alignments: Map<string, MessageAlignment>;
   /** Request message bytes held by all connections. */
   readonly budget: ByteBudget;
+  /** Large request and write buffers, reused across calls and connections. */
+  readonly pool = new BufferPool(SPARE_BUFFER_BYTES);
   stopping = false;
   readonly #connections = new Set<Connection>();
   #listener: Deno.UnixListener | null = null;
@@ -1158,6 +1244,7 @@ export class GrpcServer {
     this.#housekeeping = setInterval(() => {
       const now = performance.now();
       for (const connection of [...this.#connections]) connection.tick(now);
+      this.pool.trim(now);
     }, period);
   }
 

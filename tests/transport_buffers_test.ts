@@ -1,0 +1,223 @@
+// Request and response buffers are reused across calls (src/transport/buffers.ts). These tests fill a
+// call's bytes, make later calls that would reuse its buffer, and compare: a call cancelled while its
+// handler still reads its request (as a terminated ONNX Runtime Run does), and a capture whose data
+// the agent stores after answering, must never see another call's bytes.
+
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { Status } from "../src/errors.ts";
+import { BufferPool, sizeClass } from "../src/transport/buffers.ts";
+import { GrpcCallError, GrpcClient } from "../src/transport/client.ts";
+import { type CallContext, GrpcServer, type UnaryResult } from "../src/transport/http2.ts";
+import { encodePredictResponse, encodePredictResponseInto, enumValues } from "../src/wire.ts";
+import { withAgent } from "./helpers/agent.ts";
+import { floats, tensor } from "./helpers/assertions.ts";
+import { identityModel, OnnxType, writeModelFolder } from "./helpers/onnx_models.ts";
+
+const DataType = enumValues("DataType");
+const CaptureStatus = enumValues("CaptureDataStatus");
+const MESSAGE_BYTES = 1024 * 1024;
+
+function filled(value: number, length = MESSAGE_BYTES): Uint8Array {
+  return new Uint8Array(length).fill(value);
+}
+
+Deno.test("a lease keeps its buffer out of the pool until its last holder releases it", () => {
+  const pool = new BufferPool(16 * MESSAGE_BYTES);
+  const first = pool.lease(MESSAGE_BYTES, 3);
+  assert.equal(first.bytes.length, MESSAGE_BYTES);
+  assert.equal(first.bytes.byteOffset, 3, "the view starts where the caller asked (alignment room)");
+  first.bytes.fill(1);
+  first.retain();
+  first.release();
+  const second = pool.lease(MESSAGE_BYTES);
+  assert.ok(second.backing !== first.backing, "still held by its second holder: not handed out again");
+  first.release();
+  assert.throws(() => first.release(), /released twice/);
+  const third = pool.lease(MESSAGE_BYTES - 10, 13);
+  assert.ok(third.backing === first.backing, "the same size class reuses the buffer given back");
+  assert.equal(pool.reused, 1);
+  // Small buffers are not pooled, and the pool holds at most its byte bound.
+  assert.equal(pool.lease(100).backing.length, 100);
+  const small = new BufferPool(MESSAGE_BYTES);
+  const a = small.lease(MESSAGE_BYTES);
+  const b = small.lease(MESSAGE_BYTES);
+  a.release();
+  b.release();
+  assert.equal(small.spareBytes, sizeClass(MESSAGE_BYTES));
+});
+
+Deno.test("a pooled PredictResponse is byte for byte the one protobufjs encodes", () => {
+  const tensors = [
+    { name: "out", shape: [1, 3, 640, 640], bytes: filled(7, 4 * 3 * 640 * 640) },
+    { name: "", shape: [], bytes: new Uint8Array(0) },
+    { name: "x".repeat(200), shape: [2, 100000], bytes: filled(9, 300) },
+  ];
+  const expected = encodePredictResponse(tensors.map((t) => ({
+    tensor_metadata: { name: new TextEncoder().encode(t.name), data_type: DataType.FLOAT32, shape: t.shape },
+    byte_data: t.bytes,
+  })));
+  const pool = new BufferPool(64 * MESSAGE_BYTES);
+  const actual = encodePredictResponseInto(
+    tensors.map((t) => ({
+      tensor_metadata: { name: new TextEncoder().encode(t.name), data_type: DataType.FLOAT32, shape: t.shape },
+      byteLength: t.bytes.length,
+      copyInto: (target: Uint8Array) => target.set(t.bytes),
+    })),
+    (length) => pool.lease(length).bytes,
+  );
+  assert.equal(actual.length, expected.length);
+  assert.ok(actual.every((byte, i) => byte === expected[i]));
+});
+
+Deno.test("a call cancelled while its handler still reads its request keeps its bytes until the handler settles", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "edge-agent-buffers-" });
+  const socket = join(dir, "grpc.sock");
+  const handlerCancelled = Promise.withResolvers<void>();
+  const laterCallsDone = Promise.withResolvers<void>();
+  const held = Promise.withResolvers<{ intact: boolean; first: number }>();
+  // Reads its request after its call was cancelled, as ONNX Runtime reads a Predict's input until a
+  // terminated Run has returned.
+  const hold = async (request: Uint8Array, call: CallContext): Promise<UnaryResult> => {
+    await new Promise((resolve) => call.signal.addEventListener("abort", resolve, { once: true }));
+    handlerCancelled.resolve();
+    await laterCallsDone.promise;
+    held.resolve({ intact: request.every((byte) => byte === 0xaa), first: request[0] });
+    return { message: new Uint8Array(0) };
+  };
+  const echo = (request: Uint8Array): Promise<UnaryResult> => {
+    return Promise.resolve({ message: request.slice(0, 16) });
+  };
+  // Answers at once but keeps a view of its request, declared with keepRequest, until told to let go.
+  let kept: { request: Uint8Array; letGo: () => void } | null = null;
+  const keep = (request: Uint8Array, call: CallContext): Promise<UnaryResult> => {
+    kept = { request, letGo: call.keepRequest() };
+    return Promise.resolve({ message: new Uint8Array(0) });
+  };
+  const server = new GrpcServer({
+    methods: new Map([["/test/Hold", hold], ["/test/Echo", echo], ["/test/Keep", keep]]),
+    maxMessageBytes: 4 * MESSAGE_BYTES,
+  });
+  server.listen(socket);
+  const client = new GrpcClient(socket);
+  try {
+    await assert.rejects(
+      client.unary("/test/Hold", filled(0xaa), { deadlineMs: 300 }),
+      (error) => error instanceof GrpcCallError && error.code === Status.DEADLINE_EXCEEDED,
+    );
+    await handlerCancelled.promise;
+    // Same size class: each would take the held buffer if it had been given back at the cancellation.
+    const reusedBefore = server.pool.reused;
+    for (let i = 0; i < 4; i++) assert.deepEqual(await client.unary("/test/Echo", filled(0x55)), filled(0x55, 16));
+    laterCallsDone.resolve();
+    const { intact, first } = await held.promise;
+    assert.ok(intact, `the cancelled call's request was overwritten (first byte ${first.toString(16)})`);
+    // Once it settled, its buffer is reused: the test exercised the pool, not fresh buffers.
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    const reusedAfterHold = server.pool.reused;
+    await client.unary("/test/Echo", filled(0x11));
+    assert.ok(server.pool.reused > reusedAfterHold && reusedAfterHold > reusedBefore, "buffers are reused");
+
+    // A handler that keeps its request past its answer, by keepRequest.
+    await client.unary("/test/Keep", filled(0xcc));
+    for (let i = 0; i < 4; i++) await client.unary("/test/Echo", filled(0x33));
+    const { request, letGo } = kept!;
+    assert.ok(request.every((byte) => byte === 0xcc), "a kept request was overwritten");
+    letGo();
+    letGo(); // a second call is harmless
+    const reusedBeforeLetGo = server.pool.reused;
+    await client.unary("/test/Echo", filled(0x22));
+    assert.ok(server.pool.reused > reusedBeforeLetGo, "let go of, its buffer is reused");
+  } finally {
+    client.close();
+    await server.stop(0);
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a capture's tensors are stored as sent, while later calls reuse the request buffers", async () => {
+  const rowsCount = 40_000; // 480 KB: a pooled request
+  const captureRows = (seed: number) => Float32Array.from({ length: rowsCount * 3 }, (_, i) => seed * 1e6 + i);
+  await withAgent({
+    config: {
+      sagemaker_edge_core_capture_data_batch_size: 1,
+      sagemaker_edge_core_capture_data_push_period_seconds: 1,
+    },
+  }, async (agent) => {
+    const folder = await writeModelFolder(agent.modelsDir, "id", identityModel(OnnxType.FLOAT, ["n", 3]));
+    await agent.client.loadModel(folder, "id");
+    const sent = captureRows(1);
+    const captured = agent.client.call("CaptureData", {
+      model_name: "id",
+      capture_id: "kept-1",
+      input_tensors: [tensor("x", DataType.FLOAT32, [rowsCount, 3], sent)],
+      output_tensors: [],
+    }).then(() => null, (error) => error);
+    // Calls of about the same size while the capture is being taken and after it was acknowledged.
+    for (let seed = 2; seed < 8; seed++) {
+      const { tensors } = await agent.client.predict("id", [
+        tensor("x", DataType.FLOAT32, [rowsCount, 3], captureRows(seed)),
+      ]);
+      assert.equal(floats(tensors[0].byte_data!)[5], seed * 1e6 + 5);
+      if (seed === 4) assert.equal(await captured, null, "the capture is acknowledged");
+    }
+    const deadline = Date.now() + 20_000;
+    while (
+      (await agent.client.call<{ status: number }>("GetCaptureDataStatus", { capture_id: "kept-1" })).status !==
+        CaptureStatus.SUCCESS
+    ) {
+      if (Date.now() > deadline) throw new Error("the capture was not stored");
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    const captures = join(agent.dir, "state", "captures");
+    const stored = await storedTensor(captures);
+    assert.equal(stored.length, sent.length);
+    assert.ok(stored.every((value, i) => value === sent[i]), "the stored capture holds the bytes sent");
+  });
+});
+
+/** The one large tensor object under `root`. */
+async function storedTensor(root: string): Promise<Float32Array> {
+  const files: string[] = [];
+  const walk = async (dir: string) => {
+    for await (const entry of Deno.readDir(dir)) {
+      const path = join(dir, entry.name);
+      if (entry.isDirectory) await walk(path);
+      else if (!path.endsWith(".jsonl")) files.push(path);
+    }
+  };
+  await walk(root);
+  assert.equal(files.length, 1, `one tensor object: ${files.join(", ")}`);
+  return floats(await Deno.readFile(files[0]));
+}
+
+Deno.test("large answers written while other connections' calls reuse the buffers arrive intact", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "edge-agent-buffers-" });
+  const socket = join(dir, "grpc.sock");
+  const answerBytes = 2 * MESSAGE_BYTES; // more than a socket holds: its writes stay in flight for a while
+  // Its answer in a pooled buffer, every byte the request's first one.
+  const fill = (request: Uint8Array, call: CallContext): Promise<UnaryResult> =>
+    Promise.resolve({ message: call.responseBuffer(answerBytes).fill(request[0]) });
+  const server = new GrpcServer({ methods: new Map([["/test/Fill", fill]]), maxMessageBytes: 4 * MESSAGE_BYTES });
+  server.listen(socket);
+  const clients = [1, 2, 3].map(() => new GrpcClient(socket));
+  try {
+    await Promise.all(clients.map(async (client, c) => {
+      for (let i = 0; i < 8; i++) {
+        const value = c * 16 + i + 1;
+        const answer = await client.unary("/test/Fill", filled(value, 16));
+        assert.equal(answer.length, answerBytes);
+        const wrong = answer.findIndex((byte) => byte !== value);
+        assert.equal(wrong, -1, `answer ${value} holds ${answer[wrong]} at ${wrong}`);
+      }
+    }));
+    assert.ok(server.pool.reused > 10, `buffers are reused (${server.pool.reused})`);
+    // Every answer's buffer came back once written (the writes have settled by now).
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    assert.ok(server.pool.sparesFor(answerBytes) >= 1, "answer buffers are given back to the pool");
+  } finally {
+    for (const client of clients) client.close();
+    await server.stop(0);
+    await Deno.remove(dir, { recursive: true });
+  }
+});
