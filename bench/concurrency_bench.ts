@@ -57,6 +57,10 @@ const SWEEP: Policy[] = [
     keys: { edge_agent_intra_op_threads: 0, edge_agent_max_concurrent_runs: 1 },
   },
   {
+    label: "intra 0 (one per core), runs one per core, shared pools",
+    keys: { edge_agent_intra_op_threads: 0, edge_agent_max_concurrent_runs: navigator.hardwareConcurrency },
+  },
+  {
     label: "intra 0, runs unlimited, a pool per model (the earlier defaults)",
     keys: {
       edge_agent_intra_op_threads: 0,
