@@ -23,6 +23,8 @@ export interface AgentConfig {
   modelMemoryBudgetBytes: number;
   intraOpThreads: number;
   interOpThreads: number;
+  /** Intra-op threads of the models named here, on pools of their own (0: one per core); others use intraOpThreads. */
+  modelIntraOpThreads: Record<string, number>;
   /** Runs of one model at once; 0: as many as the cores hold at intra-op threads each (see threadPolicy). */
   maxConcurrentRuns: number;
   /** One intra-op and one inter-op pool for all models (ORT's global thread pools) instead of a pair per model. */
@@ -93,7 +95,7 @@ export interface BatchingSettings {
   maxQueue: number;
 }
 
-type Kind = "string" | "boolean" | "integer" | "path" | "paths" | "mode" | "batching";
+type Kind = "string" | "boolean" | "integer" | "path" | "paths" | "mode" | "batching" | "threadsByModel";
 
 interface KeySpec {
   kind: Kind;
@@ -120,6 +122,7 @@ export const DEFAULTS: AgentConfig = {
   modelMemoryBudgetBytes: 0,
   intraOpThreads: 1,
   interOpThreads: 1,
+  modelIntraOpThreads: {},
   maxConcurrentRuns: 0,
   sharedThreadPools: true,
   allowSpinning: false,
@@ -239,6 +242,7 @@ const AGENT_KEYS: Record<string, KeySpec> = {
   edge_agent_model_memory_budget_bytes: { kind: "integer", field: "modelMemoryBudgetBytes", min: 0 },
   edge_agent_intra_op_threads: { kind: "integer", field: "intraOpThreads", min: 0, max: 256 },
   edge_agent_inter_op_threads: { kind: "integer", field: "interOpThreads", min: 0, max: 256 },
+  edge_agent_model_intra_op_threads: { kind: "threadsByModel", field: "modelIntraOpThreads" },
   edge_agent_max_concurrent_runs: { kind: "integer", field: "maxConcurrentRuns", min: 0, max: 1024 },
   edge_agent_shared_thread_pools: { kind: "boolean", field: "sharedThreadPools" },
   edge_agent_allow_spinning: { kind: "boolean", field: "allowSpinning" },
@@ -488,8 +492,39 @@ function checkValue(
       return parseInt(value, 8);
     case "batching":
       return checkBatching(label, value);
+    case "threadsByModel":
+      return checkThreadsByModel(label, value);
   }
 }
+
+const MAX_THREADS = 256;
+
+/** `{ "<model name>": <intra-op threads, 0-256> }`. */
+function checkThreadsByModel(label: string, value: unknown): Record<string, number> | { problem: string } {
+  if (typeof value !== "object" || value === null || Array.isArray(value)) {
+    return { problem: `${label} must be an object of model names to thread counts, got ${JSON.stringify(value)}` };
+  }
+  const result: Record<string, number> = {};
+  for (const [model, raw] of Object.entries(value)) {
+    if (!MODEL_NAME_PATTERN.test(model)) {
+      return { problem: `${label}, model "${model}": not a model name (letters, digits and inner hyphens)` };
+    }
+    const threads = typeof raw === "string" && /^\d{1,4}$/.test(raw) ? Number(raw) : raw;
+    if (typeof threads !== "number" || !Number.isInteger(threads) || threads < 0 || threads > MAX_THREADS) {
+      return {
+        problem:
+          `${label}, model "${model}": must be a whole number of threads from 0 (one per core) to ${MAX_THREADS}, got ${
+            JSON.stringify(raw)
+          }`,
+      };
+    }
+    result[model] = threads;
+  }
+  return result;
+}
+
+/** What LoadModel accepts as a model name. */
+export const MODEL_NAME_PATTERN = /^[a-zA-Z0-9](-*[a-zA-Z0-9])*$/;
 
 export const BATCHING_DEFAULTS: BatchingSettings = { maxBatchSize: 8, maxDelayMs: 2, maxQueue: 64 };
 
@@ -511,7 +546,7 @@ function checkBatching(label: string, value: unknown): Record<string, BatchingSe
   const result: Record<string, BatchingSettings | false> = {};
   for (const [model, settings] of Object.entries(value)) {
     const where = `${label}, model "${model}"`;
-    if (model !== "*" && !/^[a-zA-Z0-9](-*[a-zA-Z0-9])*$/.test(model)) {
+    if (model !== "*" && !MODEL_NAME_PATTERN.test(model)) {
       return { problem: `${where}: not a model name (letters, digits and inner hyphens) nor "*"` };
     }
     if (settings === false) {

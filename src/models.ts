@@ -3,7 +3,7 @@
 
 import { type OnnxRuntime, OrtError, RunOptions, Session, type Value } from "../ffi/onnxruntime.ts";
 import { Batcher, type BatchObserver, unbatchable } from "./batching.ts";
-import { type AgentConfig, batchingFor } from "./config.ts";
+import { type AgentConfig, batchingFor, MODEL_NAME_PATTERN } from "./config.ts";
 import {
   AgentError,
   alreadyExists,
@@ -16,13 +16,13 @@ import {
 import type { Logger } from "./log.ts";
 import { openPackage } from "./packages/load.ts";
 import { RunSlots } from "./run_slots.ts";
-import { sessionOptions, type ThreadPolicy, threadPolicy } from "./runtime.ts";
+import { concurrentRunsFor, sessionOptions, type ThreadPolicy, threadPolicy } from "./runtime.ts";
 import type { SharedMemoryReader, ShmRegion } from "./shm.ts";
 import { bindOutputLocations, type OutputTarget, OutputWrites, type WrittenOutput } from "./shm_outputs.ts";
 import { bindInputs, type BoundInput, inputValue, outputByteLength, type TensorSpec, toSpecs } from "./tensors.ts";
 import type { OutputLocation, Tensor } from "./wire.ts";
 
-export const MODEL_NAME = /^[a-zA-Z0-9](-*[a-zA-Z0-9])*$/;
+export const MODEL_NAME = MODEL_NAME_PATTERN;
 const MAX_MODEL_NAME = 255;
 const ORT_INVALID_ARGUMENT = 2;
 const NO_BYTES = new Uint8Array(0);
@@ -117,7 +117,7 @@ export class ModelRegistry {
     checkModelName(name);
     if (this.#models.has(name)) throw alreadyExists(`a model named ${name} is already loaded`);
     // Reserve the name before the first await, so concurrent loads of one name cannot both win.
-    const placeholder = pending(name, url, this.threads.concurrentRuns);
+    const placeholder = pending(name, url, concurrentRunsFor(this.config, name));
     this.#models.set(name, placeholder);
     try {
       const entry = await this.#open(url, name, this.config.modelRoots);
@@ -140,7 +140,7 @@ export class ModelRegistry {
     checkModelName(name);
     const previous = this.#models.get(name);
     if (previous?.session === null) throw alreadyExists(`model ${name} is being loaded`);
-    const placeholder = previous ? null : pending(name, origin.url, this.threads.concurrentRuns);
+    const placeholder = previous ? null : pending(name, origin.url, concurrentRunsFor(this.config, name));
     if (placeholder) this.#models.set(name, placeholder);
     let entry: Entry;
     try {
@@ -177,7 +177,7 @@ export class ModelRegistry {
 
   /** Verifies and opens a package into a new entry, reserving its memory; nothing is left behind on failure. */
   async #open(url: string, name: string, roots: string[]): Promise<Entry> {
-    const entry = pending(name, url, this.threads.concurrentRuns);
+    const entry = pending(name, url, concurrentRunsFor(this.config, name));
     const started = performance.now();
     let session: Session | null = null;
     let reserved = false;
@@ -211,7 +211,7 @@ export class ModelRegistry {
       const version: unknown = model.manifest?.version;
       // Captures record it; Edge Manager's ModelVersion was a string of at most 64 characters.
       if (typeof version === "string" || typeof version === "number") entry.info.version = String(version).slice(0, 64);
-      const options = sessionOptions(this.ort, this.config);
+      const options = sessionOptions(this.ort, this.config, name);
       try {
         session = await Session.create(this.ort, model.bytes, options);
       } catch (error) {
@@ -340,7 +340,7 @@ export class ModelRegistry {
       });
       return null;
     }
-    const runs = this.threads.concurrentRuns;
+    const runs = concurrentRunsFor(this.config, name);
     this.log.info("dynamic batching on", {
       model: name,
       maxBatchSize: settings.maxBatchSize,

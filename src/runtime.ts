@@ -145,6 +145,22 @@ export function threadPolicy(config: AgentConfig, cores: number = navigator.hard
   };
 }
 
+/** Intra-op threads of a model named in edge_agent_model_intra_op_threads, or null when it takes the policy's. */
+function ownThreads(config: AgentConfig, model: string): number | null {
+  return Object.hasOwn(config.modelIntraOpThreads, model) ? config.modelIntraOpThreads[model] : null;
+}
+
+/** Runs of `model` at once: its intra-op threads decide, as threadPolicy does for every other model. */
+export function concurrentRunsFor(
+  config: AgentConfig,
+  model: string,
+  cores: number = navigator.hardwareConcurrency,
+): number {
+  const own = ownThreads(config, model);
+  if (own === null) return threadPolicy(config, cores).concurrentRuns;
+  return config.maxConcurrentRuns || Math.max(1, Math.floor(cores / (own === 0 ? cores : own)));
+}
+
 /** The environment's pools when models share them (edge_agent_shared_thread_pools). */
 function globalThreadPools(config: AgentConfig): GlobalThreadPools | null {
   if (!config.sharedThreadPools) return null;
@@ -153,13 +169,15 @@ function globalThreadPools(config: AgentConfig): GlobalThreadPools | null {
 }
 
 /** Session options from the config. The caller releases them. */
-export function sessionOptions(ort: OnnxRuntime, config: AgentConfig): SessionOptions {
+export function sessionOptions(ort: OnnxRuntime, config: AgentConfig, model = ""): SessionOptions {
   const options = new SessionOptions(ort);
   try {
-    // With shared pools the environment's settings apply and the session's thread counts are ignored.
-    if (ort.globalThreadPools) options.disablePerSessionThreads();
+    const own = ownThreads(config, model);
+    // With shared pools the environment's settings apply and the session's thread counts are ignored;
+    // a model given threads of its own gets pools of its own.
+    if (ort.globalThreadPools && own === null) options.disablePerSessionThreads();
     options
-      .setIntraOpThreads(config.intraOpThreads)
+      .setIntraOpThreads(own ?? config.intraOpThreads)
       .setInterOpThreads(config.interOpThreads)
       .setGraphOptimizationLevel(GraphOptimizationLevel[config.graphOptimization])
       .setCpuMemArena(config.cpuMemArena)

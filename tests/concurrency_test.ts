@@ -8,7 +8,7 @@ import { AgentClient } from "../src/client.ts";
 import { scrapeMetrics } from "../src/client_cli.ts";
 import { parseConfig } from "../src/config.ts";
 import { Status } from "../src/errors.ts";
-import { threadPolicy } from "../src/runtime.ts";
+import { concurrentRunsFor, threadPolicy } from "../src/runtime.ts";
 import { enumValues } from "../src/wire.ts";
 import { parseLogs, startAgent } from "./helpers/agent.ts";
 import { floats, rejectsWith, tensor } from "./helpers/assertions.ts";
@@ -249,6 +249,28 @@ Deno.test("concurrency: with shared thread pools, loading models adds no threads
   assert.ok(added.false >= 4, `own pools: ${added.false} threads added by two more models`);
 });
 
+Deno.test("concurrency: a model given threads of its own gets pools of its own beside the shared ones", async () => {
+  const threads = (pid: number) => [...Deno.readDirSync(`/proc/${pid}/task`)].length;
+  const agent = await startAgent({
+    config: { edge_agent_intra_op_threads: 1, edge_agent_model_intra_op_threads: { big: 3 } },
+  });
+  try {
+    await agent.client.loadModel(await writeModelFolder(agent.modelsDir, "small", addSubModel()), "small");
+    const before = threads(agent.process.pid);
+    await agent.client.loadModel(await writeModelFolder(agent.modelsDir, "big", addSubModel()), "big");
+    const { tensors } = await agent.client.predict("big", [
+      tensor("a", FLOAT32, [2, 2], Float32Array.of(1, 2, 3, 4)),
+      tensor("b", FLOAT32, [2, 2], Float32Array.of(1, 1, 1, 1)),
+    ]);
+    assert.deepEqual([...floats(tensors[0].byte_data)], [2, 3, 4, 5]);
+    // Its intra-op pool: the calling thread and two workers.
+    assert.ok(threads(agent.process.pid) - before >= 2, "the named model brought its own pool");
+  } finally {
+    assert.equal((await agent.stop()).code, 0, agent.logs());
+    await Deno.remove(agent.dir, { recursive: true });
+  }
+});
+
 Deno.test("concurrency: the thread policy from the config keys, for a given number of cores", () => {
   const policy = (keys: Record<string, unknown>, cores: number) => threadPolicy(parseConfig(keys).config, cores);
   // Defaults: one thread per Run, as many Runs of a model at once as there are cores, pools shared.
@@ -267,4 +289,15 @@ Deno.test("concurrency: the thread policy from the config keys, for a given numb
   // Set explicitly, the limit is the config's whatever the cores.
   assert.equal(policy({ edge_agent_max_concurrent_runs: 3, edge_agent_intra_op_threads: 0 }, 4).concurrentRuns, 3);
   assert.equal(policy({ edge_agent_shared_thread_pools: false }, 2).sharedThreadPools, false);
+  // A model given all cores runs one at a time; the others keep the policy's slots.
+  const named = parseConfig({ edge_agent_model_intra_op_threads: { det: 0, mid: "2" } }).config;
+  assert.equal(concurrentRunsFor(named, "det", 4), 1);
+  assert.equal(concurrentRunsFor(named, "mid", 4), 2);
+  assert.equal(concurrentRunsFor(named, "cls", 4), 4);
+  assert.equal(concurrentRunsFor(named, "constructor", 4), 4);
+  assert.throws(
+    () => parseConfig({ edge_agent_model_intra_op_threads: { det: -1 } }),
+    /"edge_agent_model_intra_op_threads", model "det": must be a whole number of threads from 0/,
+  );
+  assert.throws(() => parseConfig({ edge_agent_model_intra_op_threads: [1] }), /must be an object of model names/);
 });
