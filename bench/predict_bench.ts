@@ -815,6 +815,16 @@ function summarizeDefault(report: Awaited<ReturnType<typeof defaultMode>>): void
     } MiB, so <= ${(referenceMiB + 30).toFixed(1)})`,
     met: mem.modelsLoaded.rssMiB <= referenceMiB + 30,
   });
+  const det = report.models.find((m) => m.model === "det");
+  const detPaths = det?.paths as Partial<Record<PathName, ReturnType<typeof summary>>> | undefined;
+  if (detPaths?.agentSysvInOut && detPaths.reference) {
+    const shmRatio = detPaths.agentSysvInOut.p50 / detPaths.reference.p50;
+    targets.add({
+      what: ROW.detSharedMemory,
+      measured: `${ratio(shmRatio)} (SysV, grpc-js client)`,
+      met: shmRatio <= 1.02,
+    });
+  }
   if (report.readyMs.length > 0) {
     const ready = median(report.readyMs);
     targets.add({
