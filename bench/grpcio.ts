@@ -157,18 +157,10 @@ export class NaiveNodePeer {
       stdout: "piped",
       stderr: "inherit",
     }).spawn();
-    const { value } = await lines(process.stdout)[Symbol.asyncIterator]().next();
-    if (value !== "listening") {
-      await process.status;
-      throw new Error(`${NAIVE_NODE_PEER} did not start`);
-    }
-    try {
-      return new NaiveNodePeer(await GrpcioClient.startNode(socket), process);
-    } catch (error) {
-      process.kill();
-      await process.status;
-      throw error;
-    }
+    return new NaiveNodePeer(
+      await connectWhenListening(process, NAIVE_NODE_PEER, () => GrpcioClient.startNode(socket)),
+      process,
+    );
   }
 
   get pid(): number {
@@ -179,6 +171,29 @@ export class NaiveNodePeer {
     await this.client.stop();
     this.process.kill();
     await this.process.status;
+  }
+}
+
+/**
+ * Waits for a peer process's "listening" line, then connects `client` to it; the process is killed when
+ * either fails.
+ */
+export async function connectWhenListening(
+  process: Deno.ChildProcess,
+  name: string,
+  client: () => Promise<GrpcioClient>,
+): Promise<GrpcioClient> {
+  const { value } = await lines(process.stdout)[Symbol.asyncIterator]().next();
+  if (value !== "listening") {
+    await process.status;
+    throw new Error(`${name} did not start`);
+  }
+  try {
+    return await client();
+  } catch (error) {
+    process.kill();
+    await process.status;
+    throw error;
   }
 }
 

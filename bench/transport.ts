@@ -11,7 +11,7 @@ import { parseArgs } from "node:util";
 import { PYTHON } from "../tests/helpers/python.ts";
 import { PADDLE_DET, writeModelFolder } from "../tests/helpers/onnx_models.ts";
 import { AgentProcess } from "./agent_process.ts";
-import { generateStubs, GrpcioClient, grpcioMissing, lines } from "./grpcio.ts";
+import { connectWhenListening, generateStubs, GrpcioClient, grpcioMissing, lines } from "./grpcio.ts";
 import { AgentRunner, GrpcioRunner, type ModelCase, pseudoRandomInput } from "./runners.ts";
 import { median, ms, ratio } from "./stats.ts";
 
@@ -84,18 +84,10 @@ export class MinimalPeer {
       stdout: "piped",
       stderr: "inherit",
     }).spawn();
-    const { value } = await lines(process.stdout)[Symbol.asyncIterator]().next();
-    if (value !== "listening") {
-      await process.status;
-      throw new Error(`${MINIMAL_PEER} did not start`);
-    }
-    try {
-      return new MinimalPeer(await GrpcioClient.start(stubs, socket), process);
-    } catch (error) {
-      process.kill();
-      await process.status;
-      throw error;
-    }
+    return new MinimalPeer(
+      await connectWhenListening(process, MINIMAL_PEER, () => GrpcioClient.start(stubs, socket)),
+      process,
+    );
   }
 
   async stop(): Promise<void> {
