@@ -16,6 +16,8 @@ import {
   unaryCall,
 } from "./helpers/raw_h2.ts";
 import { HEALTH_SERVICE_NAME, SERVICE_NAME } from "../src/wire.ts";
+import { Status } from "../src/errors.ts";
+import { HpackDecoder } from "../src/transport/hpack.ts";
 
 const GRACE_SECONDS = 1;
 /** The stop's bound: the grace period plus one second (process start-up of the test is not in it). */
@@ -78,6 +80,14 @@ for (const signal of ["SIGTERM", "SIGINT", "SIGHUP"] as const) {
       assert.ok(cut, "the calls cut off are logged");
       assert.ok((cut.calls as string[]).includes(LIST_MODELS), JSON.stringify(cut));
       assert.ok(logs.some((l) => l.msg === "stopped"));
+      // The call cut off mid-request is told so, with a status clients retry on, before the connection ends.
+      const decoder = new HpackDecoder();
+      const answer = half.frames.filter((f) => f.type === T.HEADERS && f.stream === 1)
+        .flatMap((f) => decoder.decode(f.payload));
+      assert.ok(
+        answer.some(([name, value]) => name === "grpc-status" && value === String(Status.UNAVAILABLE)),
+        JSON.stringify(answer),
+      );
     } finally {
       for (const peer of peers) peer.close();
       await agent.stop();

@@ -1174,6 +1174,21 @@ export class Connection {
     }
   }
 
+  /**
+   * The agent is stopping and its grace period is over: every call still open gets UNAVAILABLE (a
+   * status clients retry on) instead of a connection that just ends, and its work is stopped. A call
+   * whose answer is already queued whole keeps it.
+   */
+  endCallsForStop(): void {
+    for (const stream of [...this.#streams.values()]) {
+      if (!stream.counted || stream.localClosed || stream.pending?.trailers) continue;
+      this.#cancelHandler(stream, "disconnect");
+      this.#finish(stream, Status.UNAVAILABLE, "the agent stopped before this call finished");
+      // Answered whole while the client was still sending: ask it to stop.
+      if (stream.localClosed && !stream.remoteClosed) this.#reset(stream, ErrorCode.NO_ERROR);
+    }
+  }
+
   /** Says GOAWAY and closes, giving the frame `flushMs` to go out. */
   goAway(code: ErrorCode, flushMs = CLOSE_FLUSH_MS): void {
     this.#send(frame(FrameType.GOAWAY, 0, 0, u32Payload(this.#lastStreamId, code)));
@@ -1326,7 +1341,10 @@ export class GrpcServer {
       clearTimeout(timer);
     }
     const unfinished = [...this.#calls].map((call) => call.path);
-    for (const connection of [...this.#connections]) connection.goAway(ErrorCode.NO_ERROR, STOP_FLUSH_MS);
+    for (const connection of [...this.#connections]) {
+      connection.endCallsForStop();
+      connection.goAway(ErrorCode.NO_ERROR, STOP_FLUSH_MS);
+    }
     return unfinished;
   }
 }
