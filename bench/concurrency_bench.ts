@@ -24,13 +24,14 @@ import { AgentProcess } from "./agent_process.ts";
 import { generateStubs, GrpcioClient, grpcioMissing } from "./grpcio.ts";
 import { pseudoRandomInput } from "./runners.ts";
 import { median, ms, percentile, ratio, table } from "./stats.ts";
+import { ROW, summary } from "./summary.ts";
 
 const RESULTS_DIR = new URL("./results/", import.meta.url).pathname;
 const CLIENT_COUNTS = [1, 2, 4, 8];
 const SHAPE = [1, 3, 48, 192];
 const WARMUP_CALLS = 100;
 
-type ClientKind = "grpcio" | "own";
+export type ClientKind = "grpcio" | "own";
 type Scenario = "one model" | "two models";
 const SCENARIOS: Scenario[] = ["one model", "two models"];
 
@@ -344,19 +345,24 @@ function printCells(policy: Policy, cells: Cell[]): void {
   }
 }
 
-async function main(): Promise<void> {
-  const { values } = parseArgs({
-    args: Deno.args,
-    options: {
-      seconds: { type: "string", default: "2" },
-      rounds: { type: "string", default: "2" },
-      clients: { type: "string", default: "grpcio,own" },
-      sweep: { type: "boolean", default: false },
-    },
-  });
-  const seconds = Number(values.seconds);
-  const rounds = Number(values.rounds);
-  const kinds = values.clients.split(",") as ClientKind[];
+/** The summary's concurrency rows from the default policy's one-model cells (grpcio first, as devices call). */
+function summarize(cells: Cell[]): void {
+  const kind = cells.some((c) => c.kind === "grpcio") ? "grpcio" : cells[0]?.kind;
+  const rate = (n: number) =>
+    cells.find((c) => c.kind === kind && c.scenario === SCENARIOS[0] && c.clients === n)?.callsPerSecond;
+  const [one, four, eight] = [rate(1), rate(4), rate(8)];
+  if (!one || !four || !eight) return;
+  summary.add({ what: ROW.concurrency4, measured: `${ratio(four / one)} (${kind})`, met: four / one >= 1.8 });
+  summary.add({ what: ROW.concurrency8, measured: `${ratio(eight / four)} (${kind})`, met: eight / four >= 1 });
+}
+
+/**
+ * 1, 2, 4 and 8 clients under the default thread policy (every policy of the sweep with `sweep`), printed,
+ * saved under bench/results, and the default policy's ratios added to the summary table.
+ */
+export async function concurrencyBenchmark(
+  { seconds, rounds, kinds, sweep }: { seconds: number; rounds: number; kinds: ClientKind[]; sweep: boolean },
+): Promise<void> {
   const dir = await Deno.makeTempDir({ prefix: "edge-agent-concurrency-" });
   try {
     const modelsDir = join(dir, "models");
@@ -367,7 +373,7 @@ async function main(): Promise<void> {
     const missing = kinds.includes("grpcio") ? await grpcioMissing() : "not asked for";
     if (missing && kinds.includes("grpcio")) console.log(`grpcio clients skipped: ${missing}`);
     const stubs = missing ? null : await generateStubs(dir);
-    const policies = values.sweep ? SWEEP : [DEFAULT_POLICY];
+    const policies = sweep ? SWEEP : [DEFAULT_POLICY];
     console.log(
       `${Deno.build.target}, ${navigator.hardwareConcurrency} cores; agent defaults: intra-op threads ${DEFAULTS.intraOpThreads}; ` +
         `${rounds} rounds of ${seconds} s per cell`,
@@ -385,6 +391,7 @@ async function main(): Promise<void> {
       );
       const after = await coresAvailable();
       printCells(policy, cells);
+      if (policy === DEFAULT_POLICY) summarize(cells);
       console.log(
         `cores this run could get (${navigator.hardwareConcurrency} busy processes), before / after: ` +
           `${before.toFixed(2)} / ${
@@ -402,4 +409,20 @@ async function main(): Promise<void> {
   }
 }
 
-if (import.meta.main) await main();
+if (import.meta.main) {
+  const { values } = parseArgs({
+    args: Deno.args,
+    options: {
+      seconds: { type: "string", default: "2" },
+      rounds: { type: "string", default: "2" },
+      clients: { type: "string", default: "grpcio,own" },
+      sweep: { type: "boolean", default: false },
+    },
+  });
+  await concurrencyBenchmark({
+    seconds: Number(values.seconds),
+    rounds: Number(values.rounds),
+    kinds: values.clients.split(",") as ClientKind[],
+    sweep: values.sweep,
+  });
+}

@@ -21,6 +21,7 @@ import { asBuffer, messageType, type Tensor } from "../src/wire.ts";
 import { PADDLE_CLS, PADDLE_DET, writeModelFolder } from "../tests/helpers/onnx_models.ts";
 import { AgentProcess, readProc } from "./agent_process.ts";
 import { captureBenchmark, printCaptures } from "./capture_bench.ts";
+import { concurrencyBenchmark } from "./concurrency_bench.ts";
 import { loadBenchmark, printLoads } from "./load_bench.ts";
 import { generateStubs, GrpcioClient, grpcioMissing, NaiveNodePeer, nodeMissing } from "./grpcio.ts";
 import {
@@ -969,6 +970,15 @@ async function main(): Promise<void> {
       });
       const slowdown = captures.predictWithCapturesMs / captures.predictAloneMs;
       targets.add({ what: ROW.predictUnderCaptures, measured: ratio(slowdown), met: slowdown <= 1.1 });
+      console.log(
+        "\nConcurrent clients on cls (`deno task bench:concurrency` adds the agent's own client and --sweep)",
+      );
+      await concurrencyBenchmark({
+        seconds: values.quick ? 1 : 2,
+        rounds: values.quick ? 1 : 2,
+        kinds: ["grpcio"],
+        sweep: false,
+      });
       results = { ...report, loads, captures };
     }
   } finally {
