@@ -68,10 +68,6 @@ async function sha256File(path: string): Promise<string | null> {
 }
 
 /**
- * Opens the first candidate that loads. dlopen itself answers whether a path exists, so no read
- * permission is needed on library folders.
- */
-/**
  * ONNX Runtime's Linux builds start Microsoft's telemetry when the environment is created unless
  * this variable is "1": a device id and an event queue written under ~/.cache (or XDG_CACHE_HOME)
  * and uploads to a Microsoft host. Native code is outside Deno's sandbox, so the agent switches
@@ -91,6 +87,10 @@ function disableTelemetry(): void {
   }
 }
 
+/**
+ * Opens the first candidate that loads. dlopen itself answers whether a path exists, so no read
+ * permission is needed on library folders.
+ */
 export async function openRuntime(config: AgentConfig): Promise<OnnxRuntime> {
   disableTelemetry();
   const failures: string[] = [];
