@@ -125,7 +125,7 @@ async function client(args: string[], defaultSocket: string, USAGE: string): Pro
   if (values.input.filter((i) => /^[^=]+=-(:|$)/.test(i)).length > 1) {
     fail("client: only one --input can come from standard input (-)", 2);
   }
-  const cli = await import("./src/client_cli.ts");
+  const cli = await import("./src/client/client_cli.ts");
   const need = (value: string | undefined, what: string): string =>
     value ?? fail(`client ${action}: ${what}\n\n${USAGE}`, 2);
   try {

@@ -3,7 +3,7 @@
 
 import { join } from "node:path";
 import { GrpcJsAgentClient as AgentClient } from "../tests/helpers/grpcjs_client.ts";
-import { AgentClient as EdgeAgentClient } from "../src/client.ts";
+import { AgentClient as EdgeAgentClient } from "../src/client/client.ts";
 import { agentDeployment } from "../tests/helpers/agent.ts";
 import { testTrust } from "../tests/helpers/signing.ts";
 
@@ -13,7 +13,7 @@ const START_TIMEOUT_MS = 60_000;
 const LOG_TIMEOUT_MS = 10_000;
 const TAIL_LINES = 40;
 
-/** The timing fields of one Predict debug line (see src/server.ts). */
+/** The timing fields of one Predict debug line (see src/service/server.ts). */
 export interface PredictLog {
   ms: number;
   bindMs: number;

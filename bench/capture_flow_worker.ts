@@ -3,8 +3,8 @@
 // Message in: { socket, senders, rate (captures/s in all), ms, prefix }; answers { sent } when done;
 // { close: true } closes the connections.
 
-import { AgentClient } from "../src/client.ts";
-import { enumValues } from "../src/wire.ts";
+import { AgentClient } from "../src/client/client.ts";
+import { enumValues } from "../src/service/wire.ts";
 import { tensor } from "../tests/helpers/assertions.ts";
 
 const float32 = enumValues("DataType").FLOAT32;

@@ -5,7 +5,7 @@
 //   deno task bench:concurrency [--seconds S] [--rounds R] [--clients grpcio,own] [--sweep]
 //
 //   grpcio  one Python grpcio process per client (the gRPC C core, as device applications use it)
-//   own     the agent's own client (src/client.ts), one connection per client, all in this process
+//   own     the agent's own client (src/client/client.ts), one connection per client, all in this process
 //   --sweep the same under several thread policies (intra-op threads, concurrent Runs per model, shared pools)
 //
 // Cells (client count x scenario) alternate within each round so that the machine's background load falls
@@ -14,10 +14,10 @@
 import { mkdir } from "node:fs/promises";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { AgentClient } from "../src/client.ts";
-import { scrapeMetrics } from "../src/client_cli.ts";
+import { AgentClient } from "../src/client/client.ts";
+import { scrapeMetrics } from "../src/client/client_cli.ts";
 import { DEFAULTS } from "../src/config.ts";
-import { enumValues, type Tensor } from "../src/wire.ts";
+import { enumValues, type Tensor } from "../src/service/wire.ts";
 import { PADDLE_CLS, writeModelFolder } from "../tests/helpers/onnx_models.ts";
 import { PYTHON } from "../tests/helpers/python.ts";
 import { AgentProcess } from "./agent_process.ts";

@@ -15,9 +15,9 @@ import { join } from "node:path";
 import { parseArgs } from "node:util";
 import * as ort from "onnxruntime-node";
 import { OnnxRuntime } from "../ffi/onnxruntime.ts";
-import { npmLibraryPath } from "../src/runtime.ts";
+import { npmLibraryPath } from "../src/inference/runtime.ts";
 import { DEFAULTS } from "../src/config.ts";
-import { asBuffer, messageType, type Tensor } from "../src/wire.ts";
+import { asBuffer, messageType, type Tensor } from "../src/service/wire.ts";
 import { PADDLE_CLS, PADDLE_DET, writeModelFolder } from "../tests/helpers/onnx_models.ts";
 import { AgentProcess, readProc } from "./agent_process.ts";
 import { captureBenchmark, printCaptures } from "./capture_bench.ts";
@@ -711,7 +711,7 @@ function printDefault(report: Awaited<ReturnType<typeof defaultMode>>): void {
 
   const iterations = report.mapping.length > 0 ? report.mappingIterations : 0;
   console.log(
-    `\nMapping a segment per request, in this process: SharedMemoryReader.open() + release() (src/shm.ts), ` +
+    `\nMapping a segment per request, in this process: SharedMemoryReader.open() + release() (src/inference/shm.ts), ` +
       `${iterations} iterations each (µs per request, p50 unless said)`,
   );
   console.log(

@@ -6,8 +6,8 @@ import process from "node:process";
 import * as ort from "onnxruntime-node";
 import { ElementType, type OnnxRuntime, Session, Value } from "../ffi/onnxruntime.ts";
 import { type GraphOptimization, parseConfig } from "../src/config.ts";
-import { sessionOptions } from "../src/runtime.ts";
-import { enumValues, type OutputLocation, type Tensor } from "../src/wire.ts";
+import { sessionOptions } from "../src/inference/runtime.ts";
+import { enumValues, type OutputLocation, type Tensor } from "../src/service/wire.ts";
 import { type AgentProcess, type PredictLog, readProc } from "./agent_process.ts";
 import type { GrpcioClient, NaiveNodePeer } from "./grpcio.ts";
 

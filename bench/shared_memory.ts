@@ -2,7 +2,7 @@
 // input as a client reusing its segment would, and what mapping such a segment per request costs.
 
 import { Libc } from "../ffi/libc.ts";
-import { type SharedMemoryKind, SharedMemoryReader } from "../src/shm.ts";
+import { type SharedMemoryKind, SharedMemoryReader } from "../src/inference/shm.ts";
 import { PosixObject, SysvSegment } from "../tests/helpers/shm_segments.ts";
 import { percentile } from "./stats.ts";
 

@@ -16,9 +16,9 @@
 import { mkdir } from "node:fs/promises";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { AgentClient as EdgeAgentClient } from "../src/client.ts";
+import { AgentClient as EdgeAgentClient } from "../src/client/client.ts";
 import { Status } from "../src/errors.ts";
-import { enumValues, type Tensor } from "../src/wire.ts";
+import { enumValues, type Tensor } from "../src/service/wire.ts";
 import { floats, pseudoRandomFloats, tensor } from "../tests/helpers/assertions.ts";
 import { GrpcJsAgentClient } from "../tests/helpers/grpcjs_client.ts";
 import { identityModel, OnnxType, PADDLE_CLS, writeModelFolder } from "../tests/helpers/onnx_models.ts";

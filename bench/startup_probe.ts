@@ -27,13 +27,13 @@ const STAGES: [string, () => Promise<unknown>][] = [
   // What `serve` loads before it listens, in that order.
   ["config, log, permissions (and Node compatibility)", () => import("../src/permissions.ts")],
   ["gRPC server (HTTP/2, HPACK)", () => import("../src/transport/http2.ts")],
-  ["protobufjs + agent.proto codecs", () => import("../src/wire.ts")],
+  ["protobufjs + agent.proto codecs", () => import("../src/service/wire.ts")],
   ["capture (spool, layouts, disk)", () => import("../src/capture/service.ts")],
   ["model registry, server, agent (the rest)", () => import("../src/agent.ts")],
   ["ONNX Runtime dlopen + API table", async () => {
     const [{ OnnxRuntime }, { npmLibraryPath }] = await Promise.all([
       import("../ffi/onnxruntime.ts"),
-      import("../src/runtime.ts"),
+      import("../src/inference/runtime.ts"),
     ]);
     ort = OnnxRuntime.open(npmLibraryPath());
   }],
@@ -42,13 +42,13 @@ const STAGES: [string, () => Promise<unknown>][] = [
   ["OrtEnv (first LoadModel)", () => Promise.resolve(ort!.env)],
   ["tar archives: tar-stream (first .tar.gz package)", () => import("../src/packages/archive.ts")],
   ["signing, X.509: @peculiar/x509 (first signed package)", () => import("../src/packages/oms/mod.ts")],
-  ["reflection descriptors (first reflection call)", () => import("../src/reflection.ts")],
+  ["reflection descriptors (first reflection call)", () => import("../src/service/reflection.ts")],
   [
     "S3 signer: @smithy (first upload)",
     () => Promise.all([import("@smithy/signature-v4"), import("@smithy/hash-node")]),
   ],
   ["image codecs: pngjs, jpeg-js (client, first image)", () => Promise.all([import("pngjs"), import("jpeg-js")])],
-  ["the client (client commands)", () => import("../src/client.ts")],
+  ["the client (client commands)", () => import("../src/client/client.ts")],
 ];
 
 const rows = [];

@@ -2,7 +2,7 @@
 // text-direction classifier, classify a synthetic text line and its 180-degree rotation through
 // the real gRPC client, print the result and stop the agent.
 
-import { enumValues } from "../src/wire.ts";
+import { enumValues } from "../src/service/wire.ts";
 import { startAgent } from "../tests/helpers/agent.ts";
 import { floats, tensor } from "../tests/helpers/assertions.ts";
 import { PADDLE_CLS, writeModelFolder } from "../tests/helpers/onnx_models.ts";

@@ -1,5 +1,5 @@
 // Raw bindings to the C library calls the agent uses to read (inputs) and write (outputs) clients'
-// shared memory (SysV and POSIX), and a class that owns one mapping. No policy here: src/shm.ts decides.
+// shared memory (SysV and POSIX), and a class that owns one mapping. No policy here: src/inference/shm.ts decides.
 
 import { cString, NativeError } from "./native.ts";
 

@@ -21,13 +21,13 @@ import { StartupError } from "./errors.ts";
 import { Deployer } from "./deployments/deployer.ts";
 import { type DeploymentSource, FolderSource, S3Source } from "./deployments/source.ts";
 import { createLogger, type Logger } from "./log.ts";
-import { Metrics, parseMetricsAddress, serveMetrics } from "./metrics.ts";
+import { Metrics, parseMetricsAddress, serveMetrics } from "./service/metrics.ts";
 import { permissionProblems } from "./permissions.ts";
-import { ModelRegistry } from "./models.ts";
+import { ModelRegistry } from "./inference/models.ts";
 import { Libc } from "../ffi/libc.ts";
-import { openRuntime } from "./runtime.ts";
-import { SharedMemoryReader } from "./shm.ts";
-import { startServer } from "./server.ts";
+import { openRuntime } from "./inference/runtime.ts";
+import { SharedMemoryReader } from "./inference/shm.ts";
+import { startServer } from "./service/server.ts";
 
 const STOP_SIGNALS: Deno.Signal[] = ["SIGTERM", "SIGINT", "SIGHUP"];
 /** How long after a model change, with no call in flight, its leftovers are collected (releaseLeftovers). */

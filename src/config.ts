@@ -3,7 +3,7 @@
 
 import { isAbsolute, resolve } from "node:path";
 import { StartupError } from "./errors.ts";
-import type { SharedMemoryKind } from "./shm.ts";
+import type { SharedMemoryKind } from "./inference/shm.ts";
 import { CAPTURE_LAYOUTS, type CaptureLayout } from "./capture/layout.ts";
 
 export const DEFAULT_SOCKET_PATH = "/tmp/sagemaker_edge_agent_example.sock";

@@ -8,8 +8,8 @@ import { isAbsolute } from "node:path";
 import { type AgentConfig, captureDiskPath, deploymentS3, deploymentSource, iotCredentials, s3Host } from "./config.ts";
 import { AWS_CREDENTIAL_VARIABLES, iotCredentialsHost } from "./capture/credentials.ts";
 import { StartupError } from "./errors.ts";
-import { parseMetricsAddress } from "./metrics.ts";
-import { ORT_TELEMETRY_SWITCH } from "./runtime.ts";
+import { parseMetricsAddress } from "./service/metrics.ts";
+import { ORT_TELEMETRY_SWITCH } from "./inference/runtime.ts";
 
 /** What a deployment names; every permission flag derives from it. */
 export interface Profile {
@@ -150,7 +150,7 @@ export function profileFlags(profile: Profile): string[] {
     `--allow-read=${readable.join(",")}`,
     `--allow-write=${writable.join(",")}`,
     `--allow-net=${reachable.join(",")}`,
-    // The agent sets ONNX Runtime's telemetry switch itself before loading the library (src/runtime.ts).
+    // The agent sets ONNX Runtime's telemetry switch itself before loading the library (src/inference/runtime.ts).
     `--allow-env=${[ORT_TELEMETRY_SWITCH, ...profile.env].join(",")}`,
     ...(profile.sys.length > 0 ? [`--allow-sys=${profile.sys.join(",")}`] : []),
     "--allow-ffi",

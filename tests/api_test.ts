@@ -5,7 +5,7 @@ import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import * as ort from "onnxruntime-node";
 import { Status } from "../src/errors.ts";
-import { enumValues, SERVICE_NAME } from "../src/wire.ts";
+import { enumValues, SERVICE_NAME } from "../src/service/wire.ts";
 import { startAgent } from "./helpers/agent.ts";
 import { signPackage } from "./helpers/signing.ts";
 import { floats, nameOf, pseudoRandomFloats, rejectsWith, tensor } from "./helpers/assertions.ts";

@@ -5,7 +5,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import * as ort from "onnxruntime-node";
-import { enumValues } from "../src/wire.ts";
+import { enumValues } from "../src/service/wire.ts";
 import { PROJECT_ROOT, startAgent } from "./helpers/agent.ts";
 import { floats, pseudoRandomFloats, tensor } from "./helpers/assertions.ts";
 import { PADDLE_CLS, writeModelFolder } from "./helpers/onnx_models.ts";

@@ -6,10 +6,10 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
-import { scrapeMetrics } from "../src/client_cli.ts";
+import { scrapeMetrics } from "../src/client/client_cli.ts";
 import { parseConfig } from "../src/config.ts";
 import { Status } from "../src/errors.ts";
-import { enumValues, type Tensor } from "../src/wire.ts";
+import { enumValues, type Tensor } from "../src/service/wire.ts";
 import { type AgentProcess, parseLogs, startAgent } from "./helpers/agent.ts";
 import { floats, pseudoRandomFloats, rejectsWith, tensor } from "./helpers/assertions.ts";
 import { agentService, GrpcJsAgentClient } from "./helpers/grpcjs_client.ts";

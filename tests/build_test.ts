@@ -7,7 +7,7 @@ import { join } from "node:path";
 import { BuildError, COMPILE_CONFIG, release, runtimeSource, unresolvedImports } from "../build.ts";
 import { StartupError } from "../src/errors.ts";
 import { parseProfile } from "../src/permissions.ts";
-import { extractLibrary, npmLibraryPath } from "../src/runtime.ts";
+import { extractLibrary, npmLibraryPath } from "../src/inference/runtime.ts";
 import { OnnxRuntime } from "../ffi/onnxruntime.ts";
 import { PROJECT_ROOT, startAgent } from "./helpers/agent.ts";
 

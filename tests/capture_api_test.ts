@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { Status } from "../src/errors.ts";
-import { enumValues } from "../src/wire.ts";
+import { enumValues } from "../src/service/wire.ts";
 import { type AgentProcess, startAgent, withAgent } from "./helpers/agent.ts";
 import { floats, rejectsWith, tensor } from "./helpers/assertions.ts";
 import { BUCKET, type EdgeManagerRecord, TestS3 } from "./helpers/capture_fixtures.ts";

@@ -4,9 +4,9 @@
 
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { AgentClient } from "../src/client.ts";
-import { scrapeMetrics } from "../src/client_cli.ts";
-import { enumValues } from "../src/wire.ts";
+import { AgentClient } from "../src/client/client.ts";
+import { scrapeMetrics } from "../src/client/client_cli.ts";
+import { enumValues } from "../src/service/wire.ts";
 import { startAgent } from "./helpers/agent.ts";
 import { tensor } from "./helpers/assertions.ts";
 import { identityModel, OnnxType, writeModelFolder } from "./helpers/onnx_models.ts";

@@ -4,7 +4,7 @@
 
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { enumValues } from "../src/wire.ts";
+import { enumValues } from "../src/service/wire.ts";
 import { type AgentProcess, withAgent } from "./helpers/agent.ts";
 import { tensor } from "./helpers/assertions.ts";
 import { BUCKET, TestS3 } from "./helpers/capture_fixtures.ts";

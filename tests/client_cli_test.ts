@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import * as ort from "onnxruntime-node";
-import { readNpy, writeNpy } from "../src/npy.ts";
+import { readNpy, writeNpy } from "../src/client/npy.ts";
 import { COMPILE_CONFIG, MAIN, withAgent } from "./helpers/agent.ts";
 import { entryPath, writeEntry } from "../build.ts";
 import { parseConfig } from "../src/config.ts";

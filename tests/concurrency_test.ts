@@ -4,12 +4,12 @@
 
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { AgentClient } from "../src/client.ts";
-import { scrapeMetrics } from "../src/client_cli.ts";
+import { AgentClient } from "../src/client/client.ts";
+import { scrapeMetrics } from "../src/client/client_cli.ts";
 import { parseConfig } from "../src/config.ts";
 import { Status } from "../src/errors.ts";
-import { concurrentRunsFor, threadPolicy } from "../src/runtime.ts";
-import { enumValues } from "../src/wire.ts";
+import { concurrentRunsFor, threadPolicy } from "../src/inference/runtime.ts";
+import { enumValues } from "../src/service/wire.ts";
 import { parseLogs, startAgent } from "./helpers/agent.ts";
 import { floats, rejectsWith, tensor } from "./helpers/assertions.ts";
 import { addSubModel, slowModel, writeModelFolder } from "./helpers/onnx_models.ts";

@@ -4,8 +4,8 @@
 
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { scrapeMetrics } from "../src/client_cli.ts";
-import { health } from "../src/wire.ts";
+import { scrapeMetrics } from "../src/client/client_cli.ts";
+import { health } from "../src/service/wire.ts";
 import { type AgentProcess, parseLogs, startAgent } from "./helpers/agent.ts";
 import { floats, tensor } from "./helpers/assertions.ts";
 import { BUCKET, TestS3 } from "./helpers/capture_fixtures.ts";

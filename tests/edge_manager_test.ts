@@ -8,7 +8,7 @@ import { createHash } from "node:crypto";
 import { join } from "node:path";
 import { Status } from "../src/errors.ts";
 import { parseProfile } from "../src/permissions.ts";
-import { enumValues } from "../src/wire.ts";
+import { enumValues } from "../src/service/wire.ts";
 import { type AgentProcess, MAIN, parseLogs, PROJECT_ROOT, startAgent } from "./helpers/agent.ts";
 import { floats, pseudoRandomFloats, rejectsWith, tensor } from "./helpers/assertions.ts";
 import { EDGE_MANAGER_STYLE_CONFIG } from "./helpers/edge_manager.ts";

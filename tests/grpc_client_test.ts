@@ -4,9 +4,9 @@
 
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { AgentClient } from "../src/client.ts";
+import { AgentClient } from "../src/client/client.ts";
 import { Status } from "../src/errors.ts";
-import { enumValues } from "../src/wire.ts";
+import { enumValues } from "../src/service/wire.ts";
 import { withAgent } from "./helpers/agent.ts";
 import { floats, pseudoRandomFloats, rejectsWith, tensor } from "./helpers/assertions.ts";
 import { GrpcJsAgentClient } from "./helpers/grpcjs_client.ts";

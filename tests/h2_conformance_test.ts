@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { type AgentProcess, PROJECT_ROOT, withAgent } from "./helpers/agent.ts";
 import { PYTHON } from "./helpers/python.ts";
-import { SERVICE_NAME } from "../src/wire.ts";
+import { SERVICE_NAME } from "../src/service/wire.ts";
 
 const SCRIPT = join(PROJECT_ROOT, "tests/python/h2_conformance.py");
 

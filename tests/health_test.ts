@@ -3,7 +3,7 @@
 
 import assert from "node:assert/strict";
 import { Status } from "../src/errors.ts";
-import { health, SERVICE_NAME } from "../src/wire.ts";
+import { health, SERVICE_NAME } from "../src/service/wire.ts";
 import * as grpc from "@grpc/grpc-js";
 import { startAgent, withAgent } from "./helpers/agent.ts";
 import { watch } from "./helpers/health_watch.ts";

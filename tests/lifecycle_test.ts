@@ -5,7 +5,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { parseConfig } from "../src/config.ts";
 import { agentPermissionFlags } from "../src/permissions.ts";
-import { enumValues } from "../src/wire.ts";
+import { enumValues } from "../src/service/wire.ts";
 import { MAIN, parseLogs, startAgent } from "./helpers/agent.ts";
 import { floats, tensor } from "./helpers/assertions.ts";
 import { slowModel, writeModelFolder } from "./helpers/onnx_models.ts";

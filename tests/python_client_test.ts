@@ -9,7 +9,7 @@ import { type AgentProcess, parseLogs, PROJECT_ROOT, startAgent } from "./helper
 import { floats } from "./helpers/assertions.ts";
 import { generateStubs, PYTHON, pythonGrpcMissing } from "./helpers/python.ts";
 import { identityModel, OnnxType, PADDLE_CLS, writeModelFolder } from "./helpers/onnx_models.ts";
-import { enumValues, type Model, type TensorMetadata } from "../src/wire.ts";
+import { enumValues, type Model, type TensorMetadata } from "../src/service/wire.ts";
 
 const CLIENT = join(PROJECT_ROOT, "tests/python/edge_client.py");
 const FLOAT32 = 5;

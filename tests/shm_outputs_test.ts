@@ -6,8 +6,8 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { Status } from "../src/errors.ts";
-import { AgentClient } from "../src/client.ts";
-import { enumValues } from "../src/wire.ts";
+import { AgentClient } from "../src/client/client.ts";
+import { enumValues } from "../src/service/wire.ts";
 import { type AgentProcess, parseLogs, PROJECT_ROOT, startAgent } from "./helpers/agent.ts";
 import { floats, pseudoRandomFloats, rejectsWith, tensor } from "./helpers/assertions.ts";
 import { generateStubs, PYTHON, pythonGrpcMissing } from "./helpers/python.ts";

@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 import * as ort from "onnxruntime-node";
 import { Status } from "../src/errors.ts";
-import { enumValues, type Tensor } from "../src/wire.ts";
+import { enumValues, type Tensor } from "../src/service/wire.ts";
 import { type AgentProcess, startAgent, withAgent } from "./helpers/agent.ts";
 import { floats, nameOf, pseudoRandomFloats, rejectsWith, tensor } from "./helpers/assertions.ts";
 import { addSubModel, identityModel, OnnxType, PADDLE_CLS, writeModelFolder } from "./helpers/onnx_models.ts";

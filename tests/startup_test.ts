@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { compileArgs } from "../build.ts";
 import { AGENT_V8_FLAGS, parseProfile } from "../src/permissions.ts";
-import { enumValues } from "../src/wire.ts";
+import { enumValues } from "../src/service/wire.ts";
 import { agentDeployment, COMPILE_CONFIG, MAIN, parseLogs, PROJECT_ROOT, startAgent } from "./helpers/agent.ts";
 import { tensor } from "./helpers/assertions.ts";
 import { identityModel, OnnxType, slowModel, writeModelFolder } from "./helpers/onnx_models.ts";
@@ -50,7 +50,7 @@ const FIRST_USE = [
   /npm:\/?pngjs/,
   /npm:\/?jpeg-js/,
   /npm:\/?protobufjs@[^/]+\/ext\/descriptor/,
-  /\/src\/reflection\.ts$/,
+  /\/src\/service\/reflection\.ts$/,
   /\/src\/packages\/archive\.ts$/,
   /\/src\/packages\/oms\/mod\.ts$/,
 ];

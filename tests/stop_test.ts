@@ -15,7 +15,7 @@ import {
   T,
   unaryCall,
 } from "./helpers/raw_h2.ts";
-import { HEALTH_SERVICE_NAME, SERVICE_NAME } from "../src/wire.ts";
+import { HEALTH_SERVICE_NAME, SERVICE_NAME } from "../src/service/wire.ts";
 import { Status } from "../src/errors.ts";
 import { HpackDecoder } from "../src/transport/hpack.ts";
 

@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { DEFAULT_SOCKET_PATH, DEFAULTS, parseConfig } from "../src/config.ts";
 import { agentPermissionFlags } from "../src/permissions.ts";
-import { AgentClient } from "../src/client.ts";
+import { AgentClient } from "../src/client/client.ts";
 import { Status } from "../src/errors.ts";
 import { plan } from "../scripts/start.ts";
 import { MAIN, PROJECT_ROOT } from "./helpers/agent.ts";

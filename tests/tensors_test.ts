@@ -4,8 +4,8 @@
 import assert from "node:assert/strict";
 import { ElementType } from "../ffi/onnxruntime.ts";
 import { AgentError, Status } from "../src/errors.ts";
-import { bindInputs, firstTensorBytesOffset, type TensorSpec, toSpecs } from "../src/tensors.ts";
-import { messageType, type Tensor } from "../src/wire.ts";
+import { bindInputs, firstTensorBytesOffset, type TensorSpec, toSpecs } from "../src/inference/tensors.ts";
+import { messageType, type Tensor } from "../src/service/wire.ts";
 
 const FLOAT32 = 5;
 const encoder = new TextEncoder();

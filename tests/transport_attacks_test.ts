@@ -26,7 +26,7 @@ import {
 } from "./helpers/raw_h2.ts";
 import { createLogger } from "../src/log.ts";
 import { SendHeap } from "../src/transport/limits.ts";
-import { HEALTH_SERVICE_NAME, SERVICE_NAME } from "../src/wire.ts";
+import { HEALTH_SERVICE_NAME, SERVICE_NAME } from "../src/service/wire.ts";
 
 const missing = await pythonGrpcMissing();
 const LIST_MODELS = `/${SERVICE_NAME}/ListModels`;

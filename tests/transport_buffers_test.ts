@@ -9,7 +9,7 @@ import { Status } from "../src/errors.ts";
 import { BufferPool, sizeClass } from "../src/transport/buffers.ts";
 import { GrpcCallError, GrpcClient } from "../src/transport/client.ts";
 import { type CallContext, GrpcServer, type UnaryResult } from "../src/transport/http2.ts";
-import { encodePredictResponse, encodePredictResponseInto, enumValues } from "../src/wire.ts";
+import { encodePredictResponse, encodePredictResponseInto, enumValues } from "../src/service/wire.ts";
 import { withAgent } from "./helpers/agent.ts";
 import { floats, tensor } from "./helpers/assertions.ts";
 import { identityModel, OnnxType, writeModelFolder } from "./helpers/onnx_models.ts";

@@ -6,7 +6,7 @@ import * as grpc from "@grpc/grpc-js";
 import { Status } from "../src/errors.ts";
 import { encodeHeaders, HpackDecoder } from "../src/transport/hpack.ts";
 import { GrpcJsAgentClient as AgentClient } from "./helpers/grpcjs_client.ts";
-import { enumValues, SERVICE_NAME } from "../src/wire.ts";
+import { enumValues, SERVICE_NAME } from "../src/service/wire.ts";
 import { type AgentProcess, withAgent } from "./helpers/agent.ts";
 import { floats, rejectsWith, tensor } from "./helpers/assertions.ts";
 import { addSubModel, writeModelFolder } from "./helpers/onnx_models.ts";

@@ -3,10 +3,10 @@
 // before the answer, since the client may change its segment as soon as it has one.
 
 import { AgentError, invalidArgument, Status } from "../errors.ts";
-import type { ModelInfo } from "../models.ts";
-import type { SharedMemoryReader } from "../shm.ts";
-import { bindInputs, type BoundInput, shmHandle } from "../tensors.ts";
-import type { AuxilaryData, CaptureDataRequest, Long } from "../wire.ts";
+import type { ModelInfo } from "../inference/models.ts";
+import type { SharedMemoryReader } from "../inference/shm.ts";
+import { bindInputs, type BoundInput, shmHandle } from "../inference/tensors.ts";
+import type { AuxilaryData, CaptureDataRequest, Long } from "../service/wire.ts";
 import type { CaptureAux, CaptureRecord, CaptureTensor } from "./record.ts";
 
 const CAPTURE_ID = /^[A-Za-z0-9._:-]{1,128}$/;

@@ -11,7 +11,7 @@
 import { join } from "node:path";
 import { AgentError, Status } from "../errors.ts";
 import type { Logger } from "../log.ts";
-import type { ModelRegistry } from "../models.ts";
+import type { ModelRegistry } from "../inference/models.ts";
 import { Downloader } from "./downloader.ts";
 import {
   DeploymentError,

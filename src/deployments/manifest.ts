@@ -3,7 +3,7 @@
 // against the device's trust before anything in it is acted on.
 
 import { join } from "node:path";
-import { MODEL_NAME } from "../models.ts";
+import { MODEL_NAME } from "../inference/models.ts";
 import { verifySigned } from "../packages/load.ts";
 
 export const MANIFEST_NAME = "deployment.json";

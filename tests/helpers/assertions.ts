@@ -2,7 +2,7 @@
 
 import assert from "node:assert/strict";
 import { Status } from "../../src/errors.ts";
-import type { Tensor } from "../../src/wire.ts";
+import type { Tensor } from "../../src/service/wire.ts";
 
 const encoder = new TextEncoder();
 

@@ -1,6 +1,6 @@
 // The Agent service through grpc-js, the client Node applications generate from agent.proto: tests
 // and the benchmark use it to show the agent answers a standard client (the product's own client
-// is src/client.ts).
+// is src/client/client.ts).
 
 import * as grpc from "@grpc/grpc-js";
 import type { Buffer } from "node:buffer";
@@ -13,8 +13,8 @@ import {
   RPC_TYPES,
   type RpcName,
   SERVICE_NAME,
-} from "../../src/wire.ts";
-import { AgentCalls } from "../../src/client.ts";
+} from "../../src/service/wire.ts";
+import { AgentCalls } from "../../src/client/client.ts";
 
 function encoder(type: protobuf.Type): (message: unknown) => Buffer {
   return (message) => asBuffer(type.encode(message as protobuf.Message).finish());

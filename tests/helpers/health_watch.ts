@@ -2,7 +2,7 @@
 
 import * as grpc from "@grpc/grpc-js";
 import type { Buffer } from "node:buffer";
-import { asBuffer, health, HEALTH_SERVICE_NAME } from "../../src/wire.ts";
+import { asBuffer, health, HEALTH_SERVICE_NAME } from "../../src/service/wire.ts";
 
 /** A grpc-js Watch of `service`: the statuses received so far, and how the call ended. */
 export function watch(socket: string, service: string) {

@@ -3,7 +3,7 @@
 
 import { encodeHeaders } from "../../src/transport/hpack.ts";
 import { concat, frame, grpcRequestHeaders, PREFACE } from "../../src/transport/frames.ts";
-import { SERVICE_NAME } from "../../src/wire.ts";
+import { SERVICE_NAME } from "../../src/service/wire.ts";
 
 // Encoding a frame is plain byte layout; what the attacks test is the agent's reading of them.
 export { concat, PREFACE } from "../../src/transport/frames.ts";

@@ -3,11 +3,11 @@
 
 import { isAbsolute, resolve } from "node:path";
 import { AgentClient } from "./client.ts";
-import { dataTypeName, elementSize } from "./tensors.ts";
-import { Status } from "./errors.ts";
+import { dataTypeName, elementSize } from "../inference/tensors.ts";
+import { Status } from "../errors.ts";
 import { decodeImage, type ImageOptions, imageTensor, PLAIN_IMAGE } from "./images.ts";
 import { NpyError, readNpy, writeNpy } from "./npy.ts";
-import { enumValues, health, type Model, type Tensor, type TensorMetadata } from "./wire.ts";
+import { enumValues, health, type Model, type Tensor, type TensorMetadata } from "../service/wire.ts";
 
 export class ClientCommandError extends Error {}
 

@@ -1,17 +1,17 @@
 // The gRPC service on the Unix socket: one handler per rpc, errors mapped to statuses.
 
 import type protobuf from "protobufjs";
-import { AgentError, CallCancelled, invalidArgument, StartupError, Status } from "./errors.ts";
-import type { Logger } from "./log.ts";
-import type { ModelInfo, ModelRegistry, PredictTiming } from "./models.ts";
-import { firstTensorBytesOffset, metadataOf } from "./tensors.ts";
-import { type CallContext, GrpcServer, type StreamHandler, type UnaryHandler } from "./transport/http2.ts";
-import type { ServerLimits } from "./transport/limits.ts";
+import { AgentError, CallCancelled, invalidArgument, StartupError, Status } from "../errors.ts";
+import type { Logger } from "../log.ts";
+import type { ModelInfo, ModelRegistry, PredictTiming } from "../inference/models.ts";
+import { firstTensorBytesOffset, metadataOf } from "../inference/tensors.ts";
+import { type CallContext, GrpcServer, type StreamHandler, type UnaryHandler } from "../transport/http2.ts";
+import type { ServerLimits } from "../transport/limits.ts";
 import { type DeploymentHealth, HealthService } from "./health.ts";
-import type { CaptureService } from "./capture/service.ts";
-import { captureRecord } from "./capture/request.ts";
+import type { CaptureService } from "../capture/service.ts";
+import { captureRecord } from "../capture/request.ts";
 import type { Metrics } from "./metrics.ts";
-import type { SharedMemoryReader } from "./shm.ts";
+import type { SharedMemoryReader } from "../inference/shm.ts";
 import {
   type CaptureDataRequest,
   encodePredictResponseInto,

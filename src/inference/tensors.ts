@@ -1,10 +1,10 @@
 // The DataType <-> ONNX Runtime element type table, and the checks that turn request tensors
 // into ORT values over the request's own bytes.
 
-import { ElementType, type OnnxRuntime, type TensorInfo, Value } from "../ffi/onnxruntime.ts";
-import { invalidArgument } from "./errors.ts";
+import { ElementType, type OnnxRuntime, type TensorInfo, Value } from "../../ffi/onnxruntime.ts";
+import { invalidArgument } from "../errors.ts";
 import type { ShmHandle } from "./shm.ts";
-import type { SharedMemoryHandle, Tensor, TensorMetadata, Uint64 } from "./wire.ts";
+import type { SharedMemoryHandle, Tensor, TensorMetadata, Uint64 } from "../service/wire.ts";
 
 interface DataTypeEntry {
   /** Value of the wire enum DataType. */

@@ -3,11 +3,11 @@
 
 import protobuf from "protobufjs";
 import descriptor from "protobufjs/ext/descriptor/index.js";
-import agentProto from "../proto/agent.proto" with { type: "text" };
-import healthProto from "../proto/health.proto" with { type: "text" };
-import reflectionProto from "../proto/reflection.proto" with { type: "text" };
-import { Status } from "./errors.ts";
-import type { StreamHandler } from "./transport/http2.ts";
+import agentProto from "../../proto/agent.proto" with { type: "text" };
+import healthProto from "../../proto/health.proto" with { type: "text" };
+import reflectionProto from "../../proto/reflection.proto" with { type: "text" };
+import { Status } from "../errors.ts";
+import type { StreamHandler } from "../transport/http2.ts";
 
 const reflectionRoot = protobuf.parse(reflectionProto, { keepCase: true }).root;
 const Request = reflectionRoot.lookupType("grpc.reflection.v1.ServerReflectionRequest");

@@ -3,8 +3,8 @@
 
 import { Buffer } from "node:buffer";
 import protobuf from "protobufjs";
-import agentProto from "../proto/agent.proto" with { type: "text" };
-import healthProto from "../proto/health.proto" with { type: "text" };
+import agentProto from "../../proto/agent.proto" with { type: "text" };
+import healthProto from "../../proto/health.proto" with { type: "text" };
 
 const root = protobuf.parse(agentProto, { keepCase: true }).root;
 export const PACKAGE = "AWS.SageMaker.Edge";

@@ -4,12 +4,12 @@
 // model load times, capture queue and uploads, and the process's memory and CPU.
 
 import process from "node:process";
-import type { CaptureStats } from "./capture/service.ts";
-import type { DeploymentStats } from "./deployments/deployer.ts";
-import type { ModelInfo } from "./models.ts";
-import type { CancelReason } from "./errors.ts";
-import type { ThreadPolicy } from "./runtime.ts";
-import type { AloneReason, BatchObserver } from "./batching.ts";
+import type { CaptureStats } from "../capture/service.ts";
+import type { DeploymentStats } from "../deployments/deployer.ts";
+import type { ModelInfo } from "../inference/models.ts";
+import type { CancelReason } from "../errors.ts";
+import type { ThreadPolicy } from "../inference/runtime.ts";
+import type { AloneReason, BatchObserver } from "../inference/batching.ts";
 
 /** Seconds; Prometheus' default buckets extended down to 100 µs for small models. */
 const BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];

@@ -2,16 +2,16 @@
 
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { type GlobalThreadPools, GraphOptimizationLevel, OnnxRuntime, SessionOptions } from "../ffi/onnxruntime.ts";
-import type { AgentConfig } from "./config.ts";
-import { StartupError } from "./errors.ts";
+import { type GlobalThreadPools, GraphOptimizationLevel, OnnxRuntime, SessionOptions } from "../../ffi/onnxruntime.ts";
+import type { AgentConfig } from "../config.ts";
+import { StartupError } from "../errors.ts";
 
 const NPM_ARCH: Record<string, string> = { x86_64: "x64", aarch64: "arm64" };
 export const ORT_LIBRARY_FILE = "libonnxruntime.so.1";
 
 /** The copy shipped in the onnxruntime-node npm package, for this machine's architecture. */
 export function npmLibraryPath(arch: string = Deno.build.arch): string {
-  const projectRoot = dirname(dirname(fileURLToPath(import.meta.url)));
+  const projectRoot = fileURLToPath(new URL("../../", import.meta.url));
   return join(
     projectRoot,
     "node_modules",

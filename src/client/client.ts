@@ -1,7 +1,7 @@
 // A promise-based client of the Agent service over its Unix socket, on the agent's own HTTP/2
 // transport (see transport/client.ts for why not grpc-js).
 
-import { GrpcCallError, GrpcClient } from "./transport/client.ts";
+import { GrpcCallError, GrpcClient } from "../transport/client.ts";
 import {
   health,
   HEALTH_SERVICE_NAME,
@@ -11,7 +11,7 @@ import {
   type RpcName,
   SERVICE_NAME,
   type Tensor,
-} from "./wire.ts";
+} from "../service/wire.ts";
 
 export { GrpcCallError };
 

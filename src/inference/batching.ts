@@ -7,16 +7,16 @@
 // n requests to be there (clients answered together come back together), so batches stay whole
 // under steady load and a client left alone waits at most once.
 
-import type { BatchingSettings } from "./config.ts";
-import { AgentError, Status } from "./errors.ts";
-import type { Logger } from "./log.ts";
+import type { BatchingSettings } from "../config.ts";
+import { AgentError, Status } from "../errors.ts";
+import type { Logger } from "../log.ts";
 import type { BorrowedOutput, PredictTiming } from "./models.ts";
 import { type BoundInput, shapeText, type TensorSpec } from "./tensors.ts";
 
 /** Why a request on a batching model ran alone rather than in a batch (metrics label). */
 export type AloneReason = "shared_memory" | "shape" | "too_large" | "queue_full" | "fallback";
 
-/** What is counted about batches (src/metrics.ts). */
+/** What is counted about batches (src/service/metrics.ts). */
 export interface BatchObserver {
   /** A Run of the batch queue: `requests` requests (1 when nobody else was waiting). */
   batch(model: string, requests: number): void;

@@ -4,11 +4,11 @@
 // shapes), ONNX Runtime writes them straight into the mapped segments; otherwise each is copied once
 // after the Run, after all of them were checked to fit.
 
-import { type OnnxRuntime, type Session, Value } from "../ffi/onnxruntime.ts";
-import { invalidArgument } from "./errors.ts";
+import { type OnnxRuntime, type Session, Value } from "../../ffi/onnxruntime.ts";
+import { invalidArgument } from "../errors.ts";
 import type { SharedMemoryReader, ShmHandle, ShmRegion } from "./shm.ts";
 import { type BoundInput, outputByteLength, shapeText, shmHandle, type TensorSpec } from "./tensors.ts";
-import type { OutputLocation } from "./wire.ts";
+import type { OutputLocation } from "../service/wire.ts";
 
 /** One output the client asked to have written into its shared memory. */
 export interface OutputTarget {

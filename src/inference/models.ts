@@ -1,9 +1,9 @@
 // The model registry: load/unload lifecycle, in-flight accounting and the memory budget.
 // A session is released only after every Run on it has returned.
 
-import { type OnnxRuntime, OrtError, RunOptions, Session, type Value } from "../ffi/onnxruntime.ts";
+import { type OnnxRuntime, OrtError, RunOptions, Session, type Value } from "../../ffi/onnxruntime.ts";
 import { Batcher, type BatchObserver, unbatchable } from "./batching.ts";
-import { type AgentConfig, batchingFor, MODEL_NAME_PATTERN } from "./config.ts";
+import { type AgentConfig, batchingFor, MODEL_NAME_PATTERN } from "../config.ts";
 import {
   AgentError,
   alreadyExists,
@@ -12,15 +12,15 @@ import {
   notFound,
   resourceExhausted,
   Status,
-} from "./errors.ts";
-import type { Logger } from "./log.ts";
-import { openPackage } from "./packages/load.ts";
+} from "../errors.ts";
+import type { Logger } from "../log.ts";
+import { openPackage } from "../packages/load.ts";
 import { RunSlots } from "./run_slots.ts";
 import { concurrentRunsFor, sessionOptions, type ThreadPolicy, threadPolicy } from "./runtime.ts";
 import type { SharedMemoryReader, ShmRegion } from "./shm.ts";
 import { bindOutputLocations, type OutputTarget, OutputWrites, type WrittenOutput } from "./shm_outputs.ts";
 import { bindInputs, type BoundInput, inputValue, outputByteLength, type TensorSpec, toSpecs } from "./tensors.ts";
-import type { OutputLocation, Tensor } from "./wire.ts";
+import type { OutputLocation, Tensor } from "../service/wire.ts";
 
 export const MODEL_NAME = MODEL_NAME_PATTERN;
 const MAX_MODEL_NAME = 255;
@@ -298,7 +298,7 @@ export class ModelRegistry {
    * are alive; they are released when it returns. When `signal` aborts (the caller's deadline passed
    * or it went away) a Run not yet started is not started and a running one is terminated: the call
    * rejects with `signal.reason`. Outputs named in `outputLocations` are written into the client's
-   * shared memory instead (src/shm_outputs.ts).
+   * shared memory instead (src/inference/shm_outputs.ts).
    */
   async predict<T>(
     name: string,

@@ -3,8 +3,8 @@
 // (inputs) or writes (outputs) it ends; a SysV segment stays attached a while after, for the client's
 // next request. Inputs are mapped read-only, outputs read-write, each only with the client's permission.
 
-import { Errno, ErrnoError, type Libc, type Mapping, type SegmentStatus, SHM_DEST } from "../ffi/libc.ts";
-import { invalidArgument, permissionDenied } from "./errors.ts";
+import { Errno, ErrnoError, type Libc, type Mapping, type SegmentStatus, SHM_DEST } from "../../ffi/libc.ts";
+import { invalidArgument, permissionDenied } from "../errors.ts";
 
 export type SharedMemoryKind = "sysv" | "posix" | "both";
 

@@ -7,9 +7,9 @@
 // answers NOT_FOUND for any other name; Watch sends SERVICE_UNKNOWN instead, as the protocol asks,
 // and keeps the call open, sending each change until the client leaves or the agent stops.
 
-import { invalidArgument, notFound } from "./errors.ts";
-import type { ModelRegistry } from "./models.ts";
-import type { UploadState } from "./capture/service.ts";
+import { invalidArgument, notFound } from "../errors.ts";
+import type { ModelRegistry } from "../inference/models.ts";
+import type { UploadState } from "../capture/service.ts";
 import { health, SERVICE_NAME } from "./wire.ts";
 
 const { SERVING, NOT_SERVING, SERVICE_UNKNOWN } = health.status;
