@@ -523,8 +523,13 @@ function checkThreadsByModel(label: string, value: unknown): Record<string, numb
   return result;
 }
 
-/** What LoadModel accepts as a model name. */
+/** What LoadModel accepts as a model name: the pattern, and at most MAX_MODEL_NAME characters. */
 export const MODEL_NAME_PATTERN = /^[a-zA-Z0-9](-*[a-zA-Z0-9])*$/;
+export const MAX_MODEL_NAME = 255;
+
+export function isModelName(name: string): boolean {
+  return name.length <= MAX_MODEL_NAME && MODEL_NAME_PATTERN.test(name);
+}
 
 export const BATCHING_DEFAULTS: BatchingSettings = { maxBatchSize: 8, maxDelayMs: 2, maxQueue: 64 };
 

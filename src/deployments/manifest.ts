@@ -3,7 +3,7 @@
 // against the device's trust before anything in it is acted on.
 
 import { join } from "node:path";
-import { MODEL_NAME } from "../inference/models.ts";
+import { isModelName } from "../config.ts";
 import { verifySigned } from "../packages/load.ts";
 
 export const MANIFEST_NAME = "deployment.json";
@@ -97,7 +97,7 @@ function checkModel(raw: unknown, at: string, problems: string[]): DeploymentMod
     }
   }
   const text = (key: string) => typeof model[key] === "string" ? model[key] as string : "";
-  check("name", MODEL_NAME.test(text("name")) && text("name").length <= 255, "a model name");
+  check("name", isModelName(text("name")), "a model name");
   check(
     "package",
     PACKAGE.test(text("package")) && !text("package").split("/").some((p) => /^\.+$/.test(p)),

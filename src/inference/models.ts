@@ -3,7 +3,7 @@
 
 import { type OnnxRuntime, OrtError, RunOptions, Session, type Value } from "../../ffi/onnxruntime.ts";
 import { Batcher, type BatchObserver, unbatchable } from "./batching.ts";
-import { type AgentConfig, batchingFor, MODEL_NAME_PATTERN } from "../config.ts";
+import { type AgentConfig, batchingFor, isModelName, MAX_MODEL_NAME } from "../config.ts";
 import {
   AgentError,
   alreadyExists,
@@ -22,8 +22,6 @@ import { bindOutputLocations, type OutputTarget, OutputWrites, type WrittenOutpu
 import { bindInputs, type BoundInput, inputValue, outputByteLength, type TensorSpec, toSpecs } from "./tensors.ts";
 import type { OutputLocation, Tensor } from "../service/wire.ts";
 
-export const MODEL_NAME = MODEL_NAME_PATTERN;
-const MAX_MODEL_NAME = 255;
 const ORT_INVALID_ARGUMENT = 2;
 const NO_BYTES = new Uint8Array(0);
 
@@ -523,7 +521,7 @@ function pending(name: string, url: string, concurrentRuns: number): Entry {
 }
 
 function checkModelName(name: string): void {
-  if (name.length === 0 || name.length > MAX_MODEL_NAME || !MODEL_NAME.test(name)) {
+  if (!isModelName(name)) {
     throw invalidArgument(
       `model name "${name}" is invalid: use 1-${MAX_MODEL_NAME} letters, digits and inner hyphens (^[a-zA-Z0-9](-*[a-zA-Z0-9])*$)`,
     );

@@ -140,9 +140,14 @@ export function threadPolicy(config: AgentConfig, cores: number = navigator.hard
     cores,
     intraOpThreads,
     interOpThreads: config.interOpThreads,
-    concurrentRuns: config.maxConcurrentRuns || Math.max(1, Math.floor(cores / intraOpThreads)),
+    concurrentRuns: runSlots(config, intraOpThreads, cores),
     sharedThreadPools: config.sharedThreadPools,
   };
+}
+
+/** The configured run limit, or as many Runs as the cores hold at `threadsPerRun` threads each. */
+function runSlots(config: AgentConfig, threadsPerRun: number, cores: number): number {
+  return config.maxConcurrentRuns || Math.max(1, Math.floor(cores / threadsPerRun));
 }
 
 /** Intra-op threads of a model named in edge_agent_model_intra_op_threads, or null when it takes the policy's. */
@@ -158,7 +163,7 @@ export function concurrentRunsFor(
 ): number {
   const own = ownThreads(config, model);
   if (own === null) return threadPolicy(config, cores).concurrentRuns;
-  return config.maxConcurrentRuns || Math.max(1, Math.floor(cores / (own === 0 ? cores : own)));
+  return runSlots(config, own === 0 ? cores : own, cores);
 }
 
 /** The environment's pools when models share them (edge_agent_shared_thread_pools). */
