@@ -9,7 +9,7 @@ import { Status } from "../src/errors.ts";
 import { BufferPool, sizeClass } from "../src/transport/buffers.ts";
 import { GrpcCallError, GrpcClient } from "../src/transport/client.ts";
 import { type CallContext, GrpcServer, type UnaryResult } from "../src/transport/http2.ts";
-import { encodePredictResponse, encodePredictResponseInto, enumValues } from "../src/service/wire.ts";
+import { encodePredictResponseInto, enumValues, messageType, type OutputTensor } from "../src/service/wire.ts";
 import { withAgent } from "./helpers/agent.ts";
 import { floats, tensor } from "./helpers/assertions.ts";
 import { identityModel, OnnxType, writeModelFolder } from "./helpers/onnx_models.ts";
@@ -53,17 +53,32 @@ Deno.test("a pooled PredictResponse is byte for byte the one protobufjs encodes"
     { name: "", shape: [], bytes: new Uint8Array(0) },
     { name: "x".repeat(200), shape: [2, 100000], bytes: filled(9, 300) },
   ];
-  const expected = encodePredictResponse(tensors.map((t) => ({
-    tensor_metadata: { name: new TextEncoder().encode(t.name), data_type: DataType.FLOAT32, shape: t.shape },
-    byte_data: t.bytes,
-  })));
+  // An output written into shared memory carries its handle instead of bytes.
+  const handle = { size: "1638400", offset: "4096", segment_id: "32769" };
+  const expected = messageType("PredictResponse").encode({
+    tensors: [
+      ...tensors.map((t) => ({
+        tensor_metadata: { name: new TextEncoder().encode(t.name), data_type: DataType.FLOAT32, shape: t.shape },
+        byte_data: t.bytes,
+      })),
+      {
+        tensor_metadata: { name: new TextEncoder().encode("map"), data_type: DataType.FLOAT32, shape: [1, 640, 640] },
+        shared_memory_handle: handle,
+      },
+    ],
+  }).finish();
   const pool = new BufferPool(64 * MESSAGE_BYTES);
   const actual = encodePredictResponseInto(
-    tensors.map((t) => ({
+    tensors.map((t): OutputTensor => ({
       tensor_metadata: { name: new TextEncoder().encode(t.name), data_type: DataType.FLOAT32, shape: t.shape },
       byteLength: t.bytes.length,
       copyInto: (target: Uint8Array) => target.set(t.bytes),
-    })),
+    })).concat([{
+      tensor_metadata: { name: new TextEncoder().encode("map"), data_type: DataType.FLOAT32, shape: [1, 640, 640] },
+      byteLength: 0,
+      copyInto: () => {},
+      shared_memory_handle: handle,
+    }]),
     (length) => pool.lease(length).bytes,
   );
   assert.equal(actual.length, expected.length);

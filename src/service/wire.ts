@@ -130,14 +130,8 @@ export function asBuffer(bytes: Uint8Array): Buffer {
   return Buffer.isBuffer(bytes) ? bytes : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
 }
 
-const PredictResponse = messageType("PredictResponse");
 const TensorMetadataType = messageType("TensorMetadata");
 const SharedMemoryHandleType = messageType("SharedMemoryHandle");
-
-/** Encodes a PredictResponse now, copying the tensor bytes (which may be borrowed) once. */
-export function encodePredictResponse(tensors: Tensor[]): Buffer {
-  return asBuffer(PredictResponse.encode({ tensors }).finish());
-}
 
 /** A response tensor whose bytes are copied straight into the encoded message. */
 export interface OutputTensor {
@@ -158,7 +152,7 @@ function varintSize(value: number): number {
 }
 
 /**
- * The PredictResponse encodePredictResponse gives, byte for byte, written into one buffer from
+ * The PredictResponse protobufjs would encode, byte for byte, written into one buffer from
  * `allocate` (a pooled one: see transport/buffers.ts), each tensor's bytes copied once into place.
  */
 export function encodePredictResponseInto(
