@@ -263,14 +263,14 @@ export async function serve(options: ServeOptions): Promise<void> {
   let leftovers: ReturnType<typeof setTimeout> | undefined;
   const collectWhenQuiet = () => {
     if (metrics.inFlight === 0) return releaseLeftovers(libc, log);
-    leftovers = setTimeout(collectWhenQuiet, LEFTOVERS_QUIET_MS);
-    Deno.unrefTimer(leftovers);
+    collectLater();
   };
-  registry.changes.addEventListener("change", () => {
+  const collectLater = () => {
     clearTimeout(leftovers);
     leftovers = setTimeout(collectWhenQuiet, LEFTOVERS_QUIET_MS);
     Deno.unrefTimer(leftovers);
-  });
+  };
+  registry.changes.addEventListener("change", collectLater);
   let stopMetrics = async () => {};
   let server: Awaited<ReturnType<typeof startServer>> | null = null;
   try {
