@@ -338,7 +338,8 @@ export class ModelRegistry {
       });
       return null;
     }
-    const runs = concurrentRunsFor(this.config, name);
+    // As many Runs as the model's run slots admit.
+    const runs = entry.info.runs.limit;
     this.log.info("dynamic batching on", {
       model: name,
       maxBatchSize: settings.maxBatchSize,
