@@ -6,6 +6,7 @@
 // multiplexed on one connection, which is opened on first use and again after it closes.
 
 import { Status } from "../errors.ts";
+import { BufferPool } from "./buffers.ts";
 import { encodeHeaders, type Header, HpackDecoder } from "./hpack.ts";
 import {
   closeAfterWrites,
@@ -46,6 +47,8 @@ const MAX_HEADER_LIST = 65536;
 const MAX_KEPT_HEADER_BLOCKS = 32;
 /** The receive buffer while responses are small; it grows to READ_BUFFER_BYTES as reads fill it. */
 const READ_BUFFER_MIN_BYTES = 1024;
+/** Larger receive buffers given up by one connection, for the next that grows (a few, shared by the process). */
+const READ_BUFFERS = new BufferPool(8 * READ_BUFFER_BYTES);
 
 /** A call that ended with a non-OK status (the fields grpc-js's ServiceError has too). */
 export class GrpcCallError extends Error {
@@ -250,7 +253,7 @@ class ClientConnection {
   async #read(): Promise<void> {
     // One receive buffer reused across reads (frames are views into it; what is kept is copied), instead
     // of a fresh 64 KiB buffer per read, which the allocator zeroes: most of a small call's client CPU.
-    const incoming = new FrameBuffer(READ_BUFFER_MIN_BYTES, READ_BUFFER_BYTES);
+    const incoming = new FrameBuffer(READ_BUFFER_MIN_BYTES, READ_BUFFER_BYTES, READ_BUFFERS);
     let reason = "the connection to the agent closed";
     try {
       for (;;) {

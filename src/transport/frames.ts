@@ -3,7 +3,7 @@
 
 import { Status } from "../errors.ts";
 import { CompressionError, type Header, type HpackDecoder } from "./hpack.ts";
-import type { Lease } from "./buffers.ts";
+import type { BufferPool, Lease } from "./buffers.ts";
 
 export const PREFACE = new TextEncoder().encode("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
 
@@ -308,23 +308,8 @@ export class Incoming {
   }
 }
 
-/** Large receive buffers no connection holds now, by size; a few, so the pool's memory stays small. */
-const spareBuffers = new Map<number, Uint8Array[]>();
-const MAX_SPARE_BUFFERS = 8;
 /** A receive buffer that a read filled grows this many times (up to its maximum). */
 const GROWTH_STEP = 16;
-
-function takeSpare(size: number): Uint8Array | undefined {
-  return spareBuffers.get(size)?.pop();
-}
-
-/** Keeps a buffer given up (only the large ones: small ones cost less than the pool). */
-function giveSpare(buffer: Uint8Array, smallBytes: number): void {
-  if (buffer.length <= smallBytes) return;
-  const spares = spareBuffers.get(buffer.length) ?? [];
-  if (spares.length < MAX_SPARE_BUFFERS) spares.push(buffer);
-  spareBuffers.set(buffer.length, spares);
-}
 
 /**
  * A server connection's receive buffer, one buffer reused across reads (no allocation per read).
@@ -334,11 +319,13 @@ function giveSpare(buffer: Uint8Array, smallBytes: number): void {
  * Its size follows the traffic: `minBytes` while reads are small (an idle connection holds little),
  * growing towards `maxBytes` with each read that fills it (a large message then takes few reads), and back to
  * `minBytes` once a small read leaves nothing buffered. It always grows to hold one whole frame.
- * Large buffers given up go to a small shared pool and are taken from it again, so a connection that
+ * Its larger buffers are leased from `pool` and given back when it shrinks, so a connection that
  * alternates small and full reads (small requests between window updates) allocates nothing.
  */
 export class FrameBuffer {
   #buffer: Uint8Array;
+  /** The lease of #buffer when it came from the pool (the smallest size is allocated: it costs less). */
+  #lease: Lease | null = null;
   #start = 0;
   #end = 0;
   /** The last read filled the room it was given: more was waiting. */
@@ -348,7 +335,11 @@ export class FrameBuffer {
   /** Bytes the frame begun needs in all, once takeFrames has seen (and checked) its header. */
   #need = 9;
 
-  constructor(private readonly minBytes: number, private readonly maxBytes: number) {
+  constructor(
+    private readonly minBytes: number,
+    private readonly maxBytes: number,
+    private readonly pool: BufferPool | null = null,
+  ) {
     this.#buffer = new Uint8Array(minBytes);
   }
 
@@ -376,9 +367,12 @@ export class FrameBuffer {
     else if (this.#quiet && pending === 0) size = this.minBytes;
     size = Math.max(size, need);
     if (size !== b.length) {
-      const next = takeSpare(size) ?? new Uint8Array(size);
+      const lease = size > this.minBytes && this.pool ? this.pool.lease(size) : null;
+      const next = lease?.bytes ?? new Uint8Array(size);
       next.set(b.subarray(this.#start, this.#end));
-      giveSpare(b, this.minBytes);
+      // Frames handed out are views valid only until this call, so the old buffer may be reused.
+      this.#lease?.release();
+      this.#lease = lease;
       this.#buffer = next;
       this.#start = 0;
       this.#end = pending;

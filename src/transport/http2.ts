@@ -256,7 +256,7 @@ export class Connection {
   }
 
   async serve(): Promise<void> {
-    const incoming = new FrameBuffer(MIN_READ_BYTES, MAX_READ_BYTES);
+    const incoming = new FrameBuffer(MIN_READ_BYTES, MAX_READ_BYTES, this.server.pool);
     let prefaceSeen = false;
     this.#send(this.#settingsFrame());
     this.#send(frame(FrameType.WINDOW_UPDATE, 0, 0, u32Payload(RECEIVE_WINDOW - DEFAULT_WINDOW)));
