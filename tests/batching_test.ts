@@ -232,7 +232,9 @@ Deno.test("batching: concurrent Predicts share Runs and each caller gets exactly
   try {
     await Promise.all([loadModels(agent), loadModels(plain)]);
 
-    await t.step("models whose shapes cannot be batched are named at load and run one by one", () => {
+    await t.step("models whose shapes cannot be batched are named at load and run one by one", async () => {
+      // "slow" loads last: once its line is read, every earlier load's line is too.
+      await agent.logged((l) => l.msg === "dynamic batching on" && l.model === "slow", "for the last model loaded");
       const logs = parseLogs(agent.logs());
       const on = logs.filter((l) => l.msg === "dynamic batching on").map((l) => l.model).sort();
       assert.deepEqual(on, ["cls", "gather", "pair", "slow", "transpose"]);
@@ -285,7 +287,10 @@ Deno.test("batching: concurrent Predicts share Runs and each caller gets exactly
       const expected = await oneByOne(plain.client, calls);
       assertSameAnswers(await concurrently(clients, calls), expected);
       assert.ok(await unbatched(metricsSocket, "transpose", "fallback") > 0, "a batch was tried and given up");
-      const warning = parseLogs(agent.logs()).find((l) => /turned off for this model/.test(String(l.msg)));
+      const warning = await agent.logged(
+        (l) => /turned off for this model/.test(String(l.msg)),
+        "turning batching off",
+      );
       assert.equal(warning?.model, "transpose");
       assert.match(String(warning?.reason), /output "y" has shape \[7,[2-4]\] for a batch of [2-4] rows/);
       // From then on it runs one by one.

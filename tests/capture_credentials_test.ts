@@ -429,7 +429,7 @@ Deno.test("agent without credentials and without S3: starts, serves Predict, kee
       await capture(agent, "online-1");
       await stored(agent, "online-1");
       assert.equal((await s3Keys(s3Port)).filter((k) => k.endsWith(".jsonl")).length, 3);
-      assert.ok(parseLogs(agent.logs()).some((l) => l.msg === "capture: uploads proceed again"));
+      await agent.logged((l) => l.msg === "capture: uploads proceed again", "uploads proceeding again");
       assert.equal(await blockedGauge(metrics), 0);
       // A watcher heard the change both ways (the first status may predate the first failed upload).
       const heard = watcher.statuses;
@@ -461,7 +461,7 @@ Deno.test("agent writing to Disk with periodic upload and no credentials: starts
       await capture(agent, "disk-1");
       await stored(agent, "disk-1"); // SUCCESS: it is on disk
       await until(async () => await agent.client.health("capture") === NOT_SERVING, "the mirror reports", 10_000);
-      assert.ok(parseLogs(agent.logs()).some((l) => /no S3 credentials/.test(String(l.error))), agent.logs());
+      await agent.logged((l) => /no S3 credentials/.test(String(l.error)), "no S3 credentials");
       await predictWorks(agent);
     } finally {
       await stopAgent(agent);
@@ -565,8 +565,7 @@ Deno.test("agent with a device certificate the endpoint does not trust: a clear 
       await until(async () => await agent.client.health("capture") === NOT_SERVING, "capture is NOT_SERVING", 10_000);
       await predictWorks(agent);
       assert.equal(await status(agent, "kept-1"), CaptureStatus.IN_PROGRESS);
-      const line = parseLogs(agent.logs()).find((l) => l.msg === "capture: cannot get credentials");
-      assert.ok(line, agent.logs());
+      const line = await agent.logged((l) => l.msg === "capture: cannot get credentials", "cannot get credentials");
       assert.match(String(line.reason), new RegExp(`^credentials provider ${endpoint.url}/role-aliases/`));
       assert.match(
         String(line.reason),

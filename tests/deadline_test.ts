@@ -439,7 +439,7 @@ Deno.test("deadlines and cancellation reach ONNX Runtime (det)", async (t) => {
             await new Promise((r) => setTimeout(r, 20));
           }
           assert.deepEqual(names.sort(), ["det", "det2"]);
-          const loaded = parseLogs(agent.logs()).find((l) => l.msg === "model loaded" && l.model === "det2");
+          const loaded = await agent.logged((l) => l.msg === "model loaded" && l.model === "det2", "det2 loaded");
           console.log(`det2 loaded in ${loaded?.seconds} s, past the caller's 60 ms deadline`);
           assert.equal(await client.health(""), 1, "SERVING");
 

@@ -109,7 +109,7 @@ Deno.test("deployments: deploy, swap under load, refuse tampered and untrusted v
     assert.deepEqual(failures, [], "no Predict failed during the swap");
     assert.ok((seen.get(2) ?? 0) > 0 && (seen.get(3) ?? 0) > 0, `answers ${JSON.stringify([...seen])}`);
     assert.deepEqual([...seen.keys()].sort(), [2, 3]);
-    assert.ok(parseLogs(a.logs()).some((l) => l.msg === "model swapped" && l.model === "m" && l.version === "2"));
+    await a.logged((l) => l.msg === "model swapped" && l.model === "m" && l.version === "2", "m swapped to 2");
 
     // A package changed after signing: refused, v2 keeps serving.
     await release([{ name: "m", version: "3", constant: 3, tampered: true }]);
@@ -152,7 +152,7 @@ Deno.test("deployments: deploy, swap under load, refuse tampered and untrusted v
     });
     assert.equal(await answer(a, "m2"), 11);
     assert.equal((await metrics(a)).get("edge_agent_deployment_manifest_refused"), 0);
-    assert.ok(parseLogs(a.logs()).some((l) => l.msg === "model removed by deployment" && l.model === "m"));
+    await a.logged((l) => l.msg === "model removed by deployment" && l.model === "m", "m removed");
     assert.ok(![...(await metrics(a)).keys()].some((k) => k.includes('model="m"')), "m's series went with it");
     const status = await a.stop();
     assert.equal(status.code, 0, a.logs());

@@ -20,9 +20,16 @@ export interface AgentProcess {
   process: Deno.ChildProcess;
   /** stderr so far, as text. */
   logs(): string;
+  /**
+   * The first log line that `match` accepts, waiting for it: the agent's stderr is read
+   * asynchronously, so a line written before an answer may arrive after it.
+   */
+  logged(match: (line: Record<string, unknown>) => boolean, what: string, timeoutMs?: number): Promise<LogLine>;
   /** Sends `signal` and waits for exit. */
   stop(signal?: Deno.Signal): Promise<Deno.CommandStatus>;
 }
+
+export type LogLine = Record<string, unknown>;
 
 export interface StartOptions {
   /** Extra config keys (model roots default to <dir>/models). */
@@ -106,6 +113,15 @@ export async function startAgent(options: StartOptions = {}): Promise<AgentProce
     client,
     process,
     logs: output.text,
+    async logged(match, what, timeoutMs = 10_000) {
+      const found = () => parseLogs(output.lines.join("\n")).find(match);
+      const deadline = performance.now() + timeoutMs;
+      for (let line = found();; line = found()) {
+        if (line) return line;
+        if (performance.now() > deadline) throw new Error(`no log line ${what} in ${timeoutMs} ms:\n${output.text()}`);
+        await new Promise((resolve) => setTimeout(resolve, 10));
+      }
+    },
     stop(signal: Deno.Signal = "SIGTERM") {
       if (!stopped) {
         client.close();
