@@ -125,6 +125,18 @@ const TIMEOUT_UNIT_MS: Record<string, number> = { H: 3_600_000, M: 60_000, S: 10
 /** Longest timer a runtime keeps (about 24.8 days); longer deadlines are never reached. */
 const MAX_TIMER_MS = 2 ** 31 - 1;
 
+/**
+ * Clients reset a call when their own deadline passes, and their clock started before ours (ours
+ * starts when the headers arrive), so their reset can beat our timer by a little: a reset that
+ * close to the deadline is the deadline, not the caller changing its mind.
+ */
+const DEADLINE_RESET_MARGIN_MS = 50;
+
+function resetReason(stream: { deadline: number | null }): CancelReason {
+  const deadlineReached = stream.deadline !== null && performance.now() >= stream.deadline - DEADLINE_RESET_MARGIN_MS;
+  return deadlineReached ? "deadline" : "reset";
+}
+
 /** grpc-timeout in milliseconds (gRPC over HTTP/2: 1-8 ASCII digits and a unit H, M, S, m, u or n); null when malformed. */
 export function parseGrpcTimeout(value: string): number | null {
   const match = /^(\d{1,8})([HMSmun])$/.exec(value);
@@ -381,7 +393,7 @@ export class Connection {
         const stream = this.#streams.get(streamId);
         if (stream) {
           this.#uncount(stream);
-          this.#cancelHandler(stream, "reset");
+          this.#cancelHandler(stream, resetReason(stream));
           stream.localClosed = true;
           stream.remoteClosed = true;
           this.#streams.delete(streamId);
