@@ -12,13 +12,12 @@
 // build host either pre-fills such a cache (--deno-dir) or names an extracted denort binary per target
 // (--denort; passed to deno compile as DENORT_BIN, which it uses as-is for any target).
 
-import { createHash } from "node:crypto";
 import { basename, dirname, join, relative, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { DebError, DEBIAN_ARCHITECTURES, debPackage } from "./src/deb.ts";
 import { StartupError } from "./src/errors.ts";
 import { parseProfile, type Profile, profileFlags } from "./src/permissions.ts";
-import { npmLibraryPath } from "./src/inference/runtime.ts";
+import { digestFile, type FileDigest, npmLibraryPath } from "./src/inference/runtime.ts";
 
 export const TARGETS = {
   "x86_64-unknown-linux-gnu": "x86_64",
@@ -113,18 +112,30 @@ export function entryPath(output: string): string {
 
 /**
  * The executable's entry module: main.ts's command line with the deployment's socket and config as
- * the defaults, so `edge-agent serve` and `edge-agent client list` need no flags on the device.
+ * the defaults, so `edge-agent serve` and `edge-agent client list` need no flags on the device, and
+ * the SHA-256 and size of the ONNX Runtime library it embeds, so that a start need not hash it
+ * (without them, it does).
  */
-export async function writeEntry(profile: Profile, path: string): Promise<void> {
+export async function writeEntry(profile: Profile, path: string, library?: FileDigest): Promise<void> {
   await Deno.mkdir(dirname(path), { recursive: true });
-  const main = relative(dirname(path), join(ROOT, "main.ts"));
+  const specifier = (file: string) => {
+    const from = relative(dirname(path), join(ROOT, file));
+    return JSON.stringify(from.startsWith(".") ? from : `./${from}`);
+  };
   const defaults = { socket: profile.socket, config: profile.config };
-  await Deno.writeTextFile(
-    path,
-    `// Written by build.ts: the command line with this deployment's defaults.\n` +
-      `import { main } from ${JSON.stringify(main.startsWith(".") ? main : `./${main}`)};\n\n` +
-      `await main(Deno.args, ${JSON.stringify(defaults)});\n`,
-  );
+  const lines = [
+    `// Written by build.ts: the command line with this deployment's defaults, and the library it embeds.`,
+    `import { main } from ${specifier("main.ts")};`,
+  ];
+  if (library) {
+    lines.push(
+      `import { declareEmbeddedLibrary } from ${specifier("src/inference/runtime.ts")};`,
+      "",
+      `declareEmbeddedLibrary(${JSON.stringify({ sha256: library.sha256, size: library.size })});`,
+    );
+  }
+  lines.push(`await main(Deno.args, ${JSON.stringify(defaults)});`);
+  await Deno.writeTextFile(path, lines.join("\n") + "\n");
 }
 
 /** The deno compile command for one target. */
@@ -158,12 +169,6 @@ export async function readProfile(path: string): Promise<Profile> {
   return parseProfile(raw, `profile ${path}`);
 }
 
-async function sha256(path: string): Promise<string> {
-  const hash = createHash("sha256");
-  for await (const chunk of (await Deno.open(path)).readable) hash.update(chunk);
-  return hash.digest("hex");
-}
-
 /** dist/edge-agent-<version>-<target>.tar.gz holding the executable, unit, tmpfiles line, config, profile, SHA256SUMS. */
 export async function release(plan: BuildPlan, profilePath: string, version: string, out: string): Promise<string> {
   const name = `edge-agent-${version}-${plan.target}`;
@@ -181,7 +186,7 @@ export async function release(plan: BuildPlan, profilePath: string, version: str
   const sums: string[] = [];
   for (const [from, to] of files) {
     await Deno.copyFile(from, join(folder, to));
-    sums.push(`${await sha256(join(folder, to))}  ${to}`);
+    sums.push(`${(await digestFile(join(folder, to))).sha256}  ${to}`);
   }
   await Deno.writeTextFile(join(folder, "SHA256SUMS"), sums.join("\n") + "\n");
   const tarball = join(out, `${name}.tar.gz`);
@@ -240,7 +245,7 @@ async function main(args: string[]): Promise<void> {
     console.log(`${env}deno ${plan.args.map((a) => (/[\s"']/.test(a) ? JSON.stringify(a) : a)).join(" ")}`);
     if (values["dry-run"]) continue;
     await Deno.mkdir(values.out, { recursive: true });
-    await writeEntry(profile, entryPath(plan.output));
+    await writeEntry(profile, entryPath(plan.output), await digestFile(npmLibraryPath(TARGETS[plan.target])));
     const compiled = await new Deno.Command(Deno.execPath(), { args: plan.args, env: plan.env }).spawn().status;
     if (!compiled.success) throw new BuildError(`deno compile for ${plan.target} failed (exit ${compiled.code})`);
     const size = (await Deno.stat(plan.output)).size;

@@ -7,8 +7,6 @@ import { join } from "node:path";
 import { BuildError, COMPILE_CONFIG, release, runtimeSource, unresolvedImports } from "../build.ts";
 import { StartupError } from "../src/errors.ts";
 import { parseProfile } from "../src/permissions.ts";
-import { extractLibrary, npmLibraryPath } from "../src/inference/runtime.ts";
-import { OnnxRuntime } from "../ffi/onnxruntime.ts";
 import { PROJECT_ROOT, startAgent } from "./helpers/agent.ts";
 
 const decoder = new TextDecoder();
@@ -241,24 +239,4 @@ Deno.test({
       await Deno.remove(dir, { recursive: true });
     }
   },
-});
-
-Deno.test("the embedded ONNX Runtime is written once into the state folder, by digest, and reused", async () => {
-  const state = await Deno.makeTempDir();
-  try {
-    const first = await extractLibrary(npmLibraryPath(), state);
-    assert.match(first, new RegExp(`^${state}/lib/libonnxruntime-[0-9a-f]{16}\\.so\\.1$`));
-    const written = (await Deno.stat(first)).mtime;
-    await new Promise((r) => setTimeout(r, 20));
-    assert.equal(await extractLibrary(npmLibraryPath(), state), first);
-    assert.deepEqual((await Deno.stat(first)).mtime, written, "an intact copy is not rewritten");
-    await Deno.writeTextFile(first, "damaged");
-    assert.equal(await extractLibrary(npmLibraryPath(), state), first);
-    assert.deepEqual(await Deno.readFile(first), await Deno.readFile(npmLibraryPath()), "a damaged copy is replaced");
-    const ort = OnnxRuntime.open(first);
-    assert.match(ort.version, /^1\.\d+\.\d+$/);
-    ort.close();
-  } finally {
-    await Deno.remove(state, { recursive: true });
-  }
 });

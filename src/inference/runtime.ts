@@ -30,41 +30,139 @@ export function libraryCandidates(config: AgentConfig): string[] {
   return [join(dirname(Deno.execPath()), "lib", ORT_LIBRARY_FILE), npmLibraryPath()];
 }
 
+/** A library file's identity: its SHA-256 (hex) and size. */
+export interface FileDigest {
+  sha256: string;
+  size: number;
+}
+
+/** The library the compiled executable embeds, as build.ts found it; null when not declared. */
+let embeddedLibrary: FileDigest | null = null;
+
+/** Declared by the compiled executable's entry (build.ts), before the agent starts. */
+export function declareEmbeddedLibrary(digest: FileDigest): void {
+  embeddedLibrary = digest;
+}
+
 /**
  * The compiled agent embeds the library (build.ts --include). Deno could dlopen it in place, but it
  * then copies the file to $TMPDIR/deno-native-addons/ on every start, never removes it, and fails
  * on a read-only $TMPDIR. So it is written once into the state folder under a name holding its
- * SHA-256, and a later start reuses that copy after checking its digest. Both are read a chunk at a
- * time: read whole, the two copies of the library would stay in the idle agent's memory until a GC.
+ * SHA-256, and later starts reuse that copy.
+ *
+ * Neither file is hashed at a later start (44 MB each: ~85 ms on a PC, far more on a small ARM
+ * device). The embedded file's digest is baked into the entry by build.ts. The copy is trusted from
+ * how it came to be: a file only gets the copy's name by a rename, after its bytes were hashed
+ * against that digest as they were written and synced to disk, so an interrupted write or a power
+ * loss leaves no copy, or one the stamp does not describe. The stamp, written after the rename,
+ * records the copy's inode, size and change times; a later write into it, a truncation or a
+ * replacement changes one of them, and the copy is then written afresh. What the stamp cannot see is
+ * a rewrite crafted to keep the inode, size and both times, which only a process of the agent's own
+ * user (no one else may write the state folder) or root could make: such a process could as well
+ * alter the running agent, which hashing at each start would not stop. An entry without the digest
+ * (not written by build.ts) hashes the embedded file first.
  */
-export async function extractLibrary(embedded: string, stateDir: string): Promise<string> {
-  const digest = (await sha256File(embedded))!;
+export async function extractLibrary(
+  embedded: string,
+  stateDir: string,
+  expected: FileDigest | null = embeddedLibrary,
+): Promise<string> {
+  expected ??= await digestFile(embedded);
   const folder = join(stateDir, "lib");
-  const target = join(folder, `libonnxruntime-${digest.slice(0, 16)}.so.1`);
-  if (await sha256File(target) === digest) return target;
+  const target = join(folder, `libonnxruntime-${expected.sha256.slice(0, 16)}.so.1`);
+  const stamp = `${target}.verified`;
+  if (await isVerifiedCopy(target, stamp, expected)) return target;
   await Deno.mkdir(folder, { recursive: true, mode: 0o755 });
-  const partial = `${target}.${Deno.pid}.partial`;
-  const source = await Deno.open(embedded);
-  const destination = await Deno.open(partial, { write: true, create: true, truncate: true, mode: 0o644 });
-  await source.readable.pipeTo(destination.writable);
-  await Deno.rename(partial, target);
+  // A name of its own per start: concurrent starts each write and rename a whole verified copy.
+  const partial = uniqueSibling(target);
+  try {
+    await copyVerified(embedded, partial, expected);
+    await Deno.rename(partial, target);
+  } catch (error) {
+    await Deno.remove(partial).catch(() => {});
+    throw error;
+  }
+  await writeStamp(target, stamp, expected);
   return target;
 }
 
-/** The SHA-256 of a file in hex, null when it cannot be opened. */
-async function sha256File(path: string): Promise<string | null> {
-  const file = await Deno.open(path).catch(() => null);
-  if (!file) return null;
+/** Records the verified copy's identity. Without a stamp, the next start writes the copy again. */
+async function writeStamp(target: string, stamp: string, verified: FileDigest): Promise<void> {
+  const partial = uniqueSibling(stamp);
+  try {
+    await Deno.writeTextFile(partial, JSON.stringify({ ...verified, ...identity(await Deno.stat(target)) }));
+    await Deno.rename(partial, stamp);
+  } catch {
+    await Deno.remove(partial).catch(() => {});
+  }
+}
+
+function uniqueSibling(path: string): string {
+  return `${path}.${Deno.pid}-${crypto.randomUUID().slice(0, 8)}.partial`;
+}
+
+/** What changes when a file's bytes are written or it is replaced (Deno's ctime has whole seconds). */
+function identity(info: Deno.FileInfo) {
+  return { dev: info.dev, ino: info.ino, size: info.size, mtime: info.mtime?.getTime(), ctime: info.ctime?.getTime() };
+}
+
+/** Whether the stamp describes the file at `target` exactly as it was verified against `expected`. */
+async function isVerifiedCopy(target: string, stamp: string, expected: FileDigest): Promise<boolean> {
+  const [info, recorded] = await Promise.all([
+    Deno.stat(target).catch(() => null),
+    Deno.readTextFile(stamp).then(JSON.parse).catch(() => null),
+  ]);
+  if (!info?.isFile || info.size !== expected.size || recorded === null) return false;
+  const wanted: Record<string, unknown> = { ...expected, ...identity(info) };
+  return Object.keys(wanted).every((key) => recorded[key] === wanted[key]);
+}
+
+/** Copies `from` to a new file `to`, hashing the bytes on the way; refuses them unless they are `expected`. */
+async function copyVerified(from: string, to: string, expected: FileDigest): Promise<void> {
+  const destination = await Deno.open(to, { write: true, createNew: true, mode: 0o644 });
+  try {
+    const written = await readChunks(from, async (chunk) => {
+      for (let done = 0; done < chunk.length;) done += await destination.write(chunk.subarray(done));
+    });
+    if (written.sha256 !== expected.sha256 || written.size !== expected.size) {
+      throw new Error(
+        `${from} is not the library built in (${written.size} bytes, sha256 ${written.sha256}; ` +
+          `expected ${expected.size} bytes, sha256 ${expected.sha256})`,
+      );
+    }
+    // On disk before the rename gives it the copy's name: after a power loss, no unwritten copy.
+    await destination.sync();
+  } finally {
+    destination.close();
+  }
+}
+
+/** The SHA-256 and size of a file. */
+export function digestFile(path: string): Promise<FileDigest> {
+  return readChunks(path, () => {});
+}
+
+/**
+ * Reads a file a chunk at a time, hashing it: read whole, a 44 MB library would stay in the idle
+ * agent's memory until a GC.
+ */
+async function readChunks(path: string, each: (chunk: Uint8Array) => unknown): Promise<FileDigest> {
   // Only a compiled agent extracts; Node's crypto (streaming SHA-256) is not loaded for the others.
   const { createHash } = await import("node:crypto");
   const hash = createHash("sha256");
   const chunk = new Uint8Array(1 << 20);
+  let size = 0;
+  const file = await Deno.open(path);
   try {
-    for (let n = await file.read(chunk); n !== null; n = await file.read(chunk)) hash.update(chunk.subarray(0, n));
+    for (let n = await file.read(chunk); n !== null; n = await file.read(chunk)) {
+      hash.update(chunk.subarray(0, n));
+      size += n;
+      await each(chunk.subarray(0, n));
+    }
   } finally {
     file.close();
   }
-  return hash.digest("hex");
+  return { sha256: hash.digest("hex"), size };
 }
 
 /**
