@@ -30,8 +30,10 @@ import { SharedMemoryReader } from "./inference/shm.ts";
 import { startServer } from "./service/server.ts";
 
 const STOP_SIGNALS: Deno.Signal[] = ["SIGTERM", "SIGINT", "SIGHUP"];
-/** How long after a model change, with no call in flight, its leftovers are collected (releaseLeftovers). */
+/** How long the agent must have had no call before a model change's leftovers are collected (releaseLeftovers). */
 const LEFTOVERS_QUIET_MS = 1000;
+/** How long after a model change calls may keep the agent from a quiet second before the shorter collection runs. */
+const LEFTOVERS_PATIENCE_MS = 10_000;
 /** How far past the grace period a stop may run before the process exits anyway. */
 const STOP_OVERRUN_MS = 700;
 
@@ -182,21 +184,24 @@ async function startMetrics(config: AgentConfig, render: () => string): Promise<
  * After a model loads or unloads, what the load left behind is garbage: the model's bytes as read and
  * verified, signature checking's working memory, ONNX Runtime's graph optimisation buffers. Collected
  * (when V8's gc is exposed: see permissions.ts) and trimmed from malloc's arenas at once, RSS is what
- * the models hold rather than what loading them took (cls + det: 135 -> 110-114 MiB). The cost is one
- * pause of the JavaScript thread per burst of model changes, logged at debug level (a regular full GC
- * would be a third of it but keeps ~10 MiB: the young generation's space and the model's bytes), taken
- * when no call is in flight.
+ * the models hold rather than what loading them took (cls + det: 135 -> 110-118 MiB). The cost is one
+ * pause of the JavaScript thread per burst of model changes (130-520 ms on a busy 2-core machine),
+ * logged at debug level, so it waits for a quiet agent. An agent that calls keep busy gets V8's regular
+ * full collection meanwhile: a third of the pause, but it keeps ~10 MiB (the young generation's space
+ * and the model's bytes).
  */
-function releaseLeftovers(libc: Libc, log: Logger): void {
+function releaseLeftovers(libc: Libc, log: Logger, memoryReducing: boolean): void {
   const started = performance.now();
   // "last-resort": V8's memory-reducing collection, which also gives back the young generation's space.
-  (globalThis as { gc?: (options?: object) => void }).gc?.({ type: "major", execution: "sync", flavor: "last-resort" });
+  const flavor = memoryReducing ? "last-resort" : "regular";
+  (globalThis as { gc?: (options?: object) => void }).gc?.({ type: "major", execution: "sync", flavor });
   const gcMs = performance.now() - started;
   libc.trimHeap();
   if (log.verbose) {
     const mib = (bytes: number) => Math.round(bytes / 2 ** 17) / 8;
     const { rss, heapTotal, heapUsed, external } = Deno.memoryUsage();
     log.debug("memory after a model change (MiB)", {
+      collection: flavor,
       ms: Math.round((performance.now() - started) * 10) / 10,
       gcMs: Math.round(gcMs * 10) / 10,
       rss: mib(rss),
@@ -204,6 +209,21 @@ function releaseLeftovers(libc: Libc, log: Logger): void {
       heapUsed: mib(heapUsed),
       external: mib(external),
     });
+  }
+}
+
+/** The agent's metrics, and when a call last started or finished: what the collection waits on. */
+class ServingMetrics extends Metrics {
+  lastCallActivity = -Infinity;
+
+  override started(): void {
+    super.started();
+    this.lastCallActivity = performance.now();
+  }
+
+  override finished(): void {
+    super.finished();
+    this.lastCallActivity = performance.now();
   }
 }
 
@@ -250,7 +270,7 @@ export async function serve(options: ServeOptions): Promise<void> {
     posixPrefix: config.shmPosixPrefix,
     sysvKeepAttachedSeconds: config.sysvKeepAttachedSeconds,
   });
-  const metrics = new Metrics();
+  const metrics = new ServingMetrics();
   const registry = new ModelRegistry(ort, shm, config, log, metrics);
   log.info("thread policy", { ...registry.threads });
   let capture: CaptureService | null = null;
@@ -258,17 +278,32 @@ export async function serve(options: ServeOptions): Promise<void> {
   // One credential source for capture uploads and deployments, made when the first asks.
   let credentials: Promise<CredentialSource> | null = null;
   const sharedCredentials = () => credentials ??= credentialSource(config, log);
-  // The collection pauses JavaScript, so it waits for a quiet moment: a burst of model changes is
-  // collected once, and never while a call is being handled.
+  // The collection pauses JavaScript, so it waits until no call has started or finished for a second:
+  // a call arriving during the pause would wait it out, and one that comes while others are being
+  // handled likely has more behind it. A burst of model changes is collected once. Calls that keep
+  // the agent busy past the patience get the regular collection, and the full one when they pause.
   let leftovers: ReturnType<typeof setTimeout> | undefined;
+  let lastChange = 0;
+  let regularDone = false;
   const collectWhenQuiet = () => {
-    if (metrics.inFlight === 0) return releaseLeftovers(libc, log);
-    collectLater();
+    const now = performance.now();
+    const quietMs = metrics.inFlight === 0 ? now - metrics.lastCallActivity : 0;
+    if (quietMs >= LEFTOVERS_QUIET_MS) return releaseLeftovers(libc, log, true);
+    if (!regularDone && metrics.inFlight === 0 && now - lastChange >= LEFTOVERS_PATIENCE_MS) {
+      regularDone = true;
+      releaseLeftovers(libc, log, false);
+    }
+    collectIn(LEFTOVERS_QUIET_MS - quietMs);
+  };
+  const collectIn = (ms: number) => {
+    clearTimeout(leftovers);
+    leftovers = setTimeout(collectWhenQuiet, ms);
+    Deno.unrefTimer(leftovers);
   };
   const collectLater = () => {
-    clearTimeout(leftovers);
-    leftovers = setTimeout(collectWhenQuiet, LEFTOVERS_QUIET_MS);
-    Deno.unrefTimer(leftovers);
+    lastChange = performance.now();
+    regularDone = false;
+    collectIn(LEFTOVERS_QUIET_MS);
   };
   registry.changes.addEventListener("change", collectLater);
   let stopMetrics = async () => {};

@@ -83,26 +83,50 @@ Deno.test("the agent runs with its V8 flags, from deno run as from the compiled 
   assert.ok(AGENT_V8_FLAGS.some((f) => f.includes("--expose-gc")), "gc() collects what a model load left behind");
 });
 
-Deno.test("what model loads leave behind is collected once, when no call is in flight", async () => {
+const COLLECTION = "memory after a model change (MiB)";
+
+Deno.test("what a model load leaves behind is collected after a Predict that outlasts the quiet second has finished", async () => {
   const agent = await startAgent({ config: { sagemaker_edge_log_verbose: true } });
   try {
     const n = 512;
-    await agent.client.loadModel(await writeModelFolder(agent.modelsDir, "a", identityModel(OnnxType.FLOAT)), "a");
-    // A Predict that outlasts the quiet period the collection waits for.
-    await agent.client.loadModel(await writeModelFolder(agent.modelsDir, "slow", slowModel(n, 300)), "slow");
+    // Runs for seconds (0.9 s per 300 steps on a busy 2-core machine).
+    await agent.client.loadModel(await writeModelFolder(agent.modelsDir, "slow", slowModel(n, 1200)), "slow");
     const x = new Float32Array(n * n).fill(0.5);
     await agent.client.predict("slow", [tensor("x", enumValues("DataType").FLOAT32, [n, n], x)]);
-    const collections = () => parseLogs(agent.logs()).filter((l) => l.msg === "memory after a model change (MiB)");
-    const deadline = Date.now() + 10_000;
-    while (collections().length === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
-    // Past another quiet period: a second collection would have happened by now.
-    await new Promise((r) => setTimeout(r, 1500));
+    await agent.logged((l) => l.msg === COLLECTION, "a collection", 30_000);
     const logs = parseLogs(agent.logs());
-    const collected = logs.findIndex((l) => l.msg === "memory after a model change (MiB)");
-    const predicted = logs.findIndex((l) => l.msg === "rpc" && l.rpc === "Predict");
-    assert.ok(collected >= 0, "the leftovers are collected");
-    assert.ok(collected > predicted, "not while the Predict was in flight");
-    assert.equal(collections().length, 1, "two loads in a row are collected once");
+    const collected = logs.findIndex((l) => l.msg === COLLECTION);
+    assert.equal(logs[collected].collection, "last-resort");
+    assert.ok(collected > logs.findIndex((l) => l.msg === "rpc" && l.rpc === "Predict"), "not while it ran");
+  } finally {
+    await agent.stop();
+    await Deno.remove(agent.dir, { recursive: true });
+  }
+});
+
+Deno.test("calls that keep coming after model loads get the regular collection, and the memory-reducing one once they pause", async () => {
+  const agent = await startAgent({ config: { sagemaker_edge_log_verbose: true } });
+  try {
+    for (const name of ["a", "b"]) {
+      await agent.client.loadModel(await writeModelFolder(agent.modelsDir, name, identityModel(OnnxType.FLOAT)), name);
+    }
+    const input = [tensor("x", enumValues("DataType").FLOAT32, [1, 3], new Float32Array(3))];
+    // A camera application's pace: never a quiet second, until the agent's patience runs out.
+    const deadline = Date.now() + 60_000;
+    while (!agent.logs().includes('"collection":"regular"')) {
+      assert.ok(Date.now() < deadline, "no regular collection while calls kept coming");
+      await agent.client.predict("a", input);
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+    for (let i = 0; i < 3; i++) await agent.client.predict("a", input);
+    await agent.logged((l) => l.msg === COLLECTION && l.collection === "last-resort", "the full collection", 30_000);
+    const logs = parseLogs(agent.logs());
+    const collections = logs.flatMap((l, i) => l.msg === COLLECTION ? [[i, l.collection]] : []);
+    assert.deepEqual(collections.map(([, kind]) => kind), ["regular", "last-resort"], "two loads, collected once");
+    const predicts = logs.flatMap((l, i) => l.msg === "rpc" && l.rpc === "Predict" ? [i] : []);
+    const [[regular], [full]] = collections as [number, string][];
+    assert.ok(predicts[0] < regular && regular < predicts.at(-1)!, "the regular one while calls went on");
+    assert.ok(full > predicts.at(-1)!, "the memory-reducing one after they stopped");
   } finally {
     await agent.stop();
     await Deno.remove(agent.dir, { recursive: true });
