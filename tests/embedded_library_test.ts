@@ -179,3 +179,24 @@ await runtime.extractLibrary(${JSON.stringify(other)}, ${JSON.stringify(state)})
     assert.match(stdout, /refused: \S+other\.so is not the library built in \(15 bytes/);
   });
 });
+
+Deno.test("a fresh copy removes earlier versions' copies and partial copies no start is still writing", async () => {
+  await withState(async (state) => {
+    const folder = join(state, "lib");
+    await Deno.mkdir(folder);
+    const earlier = ["libonnxruntime-0123456789abcdef.so.1", "libonnxruntime-0123456789abcdef.so.1.verified"];
+    const abandoned = `libonnxruntime-${DIGEST.sha256.slice(0, 16)}.so.1.1234-abcdefgh.partial`;
+    const beingWritten = `libonnxruntime-${DIGEST.sha256.slice(0, 16)}.so.1.5678-abcdefgh.partial`;
+    const unrelated = "notes.txt";
+    for (const name of [...earlier, abandoned, beingWritten, unrelated]) {
+      await Deno.writeTextFile(join(folder, name), "x");
+    }
+    const anHourAgo = new Date(Date.now() - 3600_000);
+    await Deno.utime(join(folder, abandoned), anHourAgo, anHourAgo);
+    const copy = await extractLibrary(LIBRARY, state, DIGEST);
+    assert.deepEqual(
+      await libFolder(state),
+      [basenameOf(copy), `${basenameOf(copy)}.verified`, beingWritten, unrelated].sort(),
+    );
+  });
+});

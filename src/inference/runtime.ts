@@ -30,7 +30,7 @@ export function libraryCandidates(config: AgentConfig): string[] {
   return [join(dirname(Deno.execPath()), "lib", ORT_LIBRARY_FILE), npmLibraryPath()];
 }
 
-/** A library file's identity: its SHA-256 (hex) and size. */
+/** A file's SHA-256 (hex) and size. */
 export interface FileDigest {
   sha256: string;
   size: number;
@@ -83,7 +83,27 @@ export async function extractLibrary(
     throw error;
   }
   await writeStamp(target, stamp, expected);
+  await removeStaleCopies(folder, [target, stamp]).catch(() => {});
   return target;
+}
+
+/** A partial copy this old belongs to no start still writing it. */
+const STALE_PARTIAL_MS = 10 * 60_000;
+
+/**
+ * After a fresh copy: earlier versions' copies (44 MB each, one per upgrade) and what interrupted
+ * starts left. Unlinking a library a running process has mapped leaves its mapping intact.
+ */
+async function removeStaleCopies(folder: string, keep: string[]): Promise<void> {
+  for await (const entry of Deno.readDir(folder)) {
+    const path = join(folder, entry.name);
+    if (!entry.name.startsWith("libonnxruntime-") || keep.includes(path)) continue;
+    if (entry.name.endsWith(".partial")) {
+      const mtime = (await Deno.stat(path).catch(() => null))?.mtime?.getTime() ?? Date.now();
+      if (Date.now() - mtime < STALE_PARTIAL_MS) continue;
+    }
+    await Deno.remove(path).catch(() => {});
+  }
 }
 
 /** Records the verified copy's identity. Without a stamp, the next start writes the copy again. */
