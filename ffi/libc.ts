@@ -168,6 +168,13 @@ function isFailure(address: Deno.PointerValue): boolean {
 export class Mapping {
   #address: Deno.PointerValue;
   readonly #unmap: () => number;
+  /**
+   * One ArrayBuffer over the whole mapping, made at the first view; views are windows on it. V8 counts
+   * the bytes of every new ArrayBuffer over outside memory as memory pressure: one per request (megabytes
+   * each for an image) set off a full collection every few requests of a kept segment, whose marking
+   * took a core from the Runs.
+   */
+  #whole: Uint8Array | null = null;
 
   constructor(address: Deno.PointerValue, readonly size: bigint, unmap: () => number) {
     this.#address = address;
@@ -183,13 +190,15 @@ export class Mapping {
     if (this.#address === null && this.size !== 0n) throw new NativeError("mapping used after release");
     if (BigInt(offset) + BigInt(length) > this.size) throw new NativeError("view beyond the mapping");
     if (length === 0) return new Uint8Array(0);
-    return new Uint8Array(Deno.UnsafePointerView.getArrayBuffer(this.#address!, length, offset));
+    this.#whole ??= new Uint8Array(Deno.UnsafePointerView.getArrayBuffer(this.#address!, Number(this.size)));
+    return this.#whole.subarray(offset, offset + length);
   }
 
   release(): void {
     if (this.#address === null) return;
     this.#unmap();
     this.#address = null;
+    this.#whole = null;
   }
   [Symbol.dispose](): void {
     this.release();
