@@ -129,11 +129,16 @@ export class Libc {
 
   /**
    * shm_open(name) and map the whole object, read-only unless `writable` (O_RDWR, PROT_READ|PROT_WRITE);
-   * the descriptor is closed at once.
+   * the descriptor is closed at once. null when no object has that name: a miss is an answer, not a
+   * failure (the "both" mode looks for an object before a SysV segment on every request).
    */
-  mapPosix(name: string, writable = false): Mapping {
+  mapPosix(name: string, writable = false): Mapping | null {
     const fd = this.#rt.symbols.shm_open(cString(name), writable ? O_RDWR : O_RDONLY, 0);
-    if (fd < 0) throw new ErrnoError("shm_open", this.errno());
+    if (fd < 0) {
+      const errno = this.errno();
+      if (errno === Errno.ENOENT) return null;
+      throw new ErrnoError("shm_open", errno);
+    }
     try {
       const size = this.#libc.symbols.lseek(fd, 0n, SEEK_END);
       if (size < 0) throw new ErrnoError("lseek", this.errno());

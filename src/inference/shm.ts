@@ -124,14 +124,14 @@ export class SharedMemoryReader {
     const { kind, posixPrefix } = this.options;
     if (kind !== "sysv") {
       const name = `${posixPrefix}${segmentId}`;
+      let mapping: Mapping | null;
       try {
-        return this.libc.mapPosix(name, writable);
+        mapping = this.libc.mapPosix(name, writable);
       } catch (error) {
-        const missing = error instanceof ErrnoError && error.errno === Errno.ENOENT;
-        if (!(missing && kind === "both")) {
-          throw this.#explain(error, label, `shared memory object ${name}`, writable);
-        }
+        throw this.#explain(error, label, `shared memory object ${name}`, writable);
       }
+      if (mapping) return mapping;
+      if (kind === "posix") throw invalidArgument(`${label}: shared memory object ${name} not found`);
     }
     if (segmentId > MAX_SYSV_ID) throw invalidArgument(`${label}: segment ${segmentId} not found`);
     const id = Number(segmentId);
