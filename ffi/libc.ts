@@ -186,6 +186,13 @@ export class Mapping {
     this.#unmap = unmap;
   }
 
+  /** The address `offset` bytes into the mapping, without a view; null for an empty mapping. */
+  address(offset: number): Deno.PointerValue {
+    if (this.#address === null && this.size !== 0n) throw new NativeError("mapping used after release");
+    if (BigInt(offset) > this.size) throw new NativeError("address beyond the mapping");
+    return this.#address === null ? null : Deno.UnsafePointer.offset(this.#address, offset);
+  }
+
   /**
    * `length` bytes at `offset`, as a view of the shared memory (no copy; writable only if the mapping
    * is). The view dies with the mapping: never touch it after release. The caller has checked
