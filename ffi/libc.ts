@@ -129,11 +129,16 @@ export class Libc {
 
   /**
    * shm_open(name) and map the whole object, read-only unless `writable` (O_RDWR, PROT_READ|PROT_WRITE);
-   * the descriptor is closed at once.
+   * the descriptor is closed at once. null when no object has that name: a miss is an answer, not a
+   * failure (the "both" mode looks for an object before a SysV segment on every request).
    */
-  mapPosix(name: string, writable = false): Mapping {
+  mapPosix(name: string, writable = false): Mapping | null {
     const fd = this.#rt.symbols.shm_open(cString(name), writable ? O_RDWR : O_RDONLY, 0);
-    if (fd < 0) throw new ErrnoError("shm_open", this.errno());
+    if (fd < 0) {
+      const errno = this.errno();
+      if (errno === Errno.ENOENT) return null;
+      throw new ErrnoError("shm_open", errno);
+    }
     try {
       const size = this.#libc.symbols.lseek(fd, 0n, SEEK_END);
       if (size < 0) throw new ErrnoError("lseek", this.errno());
@@ -168,10 +173,24 @@ function isFailure(address: Deno.PointerValue): boolean {
 export class Mapping {
   #address: Deno.PointerValue;
   readonly #unmap: () => number;
+  /**
+   * One ArrayBuffer over the whole mapping, made at the first view; views are windows on it. V8 counts
+   * the bytes of every new ArrayBuffer over outside memory as memory pressure: one per request (megabytes
+   * each for an image) set off a full collection every few requests of a kept segment, whose marking
+   * took a core from the Runs.
+   */
+  #whole: Uint8Array | null = null;
 
   constructor(address: Deno.PointerValue, readonly size: bigint, unmap: () => number) {
     this.#address = address;
     this.#unmap = unmap;
+  }
+
+  /** The address `offset` bytes into the mapping, without a view; null for an empty mapping. */
+  address(offset: number): Deno.PointerValue {
+    if (this.#address === null && this.size !== 0n) throw new NativeError("mapping used after release");
+    if (BigInt(offset) > this.size) throw new NativeError("address beyond the mapping");
+    return this.#address === null ? null : Deno.UnsafePointer.offset(this.#address, offset);
   }
 
   /**
@@ -183,13 +202,15 @@ export class Mapping {
     if (this.#address === null && this.size !== 0n) throw new NativeError("mapping used after release");
     if (BigInt(offset) + BigInt(length) > this.size) throw new NativeError("view beyond the mapping");
     if (length === 0) return new Uint8Array(0);
-    return new Uint8Array(Deno.UnsafePointerView.getArrayBuffer(this.#address!, length, offset));
+    this.#whole ??= new Uint8Array(Deno.UnsafePointerView.getArrayBuffer(this.#address!, Number(this.size)));
+    return this.#whole.subarray(offset, offset + length);
   }
 
   release(): void {
     if (this.#address === null) return;
     this.#unmap();
     this.#address = null;
+    this.#whole = null;
   }
   [Symbol.dispose](): void {
     this.release();

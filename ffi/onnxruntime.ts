@@ -604,21 +604,23 @@ export class Value {
    * write into it too: as a preallocated output of Session.run.
    */
   static tensorOver(ort: OnnxRuntime, data: Uint8Array, shape: number[], elementType: number): Value {
-    const dims = new BigInt64Array(shape.map(BigInt));
-    const out = outPointer();
-    ort.check(
-      "CreateTensorWithDataAsOrtValue",
-      ort.api.CreateTensorWithDataAsOrtValue(
-        ort.cpuMemoryInfo,
-        Deno.UnsafePointer.of(data.byteLength === 0 ? EMPTY_TENSOR_BUFFER : data),
-        BigInt(data.byteLength),
-        dims,
-        BigInt(shape.length),
-        elementType,
-        out,
-      ),
-    );
-    return new Value(ort, toPointer(out), data);
+    const address = data.byteLength === 0 ? null : Deno.UnsafePointer.of(data);
+    return new Value(ort, createTensor(ort, address, data.byteLength, shape, elementType), data);
+  }
+
+  /**
+   * Wraps the `byteLength` bytes at `address` (not copied, and with no ArrayBuffer made over them) as a
+   * tensor, e.g. in a shared memory mapping. They must stay mapped until release; ORT may write into them.
+   */
+  static tensorAt(
+    ort: OnnxRuntime,
+    address: Deno.PointerValue,
+    byteLength: number,
+    shape: number[],
+    elementType: number,
+  ): Value {
+    if (address === null && byteLength > 0) throw new NativeError(`tensor of ${byteLength} bytes at no address`);
+    return new Value(ort, createTensor(ort, byteLength === 0 ? null : address, byteLength, shape, elementType), null);
   }
 
   get pointer(): Deno.PointerValue {
@@ -684,6 +686,31 @@ export class Value {
 
 /** ORT wants a non-null data pointer even for tensors with zero elements. */
 const EMPTY_TENSOR_BUFFER = new BigUint64Array(1);
+
+/** CreateTensorWithDataAsOrtValue over `byteLength` bytes at `address` (null: an empty tensor). */
+function createTensor(
+  ort: OnnxRuntime,
+  address: Deno.PointerValue,
+  byteLength: number,
+  shape: number[],
+  elementType: number,
+): Deno.PointerValue {
+  const dims = new BigInt64Array(shape.map(BigInt));
+  const out = outPointer();
+  ort.check(
+    "CreateTensorWithDataAsOrtValue",
+    ort.api.CreateTensorWithDataAsOrtValue(
+      ort.cpuMemoryInfo,
+      address ?? Deno.UnsafePointer.of(EMPTY_TENSOR_BUFFER),
+      BigInt(byteLength),
+      dims,
+      BigInt(shape.length),
+      elementType,
+      out,
+    ),
+  );
+  return toPointer(out);
+}
 
 function readTypeInfo(ort: OnnxRuntime, typeInfo: Deno.PointerValue): Omit<TensorInfo, "name"> {
   const onnxType = new Int32Array(1);

@@ -3,6 +3,8 @@
 
 import assert from "node:assert/strict";
 import * as ort from "onnxruntime-node";
+import { Libc } from "../ffi/libc.ts";
+import { SharedMemoryReader } from "../src/inference/shm.ts";
 import { Status } from "../src/errors.ts";
 import { enumValues, type Tensor } from "../src/service/wire.ts";
 import { type AgentProcess, startAgent, withAgent } from "./helpers/agent.ts";
@@ -446,5 +448,37 @@ Deno.test("a SysV segment stays attached between requests, and is let go once id
     await Deno.remove(agent.dir, { recursive: true });
     await Deno.remove(metricsDir, { recursive: true });
     for (const segment of segments) segment.remove();
+  }
+});
+
+Deno.test("requests through a kept SysV segment add its bytes to V8's outside memory once, not once per request", () => {
+  // V8 counts every new ArrayBuffer over outside memory as memory pressure; megabytes per request would
+  // set off a full collection every few requests, whose marking takes a core from the Runs.
+  const libc = Libc.open();
+  const size = 4 << 20;
+  const segment = new SysvSegment(size);
+  const reader = new SharedMemoryReader(libc, { kind: "sysv", posixPrefix: "/unused_", sysvKeepAttachedSeconds: 60 });
+  try {
+    const handle = { size: 0n, offset: 0n, segmentId: BigInt(segment.id) };
+    const requests = 25;
+    const before = Deno.memoryUsage().external;
+    // Held, so a collection meanwhile cannot hide what they added.
+    const held: Uint8Array[] = [];
+    for (let i = 0; i < requests; i++) {
+      const input = reader.open("input", { ...handle, size: BigInt(size / 2) }, size / 2, 4);
+      const output = reader.openWritable("output", { ...handle, offset: BigInt(size / 2) }, 4);
+      output.bytes[i] = i + 1;
+      assert.equal(segment.read(size / 2 + i, 1)[0], i + 1, "the output's view writes into the segment");
+      assert.equal(input.bytes.byteLength, size / 2);
+      held.push(input.bytes, output.bytes);
+      input.release();
+      output.release();
+    }
+    const added = Deno.memoryUsage().external - before;
+    assert.ok(added <= 2 * size + (1 << 20), `${requests} requests added ${added} bytes of outside memory`);
+  } finally {
+    reader.close();
+    segment.remove();
+    libc.close();
   }
 });

@@ -1,7 +1,7 @@
 // The model registry: load/unload lifecycle, in-flight accounting and the memory budget.
 // A session is released only after every Run on it has returned.
 
-import { type OnnxRuntime, OrtError, RunOptions, Session, type Value } from "../../ffi/onnxruntime.ts";
+import { type OnnxRuntime, OrtError, RunOptions, Session, Value } from "../../ffi/onnxruntime.ts";
 import { Batcher, type BatchObserver, unbatchable } from "./batching.ts";
 import { type AgentConfig, batchingFor, isModelName, MAX_MODEL_NAME } from "../config.ts";
 import {
@@ -378,15 +378,15 @@ export class ModelRegistry {
     let writes: OutputWrites | null = null;
     try {
       for (const input of bound) {
-        let bytes: Uint8Array;
         if ("handle" in input.source) {
           const region = this.shm.open(input.label, input.source.handle, input.byteLength, input.spec.dataType.size);
           regions.push(region);
-          bytes = region.bytes;
-        } else {
-          bytes = input.source.bytes;
+          // Aligned: open() checks the offset against the element size, and mappings start on a page.
+          const { address, byteLength } = region;
+          inputs.push(Value.tensorAt(this.ort, address, byteLength, input.shape, input.spec.dataType.elementType));
+          continue;
         }
-        const { value, copied } = inputValue(this.ort, input, bytes);
+        const { value, copied } = inputValue(this.ort, input, input.source.bytes);
         inputs.push(value);
         if (copied) timing.copiedInputs++;
       }

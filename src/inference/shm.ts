@@ -29,7 +29,15 @@ export interface ShmHandle {
 
 /** A tensor's bytes inside a client's segment, readable (or, for an output, writable) until release. */
 export interface ShmRegion {
-  bytes: Uint8Array;
+  /** Where they start in this process (null in an empty mapping). */
+  address: Deno.PointerValue;
+  byteLength: number;
+  /**
+   * A view of them, made when first asked for: ORT is handed `address`. V8 counts the bytes of every new
+   * ArrayBuffer over outside memory as memory pressure, and megabytes per request would set off a full
+   * collection every few requests, whose marking takes a core from the Runs.
+   */
+  readonly bytes: Uint8Array;
   release(): void;
 }
 
@@ -41,8 +49,21 @@ const SWEEP_MS = 1000;
 /** What a request reads a segment through. */
 interface Lease {
   size: bigint;
+  address(offset: number): Deno.PointerValue;
   view(offset: number, length: number): Uint8Array;
   release(): void;
+}
+
+function region(lease: Lease, offset: number, byteLength: number): ShmRegion {
+  let bytes: Uint8Array | null = null;
+  return {
+    address: lease.address(offset),
+    byteLength,
+    get bytes() {
+      return bytes ??= lease.view(offset, byteLength);
+    },
+    release: () => lease.release(),
+  };
 }
 
 /** A SysV segment attached by this process, shared by the requests that name it. */
@@ -92,7 +113,7 @@ export class SharedMemoryReader {
         `${label}: offset ${offset} + ${byteLength} bytes runs past the end of segment ${segmentId}, which holds ${mapping.size} bytes`,
       );
     }
-    return { bytes: mapping.view(Number(offset), byteLength), release: () => mapping.release() };
+    return region(mapping, Number(offset), byteLength);
   }
 
   /**
@@ -117,21 +138,21 @@ export class SharedMemoryReader {
         } runs past the end of segment ${segmentId}, which holds ${mapping.size} bytes`,
       );
     }
-    return { bytes: mapping.view(Number(offset), Number(end - offset)), release: () => mapping.release() };
+    return region(mapping, Number(offset), Number(end - offset));
   }
 
   #map(label: string, segmentId: bigint, writable: boolean): Lease {
     const { kind, posixPrefix } = this.options;
     if (kind !== "sysv") {
       const name = `${posixPrefix}${segmentId}`;
+      let mapping: Mapping | null;
       try {
-        return this.libc.mapPosix(name, writable);
+        mapping = this.libc.mapPosix(name, writable);
       } catch (error) {
-        const missing = error instanceof ErrnoError && error.errno === Errno.ENOENT;
-        if (!(missing && kind === "both")) {
-          throw this.#explain(error, label, `shared memory object ${name}`, writable);
-        }
+        throw this.#explain(error, label, `shared memory object ${name}`, writable);
       }
+      if (mapping) return mapping;
+      if (kind === "posix") throw invalidArgument(`${label}: shared memory object ${name} not found`);
     }
     if (segmentId > MAX_SYSV_ID) throw invalidArgument(`${label}: segment ${segmentId} not found`);
     const id = Number(segmentId);
@@ -186,6 +207,7 @@ export class SharedMemoryReader {
     let released = false;
     return {
       size: attachment.mapping.size,
+      address: (offset) => attachment.mapping.address(offset),
       view: (offset, length) => attachment.mapping.view(offset, length),
       release: () => {
         if (released) return;

@@ -127,7 +127,7 @@ export class OutputWrites {
       if (!shape) continue;
       const needed = outputByteLength(shape, target.spec.dataType);
       const fixed = target.spec.shape.every((d) => d >= 0);
-      if (needed > region.bytes.byteLength) {
+      if (needed > region.byteLength) {
         // A fixed shape will not change: refuse now. A remembered one might: the Run decides.
         if (fixed) throw tooSmall(target, shape, needed, region);
         shapes[i] = undefined;
@@ -139,8 +139,9 @@ export class OutputWrites {
     this.#guessed = this.#placed.some(({ target }) => target.spec.shape.some((d) => d < 0));
     for (const [i, placed] of this.#placed.entries()) {
       const { target, region } = placed;
-      const bytes = region.bytes.subarray(0, outputByteLength(shapes[i]!, target.spec.dataType));
-      placed.value = Value.tensorOver(this.ort, bytes, shapes[i]!, target.spec.dataType.elementType);
+      const { dataType } = target.spec;
+      const length = outputByteLength(shapes[i]!, dataType);
+      placed.value = Value.tensorAt(this.ort, region.address, length, shapes[i]!, dataType.elementType);
     }
   }
 
@@ -179,8 +180,8 @@ export class OutputWrites {
       const shape = shapes[target.outputIndex];
       const length = outputByteLength(shape, target.spec.dataType);
       // ORT wrote in place unless it handed back another buffer (e.g. an output that is a constant).
-      if (value && output.dataAddress() === addressOf(region.bytes)) continue;
-      if (length > region.bytes.byteLength) throw tooSmall(target, shape, length, region);
+      if (value && output.dataAddress() === BigInt(Deno.UnsafePointer.value(region.address))) continue;
+      if (length > region.byteLength) throw tooSmall(target, shape, length, region);
       copies.push({ placed, bytes: output.borrowBytes(length) });
     }
     for (const { placed, bytes } of copies) placed.region.bytes.set(bytes);
@@ -222,15 +223,11 @@ export class OutputWrites {
   }
 }
 
-function addressOf(bytes: Uint8Array): bigint {
-  return BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(bytes)));
-}
-
 function tooSmall(target: OutputTarget, shape: number[], needed: number, region: ShmRegion) {
   const { label, spec, handle } = target;
   return invalidArgument(
     `${label}: shape ${shapeText(shape)} of ${spec.dataType.name} needs ${needed} bytes, but shared_memory_handle ` +
-      `gives ${region.bytes.byteLength} bytes of room at offset ${handle.offset} in segment ${handle.segmentId}` +
+      `gives ${region.byteLength} bytes of room at offset ${handle.offset} in segment ${handle.segmentId}` +
       (handle.size === 0n ? " (size 0: up to the end of the segment)" : ` (size ${handle.size})`),
   );
 }
