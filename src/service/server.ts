@@ -231,13 +231,14 @@ function unary(
         metrics.predict(model, "run", timing.runMs / 1000);
         metrics.predict(model, "encode", timing.encodeMs / 1000);
       }
-      log.debug("rpc", { rpc, code: "OK", ms: roundMs(ms), ...roundTiming(timing) });
+      // The line's fields cost more than the call's bookkeeping: built only when they are written.
+      if (log.verbose) log.debug("rpc", { rpc, code: "OK", ms: roundMs(ms), ...roundTiming(timing) });
       return { message };
     } catch (error) {
       const { status, details } = statusOf(error, rpc, log);
       metrics.request(rpc, seriesOf(model), Status[status]);
       if (error instanceof CallCancelled && rpc === "Predict") metrics.predictCancelled(error.reason);
-      log.debug("rpc", { rpc, code: Status[status], details });
+      if (log.verbose) log.debug("rpc", { rpc, code: Status[status], details });
       return { status, details };
     } finally {
       metrics.finished();
