@@ -8,8 +8,8 @@
 import { Status } from "../errors.ts";
 import { BufferPool } from "./buffers.ts";
 import { encodeHeaders, type Header, HpackDecoder } from "./hpack.ts";
+import { SocketWriter } from "./socket_writer.ts";
 import {
-  closeAfterWrites,
   concat,
   ConnectionError,
   decodeGrpcMessage,
@@ -121,7 +121,7 @@ interface Call {
 
 class ClientConnection {
   readonly #conn: Deno.Conn;
-  readonly #writer: WritableStreamDefaultWriter<Uint8Array>;
+  readonly #out: SocketWriter;
   readonly #decoder = new HpackDecoder(4096, MAX_HEADER_LIST);
   readonly #calls = new Map<number, Call>();
   readonly #headerBlocks = new Map<string, Uint8Array>();
@@ -141,7 +141,13 @@ class ClientConnection {
 
   constructor(conn: Deno.Conn, private readonly options: Required<GrpcClientOptions>) {
     this.#conn = conn;
-    this.#writer = conn.writable.getWriter();
+    // A call's HEADERS and DATA, queued in the same turn, leave in one write.
+    this.#out = new SocketWriter(
+      conn,
+      null,
+      () => {},
+      (error) => this.#fail(`cannot write to the agent: ${(error as Error).message}`),
+    );
     this.#send(concat([
       PREFACE,
       settingsFrame([
@@ -451,14 +457,19 @@ class ClientConnection {
 
   #send(bytes: Uint8Array): void {
     if (this.closed) return;
-    this.#writer.write(bytes).catch((error) => this.#fail(`cannot write to the agent: ${error.message}`));
+    this.#out.send(bytes);
   }
 
   close(): void {
     if (this.closed) return;
     this.draining = true;
     this.closed = true;
-    closeAfterWrites(this.#writer, this.#conn);
+    this.#out.flush();
+    this.#out.afterWrites(() => {
+      try {
+        this.#conn.close();
+      } catch { /* already closed */ }
+    });
     for (const call of [...this.#calls.values()]) {
       call.settle(new GrpcCallError(Status.CANCELLED, "the client was closed"));
     }

@@ -143,15 +143,6 @@ export function decodeHeaderBlock(decoder: HpackDecoder, blocks: Uint8Array[]): 
   }
 }
 
-/** Closes a connection after what was written has gone out. */
-export function closeAfterWrites(writer: WritableStreamDefaultWriter<Uint8Array>, conn: Deno.Conn): void {
-  writer.close().catch(() => {}).finally(() => {
-    try {
-      conn.close();
-    } catch { /* already closed */ }
-  });
-}
-
 /** A WINDOW_UPDATE's increment. */
 export function windowIncrement(payload: Uint8Array): number {
   if (payload.length !== 4) throw new ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "WINDOW_UPDATE length");

@@ -8,6 +8,7 @@
 import { AgentError, CallCancelled, type CancelReason, Status } from "../errors.ts";
 import { encodeHeaders, type Header, HpackDecoder } from "./hpack.ts";
 import { BufferPool, type Lease } from "./buffers.ts";
+import { SocketWriter } from "./socket_writer.ts";
 import { parseRequestHeaders, trailersProblem } from "./request_headers.ts";
 
 import {
@@ -68,8 +69,6 @@ const MAX_READ_BYTES = 256 * 1024;
 const RECEIVE_MAX_FRAME = 64 * 1024;
 /** How long a closing connection may take to flush its last frames before its socket is closed anyway. */
 const CLOSE_FLUSH_MS = 1000;
-/** Pieces at least this large are written as they are rather than copied into a joined write. */
-const LARGE_WRITE_BYTES = 64 * 1024;
 /** After the stop's grace period, connections get this long to flush GOAWAY before they are cut. */
 const STOP_FLUSH_MS = 200;
 /** Our receive window: large, so a client can send a whole tensor without waiting for us. */
@@ -224,7 +223,7 @@ interface Stream {
 /** One client connection (exported so tests can drive it over an in-memory Deno.Conn). */
 export class Connection {
   readonly #conn: Deno.Conn;
-  readonly #writer: WritableStreamDefaultWriter<Uint8Array>;
+  readonly #out: SocketWriter;
   readonly #limits: ServerLimits;
   readonly #decoder: HpackDecoder;
   readonly #streams = new Map<number, Stream>();
@@ -235,10 +234,6 @@ export class Connection {
   readonly #control: TokenBucket;
   /** Bytes handed to #send that have not gone out yet. */
   #queuedBytes = 0;
-  /** Bytes queued by #send in this turn of the event loop, written together at its end. */
-  #outgoing: Uint8Array[] = [];
-  /** Settles once the last write issued has (whether it went out or failed). */
-  #writesSettled: Promise<void> = Promise.resolve();
   /** Resolves the read loop, paused while #queuedBytes is over the bound. */
   #writable: PromiseWithResolvers<void> | null = null;
   /** When a byte last went either way, and when the writer last made progress (ms, performance.now()). */
@@ -260,7 +255,7 @@ export class Connection {
 
   constructor(conn: Deno.Conn, private readonly server: GrpcServer) {
     this.#conn = conn;
-    this.#writer = conn.writable.getWriter();
+    this.#out = new SocketWriter(conn, server.pool, (length) => this.#wrote(length), () => this.close());
     this.#limits = server.limits;
     this.#decoder = new HpackDecoder(4096, this.#limits.maxHeaderListBytes);
     const rate = this.#limits.controlFramesPerSecond;
@@ -1097,70 +1092,21 @@ export class Connection {
   /**
    * Queues bytes on the socket; #queuedBytes counts them until they have gone out. What is queued
    * while handling one read (or one answer) leaves together, once this turn of the event loop ends:
-   * one write instead of one per frame, so the client wakes once.
+   * one write instead of one per frame, so the client wakes once (see SocketWriter).
    */
   #send(bytes: Uint8Array): void {
     if (this.#closed || bytes.length === 0) return;
     if (this.#queuedBytes === 0) this.#lastWrite = performance.now();
     this.#queuedBytes += bytes.length;
-    this.#outgoing.push(bytes);
-    if (this.#outgoing.length === 1) queueMicrotask(() => this.#writeOutgoing());
+    this.#out.send(bytes);
   }
 
-  /** Writes what #send queued: small pieces joined into one write, large ones as they are (no copy). */
-  #writeOutgoing(): void {
-    const parts = this.#outgoing;
-    if (parts.length === 0) return;
-    this.#outgoing = [];
-    let from = 0;
-    for (let i = 0; i <= parts.length; i++) {
-      if (i < parts.length && parts[i].length < LARGE_WRITE_BYTES) continue;
-      if (i > from) {
-        if (i - from === 1) this.#write(parts[from]);
-        else this.#writeJoined(parts, from, i);
-      }
-      if (i < parts.length) this.#write(parts[i]);
-      from = i + 1;
-    }
-  }
-
-  /** A stream's response buffer goes back to the pool once the writes holding views of it have settled. */
+  /** A stream's response buffer goes back to the pool once the writes holding views of it are done. */
   #dropResponse(stream: Stream): void {
     const lease = stream.responseLease;
     if (!lease) return;
     stream.responseLease = null;
-    // After this turn's writes are issued (#writeOutgoing runs first: it was queued earlier), the
-    // last one settling means every earlier one has (a stream's writes complete in order).
-    const release = () => lease.release();
-    queueMicrotask(() => this.#writesSettled.then(release, release));
-  }
-
-  #write(bytes: Uint8Array, lease: Lease | null = null): void {
-    const length = bytes.length;
-    this.#writesSettled = this.#writer.write(bytes).then(
-      () => {
-        lease?.release();
-        this.#wrote(length);
-      },
-      () => {
-        lease?.release();
-        this.close();
-      },
-    );
-  }
-
-  /** parts[from..to) joined into one write, in a pooled buffer the socket gives back once it took it. */
-  #writeJoined(parts: Uint8Array[], from: number, to: number): void {
-    let length = 0;
-    for (let i = from; i < to; i++) length += parts[i].length;
-    const lease = this.server.pool.lease(length);
-    const out = lease.bytes;
-    let offset = 0;
-    for (let i = from; i < to; i++) {
-      out.set(parts[i], offset);
-      offset += parts[i].length;
-    }
-    this.#write(out, lease);
+    this.#out.afterWrites(() => lease.release());
   }
 
   #wrote(length: number): void {
@@ -1216,16 +1162,16 @@ export class Connection {
       this.#cancelHandler(stream, "disconnect");
     }
     this.#writable?.resolve();
-    this.#writeOutgoing();
+    this.#out.flush();
     const closeSocket = () => {
       clearTimeout(timer);
       try {
         this.#conn.close();
       } catch { /* already closed */ }
     };
-    // A peer that does not read would hold writer.close() (and the process) forever.
+    // A peer that does not read would hold the last writes (and the process) forever.
     const timer = setTimeout(closeSocket, flushMs);
-    this.#writer.close().catch(() => {}).finally(closeSocket);
+    this.#out.afterWrites(closeSocket);
     this.server.connectionClosed(this);
   }
 }
