@@ -322,13 +322,11 @@ class ClientConnection {
       case FrameType.HEADERS: {
         if (streamId === 0) throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "HEADERS on stream 0");
         // END_STREAM rides on the HEADERS frame, not on its CONTINUATIONs.
-        const block = {
-          streamId,
-          blocks: [unpad(flags, payload, true).slice()],
-          endStream: !!(flags & FLAG_END_STREAM),
-        };
-        if (flags & FLAG_END_HEADERS) return this.#onHeaderBlock(block.streamId, block.blocks, block.endStream);
-        this.#continuation = block;
+        const endStream = !!(flags & FLAG_END_STREAM);
+        const fragment = unpad(flags, payload, true);
+        // A whole block is decoded where it lies in the read buffer; a fragment waiting for more is copied.
+        if (flags & FLAG_END_HEADERS) return this.#onHeaderBlock(streamId, [fragment], endStream);
+        this.#continuation = { streamId, blocks: [fragment.slice()], endStream };
         return;
       }
       case FrameType.CONTINUATION: {

@@ -136,7 +136,7 @@ export function pingReply(flags: number, streamId: number, payload: Uint8Array):
 /** A whole header block (HEADERS and its CONTINUATIONs); HPACK faults end the connection. */
 export function decodeHeaderBlock(decoder: HpackDecoder, blocks: Uint8Array[]): Header[] {
   try {
-    return decoder.decode(concat(blocks));
+    return decoder.decode(blocks.length === 1 ? blocks[0] : concat(blocks));
   } catch (error) {
     if (error instanceof CompressionError) throw new ConnectionError(ErrorCode.COMPRESSION_ERROR, error.message);
     throw error;

@@ -339,8 +339,11 @@ export class Connection {
     }
   }
 
-  /** Adds a HEADERS or CONTINUATION fragment to the stream's header block, within the size bound. */
-  #addHeaderFragment(stream: Stream, fragment: Uint8Array): void {
+  /**
+   * Adds a HEADERS or CONTINUATION fragment to the stream's header block, within the size bound. The
+   * last fragment is not kept: it is decoded from the frame, still in the read buffer.
+   */
+  #addHeaderFragment(stream: Stream, fragment: Uint8Array, last: boolean): void {
     stream.headerBytes += 9 + fragment.length;
     if (stream.headerBytes > this.#limits.maxHeaderListBytes) {
       throw new ConnectionError(
@@ -348,7 +351,8 @@ export class Connection {
         `header block over ${this.#limits.maxHeaderListBytes} bytes (edge_agent_max_header_list_bytes)`,
       );
     }
-    if (fragment.length > 0) stream.headerBlock.push(fragment.slice());
+    if (last) this.#onHeaderBlock(stream, fragment);
+    else if (fragment.length > 0) stream.headerBlock.push(fragment.slice());
   }
 
   #onFrame(type: number, flags: number, streamId: number, payload: Uint8Array): void {
@@ -372,11 +376,8 @@ export class Connection {
         if (!stream || stream.id !== streamId) {
           throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "stray CONTINUATION");
         }
-        this.#addHeaderFragment(stream, payload);
-        if (flags & FLAG_END_HEADERS) {
-          this.#continuationOf = null;
-          this.#onHeaderBlock(stream);
-        }
+        if (flags & FLAG_END_HEADERS) this.#continuationOf = null;
+        this.#addHeaderFragment(stream, payload, (flags & FLAG_END_HEADERS) !== 0);
         return;
       }
       case FrameType.DATA:
@@ -548,10 +549,9 @@ export class Connection {
       fault = { code: ErrorCode.PROTOCOL_ERROR, reason: "stream depends on itself" };
     }
     stream.blockFault = fault;
-    this.#addHeaderFragment(stream, block);
     if (flags & FLAG_END_STREAM) stream.remoteClosed = true;
-    if (flags & FLAG_END_HEADERS) this.#onHeaderBlock(stream);
-    else this.#continuationOf = stream;
+    if (!(flags & FLAG_END_HEADERS)) this.#continuationOf = stream;
+    this.#addHeaderFragment(stream, block, (flags & FLAG_END_HEADERS) !== 0);
   }
 
   /**
@@ -587,8 +587,11 @@ export class Connection {
     this.server.budget.release(bytes);
   }
 
-  #onHeaderBlock(stream: Stream): void {
-    const headers = decodeHeaderBlock(this.#decoder, stream.headerBlock);
+  /** The stream's header block is whole with `last`, its final fragment. */
+  #onHeaderBlock(stream: Stream, last: Uint8Array): void {
+    const fragments = stream.headerBlock;
+    if (fragments.length > 0) fragments.push(last);
+    const headers = decodeHeaderBlock(this.#decoder, fragments.length > 0 ? fragments : [last]);
     stream.headerBlock = [];
     stream.headerBytes = 0;
     const fault = stream.blockFault;
