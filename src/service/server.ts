@@ -95,7 +95,7 @@ function handlers({ registry, capture, shm, clockSkewSeconds }: Services): Recor
                 }
                 : {}),
             })),
-            call.responseBuffer,
+            (length) => call.responseBuffer(length),
           ),
         timing,
         call.signal,
@@ -217,11 +217,11 @@ function unary(
       }
       model = modelOf(request);
       // Given up before it started (e.g. reset right behind its request): no work at all.
-      call.signal.throwIfAborted();
+      call.throwIfCancelled();
       const response = await handler(request, timing, call);
       if (rpc === "UnLoadModel") metrics.forget(model);
       // Finished after its caller went: the transport drops the answer; count what the client saw.
-      call.signal.throwIfAborted();
+      call.throwIfCancelled();
       const message = response instanceof Uint8Array ? response : types.response.encode(response as object).finish();
       const ms = performance.now() - started;
       metrics.request(rpc, seriesOf(model), "OK");

@@ -97,6 +97,9 @@ const NOT_GRPC_BODY = new TextEncoder().encode(
   "This is a gRPC server: calls are POST requests with content-type application/grpc.\n",
 );
 
+/** The status of a unary call whose client sends a second message. */
+const SECOND_MESSAGE = { status: Status.UNIMPLEMENTED, details: "more than one request message on a unary call" };
+
 /** What a unary handler answers. */
 export type UnaryResult = { message: Uint8Array } | { status: number; details: string };
 
@@ -109,10 +112,13 @@ export type UnaryResult = { message: Uint8Array } | { status: number; details: s
  * for another call (see buffers.ts): a handler that keeps views of them longer (without copying)
  * calls `keepRequest` and calls the function it returns once it lets go of them. `responseBuffer`
  * gives (once per call) a buffer for the response message, reused once the answer has been written.
+ * Its methods are called on it (not passed around unbound).
  */
 export interface CallContext {
-  signal: AbortSignal;
-  deadline: number | null;
+  readonly signal: AbortSignal;
+  /** Throws the CallCancelled `signal` would carry once the call is given up (without making the signal). */
+  throwIfCancelled(): void;
+  readonly deadline: number | null;
   keepRequest(): () => void;
   responseBuffer(length: number): Uint8Array;
 }
@@ -201,8 +207,12 @@ interface Stream {
   counted: boolean;
   /** Bytes of the connection's request budget this stream's message holds. */
   reservedBytes: number;
-  /** Aborted when the call is given up (deadline, reset, connection closed). */
-  cancel: AbortController;
+  /**
+   * Aborted when the call is given up (deadline, reset, connection closed); made only when a handler
+   * asks for its signal (most calls never do), until then `cancelled` says why it was given up.
+   */
+  cancel: AbortController | null;
+  cancelled: CallCancelled | null;
   /** The client's deadline (performance.now() clock) and the timer that enforces it. */
   deadline: number | null;
   deadlineTimer: ReturnType<typeof setTimeout> | null;
@@ -218,6 +228,49 @@ interface Stream {
   notGrpc: { status: string; body: boolean } | null;
   /** The buffer the handler encoded its response into (CallContext.responseBuffer). */
   responseLease: Lease | null;
+}
+
+/** The signal that aborts when the stream's call is given up, made on first use. */
+function cancelSignal(stream: Stream): AbortSignal {
+  if (!stream.cancel) {
+    stream.cancel = new AbortController();
+    if (stream.cancelled) stream.cancel.abort(stream.cancelled);
+  }
+  return stream.cancel.signal;
+}
+
+/** A unary handler's view of its call (see CallContext). */
+class UnaryCall implements CallContext {
+  constructor(readonly stream: Stream, readonly lease: Lease, readonly pool: BufferPool) {}
+
+  get signal(): AbortSignal {
+    return cancelSignal(this.stream);
+  }
+
+  get deadline(): number | null {
+    return this.stream.deadline;
+  }
+
+  throwIfCancelled(): void {
+    if (this.stream.cancelled) throw this.stream.cancelled;
+  }
+
+  keepRequest(): () => void {
+    const lease = this.lease;
+    lease.retain();
+    let held = true;
+    return () => {
+      if (held) lease.release();
+      held = false;
+    };
+  }
+
+  responseBuffer(length: number): Uint8Array {
+    const stream = this.stream;
+    if (stream.responseLease) throw new Error("one response buffer per call");
+    stream.responseLease = this.pool.lease(length);
+    return stream.responseLease.bytes;
+  }
 }
 
 /** One client connection (exported so tests can drive it over an in-memory Deno.Conn). */
@@ -252,6 +305,8 @@ export class Connection {
   readonly #resetByUs = new Set<number>();
   /** Ranges of stream ids the client skipped (never opened), the newest SKIPPED_RANGES_REMEMBERED. */
   readonly #skipped: [from: number, to: number][] = [];
+  /** Request messages' buffers (one function for every stream). */
+  readonly #allocate = (length: number, offset: number) => this.server.pool.lease(length, offset);
 
   constructor(conn: Deno.Conn, private readonly server: GrpcServer) {
     this.#conn = conn;
@@ -519,8 +574,8 @@ export class Connection {
         path: "",
         reader: new MessageReader(this.server.maxMessageBytes, {
           reserve: (bytes) => this.#reserve(stream!, bytes),
-          secondMessage: { status: Status.UNIMPLEMENTED, details: "more than one request message on a unary call" },
-          allocate: (length, offset) => this.server.pool.lease(length, offset),
+          secondMessage: SECOND_MESSAGE,
+          allocate: this.#allocate,
         }),
         remoteClosed: false,
         localClosed: false,
@@ -534,7 +589,8 @@ export class Connection {
         dispatched: false,
         counted: false,
         reservedBytes: 0,
-        cancel: new AbortController(),
+        cancel: null,
+        cancelled: null,
         deadline: null,
         deadlineTimer: null,
         blockFault: null,
@@ -700,7 +756,7 @@ export class Connection {
       }
     }
     try {
-      for await (const response of handler(requests(), stream.cancel.signal)) {
+      for await (const response of handler(requests(), cancelSignal(stream))) {
         if (stream.localClosed || this.#closed) return;
         this.#queueMessage(stream, response);
         // The next response is asked for only once this one has left: a client that does not read
@@ -805,38 +861,33 @@ export class Connection {
     }
     // The request's buffer is released here, and only here, once the handler's promise has settled
     // (see CallContext): whatever ended the call, the handler may still read it until then.
-    const message = reader.message;
-    const lease = reader.takeLease()!;
-    const pool = this.server.pool;
-    const call: CallContext = {
-      signal: stream.cancel.signal,
-      deadline: stream.deadline,
-      keepRequest() {
-        lease.retain();
-        let held = true;
-        return () => {
-          if (held) lease.release();
-          held = false;
-        };
-      },
-      responseBuffer(length) {
-        if (stream.responseLease) throw new Error("one response buffer per call");
-        stream.responseLease = pool.lease(length);
-        return stream.responseLease.bytes;
-      },
-    };
+    this.#runUnary(stream, handler, reader.message, reader.takeLease()!);
+  }
+
+  /**
+   * Runs a unary handler and answers. The request's buffer is released here, and only here, once the
+   * handler's promise has settled (see CallContext): whatever ended the call, the handler may still
+   * read it until then.
+   */
+  async #runUnary(stream: Stream, handler: UnaryHandler, message: Uint8Array, lease: Lease): Promise<void> {
     // Started once the frames of this read are handled: a reset right behind the request (rapid
-    // reset) has then aborted the call's signal before its handler does any work.
-    Promise.resolve().then(() => handler(message, call)).finally(() => lease.release()).then(
-      (result) => {
-        if ("message" in result) this.#respondMessage(stream, result.message);
-        else this.#respondStatus(stream, result.status, result.details);
-      },
-      (error) => this.#respondStatus(stream, Status.INTERNAL, String((error as Error)?.message ?? error)),
-    ).finally(() => {
+    // reset) has then cancelled the call before its handler does any work.
+    await undefined;
+    let result: UnaryResult;
+    try {
+      result = await handler(message, new UnaryCall(stream, lease, this.server.pool));
+    } catch (error) {
+      result = { status: Status.INTERNAL, details: String((error as Error)?.message ?? error) };
+    } finally {
+      lease.release();
+    }
+    try {
+      if ("message" in result) this.#respondMessage(stream, result.message);
+      else this.#respondStatus(stream, result.status, result.details);
+    } finally {
       // A call that ended before its handler gave a buffer back (#uncount has run already).
       if (stream.localClosed || this.#closed) this.#dropResponse(stream);
-    });
+    }
   }
 
   /** The client's deadline passed: DEADLINE_EXCEEDED if nothing went out yet, else a reset. */
@@ -1045,7 +1096,10 @@ export class Connection {
    * requests, or for anything else, ends instead of waiting forever.
    */
   #cancelHandler(stream: Stream, reason: CancelReason): void {
-    if (!stream.cancel.signal.aborted) stream.cancel.abort(new CallCancelled(reason));
+    if (!stream.cancelled) {
+      stream.cancelled = new CallCancelled(reason);
+      stream.cancel?.abort(stream.cancelled);
+    }
     if (!stream.incoming) return;
     stream.incoming.ended = true;
     stream.incoming.wake?.();
