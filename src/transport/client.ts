@@ -50,6 +50,12 @@ const READ_BUFFER_MIN_BYTES = 1024;
 /** Larger receive buffers given up by one connection, for the next that grows (a few, shared by the process). */
 const READ_BUFFERS = new BufferPool(8 * READ_BUFFER_BYTES);
 
+/** A response message's bounds: its size is checked against maxMessageBytes; one message per call. */
+const RESPONSE_LIMITS = {
+  reserve: () => null,
+  secondMessage: { status: Status.INTERNAL, details: "the agent sent more than one message on a unary call" },
+};
+
 /** A call that ended with a non-OK status (the fields grpc-js's ServiceError has too). */
 export class GrpcCallError extends Error {
   constructor(readonly code: number, readonly details: string) {
@@ -179,10 +185,7 @@ class ClientConnection {
       unsent: [],
       sendWindow: this.#peerInitialWindow,
       headersSeen: false,
-      reader: new MessageReader(this.options.maxMessageBytes, {
-        reserve: () => null,
-        secondMessage: { status: Status.INTERNAL, details: "the agent sent more than one message on a unary call" },
-      }),
+      reader: new MessageReader(this.options.maxMessageBytes, RESPONSE_LIMITS),
       receivedSinceUpdate: 0,
       settle: (result) => {
         if (!this.#calls.delete(id)) return;
@@ -194,7 +197,7 @@ class ClientConnection {
     this.#calls.set(id, call);
     // Without a deadline a path's header block is always the same bytes (no HPACK table is used): kept.
     let block = deadline === null ? this.#headerBlocks.get(path) : undefined;
-    const headers: Header[] = [...grpcRequestHeaders(path), ["user-agent", this.options.userAgent]];
+    const headers: Header[] = block ? [] : [...grpcRequestHeaders(path), ["user-agent", this.options.userAgent]];
     if (deadline !== null) {
       const remaining = deadline - Date.now();
       if (remaining <= 0) {
