@@ -60,16 +60,23 @@ export class ConnectionError extends Error {
 }
 
 /** Writes a frame header into `out` (9 bytes), without allocating: small calls build several frames each. */
-function writeFrameHeader(out: Uint8Array, length: number, type: FrameType, flags: number, streamId: number): void {
-  out[0] = length >>> 16;
-  out[1] = (length >>> 8) & 0xff;
-  out[2] = length & 0xff;
-  out[3] = type;
-  out[4] = flags;
-  out[5] = (streamId >>> 24) & 0x7f;
-  out[6] = (streamId >>> 16) & 0xff;
-  out[7] = (streamId >>> 8) & 0xff;
-  out[8] = streamId & 0xff;
+export function writeFrameHeader(
+  out: Uint8Array,
+  length: number,
+  type: FrameType,
+  flags: number,
+  streamId: number,
+  at = 0,
+): void {
+  out[at] = length >>> 16;
+  out[at + 1] = (length >>> 8) & 0xff;
+  out[at + 2] = length & 0xff;
+  out[at + 3] = type;
+  out[at + 4] = flags;
+  out[at + 5] = (streamId >>> 24) & 0x7f;
+  out[at + 6] = (streamId >>> 16) & 0xff;
+  out[at + 7] = (streamId >>> 8) & 0xff;
+  out[at + 8] = streamId & 0xff;
 }
 
 export function frameHeader(length: number, type: FrameType, flags: number, streamId: number): Uint8Array {
@@ -85,6 +92,20 @@ export function frame(type: FrameType, flags: number, streamId: number, payload:
   writeFrameHeader(out, payload.length, type, flags, streamId);
   out.set(payload, 9);
   return out;
+}
+
+/** Writes a whole frame into `out` at `at`; returns where the next one goes. */
+export function writeFrame(
+  out: Uint8Array,
+  at: number,
+  type: FrameType,
+  flags: number,
+  streamId: number,
+  payload: Uint8Array,
+): number {
+  writeFrameHeader(out, payload.length, type, flags, streamId, at);
+  out.set(payload, at + 9);
+  return at + 9 + payload.length;
 }
 
 export function u32Payload(...values: number[]): Uint8Array {

@@ -42,6 +42,8 @@ import {
   u32Payload,
   unpad,
   windowIncrement,
+  writeFrame,
+  writeFrameHeader,
 } from "./frames.ts";
 import {
   Backoff,
@@ -92,6 +94,8 @@ const RESPONSE_HEADERS = encodeHeaders([
   ["grpc-accept-encoding", "identity"],
 ]);
 const OK_TRAILERS = encodeHeaders([["grpc-status", String(Status.OK)]]);
+/** Answers up to this size (frames included) are built whole in one buffer (see #respondWhole). */
+const SMALL_ANSWER_BYTES = 16 * 1024;
 /** The body of an HTTP error answer to a request that is not gRPC, for people and tools that look. */
 const NOT_GRPC_BODY = new TextEncoder().encode(
   "This is a gRPC server: calls are POST requests with content-type application/grpc.\n",
@@ -902,8 +906,46 @@ export class Connection {
   }
 
   #respondMessage(stream: Stream, message: Uint8Array): void {
+    if (this.#respondWhole(stream, message)) return;
     this.#queueMessage(stream, message);
     this.#finish(stream, Status.OK, "");
+  }
+
+  /**
+   * The usual answer, a small message that the windows and the write bound let out at once: its
+   * HEADERS, DATA and trailers built in one buffer (one allocation and no join), as #queueMessage,
+   * #flushPending and #finish would have sent them. False when the answer must take the general path.
+   */
+  #respondWhole(stream: Stream, message: Uint8Array): boolean {
+    const data = 5 + message.length;
+    const size = 9 + RESPONSE_HEADERS.length + 9 + data + 9 + OK_TRAILERS.length;
+    if (
+      stream.localClosed || this.#closed || stream.headersSent || stream.pending || this.#ready.size > 0 ||
+      size > SMALL_ANSWER_BYTES ||
+      data > Math.min(this.#peerMaxFrame, this.#sendWindow, this.#streamWindow(stream)) ||
+      RESPONSE_HEADERS.length > this.#peerMaxFrame || this.#queuedBytes + size > this.#limits.maxPendingWriteBytes
+    ) {
+      return false;
+    }
+    const out = new Uint8Array(size);
+    let at = writeFrame(out, 0, FrameType.HEADERS, FLAG_END_HEADERS, stream.id, RESPONSE_HEADERS);
+    writeFrameHeader(out, data, FrameType.DATA, 0, stream.id, at);
+    // The message's length prefix: not compressed, then its length (big-endian).
+    out[at + 10] = message.length >>> 24;
+    out[at + 11] = (message.length >>> 16) & 0xff;
+    out[at + 12] = (message.length >>> 8) & 0xff;
+    out[at + 13] = message.length & 0xff;
+    out.set(message, at + 14);
+    at += 9 + data;
+    writeFrame(out, at, FrameType.HEADERS, FLAG_END_STREAM | FLAG_END_HEADERS, stream.id, OK_TRAILERS);
+    stream.headersSent = true;
+    this.#sendWindow -= data;
+    stream.sendCredit -= data;
+    // As for any DATA frame: the peer may answer it with two WINDOW_UPDATEs (see #flushPending).
+    this.#control.give(2);
+    this.#send(out);
+    this.#closeLocal(stream);
+    return true;
   }
 
   /** Queues one length-prefixed response message (response headers first, once). */
