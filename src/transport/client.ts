@@ -40,6 +40,8 @@ import {
   u32Payload,
   unpad,
   windowIncrement,
+  writeFrame,
+  writeFrameHeader,
 } from "./frames.ts";
 
 const MAX_HEADER_LIST = 65536;
@@ -50,6 +52,8 @@ const READ_BUFFER_MIN_BYTES = 1024;
 /** Larger receive buffers given up by one connection, for the next that grows (a few, shared by the process). */
 const READ_BUFFERS = new BufferPool(8 * READ_BUFFER_BYTES);
 
+/** Requests up to this size (frames included) are built whole in one buffer (see #sendWhole). */
+const SMALL_REQUEST_BYTES = 16 * 1024;
 /** A response message's bounds: its size is checked against maxMessageBytes; one message per call. */
 const RESPONSE_LIMITS = {
   reserve: () => null,
@@ -214,13 +218,43 @@ class ClientConnection {
       block = encodeHeaders(headers);
       if (deadline === null && this.#headerBlocks.size < MAX_KEPT_HEADER_BLOCKS) this.#headerBlocks.set(path, block);
     }
-    this.#sendHeaders(id, block);
-    const prefix = new Uint8Array(5);
-    new DataView(prefix.buffer).setUint32(1, request.length);
-    call.unsent.push(prefix);
-    if (request.length > 0) call.unsent.push(request);
-    this.#flush();
+    if (!this.#sendWhole(call, block, request)) {
+      this.#sendHeaders(id, block);
+      const prefix = new Uint8Array(5);
+      new DataView(prefix.buffer).setUint32(1, request.length);
+      call.unsent.push(prefix);
+      if (request.length > 0) call.unsent.push(request);
+      this.#flush();
+    }
     return this.#outcome(await promise);
+  }
+
+  /**
+   * The usual call, a small request the windows let out at once: its HEADERS and its one DATA frame
+   * built in one buffer, as #sendHeaders and #flush would have sent them. False when it does not fit.
+   */
+  #sendWhole(call: Call, block: Uint8Array, request: Uint8Array): boolean {
+    const data = 5 + request.length;
+    const size = 9 + block.length + 9 + data;
+    if (
+      size > SMALL_REQUEST_BYTES || block.length > this.#peerMaxFrame ||
+      data > Math.min(this.#peerMaxFrame, this.#sendWindow, call.sendWindow)
+    ) {
+      return false;
+    }
+    const out = new Uint8Array(size);
+    const at = writeFrame(out, 0, FrameType.HEADERS, FLAG_END_HEADERS, call.id, block);
+    writeFrameHeader(out, data, FrameType.DATA, FLAG_END_STREAM, call.id, at);
+    // The message's length prefix: not compressed, then its length (big-endian).
+    out[at + 10] = request.length >>> 24;
+    out[at + 11] = (request.length >>> 16) & 0xff;
+    out[at + 12] = (request.length >>> 8) & 0xff;
+    out[at + 13] = request.length & 0xff;
+    out.set(request, at + 14);
+    this.#sendWindow -= data;
+    call.sendWindow -= data;
+    this.#send(out);
+    return true;
   }
 
   #outcome(result: Uint8Array | GrpcCallError): Uint8Array {
