@@ -41,7 +41,7 @@ import {
   unpad,
   windowIncrement,
   writeFrame,
-  writeFrameHeader,
+  writeMessageFrame,
 } from "./frames.ts";
 
 const MAX_HEADER_LIST = 65536;
@@ -244,13 +244,7 @@ class ClientConnection {
     }
     const out = new Uint8Array(size);
     const at = writeFrame(out, 0, FrameType.HEADERS, FLAG_END_HEADERS, call.id, block);
-    writeFrameHeader(out, data, FrameType.DATA, FLAG_END_STREAM, call.id, at);
-    // The message's length prefix: not compressed, then its length (big-endian).
-    out[at + 10] = request.length >>> 24;
-    out[at + 11] = (request.length >>> 16) & 0xff;
-    out[at + 12] = (request.length >>> 8) & 0xff;
-    out[at + 13] = request.length & 0xff;
-    out.set(request, at + 14);
+    writeMessageFrame(out, at, FLAG_END_STREAM, call.id, request);
     this.#sendWindow -= data;
     call.sendWindow -= data;
     this.#send(out);

@@ -108,6 +108,28 @@ export function writeFrame(
   return at + 9 + payload.length;
 }
 
+/**
+ * Writes a DATA frame carrying one whole gRPC message (its length prefix, then it) into `out` at
+ * `at`; returns where the next frame goes.
+ */
+export function writeMessageFrame(
+  out: Uint8Array,
+  at: number,
+  flags: number,
+  streamId: number,
+  message: Uint8Array,
+): number {
+  writeFrameHeader(out, 5 + message.length, FrameType.DATA, flags, streamId, at);
+  // Not compressed, then the length (big-endian).
+  out[at + 9] = 0;
+  out[at + 10] = message.length >>> 24;
+  out[at + 11] = (message.length >>> 16) & 0xff;
+  out[at + 12] = (message.length >>> 8) & 0xff;
+  out[at + 13] = message.length & 0xff;
+  out.set(message, at + 14);
+  return at + 14 + message.length;
+}
+
 export function u32Payload(...values: number[]): Uint8Array {
   const payload = new Uint8Array(values.length * 4);
   const view = new DataView(payload.buffer);

@@ -43,7 +43,7 @@ import {
   unpad,
   windowIncrement,
   writeFrame,
-  writeFrameHeader,
+  writeMessageFrame,
 } from "./frames.ts";
 import {
   Backoff,
@@ -929,14 +929,7 @@ export class Connection {
     }
     const out = new Uint8Array(size);
     let at = writeFrame(out, 0, FrameType.HEADERS, FLAG_END_HEADERS, stream.id, RESPONSE_HEADERS);
-    writeFrameHeader(out, data, FrameType.DATA, 0, stream.id, at);
-    // The message's length prefix: not compressed, then its length (big-endian).
-    out[at + 10] = message.length >>> 24;
-    out[at + 11] = (message.length >>> 16) & 0xff;
-    out[at + 12] = (message.length >>> 8) & 0xff;
-    out[at + 13] = message.length & 0xff;
-    out.set(message, at + 14);
-    at += 9 + data;
+    at = writeMessageFrame(out, at, 0, stream.id, message);
     writeFrame(out, at, FrameType.HEADERS, FLAG_END_STREAM | FLAG_END_HEADERS, stream.id, OK_TRAILERS);
     stream.headersSent = true;
     this.#sendWindow -= data;
