@@ -254,6 +254,23 @@ async function floodCalls(peer: RawPeer, path: string, ms: number): Promise<numb
   return batches;
 }
 
+/** Sends batches of calls until one is not taken within half a second (the agent stopped reading), or `ms` pass. */
+async function floodUntilUnread(peer: RawPeer, path: string, ms: number): Promise<void> {
+  let stream = 1;
+  const end = performance.now() + ms;
+  while (performance.now() < end) {
+    const batch = concat(Array.from({ length: 50 }, () => unaryCall((stream += 2) - 2, path)));
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const taken = await Promise.race([
+      peer.write(batch),
+      new Promise<false>((resolve) => timer = setTimeout(() => resolve(false), 500)),
+    ]);
+    clearTimeout(timer);
+    if (!taken) return;
+  }
+  throw new Error(`the agent still read calls after ${ms} ms though their answers were not read`);
+}
+
 test("parked streams: WINDOW_UPDATE and SETTINGS floods do no work per stream and get GOAWAY ENHANCE_YOUR_CALM", async () => {
   await underAttack({ edge_agent_max_concurrent_streams: 1000 }, async ({ socket }) => {
     const peer = await RawPeer.open(socket, { preface: false });
@@ -304,8 +321,10 @@ test("connection cap: connections past it are closed at once, the others keep wo
     assert.equal(open.closed, false, "a connection with an open Watch is not idle");
     open.close();
     // A client that stops reading while answers wait for it is cut off after the idle time.
+    // It sends calls until the agent stops reading them: the answers have filled the socket (the agent
+    // joins answers into few writes, so the kernel holds many) and then the agent's write bound.
     const deaf = await RawPeer.open(socket, { read: false });
-    await floodCalls(deaf, LIST_MODELS, 500);
+    await floodUntilUnread(deaf, LIST_MODELS, 30_000);
     const cutAt = performance.now() + 4000;
     while (!logs().includes("has read nothing") && performance.now() < cutAt) {
       await new Promise((resolve) => setTimeout(resolve, 100));

@@ -229,6 +229,8 @@ export interface BatchFile {
 
 type StoredRecord = CaptureRecord & { arrivalTime: Timestamp };
 
+const HOUR_MS = 3_600_000;
+
 /** The folder of an hour's records: <prefix>/<fleet>/<model>/YYYY/MM/DD/HH (UTC). */
 export function hourFolder(layout: LayoutOptions, model: string, atMs: number): string {
   const d = new Date(atMs);
@@ -243,9 +245,17 @@ export function hourFolder(layout: LayoutOptions, model: string, atMs: number): 
   ].join("/");
 }
 
+/** The last inferenceTime formatted: a batch's captures mostly share their second. */
+let lastInference = { second: NaN, text: "" };
+
 /** Edge Manager's inferenceTime: UTC to the second, no zone suffix ("2023-05-31T20:05:24"). */
 export function inferenceTime(t: Timestamp): string {
-  return new Date(timestampToMillis(t)).toISOString().slice(0, 19);
+  const ms = timestampToMillis(t);
+  const second = Math.floor(ms / 1000);
+  if (second !== lastInference.second) {
+    lastInference = { second, text: new Date(ms).toISOString().slice(0, 19) };
+  }
+  return lastInference.text;
 }
 
 /** "Tensor[FLOAT32; 1, 6, 10, 10]". */
@@ -326,10 +336,16 @@ export function layoutBatch(
   records: StoredRecord[],
 ): BatchFile[] {
   const files = new Map<string, { lines: string[]; objects: BatchFile["objects"] }>();
+  // A batch's records mostly fall in one hour: each folder is worked out once per batch.
+  const folders = new Map<number, string>();
+  const setFolder = (key: number, folder: string) => (folders.set(key, folder), folder);
+  const folderOf = (record: StoredRecord): string => {
+    if (layout.kind === "manifest") return folders.get(0) ?? setFolder(0, batchFolder(layout, batch.model, batch.at));
+    const hour = Math.floor(timestampToMillis(record.inferenceTimestamp) / HOUR_MS);
+    return folders.get(hour) ?? setFolder(hour, hourFolder(layout, batch.model, hour * HOUR_MS));
+  };
   for (const record of records) {
-    const folder = layout.kind === "manifest"
-      ? batchFolder(layout, batch.model, batch.at)
-      : hourFolder(layout, batch.model, timestampToMillis(record.inferenceTimestamp));
+    const folder = folderOf(record);
     const { line, objects } = layout.kind === "manifest"
       ? manifestLine(layout, folder, batch.id, record)
       : edgeManagerLine(layout, folder, batch.id, record);

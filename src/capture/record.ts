@@ -205,6 +205,14 @@ export function encodeRecordFrame(record: CaptureRecord & { arrivalTime: Timesta
   return sealFrame(frame);
 }
 
+/** Strings up to this long are checked for plain ASCII (longer ones go to the TextDecoder). */
+const ASCII_FAST_BYTES = 256;
+
+function isAscii(bytes: Uint8Array): boolean {
+  for (let i = 0; i < bytes.length; i++) if (bytes[i] >= 0x80) return false;
+  return true;
+}
+
 class Reader {
   private view: DataView;
   p = 0;
@@ -240,7 +248,11 @@ class Reader {
     this.need(2);
     const n = this.view.getUint16(this.p, true);
     this.p += 2;
-    return decoder.decode(this.take(n));
+    const bytes = this.take(n);
+    // Ids and names are mostly ASCII: read as they are, without a TextDecoder call each.
+    return n <= ASCII_FAST_BYTES && isAscii(bytes)
+      ? String.fromCharCode.apply(null, bytes as unknown as number[])
+      : decoder.decode(bytes);
   }
   ts(): Timestamp {
     this.need(8);

@@ -33,8 +33,11 @@ const BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256];
 
 export type PredictPhase = "total" | "bind" | "run" | "encode";
 
-/** Label values are escaped as the text format asks. */
+const NEEDS_ESCAPE = /[\\"\n]/;
+
+/** Label values are escaped as the text format asks (every call labels a few, which rarely need it). */
 function label(value: string): string {
+  if (!NEEDS_ESCAPE.test(value)) return value;
   return value.replaceAll("\\", "\\\\").replaceAll('"', '\\"').replaceAll("\n", "\\n");
 }
 

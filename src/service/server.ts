@@ -95,7 +95,7 @@ function handlers({ registry, capture, shm, clockSkewSeconds }: Services): Recor
                 }
                 : {}),
             })),
-            call.responseBuffer,
+            (length) => call.responseBuffer(length),
           ),
         timing,
         call.signal,
@@ -217,11 +217,11 @@ function unary(
       }
       model = modelOf(request);
       // Given up before it started (e.g. reset right behind its request): no work at all.
-      call.signal.throwIfAborted();
+      call.throwIfCancelled();
       const response = await handler(request, timing, call);
       if (rpc === "UnLoadModel") metrics.forget(model);
       // Finished after its caller went: the transport drops the answer; count what the client saw.
-      call.signal.throwIfAborted();
+      call.throwIfCancelled();
       const message = response instanceof Uint8Array ? response : types.response.encode(response as object).finish();
       const ms = performance.now() - started;
       metrics.request(rpc, seriesOf(model), "OK");
@@ -231,13 +231,14 @@ function unary(
         metrics.predict(model, "run", timing.runMs / 1000);
         metrics.predict(model, "encode", timing.encodeMs / 1000);
       }
-      log.debug("rpc", { rpc, code: "OK", ms: roundMs(ms), ...roundTiming(timing) });
+      // The line's fields cost more than the call's bookkeeping: built only when they are written.
+      if (log.verbose) log.debug("rpc", { rpc, code: "OK", ms: roundMs(ms), ...roundTiming(timing) });
       return { message };
     } catch (error) {
       const { status, details } = statusOf(error, rpc, log);
       metrics.request(rpc, seriesOf(model), Status[status]);
       if (error instanceof CallCancelled && rpc === "Predict") metrics.predictCancelled(error.reason);
-      log.debug("rpc", { rpc, code: Status[status], details });
+      if (log.verbose) log.debug("rpc", { rpc, code: Status[status], details });
       return { status, details };
     } finally {
       metrics.finished();

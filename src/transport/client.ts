@@ -8,8 +8,8 @@
 import { Status } from "../errors.ts";
 import { BufferPool } from "./buffers.ts";
 import { encodeHeaders, type Header, HpackDecoder } from "./hpack.ts";
+import { SocketWriter } from "./socket_writer.ts";
 import {
-  closeAfterWrites,
   concat,
   ConnectionError,
   decodeGrpcMessage,
@@ -40,6 +40,8 @@ import {
   u32Payload,
   unpad,
   windowIncrement,
+  writeFrame,
+  writeMessageFrame,
 } from "./frames.ts";
 
 const MAX_HEADER_LIST = 65536;
@@ -49,6 +51,14 @@ const MAX_KEPT_HEADER_BLOCKS = 32;
 const READ_BUFFER_MIN_BYTES = 1024;
 /** Larger receive buffers given up by one connection, for the next that grows (a few, shared by the process). */
 const READ_BUFFERS = new BufferPool(8 * READ_BUFFER_BYTES);
+
+/** Requests up to this size (frames included) are built whole in one buffer (see #sendWhole). */
+const SMALL_REQUEST_BYTES = 16 * 1024;
+/** A response message's bounds: its size is checked against maxMessageBytes; one message per call. */
+const RESPONSE_LIMITS = {
+  reserve: () => null,
+  secondMessage: { status: Status.INTERNAL, details: "the agent sent more than one message on a unary call" },
+};
 
 /** A call that ended with a non-OK status (the fields grpc-js's ServiceError has too). */
 export class GrpcCallError extends Error {
@@ -121,7 +131,7 @@ interface Call {
 
 class ClientConnection {
   readonly #conn: Deno.Conn;
-  readonly #writer: WritableStreamDefaultWriter<Uint8Array>;
+  readonly #out: SocketWriter;
   readonly #decoder = new HpackDecoder(4096, MAX_HEADER_LIST);
   readonly #calls = new Map<number, Call>();
   readonly #headerBlocks = new Map<string, Uint8Array>();
@@ -141,7 +151,13 @@ class ClientConnection {
 
   constructor(conn: Deno.Conn, private readonly options: Required<GrpcClientOptions>) {
     this.#conn = conn;
-    this.#writer = conn.writable.getWriter();
+    // A call's HEADERS and DATA, queued in the same turn, leave in one write.
+    this.#out = new SocketWriter(
+      conn,
+      null,
+      () => {},
+      (error) => this.#fail(`cannot write to the agent: ${(error as Error).message}`),
+    );
     this.#send(concat([
       PREFACE,
       settingsFrame([
@@ -173,10 +189,7 @@ class ClientConnection {
       unsent: [],
       sendWindow: this.#peerInitialWindow,
       headersSeen: false,
-      reader: new MessageReader(this.options.maxMessageBytes, {
-        reserve: () => null,
-        secondMessage: { status: Status.INTERNAL, details: "the agent sent more than one message on a unary call" },
-      }),
+      reader: new MessageReader(this.options.maxMessageBytes, RESPONSE_LIMITS),
       receivedSinceUpdate: 0,
       settle: (result) => {
         if (!this.#calls.delete(id)) return;
@@ -188,7 +201,7 @@ class ClientConnection {
     this.#calls.set(id, call);
     // Without a deadline a path's header block is always the same bytes (no HPACK table is used): kept.
     let block = deadline === null ? this.#headerBlocks.get(path) : undefined;
-    const headers: Header[] = [...grpcRequestHeaders(path), ["user-agent", this.options.userAgent]];
+    const headers: Header[] = block ? [] : [...grpcRequestHeaders(path), ["user-agent", this.options.userAgent]];
     if (deadline !== null) {
       const remaining = deadline - Date.now();
       if (remaining <= 0) {
@@ -205,13 +218,37 @@ class ClientConnection {
       block = encodeHeaders(headers);
       if (deadline === null && this.#headerBlocks.size < MAX_KEPT_HEADER_BLOCKS) this.#headerBlocks.set(path, block);
     }
-    this.#sendHeaders(id, block);
-    const prefix = new Uint8Array(5);
-    new DataView(prefix.buffer).setUint32(1, request.length);
-    call.unsent.push(prefix);
-    if (request.length > 0) call.unsent.push(request);
-    this.#flush();
+    if (!this.#sendWhole(call, block, request)) {
+      this.#sendHeaders(id, block);
+      const prefix = new Uint8Array(5);
+      new DataView(prefix.buffer).setUint32(1, request.length);
+      call.unsent.push(prefix);
+      if (request.length > 0) call.unsent.push(request);
+      this.#flush();
+    }
     return this.#outcome(await promise);
+  }
+
+  /**
+   * The usual call, a small request the windows let out at once: its HEADERS and its one DATA frame
+   * built in one buffer, as #sendHeaders and #flush would have sent them. False when it does not fit.
+   */
+  #sendWhole(call: Call, block: Uint8Array, request: Uint8Array): boolean {
+    const data = 5 + request.length;
+    const size = 9 + block.length + 9 + data;
+    if (
+      size > SMALL_REQUEST_BYTES || block.length > this.#peerMaxFrame ||
+      data > Math.min(this.#peerMaxFrame, this.#sendWindow, call.sendWindow)
+    ) {
+      return false;
+    }
+    const out = new Uint8Array(size);
+    const at = writeFrame(out, 0, FrameType.HEADERS, FLAG_END_HEADERS, call.id, block);
+    writeMessageFrame(out, at, FLAG_END_STREAM, call.id, request);
+    this.#sendWindow -= data;
+    call.sendWindow -= data;
+    this.#send(out);
+    return true;
   }
 
   #outcome(result: Uint8Array | GrpcCallError): Uint8Array {
@@ -316,13 +353,11 @@ class ClientConnection {
       case FrameType.HEADERS: {
         if (streamId === 0) throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "HEADERS on stream 0");
         // END_STREAM rides on the HEADERS frame, not on its CONTINUATIONs.
-        const block = {
-          streamId,
-          blocks: [unpad(flags, payload, true).slice()],
-          endStream: !!(flags & FLAG_END_STREAM),
-        };
-        if (flags & FLAG_END_HEADERS) return this.#onHeaderBlock(block.streamId, block.blocks, block.endStream);
-        this.#continuation = block;
+        const endStream = !!(flags & FLAG_END_STREAM);
+        const fragment = unpad(flags, payload, true);
+        // A whole block is decoded where it lies in the read buffer; a fragment waiting for more is copied.
+        if (flags & FLAG_END_HEADERS) return this.#onHeaderBlock(streamId, [fragment], endStream);
+        this.#continuation = { streamId, blocks: [fragment.slice()], endStream };
         return;
       }
       case FrameType.CONTINUATION: {
@@ -451,14 +486,19 @@ class ClientConnection {
 
   #send(bytes: Uint8Array): void {
     if (this.closed) return;
-    this.#writer.write(bytes).catch((error) => this.#fail(`cannot write to the agent: ${error.message}`));
+    this.#out.send(bytes);
   }
 
   close(): void {
     if (this.closed) return;
     this.draining = true;
     this.closed = true;
-    closeAfterWrites(this.#writer, this.#conn);
+    this.#out.flush();
+    this.#out.afterWrites(() => {
+      try {
+        this.#conn.close();
+      } catch { /* already closed */ }
+    });
     for (const call of [...this.#calls.values()]) {
       call.settle(new GrpcCallError(Status.CANCELLED, "the client was closed"));
     }

@@ -60,16 +60,23 @@ export class ConnectionError extends Error {
 }
 
 /** Writes a frame header into `out` (9 bytes), without allocating: small calls build several frames each. */
-function writeFrameHeader(out: Uint8Array, length: number, type: FrameType, flags: number, streamId: number): void {
-  out[0] = length >>> 16;
-  out[1] = (length >>> 8) & 0xff;
-  out[2] = length & 0xff;
-  out[3] = type;
-  out[4] = flags;
-  out[5] = (streamId >>> 24) & 0x7f;
-  out[6] = (streamId >>> 16) & 0xff;
-  out[7] = (streamId >>> 8) & 0xff;
-  out[8] = streamId & 0xff;
+export function writeFrameHeader(
+  out: Uint8Array,
+  length: number,
+  type: FrameType,
+  flags: number,
+  streamId: number,
+  at = 0,
+): void {
+  out[at] = length >>> 16;
+  out[at + 1] = (length >>> 8) & 0xff;
+  out[at + 2] = length & 0xff;
+  out[at + 3] = type;
+  out[at + 4] = flags;
+  out[at + 5] = (streamId >>> 24) & 0x7f;
+  out[at + 6] = (streamId >>> 16) & 0xff;
+  out[at + 7] = (streamId >>> 8) & 0xff;
+  out[at + 8] = streamId & 0xff;
 }
 
 export function frameHeader(length: number, type: FrameType, flags: number, streamId: number): Uint8Array {
@@ -85,6 +92,42 @@ export function frame(type: FrameType, flags: number, streamId: number, payload:
   writeFrameHeader(out, payload.length, type, flags, streamId);
   out.set(payload, 9);
   return out;
+}
+
+/** Writes a whole frame into `out` at `at`; returns where the next one goes. */
+export function writeFrame(
+  out: Uint8Array,
+  at: number,
+  type: FrameType,
+  flags: number,
+  streamId: number,
+  payload: Uint8Array,
+): number {
+  writeFrameHeader(out, payload.length, type, flags, streamId, at);
+  out.set(payload, at + 9);
+  return at + 9 + payload.length;
+}
+
+/**
+ * Writes a DATA frame carrying one whole gRPC message (its length prefix, then it) into `out` at
+ * `at`; returns where the next frame goes.
+ */
+export function writeMessageFrame(
+  out: Uint8Array,
+  at: number,
+  flags: number,
+  streamId: number,
+  message: Uint8Array,
+): number {
+  writeFrameHeader(out, 5 + message.length, FrameType.DATA, flags, streamId, at);
+  // Not compressed, then the length (big-endian).
+  out[at + 9] = 0;
+  out[at + 10] = message.length >>> 24;
+  out[at + 11] = (message.length >>> 16) & 0xff;
+  out[at + 12] = (message.length >>> 8) & 0xff;
+  out[at + 13] = message.length & 0xff;
+  out.set(message, at + 14);
+  return at + 14 + message.length;
 }
 
 export function u32Payload(...values: number[]): Uint8Array {
@@ -136,20 +179,11 @@ export function pingReply(flags: number, streamId: number, payload: Uint8Array):
 /** A whole header block (HEADERS and its CONTINUATIONs); HPACK faults end the connection. */
 export function decodeHeaderBlock(decoder: HpackDecoder, blocks: Uint8Array[]): Header[] {
   try {
-    return decoder.decode(concat(blocks));
+    return decoder.decode(blocks.length === 1 ? blocks[0] : concat(blocks));
   } catch (error) {
     if (error instanceof CompressionError) throw new ConnectionError(ErrorCode.COMPRESSION_ERROR, error.message);
     throw error;
   }
-}
-
-/** Closes a connection after what was written has gone out. */
-export function closeAfterWrites(writer: WritableStreamDefaultWriter<Uint8Array>, conn: Deno.Conn): void {
-  writer.close().catch(() => {}).finally(() => {
-    try {
-      conn.close();
-    } catch { /* already closed */ }
-  });
 }
 
 /** A WINDOW_UPDATE's increment. */

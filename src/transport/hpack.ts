@@ -388,11 +388,20 @@ function huffmanDecode(bytes: Uint8Array): string {
   return text;
 }
 
-/** Bytes to a string one char per octet, so entry sizes stay exact. */
+/** Characters String.fromCharCode takes per apply (the arguments go on the stack). */
+const LATIN1_CHUNK = 4096;
+
+/**
+ * Bytes to a string one char per octet, so entry sizes stay exact. `apply` takes the bytes as an
+ * array-like: a spread would iterate them, about 8 times slower for the short strings every
+ * request's headers carry.
+ */
 function latin1(bytes: Uint8Array): string {
+  const chars = bytes as unknown as number[];
+  if (bytes.length <= LATIN1_CHUNK) return String.fromCharCode.apply(null, chars);
   let text = "";
-  for (let i = 0; i < bytes.length; i += 4096) {
-    text += String.fromCharCode(...bytes.subarray(i, i + 4096));
+  for (let i = 0; i < bytes.length; i += LATIN1_CHUNK) {
+    text += String.fromCharCode.apply(null, bytes.subarray(i, i + LATIN1_CHUNK) as unknown as number[]);
   }
   return text;
 }

@@ -8,6 +8,7 @@
 import { AgentError, CallCancelled, type CancelReason, Status } from "../errors.ts";
 import { encodeHeaders, type Header, HpackDecoder } from "./hpack.ts";
 import { BufferPool, type Lease } from "./buffers.ts";
+import { SocketWriter } from "./socket_writer.ts";
 import { parseRequestHeaders, trailersProblem } from "./request_headers.ts";
 
 import {
@@ -41,6 +42,8 @@ import {
   u32Payload,
   unpad,
   windowIncrement,
+  writeFrame,
+  writeMessageFrame,
 } from "./frames.ts";
 import {
   Backoff,
@@ -68,8 +71,6 @@ const MAX_READ_BYTES = 256 * 1024;
 const RECEIVE_MAX_FRAME = 64 * 1024;
 /** How long a closing connection may take to flush its last frames before its socket is closed anyway. */
 const CLOSE_FLUSH_MS = 1000;
-/** Pieces at least this large are written as they are rather than copied into a joined write. */
-const LARGE_WRITE_BYTES = 64 * 1024;
 /** After the stop's grace period, connections get this long to flush GOAWAY before they are cut. */
 const STOP_FLUSH_MS = 200;
 /** Our receive window: large, so a client can send a whole tensor without waiting for us. */
@@ -93,10 +94,15 @@ const RESPONSE_HEADERS = encodeHeaders([
   ["grpc-accept-encoding", "identity"],
 ]);
 const OK_TRAILERS = encodeHeaders([["grpc-status", String(Status.OK)]]);
+/** Answers up to this size (frames included) are built whole in one buffer (see #respondWhole). */
+const SMALL_ANSWER_BYTES = 16 * 1024;
 /** The body of an HTTP error answer to a request that is not gRPC, for people and tools that look. */
 const NOT_GRPC_BODY = new TextEncoder().encode(
   "This is a gRPC server: calls are POST requests with content-type application/grpc.\n",
 );
+
+/** The status of a unary call whose client sends a second message. */
+const SECOND_MESSAGE = { status: Status.UNIMPLEMENTED, details: "more than one request message on a unary call" };
 
 /** What a unary handler answers. */
 export type UnaryResult = { message: Uint8Array } | { status: number; details: string };
@@ -110,10 +116,13 @@ export type UnaryResult = { message: Uint8Array } | { status: number; details: s
  * for another call (see buffers.ts): a handler that keeps views of them longer (without copying)
  * calls `keepRequest` and calls the function it returns once it lets go of them. `responseBuffer`
  * gives (once per call) a buffer for the response message, reused once the answer has been written.
+ * Its methods are called on it (not passed around unbound).
  */
 export interface CallContext {
-  signal: AbortSignal;
-  deadline: number | null;
+  readonly signal: AbortSignal;
+  /** Throws the CallCancelled `signal` would carry once the call is given up (without making the signal). */
+  throwIfCancelled(): void;
+  readonly deadline: number | null;
   keepRequest(): () => void;
   responseBuffer(length: number): Uint8Array;
 }
@@ -202,8 +211,12 @@ interface Stream {
   counted: boolean;
   /** Bytes of the connection's request budget this stream's message holds. */
   reservedBytes: number;
-  /** Aborted when the call is given up (deadline, reset, connection closed). */
-  cancel: AbortController;
+  /**
+   * Aborted when the call is given up (deadline, reset, connection closed); made only when a handler
+   * asks for its signal (most calls never do), until then `cancelled` says why it was given up.
+   */
+  cancel: AbortController | null;
+  cancelled: CallCancelled | null;
   /** The client's deadline (performance.now() clock) and the timer that enforces it. */
   deadline: number | null;
   deadlineTimer: ReturnType<typeof setTimeout> | null;
@@ -221,10 +234,53 @@ interface Stream {
   responseLease: Lease | null;
 }
 
+/** The signal that aborts when the stream's call is given up, made on first use. */
+function cancelSignal(stream: Stream): AbortSignal {
+  if (!stream.cancel) {
+    stream.cancel = new AbortController();
+    if (stream.cancelled) stream.cancel.abort(stream.cancelled);
+  }
+  return stream.cancel.signal;
+}
+
+/** A unary handler's view of its call (see CallContext). */
+class UnaryCall implements CallContext {
+  constructor(readonly stream: Stream, readonly lease: Lease, readonly pool: BufferPool) {}
+
+  get signal(): AbortSignal {
+    return cancelSignal(this.stream);
+  }
+
+  get deadline(): number | null {
+    return this.stream.deadline;
+  }
+
+  throwIfCancelled(): void {
+    if (this.stream.cancelled) throw this.stream.cancelled;
+  }
+
+  keepRequest(): () => void {
+    const lease = this.lease;
+    lease.retain();
+    let held = true;
+    return () => {
+      if (held) lease.release();
+      held = false;
+    };
+  }
+
+  responseBuffer(length: number): Uint8Array {
+    const stream = this.stream;
+    if (stream.responseLease) throw new Error("one response buffer per call");
+    stream.responseLease = this.pool.lease(length);
+    return stream.responseLease.bytes;
+  }
+}
+
 /** One client connection (exported so tests can drive it over an in-memory Deno.Conn). */
 export class Connection {
   readonly #conn: Deno.Conn;
-  readonly #writer: WritableStreamDefaultWriter<Uint8Array>;
+  readonly #out: SocketWriter;
   readonly #limits: ServerLimits;
   readonly #decoder: HpackDecoder;
   readonly #streams = new Map<number, Stream>();
@@ -235,10 +291,6 @@ export class Connection {
   readonly #control: TokenBucket;
   /** Bytes handed to #send that have not gone out yet. */
   #queuedBytes = 0;
-  /** Bytes queued by #send in this turn of the event loop, written together at its end. */
-  #outgoing: Uint8Array[] = [];
-  /** Settles once the last write issued has (whether it went out or failed). */
-  #writesSettled: Promise<void> = Promise.resolve();
   /** Resolves the read loop, paused while #queuedBytes is over the bound. */
   #writable: PromiseWithResolvers<void> | null = null;
   /** When a byte last went either way, and when the writer last made progress (ms, performance.now()). */
@@ -257,10 +309,12 @@ export class Connection {
   readonly #resetByUs = new Set<number>();
   /** Ranges of stream ids the client skipped (never opened), the newest SKIPPED_RANGES_REMEMBERED. */
   readonly #skipped: [from: number, to: number][] = [];
+  /** Request messages' buffers (one function for every stream). */
+  readonly #allocate = (length: number, offset: number) => this.server.pool.lease(length, offset);
 
   constructor(conn: Deno.Conn, private readonly server: GrpcServer) {
     this.#conn = conn;
-    this.#writer = conn.writable.getWriter();
+    this.#out = new SocketWriter(conn, server.pool, (length) => this.#wrote(length), () => this.close());
     this.#limits = server.limits;
     this.#decoder = new HpackDecoder(4096, this.#limits.maxHeaderListBytes);
     const rate = this.#limits.controlFramesPerSecond;
@@ -344,8 +398,11 @@ export class Connection {
     }
   }
 
-  /** Adds a HEADERS or CONTINUATION fragment to the stream's header block, within the size bound. */
-  #addHeaderFragment(stream: Stream, fragment: Uint8Array): void {
+  /**
+   * Adds a HEADERS or CONTINUATION fragment to the stream's header block, within the size bound. The
+   * last fragment is not kept: it is decoded from the frame, still in the read buffer.
+   */
+  #addHeaderFragment(stream: Stream, fragment: Uint8Array, last: boolean): void {
     stream.headerBytes += 9 + fragment.length;
     if (stream.headerBytes > this.#limits.maxHeaderListBytes) {
       throw new ConnectionError(
@@ -353,7 +410,8 @@ export class Connection {
         `header block over ${this.#limits.maxHeaderListBytes} bytes (edge_agent_max_header_list_bytes)`,
       );
     }
-    if (fragment.length > 0) stream.headerBlock.push(fragment.slice());
+    if (last) this.#onHeaderBlock(stream, fragment);
+    else if (fragment.length > 0) stream.headerBlock.push(fragment.slice());
   }
 
   #onFrame(type: number, flags: number, streamId: number, payload: Uint8Array): void {
@@ -377,11 +435,8 @@ export class Connection {
         if (!stream || stream.id !== streamId) {
           throw new ConnectionError(ErrorCode.PROTOCOL_ERROR, "stray CONTINUATION");
         }
-        this.#addHeaderFragment(stream, payload);
-        if (flags & FLAG_END_HEADERS) {
-          this.#continuationOf = null;
-          this.#onHeaderBlock(stream);
-        }
+        if (flags & FLAG_END_HEADERS) this.#continuationOf = null;
+        this.#addHeaderFragment(stream, payload, (flags & FLAG_END_HEADERS) !== 0);
         return;
       }
       case FrameType.DATA:
@@ -523,8 +578,8 @@ export class Connection {
         path: "",
         reader: new MessageReader(this.server.maxMessageBytes, {
           reserve: (bytes) => this.#reserve(stream!, bytes),
-          secondMessage: { status: Status.UNIMPLEMENTED, details: "more than one request message on a unary call" },
-          allocate: (length, offset) => this.server.pool.lease(length, offset),
+          secondMessage: SECOND_MESSAGE,
+          allocate: this.#allocate,
         }),
         remoteClosed: false,
         localClosed: false,
@@ -538,7 +593,8 @@ export class Connection {
         dispatched: false,
         counted: false,
         reservedBytes: 0,
-        cancel: new AbortController(),
+        cancel: null,
+        cancelled: null,
         deadline: null,
         deadlineTimer: null,
         blockFault: null,
@@ -553,10 +609,9 @@ export class Connection {
       fault = { code: ErrorCode.PROTOCOL_ERROR, reason: "stream depends on itself" };
     }
     stream.blockFault = fault;
-    this.#addHeaderFragment(stream, block);
     if (flags & FLAG_END_STREAM) stream.remoteClosed = true;
-    if (flags & FLAG_END_HEADERS) this.#onHeaderBlock(stream);
-    else this.#continuationOf = stream;
+    if (!(flags & FLAG_END_HEADERS)) this.#continuationOf = stream;
+    this.#addHeaderFragment(stream, block, (flags & FLAG_END_HEADERS) !== 0);
   }
 
   /**
@@ -592,8 +647,11 @@ export class Connection {
     this.server.budget.release(bytes);
   }
 
-  #onHeaderBlock(stream: Stream): void {
-    const headers = decodeHeaderBlock(this.#decoder, stream.headerBlock);
+  /** The stream's header block is whole with `last`, its final fragment. */
+  #onHeaderBlock(stream: Stream, last: Uint8Array): void {
+    const fragments = stream.headerBlock;
+    if (fragments.length > 0) fragments.push(last);
+    const headers = decodeHeaderBlock(this.#decoder, fragments.length > 0 ? fragments : [last]);
     stream.headerBlock = [];
     stream.headerBytes = 0;
     const fault = stream.blockFault;
@@ -702,7 +760,7 @@ export class Connection {
       }
     }
     try {
-      for await (const response of handler(requests(), stream.cancel.signal)) {
+      for await (const response of handler(requests(), cancelSignal(stream))) {
         if (stream.localClosed || this.#closed) return;
         this.#queueMessage(stream, response);
         // The next response is asked for only once this one has left: a client that does not read
@@ -807,38 +865,33 @@ export class Connection {
     }
     // The request's buffer is released here, and only here, once the handler's promise has settled
     // (see CallContext): whatever ended the call, the handler may still read it until then.
-    const message = reader.message;
-    const lease = reader.takeLease()!;
-    const pool = this.server.pool;
-    const call: CallContext = {
-      signal: stream.cancel.signal,
-      deadline: stream.deadline,
-      keepRequest() {
-        lease.retain();
-        let held = true;
-        return () => {
-          if (held) lease.release();
-          held = false;
-        };
-      },
-      responseBuffer(length) {
-        if (stream.responseLease) throw new Error("one response buffer per call");
-        stream.responseLease = pool.lease(length);
-        return stream.responseLease.bytes;
-      },
-    };
+    this.#runUnary(stream, handler, reader.message, reader.takeLease()!);
+  }
+
+  /**
+   * Runs a unary handler and answers. The request's buffer is released here, and only here, once the
+   * handler's promise has settled (see CallContext): whatever ended the call, the handler may still
+   * read it until then.
+   */
+  async #runUnary(stream: Stream, handler: UnaryHandler, message: Uint8Array, lease: Lease): Promise<void> {
     // Started once the frames of this read are handled: a reset right behind the request (rapid
-    // reset) has then aborted the call's signal before its handler does any work.
-    Promise.resolve().then(() => handler(message, call)).finally(() => lease.release()).then(
-      (result) => {
-        if ("message" in result) this.#respondMessage(stream, result.message);
-        else this.#respondStatus(stream, result.status, result.details);
-      },
-      (error) => this.#respondStatus(stream, Status.INTERNAL, String((error as Error)?.message ?? error)),
-    ).finally(() => {
+    // reset) has then cancelled the call before its handler does any work.
+    await undefined;
+    let result: UnaryResult;
+    try {
+      result = await handler(message, new UnaryCall(stream, lease, this.server.pool));
+    } catch (error) {
+      result = { status: Status.INTERNAL, details: String((error as Error)?.message ?? error) };
+    } finally {
+      lease.release();
+    }
+    try {
+      if ("message" in result) this.#respondMessage(stream, result.message);
+      else this.#respondStatus(stream, result.status, result.details);
+    } finally {
       // A call that ended before its handler gave a buffer back (#uncount has run already).
       if (stream.localClosed || this.#closed) this.#dropResponse(stream);
-    });
+    }
   }
 
   /** The client's deadline passed: DEADLINE_EXCEEDED if nothing went out yet, else a reset. */
@@ -853,8 +906,39 @@ export class Connection {
   }
 
   #respondMessage(stream: Stream, message: Uint8Array): void {
+    if (this.#respondWhole(stream, message)) return;
     this.#queueMessage(stream, message);
     this.#finish(stream, Status.OK, "");
+  }
+
+  /**
+   * The usual answer, a small message that the windows and the write bound let out at once: its
+   * HEADERS, DATA and trailers built in one buffer (one allocation and no join), as #queueMessage,
+   * #flushPending and #finish would have sent them. False when the answer must take the general path.
+   */
+  #respondWhole(stream: Stream, message: Uint8Array): boolean {
+    const data = 5 + message.length;
+    const size = 9 + RESPONSE_HEADERS.length + 9 + data + 9 + OK_TRAILERS.length;
+    if (
+      stream.localClosed || this.#closed || stream.headersSent || stream.pending || this.#ready.size > 0 ||
+      size > SMALL_ANSWER_BYTES ||
+      data > Math.min(this.#peerMaxFrame, this.#sendWindow, this.#streamWindow(stream)) ||
+      RESPONSE_HEADERS.length > this.#peerMaxFrame || this.#queuedBytes + size > this.#limits.maxPendingWriteBytes
+    ) {
+      return false;
+    }
+    const out = new Uint8Array(size);
+    let at = writeFrame(out, 0, FrameType.HEADERS, FLAG_END_HEADERS, stream.id, RESPONSE_HEADERS);
+    at = writeMessageFrame(out, at, 0, stream.id, message);
+    writeFrame(out, at, FrameType.HEADERS, FLAG_END_STREAM | FLAG_END_HEADERS, stream.id, OK_TRAILERS);
+    stream.headersSent = true;
+    this.#sendWindow -= data;
+    stream.sendCredit -= data;
+    // As for any DATA frame: the peer may answer it with two WINDOW_UPDATEs (see #flushPending).
+    this.#control.give(2);
+    this.#send(out);
+    this.#closeLocal(stream);
+    return true;
   }
 
   /** Queues one length-prefixed response message (response headers first, once). */
@@ -1047,7 +1131,10 @@ export class Connection {
    * requests, or for anything else, ends instead of waiting forever.
    */
   #cancelHandler(stream: Stream, reason: CancelReason): void {
-    if (!stream.cancel.signal.aborted) stream.cancel.abort(new CallCancelled(reason));
+    if (!stream.cancelled) {
+      stream.cancelled = new CallCancelled(reason);
+      stream.cancel?.abort(stream.cancelled);
+    }
     if (!stream.incoming) return;
     stream.incoming.ended = true;
     stream.incoming.wake?.();
@@ -1097,70 +1184,21 @@ export class Connection {
   /**
    * Queues bytes on the socket; #queuedBytes counts them until they have gone out. What is queued
    * while handling one read (or one answer) leaves together, once this turn of the event loop ends:
-   * one write instead of one per frame, so the client wakes once.
+   * one write instead of one per frame, so the client wakes once (see SocketWriter).
    */
   #send(bytes: Uint8Array): void {
     if (this.#closed || bytes.length === 0) return;
     if (this.#queuedBytes === 0) this.#lastWrite = performance.now();
     this.#queuedBytes += bytes.length;
-    this.#outgoing.push(bytes);
-    if (this.#outgoing.length === 1) queueMicrotask(() => this.#writeOutgoing());
+    this.#out.send(bytes);
   }
 
-  /** Writes what #send queued: small pieces joined into one write, large ones as they are (no copy). */
-  #writeOutgoing(): void {
-    const parts = this.#outgoing;
-    if (parts.length === 0) return;
-    this.#outgoing = [];
-    let from = 0;
-    for (let i = 0; i <= parts.length; i++) {
-      if (i < parts.length && parts[i].length < LARGE_WRITE_BYTES) continue;
-      if (i > from) {
-        if (i - from === 1) this.#write(parts[from]);
-        else this.#writeJoined(parts, from, i);
-      }
-      if (i < parts.length) this.#write(parts[i]);
-      from = i + 1;
-    }
-  }
-
-  /** A stream's response buffer goes back to the pool once the writes holding views of it have settled. */
+  /** A stream's response buffer goes back to the pool once the writes holding views of it are done. */
   #dropResponse(stream: Stream): void {
     const lease = stream.responseLease;
     if (!lease) return;
     stream.responseLease = null;
-    // After this turn's writes are issued (#writeOutgoing runs first: it was queued earlier), the
-    // last one settling means every earlier one has (a stream's writes complete in order).
-    const release = () => lease.release();
-    queueMicrotask(() => this.#writesSettled.then(release, release));
-  }
-
-  #write(bytes: Uint8Array, lease: Lease | null = null): void {
-    const length = bytes.length;
-    this.#writesSettled = this.#writer.write(bytes).then(
-      () => {
-        lease?.release();
-        this.#wrote(length);
-      },
-      () => {
-        lease?.release();
-        this.close();
-      },
-    );
-  }
-
-  /** parts[from..to) joined into one write, in a pooled buffer the socket gives back once it took it. */
-  #writeJoined(parts: Uint8Array[], from: number, to: number): void {
-    let length = 0;
-    for (let i = from; i < to; i++) length += parts[i].length;
-    const lease = this.server.pool.lease(length);
-    const out = lease.bytes;
-    let offset = 0;
-    for (let i = from; i < to; i++) {
-      out.set(parts[i], offset);
-      offset += parts[i].length;
-    }
-    this.#write(out, lease);
+    this.#out.afterWrites(() => lease.release());
   }
 
   #wrote(length: number): void {
@@ -1216,16 +1254,16 @@ export class Connection {
       this.#cancelHandler(stream, "disconnect");
     }
     this.#writable?.resolve();
-    this.#writeOutgoing();
+    this.#out.flush();
     const closeSocket = () => {
       clearTimeout(timer);
       try {
         this.#conn.close();
       } catch { /* already closed */ }
     };
-    // A peer that does not read would hold writer.close() (and the process) forever.
+    // A peer that does not read would hold the last writes (and the process) forever.
     const timer = setTimeout(closeSocket, flushMs);
-    this.#writer.close().catch(() => {}).finally(closeSocket);
+    this.#out.afterWrites(closeSocket);
     this.server.connectionClosed(this);
   }
 }

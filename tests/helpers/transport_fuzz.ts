@@ -323,15 +323,13 @@ function memoryConn(chunks: Uint8Array[]): { conn: Deno.Conn; output: () => Uint
       if (count < next.length) queue.unshift(next.subarray(count));
       return Promise.resolve(count);
     },
-    writable: new WritableStream<Uint8Array>({
-      write(chunk) {
-        written.push(chunk);
-      },
-      close() {
-        closed.resolve();
-      },
-    }),
-    close() {},
+    write(chunk: Uint8Array): Promise<number> {
+      written.push(chunk.slice());
+      return Promise.resolve(chunk.length);
+    },
+    close() {
+      closed.resolve();
+    },
   };
   return { conn: conn as unknown as Deno.Conn, output: () => concat(written), closed: closed.promise };
 }
