@@ -10,6 +10,7 @@ import { enumValues } from "../src/service/wire.ts";
 import { agentDeployment, COMPILE_CONFIG, MAIN, parseLogs, PROJECT_ROOT, startAgent } from "./helpers/agent.ts";
 import { tensor } from "./helpers/assertions.ts";
 import { identityModel, OnnxType, slowModel, writeModelFolder } from "./helpers/onnx_models.ts";
+import { until } from "./helpers/wait.ts";
 
 interface GraphModule {
   specifier: string;
@@ -93,8 +94,7 @@ Deno.test("what model loads leave behind is collected once, when no call is in f
     const x = new Float32Array(n * n).fill(0.5);
     await agent.client.predict("slow", [tensor("x", enumValues("DataType").FLOAT32, [n, n], x)]);
     const collections = () => parseLogs(agent.logs()).filter((l) => l.msg === "memory after a model change (MiB)");
-    const deadline = Date.now() + 10_000;
-    while (collections().length === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+    await until(() => collections().length > 0, "the leftovers are collected");
     // Past another quiet period: a second collection would have happened by now.
     await new Promise((r) => setTimeout(r, 1500));
     const logs = parseLogs(agent.logs());
