@@ -15,6 +15,7 @@ import { floats, pseudoRandomFloats, rejectsWith, tensor } from "./helpers/asser
 import { agentService, GrpcJsAgentClient } from "./helpers/grpcjs_client.ts";
 import { buildModel, OnnxType, PADDLE_CLS, writeModelFolder } from "./helpers/onnx_models.ts";
 import { SysvSegment } from "./helpers/shm_segments.ts";
+import { untilInFlight } from "./helpers/wait.ts";
 
 const FLOAT32 = enumValues("DataType").FLOAT32;
 const INT64 = enumValues("DataType").INT64;
@@ -205,15 +206,6 @@ function rawClient(socket: string) {
   };
 }
 
-/** Polls until `count` calls are being handled. */
-async function untilInFlight(metricsSocket: string, count: number): Promise<void> {
-  for (let i = 0; i < 5000; i++) {
-    if (((await scrapeMetrics(`unix:${metricsSocket}`)).get("edge_agent_requests_in_flight") ?? 0) >= count) return;
-    await new Promise((r) => setTimeout(r, 1));
-  }
-  throw new Error(`in-flight calls never reached ${count}`);
-}
-
 Deno.test("batching: concurrent Predicts share Runs and each caller gets exactly its own rows", async (t) => {
   const dir = await Deno.makeTempDir({ prefix: "edge-agent-batching-" });
   const metricsSocket = join(dir, "metrics.sock");
@@ -333,7 +325,7 @@ Deno.test("batching: concurrent Predicts share Runs and each caller gets exactly
       ];
       // A Run of many rows holds the model, so the requests below all queue and share the next Run.
       const long = clients[0].predict("gather", request(Array.from({ length: 1024 }, (_, i) => i % 10), 1));
-      await untilInFlight(metricsSocket, 1);
+      await untilInFlight(metricsSocket, 1, { atLeast: true });
       const indexes = [[1], [2, 3], [99], [4], [0, 9], [5]];
       const outcomes = await Promise.allSettled(
         indexes.map((idx, i) => clients[1 + (i % 3)].predict("gather", request(idx, 10 + i))),
@@ -367,14 +359,14 @@ Deno.test("batching: concurrent Predicts share Runs and each caller gets exactly
         // Eight times the rows: a Run of seconds here, far past the next call's deadline.
         let firstDone = false;
         const first = clients[0].predict("slow", x(1, 8 * SLOW_ROWS)).finally(() => firstDone = true);
-        await untilInFlight(metricsSocket, 1);
+        await untilInFlight(metricsSocket, 1, { atLeast: true });
         // Queued behind the first Run; its deadline passes there.
         const late = clients[1].call("Predict", { name: "slow", tensors: x(2) }, 400);
         await rejectsWith(late, Status.DEADLINE_EXCEEDED);
         // Queued too, then reset by its caller.
         const gone = Promise.withResolvers<grpc.ServiceError | null>();
         const call = raw.Predict({ name: "slow", tensors: x(6) }, (error) => gone.resolve(error));
-        await untilInFlight(metricsSocket, 2);
+        await untilInFlight(metricsSocket, 2, { atLeast: true });
         call.cancel();
         assert.equal((await gone.promise)?.code, Status.CANCELLED);
         assert.ok(!firstDone, "both left while the first Run was going");
@@ -401,11 +393,11 @@ Deno.test("batching: concurrent Predicts share Runs and each caller gets exactly
       try {
         const before = await batches(metricsSocket, "slow");
         const first = clients[0].predict("slow", x(1));
-        await untilInFlight(metricsSocket, 1);
+        await untilInFlight(metricsSocket, 1, { atLeast: true });
         const gone = Promise.withResolvers<grpc.ServiceError | null>();
         const call = raw.Predict({ name: "slow", tensors: x(2) }, (error) => gone.resolve(error));
         const stays = clients[2].predict("slow", x(3));
-        await untilInFlight(metricsSocket, 3);
+        await untilInFlight(metricsSocket, 3, { atLeast: true });
         await first;
         // The two queued calls now share a Run; one caller goes.
         call.cancel();
@@ -425,14 +417,14 @@ Deno.test("batching: concurrent Predicts share Runs and each caller gets exactly
       const before = await unbatched(metricsSocket, "slow", "queue_full");
       let firstDone = false;
       const first = clients[0].predict("slow", slowInput(7, 4 * SLOW_ROWS)).finally(() => firstDone = true);
-      await untilInFlight(metricsSocket, 1);
+      await untilInFlight(metricsSocket, 1, { atLeast: true });
       const call = (seed: number, client: GrpcJsAgentClient) =>
         client.predict("slow", slowInput(seed, 16)).then((answer) => {
           assert.deepEqual(floats(answer.tensors[0].byte_data), floats(slowInput(seed, 16)[0].byte_data));
         });
       // Two fill the queue (max_queue 2) behind the first Run...
       const queued = [call(8, clients[1]), call(9, clients[2])];
-      await untilInFlight(metricsSocket, 3);
+      await untilInFlight(metricsSocket, 3, { atLeast: true });
       // ...and two more, sent while the first Run still goes, find it full: they run at once, alone.
       assert.ok(!firstDone, "the first Run still goes");
       await Promise.all([call(10, clients[3]), call(11, clients[1])]);
@@ -442,9 +434,9 @@ Deno.test("batching: concurrent Predicts share Runs and each caller gets exactly
 
     await t.step("UnLoadModel waits for queued requests, which are answered", async () => {
       const first = clients[0].predict("slow", slowInput(4));
-      await untilInFlight(metricsSocket, 1);
+      await untilInFlight(metricsSocket, 1, { atLeast: true });
       const queued = clients[1].predict("slow", slowInput(5));
-      await untilInFlight(metricsSocket, 2);
+      await untilInFlight(metricsSocket, 2, { atLeast: true });
       const unloaded = agent.client.unloadModel("slow");
       const [a, b] = await Promise.all([first, queued, unloaded]);
       assert.deepEqual(floats(a.tensors[0].byte_data), floats(slowInput(4)[0].byte_data));

@@ -10,6 +10,7 @@ import { floats, rejectsWith, tensor } from "./helpers/assertions.ts";
 import { BUCKET, type EdgeManagerRecord, TestS3 } from "./helpers/capture_fixtures.ts";
 import { identityModel, OnnxType, writeModelFolder } from "./helpers/onnx_models.ts";
 import { SysvSegment } from "./helpers/shm_segments.ts";
+import { until } from "./helpers/wait.ts";
 
 const DataType = enumValues("DataType");
 const Encoding = enumValues("Encoding");
@@ -46,14 +47,6 @@ function capture(agent: AgentProcess, id: string, extra: Record<string, unknown>
 
 async function status(agent: AgentProcess, id: string): Promise<number> {
   return (await agent.client.call<{ status: number }>("GetCaptureDataStatus", { capture_id: id })).status;
-}
-
-async function until(check: () => Promise<boolean>, what: string, ms = 20_000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!await check()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting until ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
 }
 
 async function filesUnder(root: string): Promise<string[]> {

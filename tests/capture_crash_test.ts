@@ -30,21 +30,23 @@ async function round(stateDir: string, port: number, n: number): Promise<{ acked
   }).spawn();
   const stderr = new Response(child.stderr).text();
   let text = "";
-  let ready!: () => void;
-  const readyPromise = new Promise<void>((resolve) => (ready = resolve));
+  // The other rounds are killed once a random number of captures were acknowledged (counted, not
+  // timed: on a loaded machine a capture may take long), a moment later still.
+  const target = 6 + Math.floor(Math.random() * 15);
+  const { promise: flowed, resolve: flow } = Promise.withResolvers<void>();
   const reading = (async () => {
     for await (const chunk of child.stdout.pipeThrough(new TextDecoderStream())) {
       text += chunk;
-      if (text.startsWith("ready\n")) ready();
+      if (text.startsWith("ready\n") && text.split("\n").length - 2 >= target) flow();
     }
-    ready();
+    flow();
   })();
   // One round in five is killed early, possibly while the service is still opening and recovering.
   const killedEarly = n % 5 === 3;
   if (killedEarly) await new Promise((r) => setTimeout(r, 30 + Math.random() * 120));
   else {
-    await readyPromise;
-    await new Promise((r) => setTimeout(r, 20 + Math.random() * 250));
+    await flowed;
+    await new Promise((r) => setTimeout(r, Math.random() * 50));
   }
   child.kill("SIGKILL");
   const status = await child.status;

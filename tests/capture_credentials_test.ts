@@ -18,6 +18,7 @@ import { BUCKET, freePort, makeRecord, quiet, TestS3 } from "./helpers/capture_f
 import { CredentialsEndpoint, makePki, type Pki } from "./helpers/iot_credentials.ts";
 import { identityModel, OnnxType, writeModelFolder } from "./helpers/onnx_models.ts";
 import { watch } from "./helpers/health_watch.ts";
+import { until } from "./helpers/wait.ts";
 
 const DataType = enumValues("DataType");
 const CaptureStatus = enumValues("CaptureDataStatus");
@@ -31,14 +32,6 @@ function pki(): Promise<Pki> {
     return makePki(dir);
   });
   return pkiPromise;
-}
-
-async function until(check: () => Promise<boolean> | boolean, what: string, ms = 30_000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!await check()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting until ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
 }
 
 function iot(p: Pki, endpoint: string, extra: Partial<ConstructorParameters<typeof IotCredentials>[0]> = {}) {
@@ -116,8 +109,8 @@ Deno.test("IoT credentials over mutual TLS: fetched with the thing name, cached,
     // Past 80% of the lifetime a refresh starts; until it lands, the old credentials still serve.
     offset = 85_000;
     assert.equal(await source.get(), first);
-    await until(() => endpoint.fetches.length === 2, "a refresh before expiry", 10_000);
-    await until(async () => (await source.get()).sessionToken === "token-2", "the new credentials serve", 10_000);
+    await until(() => endpoint.fetches.length === 2, "a refresh before expiry");
+    await until(async () => (await source.get()).sessionToken === "token-2", "the new credentials serve");
     // Expired credentials are never used: with the endpoint gone, there are none.
     await endpoint.stop();
     offset = 500_000;
@@ -203,7 +196,7 @@ Deno.test("credentials S3 refuses are never given up: captures wait, uploads rep
     });
     assert.deepEqual(service.uploadState(), { ok: true, reason: null, since: null });
     await service.capture(makeRecord("w1"));
-    await until(() => !service.uploadState().ok, "uploads report the refusal", 10_000);
+    await until(() => !service.uploadState().ok, "uploads report the refusal");
     assert.match(service.uploadState().reason!, /403 InvalidAccessKeyId/);
     await new Promise((r) => setTimeout(r, 500));
     assert.equal(service.status("w1"), "IN_PROGRESS");
@@ -232,7 +225,7 @@ Deno.test("a client certificate from another CA: a clear error, no retry storm; 
       error.message,
       /the endpoint refused the device certificate .*rogue\.pem: is it registered and active in AWS IoT/,
     );
-    await until(() => endpoint.stderr().includes("handshake refused"), "the endpoint refused the handshake", 5000);
+    await until(() => endpoint.stderr().includes("handshake refused"), "the endpoint refused the handshake");
     // Backing off: the next asks within the delay do not reach the endpoint.
     const refusals = endpoint.stderr().split("handshake refused").length;
     await assert.rejects(source.get(), /credentials provider/);
@@ -392,16 +385,21 @@ Deno.test("agent without credentials and without S3: starts, serves Predict, kee
     try {
       await loadModel(agent);
       await predictWorks(agent);
-      await until(async () => await agent.client.health("capture") === NOT_SERVING, "capture is NOT_SERVING", 10_000);
+      await until(async () => await agent.client.health("capture") === NOT_SERVING, "capture is NOT_SERVING");
       assert.equal(await agent.client.health(""), SERVING, "the agent itself serves");
       await capture(agent, "offline-1");
       await capture(agent, "offline-2");
+      const cannot = /^capture: uploads (cannot|still cannot) proceed/;
+      const first = await agent.logged(
+        (l) => l.level === "warn" && cannot.test(String(l.msg)),
+        "uploads cannot proceed",
+      );
+      assert.match(String(first.reason), /no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY/);
+      // Past more failed attempts: they are not each a warning.
       await new Promise((r) => setTimeout(r, 2500));
       assert.equal(await status(agent, "offline-1"), CaptureStatus.IN_PROGRESS);
       await predictWorks(agent);
-      const said = warnings(agent, /^capture: uploads (cannot|still cannot) proceed/);
-      assert.ok(said.length >= 1, agent.logs());
-      assert.match(String(said[0].reason), /no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY/);
+      const said = warnings(agent, cannot);
       assert.ok(said.length <= 2, `rate-limited: ${said.length} warnings in 3 s`);
     } finally {
       await stopAgent(agent);
@@ -433,7 +431,7 @@ Deno.test("agent without credentials and without S3: starts, serves Predict, kee
       assert.equal(await blockedGauge(metrics), 0);
       // A watcher heard the change both ways (the first status may predate the first failed upload).
       const heard = watcher.statuses;
-      await until(() => heard.at(-1) === SERVING && heard.includes(NOT_SERVING), `Watch hears both (${heard})`, 5000);
+      await until(() => heard.at(-1) === SERVING && heard.includes(NOT_SERVING), `Watch hears both (${heard})`);
       assert.ok(heard.every((v, i) => i === 0 || v !== heard[i - 1]), `each status once per change: ${heard}`);
     } finally {
       watcher.close();
@@ -460,7 +458,7 @@ Deno.test("agent writing to Disk with periodic upload and no credentials: starts
       await loadModel(agent);
       await capture(agent, "disk-1");
       await stored(agent, "disk-1"); // SUCCESS: it is on disk
-      await until(async () => await agent.client.health("capture") === NOT_SERVING, "the mirror reports", 10_000);
+      await until(async () => await agent.client.health("capture") === NOT_SERVING, "the mirror reports");
       await agent.logged((l) => /no S3 credentials/.test(String(l.error)), "no S3 credentials");
       await predictWorks(agent);
     } finally {
@@ -469,7 +467,7 @@ Deno.test("agent writing to Disk with periodic upload and no credentials: starts
     const env = { AWS_ACCESS_KEY_ID: "S3RVER", AWS_SECRET_ACCESS_KEY: "S3RVER" };
     agent = await startAgent({ dir, config, env });
     try {
-      await until(async () => (await s3Keys(s3.port)).some((k) => k.endsWith(".jsonl")), "the mirror uploads", 10_000);
+      await until(async () => (await s3Keys(s3.port)).some((k) => k.endsWith(".jsonl")), "the mirror uploads");
       await until(async () => await agent.client.health("capture") === SERVING, "capture is SERVING");
     } finally {
       await stopAgent(agent);
@@ -496,7 +494,7 @@ Deno.test("agent with the AWS IoT credentials provider: waits for the endpoint, 
     try {
       await loadModel(agent);
       // The endpoint is not up yet: inference goes on, captures wait.
-      await until(async () => await agent.client.health("capture") === NOT_SERVING, "capture is NOT_SERVING", 10_000);
+      await until(async () => await agent.client.health("capture") === NOT_SERVING, "capture is NOT_SERVING");
       await capture(agent, "early-1");
       await predictWorks(agent);
       assert.equal(await status(agent, "early-1"), CaptureStatus.IN_PROGRESS);
@@ -510,7 +508,7 @@ Deno.test("agent with the AWS IoT credentials provider: waits for the endpoint, 
       // Credentials live 4 s and are renewed at 80%: keep capturing across two renewals.
       const ids: string[] = [];
       for (let i = 0; endpoint.fetches.length < fetched + 2; i++) {
-        assert.ok(i < 100, "renewed within 10 s");
+        assert.ok(i < 300, "renewed within 30 s");
         ids.push(`rotating-${i}`);
         await capture(agent, ids[ids.length - 1]);
         await new Promise((r) => setTimeout(r, 100));
@@ -562,7 +560,7 @@ Deno.test("agent with a device certificate the endpoint does not trust: a clear 
     try {
       await loadModel(agent);
       await capture(agent, "kept-1");
-      await until(async () => await agent.client.health("capture") === NOT_SERVING, "capture is NOT_SERVING", 10_000);
+      await until(async () => await agent.client.health("capture") === NOT_SERVING, "capture is NOT_SERVING");
       await predictWorks(agent);
       assert.equal(await status(agent, "kept-1"), CaptureStatus.IN_PROGRESS);
       const line = await agent.logged((l) => l.msg === "capture: cannot get credentials", "cannot get credentials");

@@ -11,6 +11,7 @@ import { Spool, type SpoolLocation } from "../src/capture/spool.ts";
 import { StatusIndex } from "../src/capture/status.ts";
 import { AgentError, Status } from "../src/errors.ts";
 import { makeRecord } from "./helpers/capture_fixtures.ts";
+import { until } from "./helpers/wait.ts";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -113,8 +114,8 @@ Deno.test("spool: concurrent appends share fsync rounds, and each resolves only 
       { length: 50 },
       (_, i) => spool.append(encodeFrame(encoder.encode(`r${i}`)), `r${i}`).then(() => events.push(`ack r${i}`)),
     );
-    // More arrive while the first round's fsync runs: they wait for the next round.
-    await new Promise((r) => setTimeout(r, 5));
+    // More arrive once the first round's fsync has started: they wait for the next round.
+    await until(() => events.includes("sync-start"), "the first round's fsync started", 30_000, 1);
     const late = Array.from(
       { length: 20 },
       (_, i) =>
@@ -145,10 +146,16 @@ Deno.test("spool: an append arriving during a round's fdatasync starts its own a
     const dir = await Deno.makeTempDir();
     const events: string[] = [];
     let syncs = 0;
+    // Each fdatasync returns when the test lets it, so appends surely arrive while one runs.
+    const gates = new Map<number, PromiseWithResolvers<void>>();
+    const gate = (n: number) => gates.get(n) ?? gates.set(n, Promise.withResolvers<void>()).get(n)!;
+    const started = (n: number) => until(() => events.includes(`sync${n}-start`), `fdatasync ${n} started`, 30_000, 1);
+    let gated = false;
     Deno.FsFile.prototype.syncData = async function (this: Deno.FsFile) {
+      if (!gated) return await original.call(this);
       const n = ++syncs;
       events.push(`sync${n}-start`);
-      await new Promise((r) => setTimeout(r, 60));
+      await gate(n).promise;
       await original.call(this);
       events.push(`sync${n}-end`);
     };
@@ -158,13 +165,17 @@ Deno.test("spool: an append arriving during a round's fdatasync starts its own a
       });
       const append = (tag: string) => spool.append(encodeFrame(encoder.encode(tag)), tag).then(() => events.push(tag));
       await append("first"); // opens the segment (whose creation is synced too)
-      syncs = 0;
       events.length = 0;
+      gated = true;
       const a = append("a");
-      await new Promise((r) => setTimeout(r, 15));
+      await started(1);
       const b = append("b");
-      await new Promise((r) => setTimeout(r, 15));
+      // With a second flush free, b's round starts at once; c finds none free.
+      if (syncsInFlight === 2) await started(2);
       const c = append("c");
+      gate(1).resolve();
+      await started(syncsInFlight === 2 ? 3 : 2);
+      for (let n = 2; n <= 4; n++) gate(n).resolve();
       await Promise.all([a, b, c]);
       const at = (e: string) => events.indexOf(e);
       // Nothing is acknowledged before the fdatasync of its own round returned.

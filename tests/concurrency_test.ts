@@ -13,6 +13,7 @@ import { enumValues } from "../src/service/wire.ts";
 import { parseLogs, startAgent } from "./helpers/agent.ts";
 import { floats, rejectsWith, tensor } from "./helpers/assertions.ts";
 import { addSubModel, slowModel, writeModelFolder } from "./helpers/onnx_models.ts";
+import { until, untilInFlight } from "./helpers/wait.ts";
 
 const FLOAT32 = enumValues("DataType").FLOAT32;
 const N = 512;
@@ -23,7 +24,9 @@ function slowInput(seed: number): Float32Array {
 }
 
 Deno.test("concurrency: the agent answers while a slow Predict runs, and unload waits for it", async (t) => {
-  const agent = await startAgent();
+  const dir = await Deno.makeTempDir({ prefix: "edge-agent-concurrency-" });
+  const metrics = join(dir, "metrics.sock");
+  const agent = await startAgent({ dir, config: { edge_agent_metrics: `unix:${metrics}` } });
   const { client } = agent;
   try {
     await client.loadModel(await writeModelFolder(agent.modelsDir, "slow", slowModel(N, 200)), "slow");
@@ -39,8 +42,7 @@ Deno.test("concurrency: the agent answers while a slow Predict runs, and unload 
           order.push("slow");
           return r;
         });
-        // Give the slow call time to reach ONNX Runtime.
-        await new Promise((r) => setTimeout(r, 30));
+        await untilInFlight(metrics, 1);
         for (let i = 0; i < 2; i++) {
           await client.listModels();
           await client.describeModel("slow");
@@ -80,10 +82,10 @@ Deno.test("concurrency: the agent answers while a slow Predict runs, and unload 
         predictDone = performance.now();
         return r;
       });
-      await new Promise((r) => setTimeout(r, 30));
+      await untilInFlight(metrics, 1);
       const unload = client.unloadModel("slow").then(() => unloadDone = performance.now());
       // Once unloading has begun, new calls see the model as gone.
-      await new Promise((r) => setTimeout(r, 10));
+      await until(async () => !(await client.listModels()).models.some((m) => m.name === "slow"), "unloading began");
       await rejectsWith(client.predict("slow", slowRequest(6)), Status.NOT_FOUND);
       const [result] = await Promise.all([slow, unload]);
       assert.deepEqual(floats(result.tensors[0].byte_data), slowInput(5));

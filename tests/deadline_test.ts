@@ -16,6 +16,7 @@ import { GrpcJsAgentClient } from "./helpers/grpcjs_client.ts";
 import { PADDLE_DET } from "./helpers/onnx_models.ts";
 import { concat, frameOf, PREFACE } from "./helpers/raw_h2.ts";
 import { signPackage } from "./helpers/signing.ts";
+import { until, untilInFlight } from "./helpers/wait.ts";
 
 const FLOAT32 = enumValues("DataType").FLOAT32;
 const PREDICT = `/${SERVICE_NAME}/Predict`;
@@ -182,15 +183,6 @@ async function cancelled(metricsSocket: string, reason: string): Promise<number>
     0;
 }
 
-/** Polls until `count` calls are being handled (a handler started: its Run is starting or running). */
-async function untilInFlight(metricsSocket: string, count: number): Promise<void> {
-  for (let i = 0; i < 5000; i++) {
-    if (((await scrapeMetrics(`unix:${metricsSocket}`)).get("edge_agent_requests_in_flight") ?? 0) === count) return;
-    await new Promise((r) => setTimeout(r, 1));
-  }
-  throw new Error(`in-flight calls never reached ${count}`);
-}
-
 /** How long terminated Runs took to return after their cancellation, from the agent's debug log. */
 function stopTimes(agent: AgentProcess, reason: RegExp): number[] {
   return parseLogs(agent.logs())
@@ -323,11 +315,14 @@ Deno.test("deadlines and cancellation reach ONNX Runtime (det)", async (t) => {
           await raw.sync();
         }
         // Wait for the Runs to come back: they count as they stop.
-        for (let i = 0; i < 200 && await cancelled(metrics, "deadline") - deadlineBefore < 1; i++) {
-          await new Promise((r) => setTimeout(r, 20));
-        }
-        assert.ok(await cancelled(metrics, "deadline") - deadlineBefore >= 1, "a Predict stopped at its deadline");
-        assert.ok(stopTimes(agent, /deadline/).length >= 1, "a Run was terminated at its deadline");
+        await until(
+          async () => await cancelled(metrics, "deadline") - deadlineBefore >= 1,
+          "a Predict stopped at its deadline",
+        );
+        await agent.logged(
+          (l) => l.msg === "run terminated" && /deadline/.test(String(l.reason)),
+          "of a Run terminated at its deadline",
+        );
       } finally {
         raw.close();
       }

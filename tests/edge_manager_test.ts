@@ -90,8 +90,15 @@ function clientCommand(
 async function applyTmpfiles(root: string): Promise<void> {
   const conf = join(PROJECT_ROOT, "deploy", "edge-agent.tmpfiles.conf");
   await Deno.mkdir(join(root, "tmp"), { recursive: true });
-  const applied = await new Deno.Command("systemd-tmpfiles", { args: [`--root=${root}`, "--create", conf] })
-    .output().then((r) => r.success, () => false);
+  // Spawning a missing program throws at once rather than rejecting: both mean it did not run.
+  const applied = await (async () => {
+    try {
+      return (await new Deno.Command("systemd-tmpfiles", { args: [`--root=${root}`, "--create", conf] }).output())
+        .success;
+    } catch {
+      return false;
+    }
+  })();
   if (applied) return;
   console.log("edge_manager_test: systemd-tmpfiles did not run; making its link by hand");
   const [, path, , , , , target] = (await Deno.readTextFile(conf)).split("\n").find((l) => l.startsWith("L+"))!

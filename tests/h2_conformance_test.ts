@@ -97,7 +97,8 @@ async function withTcpBridge(agent: AgentProcess, fn: (url: string) => Promise<v
     stderr: "null",
   }).spawn();
   try {
-    for (let i = 0; i < 50; i++) {
+    // Up to 30 s for socat to listen: it starts at once, unless the machine is loaded.
+    for (let i = 0; i < 300; i++) {
       try {
         (await Deno.connect({ hostname: "127.0.0.1", port })).close();
         break;

@@ -9,6 +9,7 @@ import { enumValues } from "../src/service/wire.ts";
 import { MAIN, parseLogs, startAgent } from "./helpers/agent.ts";
 import { floats, tensor } from "./helpers/assertions.ts";
 import { slowModel, writeModelFolder } from "./helpers/onnx_models.ts";
+import { untilInFlight } from "./helpers/wait.ts";
 
 /** Runs `serve` to completion (for start-up failures) with a deployment's permission flags. */
 async function serveOnce(dir: string, raw: Record<string, unknown> | string, socket = join(dir, "agent.sock")) {
@@ -58,13 +59,15 @@ for (const signal of ["SIGTERM", "SIGINT", "SIGHUP"] as const) {
 }
 
 Deno.test("an in-flight Predict finishes when SIGTERM arrives", async () => {
-  const agent = await startAgent();
+  const dir = await tempDir();
+  const metrics = join(dir, "metrics.sock");
+  const agent = await startAgent({ dir, config: { edge_agent_metrics: `unix:${metrics}` } });
   try {
     const n = 512;
     await agent.client.loadModel(await writeModelFolder(agent.modelsDir, "slow", slowModel(n, 60)), "slow");
     const x = Float32Array.from({ length: n * n }, (_, i) => (i % 97) / 97);
     const predict = agent.client.predict("slow", [tensor("x", enumValues("DataType").FLOAT32, [n, n], x)]);
-    await new Promise((r) => setTimeout(r, 30));
+    await untilInFlight(metrics, 1);
     const stopped = agent.stop("SIGTERM");
     const result = await predict;
     assert.deepEqual(floats(result.tensors[0].byte_data), x);

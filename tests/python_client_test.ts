@@ -5,7 +5,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import * as ort from "onnxruntime-node";
-import { type AgentProcess, parseLogs, PROJECT_ROOT, startAgent } from "./helpers/agent.ts";
+import { type AgentProcess, type LogLine, parseLogs, PROJECT_ROOT, startAgent } from "./helpers/agent.ts";
 import { floats } from "./helpers/assertions.ts";
 import { generateStubs, PYTHON, pythonGrpcMissing } from "./helpers/python.ts";
 import { identityModel, OnnxType, PADDLE_CLS, writeModelFolder } from "./helpers/onnx_models.ts";
@@ -153,7 +153,9 @@ Deno.test({
       assertClose([pyValues[0] + pyValues[1]], [1], "softmax sum");
       // grpcio packs the shape, which leaves the tensor's bytes at an odd offset of the message: the
       // agent placed the message so they are aligned, and ORT read them where they arrived.
-      const predicts = parseLogs(agent.logs()).filter((l) => l.msg === "rpc" && l.rpc === "Predict" && l.code === "OK");
+      const isPredict = (l: LogLine) => l.msg === "rpc" && l.rpc === "Predict" && l.code === "OK";
+      await agent.logged(isPredict, "of the Python client's Predict");
+      const predicts = parseLogs(agent.logs()).filter(isPredict);
       assert.equal(predicts.length, 1);
       assert.equal(predicts[0].copiedInputs, 0, "the input was copied");
 

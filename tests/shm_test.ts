@@ -400,11 +400,17 @@ async function eventually(condition: () => boolean, ms: number): Promise<boolean
   return condition();
 }
 
+/** Long beside the sweep (1 s), so a removed segment's release cannot be taken for an idle one's. */
+const KEEP_ATTACHED_SECONDS = 5;
+
 Deno.test("a SysV segment stays attached between requests, and is let go once idle, removed, or at the stop", async () => {
   const metricsDir = await Deno.makeTempDir();
   const metricsSocket = `${metricsDir}/metrics.sock`;
   const agent = await startAgent({
-    config: { edge_agent_sysv_keep_attached_seconds: 3, edge_agent_metrics: `unix:${metricsSocket}` },
+    config: {
+      edge_agent_sysv_keep_attached_seconds: KEEP_ATTACHED_SECONDS,
+      edge_agent_metrics: `unix:${metricsSocket}`,
+    },
   });
   const http = Deno.createHttpClient({ proxy: { transport: "unix", path: metricsSocket } });
   const attachedGauge = async () => {
@@ -428,16 +434,23 @@ Deno.test("a SysV segment stays attached between requests, and is let go once id
     await predict(idle, [5, 6, 7, 8]);
     assert.equal(sysvAttachments(idle.id), 2, "this test and the agent, which kept it for the next request");
     assert.equal(await attachedGauge(), 1);
-    assert.ok(await eventually(() => sysvAttachments(idle.id) === 1, 8000), "detached after 3 s without requests");
+    assert.ok(
+      await eventually(() => sysvAttachments(idle.id) === 1, 20_000),
+      `detached after ${KEEP_ATTACHED_SECONDS} s without requests`,
+    );
     assert.equal(await attachedGauge(), 0);
     await predict(idle, [9, 10, 11, 12]);
     assert.equal(sysvAttachments(idle.id), 2, "attached again on the next request");
 
-    // The client removes its segment: the agent lets go within its sweep, so the memory is freed.
+    // The client removes its segment: the agent lets go within its sweep (a second), so the memory is
+    // freed well before the segment would have idled out.
     const removed = new SysvSegment(16);
     await predict(removed, [1, 1, 1, 1]);
     removed.remove();
-    assert.ok(await eventually(() => sysvAttachments(removed.id) === null, 2500), "the removed segment is freed");
+    assert.ok(
+      await eventually(() => sysvAttachments(removed.id) === null, (KEEP_ATTACHED_SECONDS - 1) * 1000),
+      "the removed segment is freed",
+    );
 
     const status = await agent.stop();
     assert.equal(status.code, 0, agent.logs());

@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { Status } from "../src/errors.ts";
 import { generateDevelopmentKeyPair, generateDevelopmentTrust, signModel } from "../src/packages/oms/mod.ts";
-import { type AgentProcess, parseLogs, withAgent } from "./helpers/agent.ts";
+import { type AgentProcess, withAgent } from "./helpers/agent.ts";
 import { rejectsWith } from "./helpers/assertions.ts";
 import { addSubModel, writeModelFolder } from "./helpers/onnx_models.ts";
 import { testTrust } from "./helpers/signing.ts";
@@ -44,7 +44,7 @@ Deno.test("signed packages load: folders, archives, P-384 leaves under an RSA in
       const { client, modelsDir } = agent;
       await t.step("a folder signed with a P-256 leaf (root -> intermediate -> leaf)", async () => {
         await client.loadModel(await writeModelFolder(modelsDir, "p256", addSubModel()), "p256");
-        const verified = parseLogs(agent.logs()).find((l) => l.msg === "model verified" && l.model === "p256");
+        const verified = await agent.logged((l) => l.msg === "model verified" && l.model === "p256", "p256 verified");
         assert.equal(verified?.method, "certificate");
       });
       await t.step("a P-384 leaf under an RSA intermediate", async () => {
@@ -250,8 +250,13 @@ Deno.test("with edge_agent_allow_unsigned_models, plain .onnx files load, with a
     const empty = join(agent.modelsDir, "empty");
     await Deno.mkdir(empty);
     await rejectsWith(agent.client.loadModel(empty, "empty"), Status.NOT_FOUND, /holds no \.onnx model/);
-    const logs = parseLogs(agent.logs());
-    assert.ok(logs.some((l) => l.level === "warn" && /edge_agent_allow_unsigned_models is on/.test(String(l.msg))));
-    assert.ok(logs.some((l) => l.level === "warn" && l.model === "plain" && /unsigned/.test(String(l.msg))));
+    await agent.logged(
+      (l) => l.level === "warn" && /edge_agent_allow_unsigned_models is on/.test(String(l.msg)),
+      "warning that unsigned models are allowed",
+    );
+    await agent.logged(
+      (l) => l.level === "warn" && l.model === "plain" && /unsigned/.test(String(l.msg)),
+      "warning that plain loaded unsigned",
+    );
   });
 });

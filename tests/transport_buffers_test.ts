@@ -13,6 +13,7 @@ import { encodePredictResponseInto, enumValues, messageType, type OutputTensor }
 import { withAgent } from "./helpers/agent.ts";
 import { floats, tensor } from "./helpers/assertions.ts";
 import { identityModel, OnnxType, writeModelFolder } from "./helpers/onnx_models.ts";
+import { until } from "./helpers/wait.ts";
 
 const DataType = enumValues("DataType");
 const CaptureStatus = enumValues("CaptureDataStatus");
@@ -176,14 +177,12 @@ Deno.test("a capture's tensors are stored as sent, while later calls reuse the r
       assert.equal(floats(tensors[0].byte_data!)[5], seed * 1e6 + 5);
       if (seed === 4) assert.equal(await captured, null, "the capture is acknowledged");
     }
-    const deadline = Date.now() + 20_000;
-    while (
-      (await agent.client.call<{ status: number }>("GetCaptureDataStatus", { capture_id: "kept-1" })).status !==
-        CaptureStatus.SUCCESS
-    ) {
-      if (Date.now() > deadline) throw new Error("the capture was not stored");
-      await new Promise((resolve) => setTimeout(resolve, 50));
-    }
+    await until(
+      async () =>
+        (await agent.client.call<{ status: number }>("GetCaptureDataStatus", { capture_id: "kept-1" })).status ===
+          CaptureStatus.SUCCESS,
+      "the capture is stored",
+    );
     const captures = join(agent.dir, "state", "captures");
     const stored = await storedTensor(captures);
     assert.equal(stored.length, sent.length);
@@ -227,9 +226,8 @@ Deno.test("large answers written while other connections' calls reuse the buffer
       }
     }));
     assert.ok(server.pool.reused > 10, `buffers are reused (${server.pool.reused})`);
-    // Every answer's buffer came back once written (the writes have settled by now).
-    await new Promise((resolve) => setTimeout(resolve, 50));
-    assert.ok(server.pool.sparesFor(answerBytes) >= 1, "answer buffers are given back to the pool");
+    // Every answer's buffer comes back once its write has settled.
+    await until(() => server.pool.sparesFor(answerBytes) >= 1, "answer buffers are given back to the pool");
   } finally {
     for (const client of clients) client.close();
     await server.stop(0);

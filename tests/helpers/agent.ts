@@ -113,11 +113,15 @@ export async function startAgent(options: StartOptions = {}): Promise<AgentProce
     client,
     process,
     logs: output.text,
-    async logged(match, what, timeoutMs = 10_000) {
-      const found = () => parseLogs(output.lines.join("\n")).find(match);
+    async logged(match, what, timeoutMs = 30_000) {
       const deadline = performance.now() + timeoutMs;
-      for (let line = found();; line = found()) {
-        if (line) return line;
+      // Each line is parsed once; lines that are not the agent's own (not JSON) are passed over.
+      for (let next = 0;;) {
+        for (; next < output.lines.length; next++) {
+          const text = output.lines[next];
+          const line = text.startsWith("{") ? JSON.parse(text) as LogLine : null;
+          if (line && match(line)) return line;
+        }
         if (performance.now() > deadline) throw new Error(`no log line ${what} in ${timeoutMs} ms:\n${output.text()}`);
         await new Promise((resolve) => setTimeout(resolve, 10));
       }
@@ -146,9 +150,10 @@ function collect(process: Deno.ChildProcess): Collected {
   const chunks: string[] = [];
   const lines: string[] = [];
   const changed = new EventTarget();
-  const decoder = new TextDecoder();
-  let partial = "";
+  // Each stream has its own decoder and partial line: a chunk of stdout must not split a stderr line.
   const drain = async (stream: ReadableStream<Uint8Array>) => {
+    const decoder = new TextDecoder();
+    let partial = "";
     for await (const chunk of stream) {
       const text = decoder.decode(chunk, { stream: true });
       chunks.push(text);

@@ -1,6 +1,7 @@
 // Request builders and status assertions shared by the tests.
 
 import assert from "node:assert/strict";
+import process from "node:process";
 import { Status } from "../../src/errors.ts";
 import type { Tensor } from "../../src/service/wire.ts";
 
@@ -46,4 +47,13 @@ export function pseudoRandomFloats(count: number, seed = 1): Float32Array {
     out[i] = state / 2 ** 32;
   }
   return out;
+}
+
+/**
+ * CPU time this process has used, in ms: for "this took little work" checks, which wall time cannot make
+ * on a loaded machine (the process may wait for a core for any length of time).
+ */
+export function cpuMs(): number {
+  const { user, system } = process.cpuUsage();
+  return (user + system) / 1000;
 }

@@ -16,7 +16,7 @@ const service = await CaptureService.open(crashServiceOptions(stateDir, Number(p
 }));
 const encoder = new TextEncoder();
 await Deno.stdout.write(encoder.encode("ready\n"));
-const stop = Date.now() + 10_000; // a safety net: the test kills it long before
+const stop = Date.now() + 60_000; // a safety net: the test kills it long before
 await Promise.all([0, 1, 2, 3].map(async (w) => {
   for (let n = 0; Date.now() < stop; n++) {
     const id = `r${round}-w${w}-${n}`;

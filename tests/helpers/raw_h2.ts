@@ -187,3 +187,11 @@ export function rssMiB(pid: number): number {
   const kb = Number(/VmRSS:\s+(\d+)\s+kB/.exec(status)?.[1]);
   return kb / 1024;
 }
+
+/**
+ * How long `pid`'s main thread (the agent's event loop) has waited for a CPU, in ms: the second field of
+ * /proc/<pid>/schedstat. On a loaded machine this is the part of a wait the agent could do nothing about.
+ */
+export function runQueueWaitMs(pid: number): number {
+  return Number(Deno.readTextFileSync(`/proc/${pid}/schedstat`).split(" ")[1]) / 1e6;
+}
