@@ -221,8 +221,12 @@ Deno.test("concurrency: Runs of one model and of two models overlap, from separa
   }
 });
 
+/** Threads of the process: ONNX Runtime's pools, and Deno's own (its tokio workers start as work comes). */
+function threads(pid: number): number {
+  return [...Deno.readDirSync(`/proc/${pid}/task`)].length;
+}
+
 Deno.test("concurrency: with shared thread pools, loading models adds no threads; without, each adds its own pool", async () => {
-  const threads = (pid: number) => [...Deno.readDirSync(`/proc/${pid}/task`)].length;
   const added: Record<string, number> = {};
   for (const shared of [true, false]) {
     const agent = await startAgent({
@@ -247,12 +251,12 @@ Deno.test("concurrency: with shared thread pools, loading models adds no threads
     }
   }
   // Three intra-op threads per Run: the calling thread and two pool workers, per model or once for all.
-  assert.equal(added.true, 0, `shared pools: ${added.true} threads added by two more models`);
+  // Deno may start one more worker of its own for the loads' file reads or the Run's call.
+  assert.ok(added.true <= 1, `shared pools: ${added.true} threads added by two more models`);
   assert.ok(added.false >= 4, `own pools: ${added.false} threads added by two more models`);
 });
 
 Deno.test("concurrency: a model given threads of its own gets pools of its own beside the shared ones", async () => {
-  const threads = (pid: number) => [...Deno.readDirSync(`/proc/${pid}/task`)].length;
   const agent = await startAgent({
     config: { edge_agent_intra_op_threads: 1, edge_agent_model_intra_op_threads: { big: 3 } },
   });
