@@ -17,7 +17,8 @@ import { parseArgs } from "node:util";
 import { DebError, DEBIAN_ARCHITECTURES, debPackage } from "./src/deb.ts";
 import { StartupError } from "./src/errors.ts";
 import { parseProfile, type Profile, profileFlags } from "./src/permissions.ts";
-import { digestFile, type FileDigest, npmLibraryPath } from "./src/inference/runtime.ts";
+import { digestFile, type FileDigest } from "./src/file_digest.ts";
+import { npmLibraryPath } from "./src/inference/runtime.ts";
 
 export const TARGETS = {
   "x86_64-unknown-linux-gnu": "x86_64",

@@ -6,7 +6,8 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { readProfile, writeEntry } from "../build.ts";
-import { digestFile, extractLibrary, type FileDigest, npmLibraryPath } from "../src/inference/runtime.ts";
+import { digestFile, type FileDigest } from "../src/file_digest.ts";
+import { extractLibrary, npmLibraryPath } from "../src/inference/runtime.ts";
 import { OnnxRuntime } from "../ffi/onnxruntime.ts";
 import { COMPILE_CONFIG, PROJECT_ROOT } from "./helpers/agent.ts";
 

@@ -2,9 +2,9 @@
 // what an interrupted download left (`<sha256>.part`), and kept only when the SHA-256 the manifest
 // names matches (then renamed to `<sha256>.tar.gz`).
 
-import { createHash } from "node:crypto";
 import { statfs } from "node:fs/promises";
 import { join } from "node:path";
+import { digestFile } from "../file_digest.ts";
 import { DeploymentError, type DeploymentModel } from "./manifest.ts";
 import type { DeploymentSource } from "./source.ts";
 
@@ -44,7 +44,7 @@ export class Downloader {
       await checkFreeSpace(this.dir, ref.size - have, this.source.url(ref.package));
       await this.#receive(ref, part, have, signal);
     }
-    const digest = await sha256File(part);
+    const digest = (await digestFile(part)).sha256;
     if (digest !== ref.sha256) {
       await Deno.remove(part).catch(() => {});
       throw new DeploymentError(
@@ -110,11 +110,4 @@ async function size(path: string): Promise<number | null> {
     if (error instanceof Deno.errors.NotFound) return null;
     throw error;
   }
-}
-
-async function sha256File(path: string): Promise<string> {
-  const hash = createHash("sha256");
-  // The readable closes the file.
-  for await (const chunk of (await Deno.open(path)).readable) hash.update(chunk);
-  return hash.digest("hex");
 }

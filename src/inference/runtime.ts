@@ -5,6 +5,7 @@ import { fileURLToPath } from "node:url";
 import { type GlobalThreadPools, GraphOptimizationLevel, OnnxRuntime, SessionOptions } from "../../ffi/onnxruntime.ts";
 import type { AgentConfig } from "../config.ts";
 import { StartupError } from "../errors.ts";
+import { digestFile, type FileDigest } from "../file_digest.ts";
 
 const NPM_ARCH: Record<string, string> = { x86_64: "x64", aarch64: "arm64" };
 export const ORT_LIBRARY_FILE = "libonnxruntime.so.1";
@@ -28,12 +29,6 @@ export function npmLibraryPath(arch: string = Deno.build.arch): string {
 export function libraryCandidates(config: AgentConfig): string[] {
   if (config.onnxRuntimeLibrary) return [config.onnxRuntimeLibrary];
   return [join(dirname(Deno.execPath()), "lib", ORT_LIBRARY_FILE), npmLibraryPath()];
-}
-
-/** A file's SHA-256 (hex) and size. */
-export interface FileDigest {
-  sha256: string;
-  size: number;
 }
 
 /** The library the compiled executable embeds, as build.ts found it; null when not declared. */
@@ -141,7 +136,7 @@ async function isVerifiedCopy(target: string, stamp: string, expected: FileDiges
 async function copyVerified(from: string, to: string, expected: FileDigest): Promise<void> {
   const destination = await Deno.open(to, { write: true, createNew: true, mode: 0o644 });
   try {
-    const written = await readChunks(from, async (chunk) => {
+    const written = await digestFile(from, async (chunk) => {
       for (let done = 0; done < chunk.length;) done += await destination.write(chunk.subarray(done));
     });
     if (written.sha256 !== expected.sha256 || written.size !== expected.size) {
@@ -155,34 +150,6 @@ async function copyVerified(from: string, to: string, expected: FileDigest): Pro
   } finally {
     destination.close();
   }
-}
-
-/** The SHA-256 and size of a file. */
-export function digestFile(path: string): Promise<FileDigest> {
-  return readChunks(path, () => {});
-}
-
-/**
- * Reads a file a chunk at a time, hashing it: read whole, a 44 MB library would stay in the idle
- * agent's memory until a GC.
- */
-async function readChunks(path: string, each: (chunk: Uint8Array) => unknown): Promise<FileDigest> {
-  // Only a compiled agent extracts; Node's crypto (streaming SHA-256) is not loaded for the others.
-  const { createHash } = await import("node:crypto");
-  const hash = createHash("sha256");
-  const chunk = new Uint8Array(1 << 20);
-  let size = 0;
-  const file = await Deno.open(path);
-  try {
-    for (let n = await file.read(chunk); n !== null; n = await file.read(chunk)) {
-      hash.update(chunk.subarray(0, n));
-      size += n;
-      await each(chunk.subarray(0, n));
-    }
-  } finally {
-    file.close();
-  }
-  return { sha256: hash.digest("hex"), size };
 }
 
 /**

@@ -2,7 +2,7 @@
 // packing and verifying. Run on a workstation or build host (`deno task trust` / `deno task package`);
 // the device's executable only serves.
 
-import { createHash } from "node:crypto";
+import { digestFile } from "../file_digest.ts";
 import { basename, join } from "node:path";
 import { MANIFEST_NAME, parseManifest, SIGNATURE_NAME } from "../deployments/manifest.ts";
 import { extractPackage, packFolder } from "./archive.ts";
@@ -153,17 +153,14 @@ export async function packageDeployment(args: DeploymentArguments): Promise<stri
     for (const model of entry?.models ?? []) {
       if (typeof model?.package !== "string") continue; // the check below names it
       const file = join(args.folder, model.package);
-      const hash = createHash("sha256");
-      let size = 0;
+      let digest;
       try {
-        for await (const chunk of (await Deno.open(file)).readable) {
-          hash.update(chunk);
-          size += chunk.byteLength;
-        }
+        digest = await digestFile(file);
       } catch (error) {
         throw new CommandError(`${path}: fleet ${fleet}, model ${model.name}: ${file}: ${(error as Error).message}`);
       }
-      model.sha256 = hash.digest("hex");
+      const { size } = digest;
+      model.sha256 = digest.sha256;
       model.size = size;
       lines.push(
         `  ${fleet}: ${model.name} ${model.version} ${model.state ?? "loaded"} ${model.package} (${size} bytes)`,
