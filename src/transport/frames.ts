@@ -89,8 +89,7 @@ const NO_PAYLOAD = new Uint8Array(0);
 
 export function frame(type: FrameType, flags: number, streamId: number, payload: Uint8Array = NO_PAYLOAD): Uint8Array {
   const out = new Uint8Array(9 + payload.length);
-  writeFrameHeader(out, payload.length, type, flags, streamId);
-  out.set(payload, 9);
+  writeFrame(out, 0, type, flags, streamId, payload);
   return out;
 }
 

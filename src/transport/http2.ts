@@ -863,8 +863,6 @@ export class Connection {
     if (reader.compressed) {
       return this.#respondStatus(stream, Status.UNIMPLEMENTED, "compressed messages are not supported");
     }
-    // The request's buffer is released here, and only here, once the handler's promise has settled
-    // (see CallContext): whatever ended the call, the handler may still read it until then.
     this.#runUnary(stream, handler, reader.message, reader.takeLease()!);
   }
 
