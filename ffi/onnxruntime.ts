@@ -46,6 +46,12 @@ export const ortApiSymbols = {
     result: "pointer",
     nonblocking: true,
   },
+  // The same Run, on the calling thread: for Runs shorter than the hand-off to a worker thread and back.
+  RunOnThisThread: {
+    slot: 9,
+    parameters: ["pointer", "pointer", "buffer", "buffer", "usize", "buffer", "usize", "buffer"],
+    result: "pointer",
+  },
   // OrtStatus* CreateSessionOptions(OrtSessionOptions** options)
   CreateSessionOptions: { slot: 10, parameters: ["buffer"], result: "pointer" },
   // OrtStatus* EnableCpuMemArena(OrtSessionOptions* options)
@@ -533,7 +539,7 @@ export class Session {
   }
 
   /**
-   * Runs the session off the JavaScript thread. `inputs[i]` feeds the model input at
+   * Runs the session off the JavaScript thread (on it when `onThisThread`). `inputs[i]` feeds the model input at
    * `inputIndexes[i]`; every model output is returned, in model order, owned by the caller.
    * `options` (its terminate flag) must stay unreleased until this returns. `preallocated[i]`, when
    * given, is a tensor of output i's exact shape for ORT to write that output into (Run's in/out
@@ -544,6 +550,7 @@ export class Session {
     inputs: Value[],
     options: RunOptions | null = null,
     preallocated: (Value | null)[] = [],
+    onThisThread = false,
   ): Promise<Value[]> {
     const names = pointerArray(inputIndexes.map((i) => this.#inputNames[i]));
     const values = new BigUint64Array(inputs.map((v) => BigInt(Deno.UnsafePointer.value(v.pointer))));
@@ -551,7 +558,7 @@ export class Session {
     preallocated.forEach((value, i) => {
       if (value) outputs[i] = BigInt(Deno.UnsafePointer.value(value.pointer));
     });
-    const status = await this.ort.api.Run(
+    const args = [
       this.pointer,
       options?.pointer ?? null,
       names,
@@ -560,7 +567,8 @@ export class Session {
       this.#outputNamePointers,
       BigInt(this.outputs.length),
       outputs,
-    );
+    ] as const;
+    const status = onThisThread ? this.ort.api.RunOnThisThread(...args) : await this.ort.api.Run(...args);
     keepAlive(names, values, inputs, options, preallocated);
     // ORT fills a preallocated OrtValue in place; should it ever hand back another one, that one is
     // returned (and owned by the caller) instead.

@@ -27,6 +27,11 @@ export interface AgentConfig {
   modelIntraOpThreads: Record<string, number>;
   /** Runs of one model at once; 0: as many as the cores hold at intra-op threads each (see threadPolicy). */
   maxConcurrentRuns: number;
+  /**
+   * A Run expected to take at most this many microseconds runs on the agent's own thread when no other
+   * Predict is in flight (no hand-off to a worker thread); 0: every Run goes to a worker thread.
+   */
+  inlineRunMaxUs: number;
   /** One intra-op and one inter-op pool for all models (ORT's global thread pools) instead of a pair per model. */
   sharedThreadPools: boolean;
   allowSpinning: boolean;
@@ -124,6 +129,7 @@ export const DEFAULTS: AgentConfig = {
   interOpThreads: 1,
   modelIntraOpThreads: {},
   maxConcurrentRuns: 0,
+  inlineRunMaxUs: 1000,
   sharedThreadPools: true,
   allowSpinning: false,
   graphOptimization: "all",
@@ -244,6 +250,7 @@ const AGENT_KEYS: Record<string, KeySpec> = {
   edge_agent_inter_op_threads: { kind: "integer", field: "interOpThreads", min: 0, max: 256 },
   edge_agent_model_intra_op_threads: { kind: "threadsByModel", field: "modelIntraOpThreads" },
   edge_agent_max_concurrent_runs: { kind: "integer", field: "maxConcurrentRuns", min: 0, max: 1024 },
+  edge_agent_inline_run_max_us: { kind: "integer", field: "inlineRunMaxUs", min: 0, max: 10_000 },
   edge_agent_shared_thread_pools: { kind: "boolean", field: "sharedThreadPools" },
   edge_agent_allow_spinning: { kind: "boolean", field: "allowSpinning" },
   edge_agent_graph_optimization: {

@@ -307,3 +307,65 @@ Deno.test("concurrency: the thread policy from the config keys, for a given numb
   );
   assert.throws(() => parseConfig({ edge_agent_model_intra_op_threads: [1] }), /must be an object of model names/);
 });
+
+Deno.test("concurrency: a short Run goes on the agent's own thread only while it is the only Predict", async (t) => {
+  const dir = await Deno.makeTempDir({ prefix: "edge-agent-inline-" });
+  const metrics = join(dir, "metrics.sock");
+  const agent = await startAgent({
+    dir,
+    config: { edge_agent_metrics: `unix:${metrics}`, sagemaker_edge_log_verbose: true },
+  });
+  const off = await startAgent({ config: { sagemaker_edge_log_verbose: true, edge_agent_inline_run_max_us: 0 } });
+  const addsubRequest = (i: number) => [
+    tensor("a", FLOAT32, [2, 2], Float32Array.of(1, 2, 3, 4)),
+    tensor("b", FLOAT32, [2, 2], Float32Array.of(i, i, i, i)),
+  ];
+  const predictLines = (of: typeof agent, count: number) =>
+    of.logged(
+      () => parseLogs(of.logs()).filter((l) => l.msg === "rpc" && l.rpc === "Predict").length >= count,
+      `for ${count} Predicts`,
+    ).then(() => parseLogs(of.logs()).filter((l) => l.msg === "rpc" && l.rpc === "Predict").slice(0, count));
+  try {
+    for (const each of [agent, off]) {
+      await each.client.loadModel(await writeModelFolder(each.modelsDir, "addsub", addSubModel()), "addsub");
+    }
+    await agent.client.loadModel(await writeModelFolder(agent.modelsDir, "slow", slowModel(N, 200)), "slow");
+
+    await t.step(
+      "one client's Predicts on a small model: on the agent's thread once its Runs are known short",
+      async () => {
+        for (let i = 0; i < 30; i++) {
+          const { tensors } = await agent.client.predict("addsub", addsubRequest(i));
+          assert.deepEqual([...floats(tensors[0].byte_data)], [1 + i, 2 + i, 3 + i, 4 + i]);
+        }
+        const lines = await predictLines(agent, 30);
+        assert.equal(lines[0].onThisThread, undefined, "the first Run, of unknown length, goes to a worker thread");
+        assert.ok(lines.slice(20).every((l) => l.onThisThread === true), JSON.stringify(lines.slice(20)));
+      },
+    );
+
+    await t.step("while a slow Predict is in flight, the small model's Run goes to a worker thread", async () => {
+      const slow = agent.client.predict("slow", [tensor("x", FLOAT32, [N, N], slowInput(3))]);
+      await untilInFlight(metrics, 1);
+      const { tensors } = await agent.client.predict("addsub", addsubRequest(7));
+      assert.deepEqual([...floats(tensors[0].byte_data)], [8, 9, 10, 11]);
+      const answered = await predictLines(agent, 31);
+      assert.equal(answered[30].onThisThread, undefined, "it ran beside the slow one");
+      assert.deepEqual(floats((await slow).tensors[0].byte_data), slowInput(3));
+      // The slow model's Runs (200 ms) never go on the agent's thread, even alone.
+      for (const seed of [4, 5, 6]) await agent.client.predict("slow", [tensor("x", FLOAT32, [N, N], slowInput(seed))]);
+      const slowLines = (await predictLines(agent, 35)).slice(31);
+      assert.ok(slowLines.every((l) => l.onThisThread === undefined), JSON.stringify(slowLines));
+    });
+
+    await t.step("edge_agent_inline_run_max_us 0: every Run goes to a worker thread", async () => {
+      for (let i = 0; i < 20; i++) await off.client.predict("addsub", addsubRequest(i));
+      const lines = await predictLines(off, 20);
+      assert.ok(lines.every((l) => l.onThisThread === undefined), JSON.stringify(lines.slice(10)));
+    });
+  } finally {
+    await agent.stop();
+    await off.stop();
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -81,6 +81,8 @@ export interface PredictTiming {
   copiedOutputs?: number;
   /** Requests in the Run this one was part of (dynamic batching; absent when it ran alone). */
   batchRequests?: number;
+  /** The Run went on the agent's own thread (edge_agent_inline_run_max_us), not to a worker thread. */
+  onThisThread?: boolean;
 }
 
 interface Entry {
@@ -100,6 +102,11 @@ export class ModelRegistry {
   readonly changes = new EventTarget();
   #reservedBytes = 0;
   readonly threads: ThreadPolicy;
+  /** Predicts in flight on every model (queued for a batch, binding, running or encoding). */
+  #predicts = 0;
+  /** Per session, its recent Runs' milliseconds per input byte (a moving average). */
+  readonly #runCost = new WeakMap<Session, number>();
+  readonly #firstRunSeen = new WeakSet<Session>();
 
   constructor(
     private readonly ort: OnnxRuntime,
@@ -307,21 +314,26 @@ export class ModelRegistry {
     outputLocations: OutputLocation[] = [],
   ): Promise<T> {
     signal?.throwIfAborted();
-    const started = performance.now();
-    const entry = this.#ready(name);
-    const bound = bindInputs(name, entry.info.inputs, tensors);
-    const targets = bindOutputLocations(name, entry.info.outputs, outputLocations);
-    // Outputs written into a caller's own shared memory are not split from a batch's: such a request runs alone.
-    if (!entry.batcher || targets.length > 0) {
-      return await this.#predict(entry, bound, consume, timing, signal, started, targets);
-    }
-    timing.bindMs = performance.now() - started;
-    // Queued requests hold the session too: an unload waits for them as for running ones.
-    entry.inFlight++;
+    this.#predicts++;
     try {
-      return await entry.batcher.predict(bound, consume, timing, signal);
+      const started = performance.now();
+      const entry = this.#ready(name);
+      const bound = bindInputs(name, entry.info.inputs, tensors);
+      const targets = bindOutputLocations(name, entry.info.outputs, outputLocations);
+      // Outputs written into a caller's own shared memory are not split from a batch's: such a request runs alone.
+      if (!entry.batcher || targets.length > 0) {
+        return await this.#predict(entry, bound, consume, timing, signal, started, targets);
+      }
+      timing.bindMs = performance.now() - started;
+      // Queued requests hold the session too: an unload waits for them as for running ones.
+      entry.inFlight++;
+      try {
+        return await entry.batcher.predict(bound, consume, timing, signal);
+      } finally {
+        if (--entry.inFlight === 0) entry.drained?.resolve();
+      }
     } finally {
-      if (--entry.inFlight === 0) entry.drained?.resolve();
+      this.#predicts--;
     }
   }
 
@@ -394,13 +406,14 @@ export class ModelRegistry {
       timing.bindMs += lap();
       timing.sharedMemoryInputs = regions.length;
       const indexes = bound.map((b) => b.inputIndex);
+      const inputBytes = bound.reduce((n, b) => n + b.byteLength, 0);
       const preallocated = writes?.preallocated(entry.info.outputs.length);
       try {
-        outputs = await this.#run(entry.info, session, indexes, inputs, signal, preallocated);
+        outputs = await this.#run(entry.info, session, indexes, inputs, inputBytes, timing, signal, preallocated);
       } catch (error) {
         // Output shapes seen before for these inputs may not be this Run's: once more, copying.
         if (signal?.aborted || !writes?.dropGuessedShapes()) throw error;
-        outputs = await this.#run(entry.info, session, indexes, inputs, signal);
+        outputs = await this.#run(entry.info, session, indexes, inputs, inputBytes, timing, signal);
       }
       writes?.finish(outputs);
       timing.runMs = lap();
@@ -440,12 +453,14 @@ export class ModelRegistry {
     session: Session,
     inputIndexes: number[],
     inputs: Value[],
+    inputBytes: number,
+    timing: PredictTiming,
     signal: AbortSignal | undefined,
     preallocated?: (Value | null)[],
   ): Promise<Value[]> {
     await info.runs.acquire(signal);
     try {
-      return await this.#runInSlot(info.name, session, inputIndexes, inputs, signal, preallocated);
+      return await this.#runInSlot(info.name, session, inputIndexes, inputs, inputBytes, timing, signal, preallocated);
     } finally {
       info.runs.release();
     }
@@ -457,10 +472,14 @@ export class ModelRegistry {
     session: Session,
     inputIndexes: number[],
     inputs: Value[],
+    inputBytes: number,
+    timing: PredictTiming,
     signal: AbortSignal | undefined,
     preallocated?: (Value | null)[],
   ): Promise<Value[]> {
     signal?.throwIfAborted();
+    const onThisThread = this.#runsHere(session, inputBytes);
+    timing.onThisThread = onThisThread;
     const options = new RunOptions(this.ort);
     let abortedAt = 0;
     const terminate = () => {
@@ -469,7 +488,9 @@ export class ModelRegistry {
     };
     signal?.addEventListener("abort", terminate, { once: true });
     try {
-      const outputs = await session.run(inputIndexes, inputs, options, preallocated);
+      const started = performance.now();
+      const outputs = await session.run(inputIndexes, inputs, options, preallocated, onThisThread);
+      this.#noteRunCost(session, performance.now() - started, inputBytes);
       // Terminated too late to stop ORT: the answer has no one to go to.
       if (signal?.aborted) {
         for (const value of outputs) value.release();
@@ -494,6 +515,30 @@ export class ModelRegistry {
       signal?.removeEventListener("abort", terminate);
       options.release();
     }
+  }
+
+  /**
+   * Whether a Run goes on this thread: it is the only Predict in flight (nothing else waits for a Run
+   * or for a turn of the event loop it would hold), and this session's recent Runs, scaled to this
+   * request's input bytes, took at most edge_agent_inline_run_max_us. The hand-off to a worker thread
+   * and back costs about 0.1 ms and as much CPU; for a Run not much longer it is most of the overhead.
+   */
+  #runsHere(session: Session, inputBytes: number): boolean {
+    const limitMs = this.config.inlineRunMaxUs / 1000;
+    const msPerByte = this.#runCost.get(session);
+    return limitMs > 0 && this.#predicts === 1 && msPerByte !== undefined && msPerByte * inputBytes <= limitMs;
+  }
+
+  #noteRunCost(session: Session, ms: number, inputBytes: number): void {
+    const previous = this.#runCost.get(session);
+    // A session's first Run allocates what later ones reuse: it says little about them.
+    if (previous === undefined && !this.#firstRunSeen.has(session)) {
+      this.#firstRunSeen.add(session);
+      return;
+    }
+    // Capped, so that one Run slowed by the machine moves the average less than a run of them.
+    const msPerByte = Math.min(ms, (4 * this.config.inlineRunMaxUs) / 1000) / Math.max(1, inputBytes);
+    this.#runCost.set(session, previous === undefined ? msPerByte : previous * 0.8 + msPerByte * 0.2);
   }
 
   /** Unloads every model (waiting for their runs). */

@@ -127,7 +127,7 @@ function handlers({ registry, capture, shm, clockSkewSeconds }: Services): Recor
 
 const roundMs = (ms: number) => Number(ms.toFixed(3));
 
-function roundTiming(timing: PredictTiming): Record<string, number> {
+function roundTiming(timing: PredictTiming): Record<string, number | boolean> {
   if (timing.runMs === 0) return {};
   return {
     bindMs: roundMs(timing.bindMs),
@@ -139,6 +139,7 @@ function roundTiming(timing: PredictTiming): Record<string, number> {
       ? { sharedMemoryOutputs: timing.sharedMemoryOutputs, copiedOutputs: timing.copiedOutputs ?? 0 }
       : {}),
     ...(timing.batchRequests ? { batchRequests: timing.batchRequests } : {}),
+    ...(timing.onThisThread ? { onThisThread: true } : {}),
   };
 }
 
