@@ -536,9 +536,12 @@ export class ModelRegistry {
       this.#firstRunSeen.add(session);
       return;
     }
-    // Capped, so that one Run slowed by the machine moves the average less than a run of them.
-    const msPerByte = Math.min(ms, (4 * this.config.inlineRunMaxUs) / 1000) / Math.max(1, inputBytes);
-    this.#runCost.set(session, previous === undefined ? msPerByte : previous * 0.8 + msPerByte * 0.2);
+    const msPerByte = ms / Math.max(1, inputBytes);
+    // At most 4 times the average, so that one Run slowed by the machine moves it less than a run of them.
+    this.#runCost.set(
+      session,
+      previous === undefined ? msPerByte : previous * 0.8 + Math.min(msPerByte, 4 * previous) * 0.2,
+    );
   }
 
   /** Unloads every model (waiting for their runs). */
