@@ -8,7 +8,7 @@
 import { Status } from "../errors.ts";
 import { BufferPool } from "./buffers.ts";
 import { encodeHeaders, type Header, HpackDecoder } from "./hpack.ts";
-import { SocketWriter } from "./socket_writer.ts";
+import { CHUNK_BYTES, SocketWriter } from "./socket_writer.ts";
 import {
   concat,
   ConnectionError,
@@ -51,6 +51,8 @@ const MAX_KEPT_HEADER_BLOCKS = 32;
 const READ_BUFFER_MIN_BYTES = 1024;
 /** Larger receive buffers given up by one connection, for the next that grows (a few, shared by the process). */
 const READ_BUFFERS = new BufferPool(8 * READ_BUFFER_BYTES);
+/** Chunks that queued writes are copied into, shared by the process's connections like READ_BUFFERS. */
+const WRITE_CHUNKS = new BufferPool(8 * CHUNK_BYTES);
 
 /** Requests up to this size (frames included) are built whole in one buffer (see #sendWhole). */
 const SMALL_REQUEST_BYTES = 16 * 1024;
@@ -154,7 +156,7 @@ class ClientConnection {
     // A call's HEADERS and DATA, queued in the same turn, leave in one write.
     this.#out = new SocketWriter(
       conn,
-      null,
+      WRITE_CHUNKS,
       () => {},
       (error) => this.#fail(`cannot write to the agent: ${(error as Error).message}`),
     );
