@@ -85,6 +85,16 @@ export interface PredictTiming {
   onThisThread?: boolean;
 }
 
+/** One Run's arguments: values feeding the model's inputs at `inputIndexes`, and outputs to fill in place. */
+interface RunArgs {
+  session: Session;
+  inputIndexes: number[];
+  inputs: Value[];
+  /** The inputs' bytes in all: what a Run's expected time scales with (see #runsHere). */
+  inputBytes: number;
+  preallocated?: (Value | null)[];
+}
+
 interface Entry {
   info: ModelInfo;
   /** null while the model is loading. */
@@ -405,15 +415,19 @@ export class ModelRegistry {
       if (targets.length > 0) writes = OutputWrites.prepare(this.ort, this.shm, session, bound, targets);
       timing.bindMs += lap();
       timing.sharedMemoryInputs = regions.length;
-      const indexes = bound.map((b) => b.inputIndex);
-      const inputBytes = bound.reduce((n, b) => n + b.byteLength, 0);
-      const preallocated = writes?.preallocated(entry.info.outputs.length);
+      const run: RunArgs = {
+        session,
+        inputIndexes: bound.map((b) => b.inputIndex),
+        inputs,
+        inputBytes: bound.reduce((n, b) => n + b.byteLength, 0),
+        preallocated: writes?.preallocated(entry.info.outputs.length),
+      };
       try {
-        outputs = await this.#run(entry.info, session, indexes, inputs, inputBytes, timing, signal, preallocated);
+        outputs = await this.#run(entry.info, run, timing, signal);
       } catch (error) {
         // Output shapes seen before for these inputs may not be this Run's: once more, copying.
         if (signal?.aborted || !writes?.dropGuessedShapes()) throw error;
-        outputs = await this.#run(entry.info, session, indexes, inputs, inputBytes, timing, signal);
+        outputs = await this.#run(entry.info, { ...run, preallocated: undefined }, timing, signal);
       }
       writes?.finish(outputs);
       timing.runMs = lap();
@@ -448,35 +462,18 @@ export class ModelRegistry {
   }
 
   /** One Run, once one of the model's run slots is free (a caller that gives up meanwhile never runs). */
-  async #run(
-    info: ModelInfo,
-    session: Session,
-    inputIndexes: number[],
-    inputs: Value[],
-    inputBytes: number,
-    timing: PredictTiming,
-    signal: AbortSignal | undefined,
-    preallocated?: (Value | null)[],
-  ): Promise<Value[]> {
+  async #run(info: ModelInfo, run: RunArgs, timing: PredictTiming, signal?: AbortSignal): Promise<Value[]> {
     await info.runs.acquire(signal);
     try {
-      return await this.#runInSlot(info.name, session, inputIndexes, inputs, inputBytes, timing, signal, preallocated);
+      return await this.#runInSlot(info.name, run, timing, signal);
     } finally {
       info.runs.release();
     }
   }
 
   /** One Run with its own RunOptions, terminated when `signal` aborts. */
-  async #runInSlot(
-    name: string,
-    session: Session,
-    inputIndexes: number[],
-    inputs: Value[],
-    inputBytes: number,
-    timing: PredictTiming,
-    signal: AbortSignal | undefined,
-    preallocated?: (Value | null)[],
-  ): Promise<Value[]> {
+  async #runInSlot(name: string, run: RunArgs, timing: PredictTiming, signal?: AbortSignal): Promise<Value[]> {
+    const { session, inputIndexes, inputs, inputBytes, preallocated } = run;
     signal?.throwIfAborted();
     const onThisThread = this.#runsHere(session, inputBytes);
     timing.onThisThread = onThisThread;
