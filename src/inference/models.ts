@@ -114,9 +114,8 @@ export class ModelRegistry {
   readonly threads: ThreadPolicy;
   /** Predicts in flight on every model (queued for a batch, binding, running or encoding). */
   #predicts = 0;
-  /** Per session, its recent Runs' milliseconds per input byte (a moving average). */
-  readonly #runCost = new WeakMap<Session, number>();
-  readonly #firstRunSeen = new WeakSet<Session>();
+  /** Per session, its recent Runs' milliseconds per input byte (a moving average; null after the first Run). */
+  readonly #runCost = new WeakMap<Session, number | null>();
 
   constructor(
     private readonly ort: OnnxRuntime,
@@ -522,22 +521,22 @@ export class ModelRegistry {
    */
   #runsHere(session: Session, inputBytes: number): boolean {
     const limitMs = this.config.inlineRunMaxUs / 1000;
-    const msPerByte = this.#runCost.get(session);
-    return limitMs > 0 && this.#predicts === 1 && msPerByte !== undefined && msPerByte * inputBytes <= limitMs;
+    const msPerByte = this.#runCost.get(session) ?? null;
+    return limitMs > 0 && this.#predicts === 1 && msPerByte !== null && msPerByte * inputBytes <= limitMs;
   }
 
   #noteRunCost(session: Session, ms: number, inputBytes: number): void {
     const previous = this.#runCost.get(session);
     // A session's first Run allocates what later ones reuse: it says little about them.
-    if (previous === undefined && !this.#firstRunSeen.has(session)) {
-      this.#firstRunSeen.add(session);
+    if (previous === undefined) {
+      this.#runCost.set(session, null);
       return;
     }
     const msPerByte = ms / Math.max(1, inputBytes);
     // At most 4 times the average, so that one Run slowed by the machine moves it less than a run of them.
     this.#runCost.set(
       session,
-      previous === undefined ? msPerByte : previous * 0.8 + Math.min(msPerByte, 4 * previous) * 0.2,
+      previous === null ? msPerByte : previous * 0.8 + Math.min(msPerByte, 4 * previous) * 0.2,
     );
   }
 
