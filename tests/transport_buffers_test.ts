@@ -1,7 +1,8 @@
 // Request and response buffers are reused across calls (src/transport/buffers.ts). These tests fill a
 // call's bytes, make later calls that would reuse its buffer, and compare: a call cancelled while its
 // handler still reads its request (as a terminated ONNX Runtime Run does), and a capture whose data
-// the agent stores after answering, must never see another call's bytes.
+// the agent stores after answering, must never see another call's bytes. The socket writer's chunks
+// (src/transport/socket_writer.ts) keep what they carry in order and go back to the pool once each.
 
 import assert from "node:assert/strict";
 import { join } from "node:path";
@@ -9,6 +10,7 @@ import { Status } from "../src/errors.ts";
 import { BufferPool, sizeClass } from "../src/transport/buffers.ts";
 import { GrpcCallError, GrpcClient } from "../src/transport/client.ts";
 import { type CallContext, GrpcServer, type UnaryResult } from "../src/transport/http2.ts";
+import { CHUNK_BYTES, SocketWriter } from "../src/transport/socket_writer.ts";
 import { encodePredictResponseInto, enumValues, messageType, type OutputTensor } from "../src/service/wire.ts";
 import { withAgent } from "./helpers/agent.ts";
 import { floats, tensor } from "./helpers/assertions.ts";
@@ -234,3 +236,92 @@ Deno.test("large answers written while other connections' calls reuse the buffer
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+/** A connected pair of Unix sockets: the accepted end (the writer's) and the connecting end (the peer). */
+async function socketPair(): Promise<{ writerEnd: Deno.Conn; peer: Deno.Conn; close: () => Promise<void> }> {
+  const dir = await Deno.makeTempDir({ prefix: "edge-agent-writer-" });
+  const path = join(dir, "s.sock");
+  const listener = Deno.listen({ transport: "unix", path });
+  const [writerEnd, peer] = await Promise.all([listener.accept(), Deno.connect({ transport: "unix", path })]);
+  listener.close();
+  return {
+    writerEnd,
+    peer,
+    close: async () => {
+      for (const conn of [writerEnd, peer]) {
+        try {
+          conn.close();
+        } catch { /* closed already */ }
+      }
+      await Deno.remove(dir, { recursive: true });
+    },
+  };
+}
+
+/** Small pieces of 1-200 bytes, each filled with its own index: a lost, repeated or reordered one shows. */
+function smallPieces(count: number): Uint8Array[] {
+  return Array.from({ length: count }, (_, i) => new Uint8Array(1 + (i * 37) % 200).fill(i & 0xff));
+}
+
+Deno.test("pieces queued behind a write in flight arrive whole and in order, copied into pooled chunks", async () => {
+  const { writerEnd, peer, close } = await socketPair();
+  const pool = new BufferPool(64 * 1024 * 1024);
+  const errors: unknown[] = [];
+  const writer = new SocketWriter(writerEnd, pool, () => {}, (e) => errors.push(e));
+  try {
+    // 4 MiB is more than the socket holds: the write stays in flight while the small pieces queue.
+    const large = new Uint8Array(4 * 1024 * 1024).map((_, i) => i % 251);
+    const pieces = smallPieces(20_000);
+    writer.send(large);
+    writer.flush();
+    for (const piece of pieces) writer.send(piece);
+    const expected = concatAll([large, ...pieces]);
+    const received = new Uint8Array(expected.length);
+    for (let at = 0; at < received.length;) {
+      const n = await peer.read(received.subarray(at));
+      assert.ok(n !== null, `the stream ended at byte ${at} of ${received.length}`);
+      at += n;
+    }
+    assert.ok(received.every((b, i) => b === expected[i]), "bytes arrived as sent");
+    await new Promise<void>((resolve) => writer.afterWrites(resolve));
+    assert.deepEqual(errors, []);
+    // The chunks the pieces were copied into came back to the pool once written.
+    assert.ok(pool.spareBytes >= CHUNK_BYTES, `spare ${pool.spareBytes}`);
+  } finally {
+    await close();
+  }
+});
+
+Deno.test("when the peer goes, every chunk of what was queued goes back to the pool once", async () => {
+  const { writerEnd, peer, close } = await socketPair();
+  const pool = new BufferPool(64 * 1024 * 1024);
+  const errors: unknown[] = [];
+  const writer = new SocketWriter(writerEnd, pool, () => {}, (e) => errors.push(e));
+  try {
+    writer.send(new Uint8Array(4 * 1024 * 1024));
+    writer.flush();
+    const pieces = smallPieces(5_000);
+    for (const piece of pieces) writer.send(piece);
+    const queued = pieces.reduce((n, p) => n + p.length, 0);
+    peer.close();
+    await until(() => errors.length > 0, "the write to fail", 10_000);
+    await new Promise<void>((resolve) => writer.afterWrites(resolve));
+    // Each chunk holds at most CHUNK_BYTES of pieces: all of them are back (a double release would have thrown).
+    assert.ok(pool.spareBytes >= queued, `spare ${pool.spareBytes} of ${queued} queued bytes`);
+    assert.equal(pool.spareBytes % CHUNK_BYTES, 0);
+    writer.send(new Uint8Array(10));
+    assert.equal(errors.length, 1, "nothing is written after the first failure");
+  } finally {
+    await close();
+  }
+});
+
+function concatAll(parts: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const part of parts) {
+    out.set(part, at);
+    at += part.length;
+  }
+  return out;
+}
