@@ -71,6 +71,7 @@ Deno.test("edge_agent_* keys set typed values", () => {
     edge_agent_cpu_mem_arena: false,
     edge_agent_socket_mode: "0600",
     edge_agent_shutdown_grace_seconds: 3,
+    edge_agent_inline_run_max_us: 0,
   });
   assert.deepEqual(config.modelRoots, ["/data/models", "/opt/models"]);
   assert.equal(config.intraOpThreads, 2);
@@ -78,6 +79,9 @@ Deno.test("edge_agent_* keys set typed values", () => {
   assert.equal(config.graphOptimization, "basic");
   assert.equal(config.socketMode, 0o600);
   assert.equal(config.shutdownGraceSeconds, 3);
+  assert.equal(config.inlineRunMaxUs, 0);
+  assert.equal(DEFAULTS.inlineRunMaxUs, 1000);
+  assert.match(problems({ edge_agent_inline_run_max_us: 20_000 })[0], /"edge_agent_inline_run_max_us"/);
 });
 
 Deno.test("every problem is reported, each naming its key", () => {
