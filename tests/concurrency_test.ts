@@ -10,7 +10,7 @@ import { parseConfig } from "../src/config.ts";
 import { Status } from "../src/errors.ts";
 import { concurrentRunsFor, threadPolicy } from "../src/inference/runtime.ts";
 import { enumValues } from "../src/service/wire.ts";
-import { parseLogs, startAgent } from "./helpers/agent.ts";
+import { loggedLines, parseLogs, startAgent } from "./helpers/agent.ts";
 import { floats, rejectsWith, tensor } from "./helpers/assertions.ts";
 import { addSubModel, slowModel, writeModelFolder } from "./helpers/onnx_models.ts";
 import { until, untilInFlight } from "./helpers/wait.ts";
@@ -320,11 +320,14 @@ Deno.test("concurrency: a short Run goes on the agent's own thread only while it
     tensor("a", FLOAT32, [2, 2], Float32Array.of(1, 2, 3, 4)),
     tensor("b", FLOAT32, [2, 2], Float32Array.of(i, i, i, i)),
   ];
-  const predictLines = (of: typeof agent, count: number) =>
-    of.logged(
-      () => parseLogs(of.logs()).filter((l) => l.msg === "rpc" && l.rpc === "Predict").length >= count,
-      `for ${count} Predicts`,
-    ).then(() => parseLogs(of.logs()).filter((l) => l.msg === "rpc" && l.rpc === "Predict").slice(0, count));
+  const predictLines = async (of: typeof agent, count: number) =>
+    (await loggedLines(
+      of,
+      (l) => l.msg === "rpc" && l.rpc === "Predict",
+      (l) => l.length >= count,
+      `${count} Predicts`,
+    ))
+      .slice(0, count);
   try {
     for (const each of [agent, off]) {
       await each.client.loadModel(await writeModelFolder(each.modelsDir, "addsub", addSubModel()), "addsub");

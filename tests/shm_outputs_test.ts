@@ -8,7 +8,7 @@ import { join } from "node:path";
 import { Status } from "../src/errors.ts";
 import { AgentClient } from "../src/client/client.ts";
 import { enumValues } from "../src/service/wire.ts";
-import { type AgentProcess, parseLogs, PROJECT_ROOT, startAgent } from "./helpers/agent.ts";
+import { type AgentProcess, loggedLines, PROJECT_ROOT, startAgent } from "./helpers/agent.ts";
 import { floats, pseudoRandomFloats, rejectsWith, tensor } from "./helpers/assertions.ts";
 import { generateStubs, PYTHON, pythonGrpcMissing } from "./helpers/python.ts";
 import {
@@ -75,16 +75,10 @@ type Json = any;
 const hex = (values: number[]) =>
   Array.from(new Uint8Array(Float32Array.from(values).buffer), (b) => b.toString(16).padStart(2, "0")).join("");
 
-/** The agent's debug line of each OK Predict, in order (ONNX Runtime's own warnings are not JSON). */
-function predictLogs(agent: AgentProcess): Json[] {
-  return parseLogs(agent.logs().split("\n").filter((l) => l.startsWith("{")).join("\n"))
-    .filter((l) => l.msg === "rpc" && l.rpc === "Predict" && l.code === "OK");
-}
-
-/** The agent's OK Predict lines once `ready` holds for them: it may log a call's line after answering it. */
-async function predictLogsOnce(agent: AgentProcess, ready: (logs: Json[]) => boolean, what: string): Promise<Json[]> {
-  await agent.logged(() => ready(predictLogs(agent)), what);
-  return predictLogs(agent);
+/** The agent's debug line of each OK Predict, in order, once `ready` holds for them. */
+function predictLogsOnce(agent: AgentProcess, ready: (logs: Json[]) => boolean, what: string): Promise<Json[]> {
+  const isOkPredict = (l: Json) => l.msg === "rpc" && l.rpc === "Predict" && l.code === "OK";
+  return loggedLines(agent, isOkPredict, ready, what) as Promise<Json[]>;
 }
 
 /** Runs the Python client; its JSON output. */

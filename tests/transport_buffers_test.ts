@@ -9,6 +9,7 @@ import { join } from "node:path";
 import { Status } from "../src/errors.ts";
 import { BufferPool, sizeClass } from "../src/transport/buffers.ts";
 import { GrpcCallError, GrpcClient } from "../src/transport/client.ts";
+import { concat } from "../src/transport/frames.ts";
 import { type CallContext, GrpcServer, type UnaryResult } from "../src/transport/http2.ts";
 import { CHUNK_BYTES, SocketWriter } from "../src/transport/socket_writer.ts";
 import { encodePredictResponseInto, enumValues, messageType, type OutputTensor } from "../src/service/wire.ts";
@@ -237,15 +238,22 @@ Deno.test("large answers written while other connections' calls reuse the buffer
   }
 });
 
-/** A connected pair of Unix sockets: the accepted end (the writer's) and the connecting end (the peer). */
-async function socketPair(): Promise<{ writerEnd: Deno.Conn; peer: Deno.Conn; close: () => Promise<void> }> {
+/**
+ * A SocketWriter on the accepted end of a connected pair of Unix sockets, with its own pool and the errors
+ * it reported; `peer` is the connecting end.
+ */
+async function writerPair() {
   const dir = await Deno.makeTempDir({ prefix: "edge-agent-writer-" });
   const path = join(dir, "s.sock");
   const listener = Deno.listen({ transport: "unix", path });
   const [writerEnd, peer] = await Promise.all([listener.accept(), Deno.connect({ transport: "unix", path })]);
   listener.close();
+  const pool = new BufferPool(64 * 1024 * 1024);
+  const errors: unknown[] = [];
   return {
-    writerEnd,
+    writer: new SocketWriter(writerEnd, pool, () => {}, (e) => errors.push(e)),
+    pool,
+    errors,
     peer,
     close: async () => {
       for (const conn of [writerEnd, peer]) {
@@ -264,10 +272,7 @@ function smallPieces(count: number): Uint8Array[] {
 }
 
 Deno.test("pieces queued behind a write in flight arrive whole and in order, copied into pooled chunks", async () => {
-  const { writerEnd, peer, close } = await socketPair();
-  const pool = new BufferPool(64 * 1024 * 1024);
-  const errors: unknown[] = [];
-  const writer = new SocketWriter(writerEnd, pool, () => {}, (e) => errors.push(e));
+  const { writer, pool, errors, peer, close } = await writerPair();
   try {
     // 4 MiB is more than the socket holds: the write stays in flight while the small pieces queue.
     const large = new Uint8Array(4 * 1024 * 1024).map((_, i) => i % 251);
@@ -275,7 +280,7 @@ Deno.test("pieces queued behind a write in flight arrive whole and in order, cop
     writer.send(large);
     writer.flush();
     for (const piece of pieces) writer.send(piece);
-    const expected = concatAll([large, ...pieces]);
+    const expected = concat([large, ...pieces]);
     const received = new Uint8Array(expected.length);
     for (let at = 0; at < received.length;) {
       const n = await peer.read(received.subarray(at));
@@ -293,10 +298,7 @@ Deno.test("pieces queued behind a write in flight arrive whole and in order, cop
 });
 
 Deno.test("when the peer goes, every chunk of what was queued goes back to the pool once", async () => {
-  const { writerEnd, peer, close } = await socketPair();
-  const pool = new BufferPool(64 * 1024 * 1024);
-  const errors: unknown[] = [];
-  const writer = new SocketWriter(writerEnd, pool, () => {}, (e) => errors.push(e));
+  const { writer, pool, errors, peer, close } = await writerPair();
   try {
     writer.send(new Uint8Array(4 * 1024 * 1024));
     writer.flush();
@@ -315,13 +317,3 @@ Deno.test("when the peer goes, every chunk of what was queued goes back to the p
     await close();
   }
 });
-
-function concatAll(parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let at = 0;
-  for (const part of parts) {
-    out.set(part, at);
-    at += part.length;
-  }
-  return out;
-}

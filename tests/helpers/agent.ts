@@ -212,6 +212,22 @@ export async function withAgent(options: StartOptions, fn: (agent: AgentProcess)
   if (status.code !== 0) throw new Error(`agent exited with ${status.code}:\n${agent.logs()}`);
 }
 
+/**
+ * The agent's own log lines that `match` accepts (lines that are not JSON, such as ONNX Runtime's, passed
+ * over), once `ready` holds for them: a line written before an answer may arrive after it.
+ */
+export async function loggedLines(
+  agent: AgentProcess,
+  match: (line: LogLine) => boolean,
+  ready: (lines: LogLine[]) => boolean,
+  what: string,
+): Promise<LogLine[]> {
+  const lines = () =>
+    agent.logs().split("\n").filter((l) => l.startsWith("{")).map((l) => JSON.parse(l) as LogLine).filter(match);
+  await agent.logged(() => ready(lines()), what);
+  return lines();
+}
+
 /** Log lines of the agent parsed as JSON (every line must be JSON). */
 export function parseLogs(text: string): Record<string, unknown>[] {
   return text.split("\n").filter((l) => l.trim() !== "").map((l) => JSON.parse(l));
